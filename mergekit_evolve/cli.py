@@ -1,0 +1,200 @@
+"""``mergekit-evo``: the command line (click, like mergekit).
+
+Bad input prints one line ``error: ...`` and exits with code 2; Ctrl-C leaves a resumable run.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from mergekit_evolve.errors import InputError
+
+EXIT_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+def friendly_errors(fn):
+    """Turn our errors into one line and an exit code; keep tracebacks for real bugs."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except InputError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(EXIT_INPUT)
+        except KeyboardInterrupt:
+            out = kwargs.get("out") or kwargs.get("run_dir")
+            hint = f"; continue with: mergekit-evo resume {out}" if out else ""
+            click.echo(f"\ninterrupted{hint}", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mergekit-evolve")
+def main():
+    """Evolutionary model merging for mergekit (parameter space and data-flow space)."""
+
+
+device_option = click.option(
+    "--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto (CUDA when present)."
+)
+
+
+@main.command()
+@click.argument("config_file", metavar="CONFIG", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run directory.")
+@click.option("--max-evals", type=int, help="Evaluation budget (overrides optimizer.max_evals).")
+@click.option("--seed", type=int, help="CMA-ES seed (overrides optimizer.seed).")
+@device_option
+@click.option("--force", is_flag=True, help="Overwrite a non-empty run directory.")
+@click.option("--no-save-model", is_flag=True, help="Do not write the merged best model to OUT/model.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@friendly_errors
+def run(config_file, out, max_evals, seed, device, force, no_save_model, quiet):
+    """Evolve a merge described by CONFIG; results go to --out."""
+    from mergekit_evolve.search import runner
+
+    overrides = {}
+    for key, value in (("optimizer.max_evals", max_evals), ("optimizer.seed", seed)):
+        if value is not None:
+            if value < (1 if key.endswith("max_evals") else 0):
+                raise InputError(f"--{key.split('.')[1].replace('_', '-')}: {value} is out of range; use a positive number")
+            overrides[key] = value
+    config = runner.load_any_config(config_file, overrides)
+    summary = runner.start(config, out, device=device, force=force, save_model=not no_save_model, progress=not quiet)
+    _print_summary(summary, out)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--device", default=None, help="Override the device the run was started with.")
+@click.option("--quiet", is_flag=True)
+@friendly_errors
+def resume(run_dir, device, quiet):
+    """Continue an interrupted run from its last completed generation."""
+    from mergekit_evolve.search import runner
+
+    summary = runner.resume(run_dir, device=device, progress=not quiet)
+    _print_summary(summary, run_dir)
+
+
+@main.command()
+@click.argument("config_file", metavar="CONFIG", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--genome",
+    "genome_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="JSON list of numbers, or a best.json / evaluations record with a 'genome' key. Default: the initial genome.",
+)
+@friendly_errors
+def recipe(config_file, genome_file):
+    """Print the mergekit YAML recipe a genome decodes to."""
+    import numpy as np
+
+    from mergekit_evolve.recipe.ps import recipe_yaml
+    from mergekit_evolve.search import runner
+    from mergekit_evolve.search.problems import PSProblem
+
+    config = runner.load_any_config(config_file, {})
+    if config.space != "ps":
+        from mergekit_evolve.search.dfs_problem import DFSProblem
+
+        problem = DFSProblem(config, "cpu")
+    else:
+        problem = PSProblem(config, "cpu")
+    genome = problem.x0() if genome_file is None else _read_genome(genome_file)
+    if len(genome) != problem.dim:
+        raise InputError(f"--genome: {genome_file} has {len(genome)} numbers; this config's space has {problem.dim}")
+    candidate = problem.decode(np.asarray(genome, dtype=float))
+    click.echo(recipe_yaml(problem.recipe_dict(candidate)), nl=False)
+
+
+def _read_genome(path: Path) -> list[float]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"--genome: {path} not found") from None
+    except json.JSONDecodeError as err:
+        raise InputError(f"--genome: {path} is not JSON ({err.msg} at line {err.lineno}); write a JSON list") from None
+    if isinstance(data, dict):
+        data = data.get("genome", (data.get("best") or {}).get("genome"))
+    if not isinstance(data, list) or not all(isinstance(v, (int, float)) for v in data):
+        raise InputError(f"--genome: {path} must hold a JSON list of numbers (or an object with a 'genome' list)")
+    return [float(v) for v in data]
+
+
+@main.group()
+def zoo():
+    """The embedded tiny model zoo (built offline from a seed, cached)."""
+
+
+@zoo.command("build")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Folder (default: the user cache).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--force", is_flag=True, help="Rebuild even if cached.")
+@friendly_errors
+def zoo_build(out, seed, force):
+    """Build (or reuse) the zoo and print where it is."""
+    from mergekit_evolve.zoo import build_zoo
+
+    built = build_zoo(out=out, seed=seed, force=force)
+    click.echo(f"zoo at {built.root}")
+    for name, path in built.models.items():
+        click.echo(f"  model {name:8s} {path}")
+    for name, task in built.tasks.items():
+        click.echo(f"  task  {name:12s} {task.description}")
+
+
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"), show_default=True)
+@click.option("--space", type=click.Choice(["ps", "dfs", "ps+dfs", "all"]), default="ps", show_default=True)
+@click.option("--max-evals", type=int, default=None, help="CMA-ES budget per search (default: per space).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@device_option
+@click.option("--quiet", is_flag=True)
+@friendly_errors
+def demo(out, space, max_evals, seed, device, quiet):
+    """Evolve merges of the embedded zoo on CPU and print a held-out table."""
+    from mergekit_evolve.demo import run_demo
+
+    run_demo(out, space=space, max_evals=max_evals, seed=seed, device=device, progress=not quiet)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["standard", "custom"]), default="standard", show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--force", is_flag=True)
+@device_option
+@friendly_errors
+def export(run_dir, fmt, out, force, device):
+    """Write the best model of a run: standard checkpoint (mergekit) or custom-code (DFS)."""
+    from mergekit_evolve.export.final import export_run
+
+    path = export_run(run_dir, fmt=fmt, out=out, force=force, device=device)
+    click.echo(f"wrote {path}")
+
+
+def _print_summary(summary: dict, out) -> None:
+    best = summary["best"]
+    click.echo(
+        f"best fitness {best['fitness']:.4f} (evaluation {best['index']}), held-out "
+        f"{_fmt(best.get('heldout_total'))} after {summary['evaluations']} evaluations; "
+        f"recipe: {Path(out) / 'best.yaml'}"
+    )
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+if __name__ == "__main__":
+    main()

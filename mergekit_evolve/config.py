@@ -1,0 +1,208 @@
+"""The run configuration: one pydantic model for mergekit-evolve's format and our native additions.
+
+mergekit-evolve configs (``genome:``, ``tasks:``, ``limit``, ``num_fewshot``, ``shuffle``,
+``random_init``) validate unchanged. The native format adds, all optional:
+
+    space: ps | dfs | ps+dfs
+    genome:
+      parameters:            # per merge parameter: bounds/init to search it, or a fixed value
+        density: {bounds: [0.1, 1.0], init: 0.5}
+        lambda: 1.0
+      search: [weight, density]   # which parameters to evolve (default: per merge method)
+    dfs: {repeats: 3, scales: matrix, ...}
+    fitness: {tasks: [...], batch_size: 32}
+    optimizer: {sigma0: 0.1667, popsize: null, max_evals: 100, seed: 0, ...}
+    dtype: float32
+    merge_seed: 0
+
+``load_config`` turns every problem into one ``InputError`` line naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mergekit_evolve.errors import InputError
+from mergekit_evolve.fitness.tasks import FitnessConfig
+
+Scalar = Union[bool, int, float, str]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ParameterSearch(Strict):
+    """How one merge parameter is searched: its range and starting value (in parameter units)."""
+
+    bounds: tuple[float, float]
+    init: Optional[float] = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        lo, hi = self.bounds
+        if not lo < hi:
+            raise ValueError(f"bounds [{lo}, {hi}] must have lower < upper")
+        if self.init is not None and not lo <= self.init <= hi:
+            raise ValueError(f"init {self.init} lies outside bounds [{lo}, {hi}]")
+        return self
+
+
+class GenomeConfig(Strict):
+    """mergekit-evolve's ``genome:`` section, plus ``parameters`` and ``search``."""
+
+    models: list[str] = Field(min_length=1)
+    merge_method: str = "dare_ties"
+    base_model: Optional[str] = None
+    tokenizer_source: Optional[str] = None
+    layer_granularity: int = Field(default=0, ge=0)
+    normalize: Optional[bool] = None
+    allow_negative_weights: bool = False
+    filters: Optional[list[str]] = None
+    smooth: bool = False
+    # native additions
+    parameters: dict[str, Union[ParameterSearch, Scalar]] = Field(default_factory=dict)
+    search: Optional[list[str]] = None
+
+    @field_validator("models")
+    @classmethod
+    def _unique_models(cls, models: list[str]) -> list[str]:
+        if len(set(models)) != len(models):
+            raise ValueError("models are listed twice; list each model once")
+        return models
+
+
+class LmEvalTask(Strict):
+    """A mergekit-evolve ``tasks:`` entry (an lm-eval task)."""
+
+    name: str
+    weight: float = 1.0
+    metric: str = "acc,none"
+
+
+class DFSConfig(Strict):
+    """Data-flow-space search settings (see ``mergekit_evolve.space.dfs``)."""
+
+    models: Optional[list[str]] = None  # default: genome.models (PS+DFS prepends the PS model)
+    base_index: int = Field(default=0, ge=0)
+    repeats: int = Field(default=3, ge=1)
+    scales: Literal["matrix", "network"] = "matrix"
+    network_hidden: int = Field(default=16, ge=1)
+
+
+class OptimizerConfig(Strict):
+    sigma0: float = Field(default=1 / 6, gt=0)
+    popsize: Optional[int] = Field(default=None, ge=2)
+    max_evals: int = Field(default=100, ge=1)
+    seed: int = Field(default=0, ge=0)
+    init: Literal["default", "random"] = "default"
+    diagonal: bool = False  # separable CMA-ES: for genomes of thousands of dimensions
+    restarts: int = Field(default=0, ge=0)  # IPOP restarts (population doubled) when CMA-ES converges
+    max_failures: Optional[int] = Field(default=None, ge=0)  # default: half the budget
+
+
+class EvolveConfig(Strict):
+    space: Literal["ps", "dfs", "ps+dfs"] = "ps"
+    genome: GenomeConfig
+    dfs: DFSConfig = Field(default_factory=DFSConfig)
+    fitness: Optional[FitnessConfig] = None
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    dtype: Optional[str] = None  # default: the sources' dtype
+    merge_seed: int = Field(default=0, ge=0)  # mergekit's --random-seed for DARE-style methods
+    # mergekit-evolve's lm-eval fitness fields
+    tasks: Optional[list[LmEvalTask]] = None
+    limit: Optional[int] = Field(default=None, ge=1)
+    num_fewshot: Optional[int] = Field(default=None, ge=0)
+    shuffle: bool = False
+    random_init: bool = False
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.fitness is None and not self.tasks:
+            raise ValueError(
+                "no fitness defined; add a 'fitness: {tasks: [...]}' section "
+                "(or mergekit-evolve's 'tasks:' list of lm-eval tasks)"
+            )
+        if self.random_init:
+            self.optimizer.init = "random"
+        return self
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(mode="json", exclude_defaults=False)
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "config"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key; remove it or check its spelling (see the README's config reference)"
+    elif first["type"] == "missing":
+        msg = "is required; add it"
+    return f"{where}: {msg}"
+
+
+def parse_config(data: Any, base_dir: Path | None = None, source: str = "config") -> EvolveConfig:
+    """Validate a config dict; relative data and model paths resolve against ``base_dir``."""
+    if not isinstance(data, dict):
+        raise InputError(f"{source}: expected a YAML mapping with a 'genome:' section, got {type(data).__name__}")
+    try:
+        config = EvolveConfig.model_validate(data)
+    except ValidationError as err:
+        raise InputError(f"{source}: {_format_validation_error(err)}") from None
+    if base_dir is not None:
+        config = resolve_paths(config, base_dir)
+    return config
+
+
+def _resolve_model(ref: str, base_dir: Path) -> str:
+    """Local paths become absolute (mergekit's card step needs that offline); hub IDs stay."""
+    candidate = Path(ref).expanduser()
+    if not candidate.is_absolute():
+        candidate = base_dir / candidate
+    if candidate.exists() or ref.startswith((".", "/", "~")):
+        return str(candidate.resolve())
+    return ref
+
+
+def resolve_paths(config: EvolveConfig, base_dir: Path) -> EvolveConfig:
+    data = config.model_dump(mode="python")
+    genome = data["genome"]
+    genome["models"] = [_resolve_model(m, base_dir) for m in genome["models"]]
+    for key in ("base_model", "tokenizer_source"):
+        if genome.get(key) and genome[key] not in ("base", "union"):
+            genome[key] = _resolve_model(genome[key], base_dir)
+    if data["dfs"].get("models"):
+        data["dfs"]["models"] = [_resolve_model(m, base_dir) for m in data["dfs"]["models"]]
+    if data.get("fitness"):
+        for task in data["fitness"]["tasks"]:
+            for key in ("data", "heldout", "fewshot_data"):
+                if task.get(key) is not None and not Path(task[key]).is_absolute():
+                    task[key] = str((base_dir / task[key]).resolve())
+    return EvolveConfig.model_validate(data)
+
+
+def load_config(path: str | Path) -> EvolveConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: config file not found; pass the path of a YAML config")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise InputError(f"{path}: malformed YAML{where}: {getattr(err, 'problem', err)}; fix the syntax") from None
+    return parse_config(data, base_dir=path.parent.absolute(), source=str(path))
+
+
+def config_hash(config: EvolveConfig) -> str:
+    import hashlib
+
+    blob = json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

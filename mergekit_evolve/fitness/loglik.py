@@ -1,0 +1,57 @@
+"""Batched log-likelihood of continuations given contexts (kinds ``choice`` and ``perplexity``).
+
+Each sequence is ``context + continuation`` minus its last token (nothing reads the logits after it),
+right-padded: with right padding the real tokens keep positions 0..n-1, so no position ids are needed.
+Longest sequences go first, so an out-of-memory batch size shows up in the first batch.
+Log-softmax runs in float32 on the continuation positions only, not on the whole (batch, length, vocab)
+block.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mergekit_evolve.errors import CandidateError
+from mergekit_evolve.fitness.runtime import ModelRunner, batches
+
+
+def continuation_logprobs(
+    runner: ModelRunner,
+    pairs: list[tuple[list[int], list[int]]],
+    pad_id: int,
+    batch_size: int,
+) -> tuple[list[torch.Tensor], int]:
+    """Per pair, the log-probability of each continuation token; and the tokens fed to the model."""
+    inputs = [ctx + cont[:-1] for ctx, cont in pairs]
+    order = sorted(range(len(pairs)), key=lambda i: -len(inputs[i]))
+    result: list[torch.Tensor] = [torch.empty(0)] * len(pairs)
+    for batch in batches(order, batch_size):
+        for i, logprobs in zip(batch, _batch_logprobs(runner, [pairs[i] for i in batch], [inputs[i] for i in batch], pad_id)):
+            result[i] = logprobs
+    return result, sum(len(x) for x in inputs)
+
+
+def _batch_logprobs(
+    runner: ModelRunner,
+    pairs: list[tuple[list[int], list[int]]],
+    inputs: list[list[int]],
+    pad_id: int,
+) -> list[torch.Tensor]:
+    width = max(len(x) for x in inputs)
+    input_ids = torch.full((len(inputs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(inputs), width), dtype=torch.long)
+    rows, positions, targets = [], [], []
+    for row, (x, (ctx, cont)) in enumerate(zip(inputs, pairs)):
+        input_ids[row, : len(x)] = torch.tensor(x, dtype=torch.long)
+        attention_mask[row, : len(x)] = 1
+        # The logits at position p predict token p + 1: the continuation starts at len(ctx).
+        rows += [row] * len(cont)
+        positions += range(len(ctx) - 1, len(ctx) - 1 + len(cont))
+        targets += cont
+    device = runner.device
+    logits, _ = runner.forward(input_ids.to(device), attention_mask.to(device))
+    picked = logits[torch.tensor(rows, device=device), torch.tensor(positions, device=device)].float()
+    logprobs = picked.log_softmax(-1).gather(1, torch.tensor(targets, device=device)[:, None]).squeeze(1)
+    if not torch.isfinite(logprobs).all():
+        raise CandidateError("the model produced non-finite log-probabilities")
+    return list(logprobs.cpu().split([len(cont) for _, cont in pairs]))

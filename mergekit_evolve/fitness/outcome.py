@@ -1,0 +1,23 @@
+"""What an evaluator hands back to ``Fitness``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Outcome:
+    score: float  # higher is better; what selection sees
+    metric: str  # what ``score`` is, e.g. "accuracy"
+    tokens: int = 0  # forward tokens spent (prompt + generated / scored)
+    perplexity: float | None = None  # raw perplexity (kind perplexity)
+    predictions: list[Any] = field(default_factory=list)  # per row, in data order (for reports)
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """Any id works for padding (it is masked out); prefer the tokenizer's own."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0

@@ -1,0 +1,231 @@
+"""The CMA-ES search loop (``cma`` ask/tell) with exact resume.
+
+Resume contract: ``optimizer.pkl`` holds the whole CMA-ES object after the last completed
+generation (``tell``). Unpickled, its next ``ask()`` returns exactly the candidates the original
+would have asked, so a resumed run re-asks the interrupted generation and finds the candidates
+that were already evaluated in ``evaluations.jsonl`` (matched by generation and position, and
+checked by genome). Nothing finished is evaluated twice and the same seed gives the same result.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Protocol
+
+import cma
+import numpy as np
+from tqdm.auto import tqdm
+
+from mergekit_evolve.config import OptimizerConfig
+from mergekit_evolve.errors import CandidateError
+from mergekit_evolve.search.rundir import RunDir
+
+FAILED_LOSS = 1e9  # CMA-ES is rank based: any loss worse than every real one works
+
+
+class Candidate(Protocol):
+    key: str  # hash of the decoded recipe/path: equal keys score equally
+
+
+class Problem(Protocol):
+    """A search space bound to its merge engine (PS or DFS)."""
+
+    dim: int
+
+    def x0(self, random: bool = False, seed: int = 0) -> np.ndarray: ...
+    def decode(self, genome: np.ndarray) -> Candidate: ...
+    def build(self, candidate: Candidate) -> Any: ...  # a model ready for fitness
+    def write_best(self, candidate: Candidate, run_dir: RunDir, info: dict) -> None: ...
+
+
+class RunFailedError(RuntimeError):
+    """Too many candidates failed (``optimizer.max_failures``)."""
+
+
+@dataclass
+class SearchState:
+    """Everything needed to continue a run; pickled after every generation."""
+
+    es: Any
+    generation: int = 0
+    n_evals: int = 0
+    n_failures: int = 0
+    restarts_done: int = 0
+    best: Optional[dict] = None
+    history: list = field(default_factory=list)  # (generation, n_evals, best fitness)
+
+
+ScoreFn = Callable[[Any], dict]  # model -> {"fitness": float, "scores": {task: float}}
+
+
+def new_es(x0: np.ndarray, opt: OptimizerConfig, restart: int = 0) -> cma.CMAEvolutionStrategy:
+    popsize = opt.popsize or (4 + int(3 * math.log(len(x0))))
+    options = {
+        # cma treats seed 0 as "use the clock": shift by one so every user seed is reproducible.
+        "seed": opt.seed + 1 + 1000 * restart,
+        "popsize": popsize * 2**restart,
+        "verbose": -9,
+        "verb_log": 0,  # no outcmaes/ files in the working directory
+        "verb_disp": 0,
+        # Accuracy fitness is discrete: flat generations are normal, not convergence.
+        "tolflatfitness": 10**9,
+        "tolfun": 0,
+        "tolfunhist": 0,
+        "tolstagnation": 10**9,
+    }
+    if opt.diagonal:
+        options["CMA_diagonal"] = True
+    if len(x0) == 1:
+        # cma needs >= 2 dimensions; a constant dummy coordinate keeps the 1-D case working.
+        raise ValueError("internal: pad 1-D genomes before calling new_es")
+    return cma.CMAEvolutionStrategy(list(map(float, x0)), opt.sigma0, options)
+
+
+def run_search(
+    problem: Problem,
+    score: ScoreFn,
+    run_dir: RunDir,
+    opt: OptimizerConfig,
+    *,
+    progress: bool = True,
+    on_generation: Callable[[SearchState], None] | None = None,
+) -> SearchState:
+    """Run (or continue) CMA-ES until ``opt.max_evals`` candidates have been evaluated."""
+    state: SearchState | None = run_dir.load_state()
+    if state is None:
+        state = SearchState(es=new_es(_pad(problem.x0(opt.init == "random", opt.seed)), opt))
+    recorded = {(r["generation"], r["candidate"]): r for r in run_dir.read_evaluations()}
+    by_key = {r["key"]: r for r in recorded.values() if r.get("error") is None}
+    max_failures = opt.max_failures if opt.max_failures is not None else max(3, opt.max_evals // 2)
+
+    bar = tqdm(total=opt.max_evals, initial=state.n_evals, disable=not progress, unit="eval", dynamic_ncols=True)
+    try:
+        while state.n_evals < opt.max_evals:
+            generation = state.generation + 1
+            genomes = state.es.ask()
+            losses = []
+            bar.set_description(f"gen {generation}")
+            for j, x in enumerate(genomes):
+                record = recorded.get((generation, j))
+                if record is not None:
+                    _check_same_genome(record, x, generation, j)
+                else:
+                    record = _evaluate(problem, score, x[: problem.dim], generation, j, state, by_key)
+                    run_dir.append_evaluation(record)
+                    recorded[(generation, j)] = record
+                    if record.get("error") is None:
+                        by_key.setdefault(record["key"], record)
+                losses.append(FAILED_LOSS if record["fitness"] is None else -record["fitness"])
+                _update_best(problem, record, state, run_dir)
+                if record.get("error"):
+                    state.n_failures += 1
+                    if state.n_failures > max_failures:
+                        raise RunFailedError(
+                            f"{state.n_failures} candidates failed (max_failures={max_failures}); last error: "
+                            f"{record['error'].splitlines()[0]}; see {run_dir.evaluations}"
+                        )
+                bar.update(1)
+                bar.set_postfix(best=_fmt(state.best and state.best["fitness"]))
+            state.es.tell(genomes, losses)
+            state.generation = generation
+            state.n_evals += len(genomes)
+            state.history.append((generation, state.n_evals, state.best and state.best["fitness"]))
+            _maybe_restart(state, problem, opt)
+            run_dir.save_state(state)  # the generation is now complete and durable
+            if progress:
+                gen_fit = [-v for v in losses if v != FAILED_LOSS]
+                tqdm.write(
+                    f"gen {generation:3d}  evals {state.n_evals:4d}  gen best {_fmt(max(gen_fit, default=None))}"
+                    f"  mean {_fmt(np.mean(gen_fit) if gen_fit else None)}  best {_fmt(state.best and state.best['fitness'])}"
+                    f"  sigma {state.es.sigma:.3g}"
+                )
+            if on_generation:
+                on_generation(state)
+    finally:
+        bar.close()
+    return state
+
+
+def _evaluate(problem, score, x, generation, j, state, by_key) -> dict:
+    record: dict[str, Any] = {
+        "index": state.n_evals + j,
+        "generation": generation,
+        "candidate": j,
+        "genome": [float(v) for v in x],
+        "time": time.time(),
+    }
+    start = time.perf_counter()
+    try:
+        candidate = problem.decode(np.asarray(x))
+        record["key"] = candidate.key
+        if candidate.key in by_key:  # same recipe as an earlier candidate: same score, no work
+            cached = by_key[candidate.key]
+            record.update(fitness=cached["fitness"], scores=cached["scores"], cached=True, error=None)
+        else:
+            model = problem.build(candidate)
+            record["merge_seconds"] = round(time.perf_counter() - start, 4)
+            result = score(model)
+            if not math.isfinite(result["fitness"]):
+                raise CandidateError(f"fitness is {result['fitness']}")
+            record.update(fitness=float(result["fitness"]), scores=result["scores"], cached=False, error=None)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as err:  # a failing candidate never kills the run
+        record.setdefault("key", None)
+        kind = "out of memory" if _is_oom(err) else type(err).__name__
+        record.update(fitness=None, scores={}, cached=False, error=f"{kind}: {err}\n{traceback.format_exc(limit=3)}")
+        _free_memory()
+    record["seconds"] = round(time.perf_counter() - start, 4)
+    return record
+
+
+def _update_best(problem, record, state: SearchState, run_dir: RunDir) -> None:
+    fitness = record["fitness"]
+    if fitness is None or (state.best is not None and fitness <= state.best["fitness"]):
+        return
+    state.best = {k: record[k] for k in ("index", "generation", "candidate", "genome", "key", "fitness", "scores")}
+    candidate = problem.decode(np.asarray(record["genome"]))
+    problem.write_best(candidate, run_dir, state.best)
+
+
+def _maybe_restart(state: SearchState, problem, opt: OptimizerConfig) -> None:
+    """IPOP-style restart: when CMA-ES has converged, start again with twice the population."""
+    stop = {k: v for k, v in state.es.stop().items() if k not in ("maxfevals", "maxiter")}
+    if stop and state.restarts_done < opt.restarts:
+        state.restarts_done += 1
+        x0 = problem.x0(True, opt.seed + state.restarts_done)
+        state.es = new_es(_pad(x0), opt, restart=state.restarts_done)
+
+
+def _check_same_genome(record, x, generation, j) -> None:
+    if not np.allclose(np.asarray(record["genome"]), np.asarray(x)[: len(record["genome"])], rtol=0, atol=1e-12):
+        raise RuntimeError(
+            f"evaluations.jsonl does not match the optimiser state at generation {generation}, candidate {j}; "
+            "the run directory was modified by hand or by another version"
+        )
+
+
+def _pad(x0: np.ndarray) -> np.ndarray:
+    # cma needs at least 2 dimensions; a dummy coordinate (ignored by decode) covers 1-gene spaces.
+    return np.concatenate([x0, [0.5]]) if len(x0) == 1 else x0
+
+
+def _is_oom(err: Exception) -> bool:
+    return isinstance(err, MemoryError) or "out of memory" in str(err).lower()
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"

@@ -1,0 +1,108 @@
+"""Search problems: a search space bound to the engine that turns its genomes into models.
+
+``PSProblem``: genome -> mergekit recipe -> in-memory merge (one resident model).
+``DFSProblem``: genome -> layer path -> layer-stack model over a shared pool (no weight copies).
+Both write ``best.yaml`` as a plain mergekit recipe (DFS: the folded passthrough recipe).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mergekit_evolve.config import EvolveConfig
+from mergekit_evolve.recipe.ps import ps_recipe, recipe_hash, recipe_yaml, to_merge_config
+from mergekit_evolve.search.rundir import RunDir, atomic_write
+from mergekit_evolve.space.models import check_same_shape, inspect_models
+from mergekit_evolve.space.ps import PSSpace
+
+
+@dataclass
+class PSCandidate:
+    recipe: dict[str, Any]
+    key: str
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        from mergekit_evolve.errors import InputError
+
+        raise InputError(f"--device: {device} requested but no CUDA GPU is visible; use --device cpu or auto")
+    return device
+
+
+def load_tokenizer(ref: str):
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(ref)
+
+
+class PSProblem:
+    def __init__(self, config: EvolveConfig, device: str = "cpu"):
+        genome = config.genome
+        refs = list(dict.fromkeys([*genome.models, *([genome.base_model] if genome.base_model else [])]))
+        infos = inspect_models(refs, "genome.models")
+        check_same_shape(infos, "genome.models")
+        self.config = config
+        self.device = device
+        self.dtype = config.dtype or infos[0].dtype or "float32"
+        self.space = PSSpace(genome, infos[0].num_layers)
+        self.dim = self.space.dim
+        self._merger = None
+
+    @property
+    def merger(self):
+        if self._merger is None:  # loading sources is the expensive part: only when first needed
+            from mergekit_evolve.merge import InMemoryMerger
+
+            template = to_merge_config(ps_recipe(self.space, self.space.x0(), self.dtype))
+            self._merger = InMemoryMerger(
+                template, device=self.device, dtype=self.dtype, random_seed=self.config.merge_seed
+            )
+        return self._merger
+
+    @cached_property
+    def tokenizer(self):
+        return load_tokenizer(self.config.genome.tokenizer_source or self.config.genome.base_model or self.config.genome.models[0])
+
+    def x0(self, random: bool = False, seed: int = 0) -> np.ndarray:
+        return self.space.x0(random=random, seed=seed)
+
+    def decode(self, genome: np.ndarray) -> PSCandidate:
+        recipe = ps_recipe(self.space, np.asarray(genome)[: self.dim], self.dtype)
+        return PSCandidate(recipe=recipe, key=recipe_hash(recipe))
+
+    def recipe_dict(self, candidate: PSCandidate) -> dict[str, Any]:
+        return candidate.recipe
+
+    def build(self, candidate: PSCandidate):
+        return self.merger.merge(to_merge_config(candidate.recipe))
+
+    def recipe_header(self, info: dict) -> str:
+        return (
+            f"Evolved by mergekit-evo (PS, {self.space.genome.merge_method}): fitness {info['fitness']:.4f} "
+            f"at evaluation {info['index']} (generation {info['generation']}).\n"
+            f"Reproduce the weights: mergekit-yaml best.yaml OUT --random-seed {self.config.merge_seed}"
+        )
+
+    def write_best(self, candidate: PSCandidate, run_dir: RunDir, info: dict) -> None:
+        atomic_write(run_dir.best_yaml, recipe_yaml(candidate.recipe, self.recipe_header(info)))
+        run_dir.write_json(run_dir.best_json, {**info, "recipe": candidate.recipe})
+
+    def save_model(self, candidate: PSCandidate, out_dir: Path) -> Path:
+        from mergekit_evolve.merge import merge_to_disk
+
+        return merge_to_disk(
+            to_merge_config(candidate.recipe), out_dir, device=self.device, random_seed=self.config.merge_seed
+        )
+
+    def close(self) -> None:
+        self._merger = None

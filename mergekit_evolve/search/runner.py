@@ -1,0 +1,198 @@
+"""A whole run: config -> problem + fitness -> CMA-ES -> held-out scores, best recipe, final model.
+
+``start`` creates the run directory and writes ``config.yaml`` (overrides applied) and ``run.json``;
+``resume`` reads them back, so a resumed run is the same run. ``space: ps+dfs`` runs two stages in
+``DIR/ps`` and ``DIR/dfs`` (each a complete, resumable run directory); the PS model joins the DFS
+collection as model A.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from mergekit_evolve.config import EvolveConfig, load_config, parse_config
+from mergekit_evolve.errors import InputError
+from mergekit_evolve.search.loop import run_search
+from mergekit_evolve.search.problems import PSProblem, resolve_device
+from mergekit_evolve.search.rundir import RunDir, atomic_write
+
+
+def start(
+    config: EvolveConfig,
+    out: str | Path,
+    *,
+    device: str = "auto",
+    force: bool = False,
+    save_model: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    run_dir = RunDir(out)
+    device = resolve_device(device)
+    validate(config, device)  # every input problem surfaces here, before anything is written
+    run_dir.prepare(fresh=True, force=force)
+    try:
+        atomic_write(run_dir.config, config.to_yaml())
+        run_dir.write_json(run_dir.path / "run.json", {"device": device, "save_model": save_model, "version": _version()})
+        return _execute(config, run_dir, device, save_model, progress)
+    finally:
+        run_dir.unlock()
+
+
+def validate(config: EvolveConfig, device: str = "cpu") -> None:
+    """Read model configs, build the search space and load the fitness data; load no weights."""
+    _check_fitness_available(config)
+    if config.space == "dfs":
+        from mergekit_evolve.search.dfs_problem import DFSProblem
+
+        problem = DFSProblem(config, device)
+    else:
+        problem = PSProblem(config, device)
+    make_fitness(config, problem.tokenizer)
+
+
+def resume(out: str | Path, *, device: str | None = None, progress: bool = True) -> dict[str, Any]:
+    run_dir = RunDir(out)
+    if not run_dir.config.is_file():
+        raise InputError(f"{run_dir.path}: not a mergekit-evo run directory (no config.yaml); start it with mergekit-evo run")
+    config = load_config(run_dir.config)
+    meta = json.loads((run_dir.path / "run.json").read_text()) if (run_dir.path / "run.json").exists() else {}
+    device = resolve_device(device or meta.get("device", "auto"))
+    run_dir.prepare(fresh=False)
+    try:
+        return _execute(config, run_dir, device, meta.get("save_model", True), progress)
+    finally:
+        run_dir.unlock()
+
+
+def _execute(config: EvolveConfig, run_dir: RunDir, device: str, save_model: bool, progress: bool) -> dict[str, Any]:
+    if config.space == "ps":
+        return run_stage(PSProblem(config, device), config, run_dir, save_model, progress)
+    if config.space == "dfs":
+        from mergekit_evolve.search.dfs_problem import DFSProblem
+
+        return run_stage(DFSProblem(config, device), config, run_dir, save_model, progress)
+    return _run_ps_then_dfs(config, run_dir, device, save_model, progress)
+
+
+def _run_ps_then_dfs(config, run_dir: RunDir, device, save_model, progress) -> dict[str, Any]:
+    from mergekit_evolve.search.dfs_problem import DFSProblem
+
+    ps_dir, dfs_dir = RunDir(run_dir.path / "ps"), RunDir(run_dir.path / "dfs")
+    ps_dir.path.mkdir(exist_ok=True)
+    dfs_dir.path.mkdir(exist_ok=True)
+    ps_summary = _summary_if_done(ps_dir)
+    if ps_summary is None:
+        ps_config = config.model_copy(update={"space": "ps"})
+        atomic_write(ps_dir.config, ps_config.to_yaml())
+        ps_summary = run_stage(PSProblem(ps_config, device), ps_config, ps_dir, True, progress)
+    collection = [str(ps_dir.model), *(config.dfs.models or config.genome.models)]
+    dfs_config = config.model_copy(
+        update={"space": "dfs", "dfs": config.dfs.model_copy(update={"models": collection, "base_index": 0})}
+    )
+    atomic_write(dfs_dir.config, dfs_config.to_yaml())
+    dfs_summary = run_stage(DFSProblem(dfs_config, device), dfs_config, dfs_dir, save_model, progress)
+    for name in ("best.yaml", "best.json"):
+        if (dfs_dir.path / name).exists():
+            shutil.copyfile(dfs_dir.path / name, run_dir.path / name)
+    summary = {**dfs_summary, "stages": {"ps": ps_summary, "dfs": dfs_summary}}
+    run_dir.write_json(run_dir.summary, summary)
+    return summary
+
+
+def _summary_if_done(run_dir: RunDir) -> dict | None:
+    if run_dir.summary.exists() and run_dir.model.exists():
+        return json.loads(run_dir.summary.read_text())
+    return None
+
+
+def run_stage(problem, config: EvolveConfig, run_dir: RunDir, save_model: bool, progress: bool) -> dict[str, Any]:
+    """Search, then score the winner on the held-out split and save it."""
+    started = time.time()
+    fitness = make_fitness(config, problem.tokenizer)
+
+    def score(model) -> dict:
+        scores = fitness.score(model, "fitness")
+        return {"fitness": fitness.total(scores), "scores": scores}
+
+    state = run_search(problem, score, run_dir, config.optimizer, progress=progress)
+    if state.best is None:
+        raise InputError(f"{run_dir.path}: every candidate failed; see evaluations.jsonl for the errors")
+    best = problem.decode(np.asarray(state.best["genome"]))
+    model = problem.build(best)
+    heldout = fitness.score(model, "heldout")
+    summary = {
+        "space": config.space,
+        "best": {**state.best, "heldout": heldout, "heldout_total": fitness.total(heldout) if heldout else None},
+        "evaluations": state.n_evals,
+        "generations": state.generation,
+        "failures": state.n_failures,
+        "wall_seconds": round(time.time() - started, 2),
+        "selected_on": selection_data(config),
+        "history": state.history,
+    }
+    if save_model and not run_dir.model.exists():
+        problem.save_model(best, run_dir.model)
+    run_dir.write_json(run_dir.summary, summary)
+    return summary
+
+
+def make_fitness(config: EvolveConfig, tokenizer):
+    if config.fitness is not None:
+        from mergekit_evolve.fitness import Fitness
+
+        return Fitness(config.fitness, tokenizer)
+    from mergekit_evolve.fitness.lm_eval_tasks import LmEvalFitness
+
+    return LmEvalFitness(config, tokenizer)
+
+
+def _check_fitness_available(config: EvolveConfig) -> None:
+    if config.fitness is None:
+        try:
+            import lm_eval  # noqa: F401
+        except ImportError:
+            raise InputError(
+                "tasks: lm-eval tasks need the lm-eval extra; run pip install 'mergekit-evolve[lm-eval]' "
+                "or define a built-in 'fitness:' section"
+            ) from None
+
+
+def selection_data(config: EvolveConfig) -> list[dict]:
+    """Which data chose the winner (the held-out splits never do): path and content hash."""
+    if config.fitness is None:
+        return [{"lm_eval_task": t.name, "metric": t.metric, "limit": config.limit} for t in config.tasks or []]
+    out = []
+    for task in config.fitness.tasks:
+        path = Path(task.data)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+        out.append({"task": task.name, "data": str(path), "sha256": digest, "limit": task.limit})
+    return out
+
+
+def _version() -> str:
+    from mergekit_evolve import __version__
+
+    return __version__
+
+
+def load_any_config(path: str | Path, overrides: dict[str, Any]) -> EvolveConfig:
+    """Load a config file and apply CLI overrides (``optimizer.max_evals`` etc.)."""
+    config = load_config(path)
+    if not overrides:
+        return config
+    data = config.model_dump(mode="python")
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return parse_config(yaml.safe_load(yaml.safe_dump(json.loads(json.dumps(data, default=str)))), source=str(path))

@@ -1,0 +1,74 @@
+"""Reading the source models' configs up front, so bad input fails before any weights load."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import transformers
+
+from mergekit_evolve.errors import InputError
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    ref: str
+    architecture: str
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    dtype: str | None
+
+
+def inspect_model(ref: str, where: str, trust_remote_code: bool = False) -> ModelInfo:
+    local = Path(ref)
+    if ref.startswith(("/", ".", "~")) and not local.exists():
+        raise InputError(f"{where}: {ref} does not exist; give the path of a Hugging Face model folder or a hub ID")
+    if local.exists() and not (local / "config.json").is_file():
+        raise InputError(f"{where}: {ref} has no config.json; point at a Hugging Face model folder")
+    try:
+        config = transformers.AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
+    except Exception as err:  # hub unreachable, unknown repo, custom code not allowed, ...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(
+            f"{where}: cannot read the config of {ref!r} ({first[:160]}); pass a local model folder, "
+            "or check the hub ID and your network"
+        ) from None
+    text = getattr(config, "get_text_config", lambda: config)()
+    dtype = getattr(text, "dtype", None) or getattr(config, "torch_dtype", None)
+    return ModelInfo(
+        ref=ref,
+        architecture=(config.architectures or [type(config).__name__])[0],
+        model_type=config.model_type,
+        num_layers=int(getattr(text, "num_hidden_layers", 0)),
+        hidden_size=int(getattr(text, "hidden_size", 0)),
+        vocab_size=int(getattr(text, "vocab_size", 0)),
+        dtype=str(dtype).removeprefix("torch.") if dtype is not None else None,
+    )
+
+
+def inspect_models(refs: list[str], field: str) -> list[ModelInfo]:
+    return [inspect_model(ref, f"{field}[{i}]") for i, ref in enumerate(refs)]
+
+
+def check_same_shape(infos: list[ModelInfo], field: str) -> None:
+    """PS merges combine tensors one to one: same architecture, depth and widths."""
+    first = infos[0]
+    for info in infos[1:]:
+        for attr, hint in (
+            ("architecture", "merge models of one architecture"),
+            ("num_layers", "use models of equal depth, or space: dfs to stack layers of different models"),
+            ("hidden_size", "use models of equal width"),
+        ):
+            if getattr(info, attr) != getattr(first, attr):
+                raise InputError(
+                    f"{field}: {attr} differs ({first.ref}: {getattr(first, attr)}, {info.ref}: "
+                    f"{getattr(info, attr)}); {hint}"
+                )
+    vocab = {i.vocab_size for i in infos}
+    if len(vocab) > 1:
+        raise InputError(
+            f"{field}: vocabulary sizes differ ({sorted(vocab)}); merge models that share a tokenizer "
+            "(or align them first with mergekit-tokensurgeon)"
+        )

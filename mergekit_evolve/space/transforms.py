@@ -1,0 +1,34 @@
+"""Transforms from the free genome coordinates that CMA-ES moves to parameter values.
+
+CMA-ES samples genome coordinates ``u`` anywhere on the real line. Every searched merge parameter has
+a closed range ``[lo, hi]``; its value is
+
+    value = lo + (hi - lo) * fold(u)
+
+where ``fold`` is the triangle wave with period 2 that is the identity on [0, 1]:
+``fold(0.3) = 0.3``, ``fold(1.2) = 0.8``, ``fold(-0.1) = 0.1``.  Unlike clipping, folding has no flat
+regions outside the box (where CMA-ES would drift with no signal), every ``u`` maps to a valid value,
+and the map is continuous. ``sigma0 = 1/6`` (the paper's setting) is therefore one sixth of each
+parameter's range. ``unfold`` gives the ``u`` in [0, 1] for a value (used for initial genomes).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def fold(u: np.ndarray | float) -> np.ndarray:
+    """Triangle wave of period 2 that is the identity on [0, 1]."""
+    r = np.mod(np.asarray(u, dtype=np.float64), 2.0)
+    return np.where(r <= 1.0, r, 2.0 - r)
+
+
+def to_range(u: np.ndarray | float, lo: float, hi: float) -> np.ndarray:
+    return lo + (hi - lo) * fold(u)
+
+
+def unfold(value: float, lo: float, hi: float) -> float:
+    """The genome coordinate in [0, 1] that maps to ``value`` (clipped into the range)."""
+    if hi == lo:
+        return 0.0
+    return float(np.clip((value - lo) / (hi - lo), 0.0, 1.0))
