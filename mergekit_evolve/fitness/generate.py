@@ -78,16 +78,29 @@ def greedy_generate(
     Returns the texts in the order of ``prompts`` and the tokens spent (prompt tokens plus generated
     tokens, EOS included, of every row).
     """
+    generated = greedy_token_ids(runner, prompts, tokenizer, max_new_tokens, stop, batch_size)
+    texts = [cut_at_stop(text, stop) for text in tokenizer.batch_decode(generated, skip_special_tokens=True)]
+    return texts, sum(len(p) + len(g) for p, g in zip(prompts, generated))
+
+
+def greedy_token_ids(
+    runner: ModelRunner,
+    prompts: list[list[int]],
+    tokenizer: Any,
+    max_new_tokens: int,
+    stop: list[str],
+    batch_size: int,
+) -> list[list[int]]:
+    """Generated ids per prompt (in the order of ``prompts``): EOS included when produced; a row ends
+    at EOS, at the token that completes a stop string, or after ``max_new_tokens``."""
     eos_ids = eos_token_ids(runner.model, tokenizer)
-    texts: list[str] = [""] * len(prompts)
-    tokens = 0
+    generated: list[list[int]] = [[] for _ in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for batch in batches(order, batch_size):
-        generated = _decode_batch(runner, [prompts[i] for i in batch], tokenizer, max_new_tokens, stop, eos_ids)
-        for i, ids in zip(batch, generated):
-            texts[i] = cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop)
-            tokens += len(prompts[i]) + len(ids)
-    return texts, tokens
+        batch_ids = _decode_batch(runner, [prompts[i] for i in batch], tokenizer, max_new_tokens, stop, eos_ids)
+        for i, ids in zip(batch, batch_ids):
+            generated[i] = ids
+    return generated
 
 
 def cut_at_stop(text: str, stop: list[str]) -> str:

@@ -1,8 +1,9 @@
 """Calling any causal LM the same way: transformers models and our layer-stack model.
 
 The contract with a model is small: ``forward(input_ids, attention_mask, past_key_values, use_cache)``
-returning an object with ``.logits`` (and ``.past_key_values`` when ``use_cache``). Optional keyword
-arguments are passed only when ``forward`` names them: ``position_ids`` (needed for exact left-padded
+returning an object with ``.logits`` (and ``.past_key_values`` when ``use_cache``). transformers 5.2x
+renamed ``past_key_values`` to ``cache`` (the old name warns until 5.40): the cache goes in and comes out
+under whichever name ``forward`` and its output use. Optional keyword arguments are passed only when ``forward`` names them: ``position_ids`` (needed for exact left-padded
 batched decoding of rotary models; transformers' ``generate`` does the same) and ``logits_to_keep``
 (saves computing prompt logits nobody reads).
 """
@@ -24,6 +25,7 @@ class ModelRunner:
     device: torch.device
     takes_position_ids: bool
     takes_logits_to_keep: bool
+    cache_argument: str  # "cache" (transformers >= 5.2x) or "past_key_values"
 
     @classmethod
     def wrap(cls, model: Any) -> ModelRunner:
@@ -33,6 +35,7 @@ class ModelRunner:
             device=model_device(model),
             takes_position_ids="position_ids" in names,
             takes_logits_to_keep="logits_to_keep" in names,
+            cache_argument="cache" if "cache" in names else "past_key_values",
         )
 
     def forward(
@@ -44,7 +47,7 @@ class ModelRunner:
         use_cache: bool = False,
         last_logits_only: bool = False,
     ) -> tuple[torch.Tensor, Any]:
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {self.cache_argument: past_key_values}
         if position_ids is not None and self.takes_position_ids:
             kwargs["position_ids"] = position_ids
         if last_logits_only and self.takes_logits_to_keep:
@@ -52,14 +55,18 @@ class ModelRunner:
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             use_cache=use_cache,
             **kwargs,
         )
         logits = out.logits if hasattr(out, "logits") else out[0]
         if last_logits_only:
             logits = logits[:, -1:]
-        return logits, getattr(out, "past_key_values", None)
+        return logits, _returned_cache(out)
+
+
+def _returned_cache(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
 def model_device(model: Any) -> torch.device:

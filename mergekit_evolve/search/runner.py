@@ -55,6 +55,10 @@ def validate(config: EvolveConfig, device: str = "cpu") -> None:
         problem = DFSProblem(config, device)
     else:
         problem = PSProblem(config, device)
+        if config.space == "ps+dfs":  # the PS model will share the genome models' shape
+            from mergekit_evolve.search.dfs_problem import check_dfs_collection
+
+            check_dfs_collection(list(config.dfs.models or config.genome.models), 0)
     make_fitness(config, problem.tokenizer)
 
 

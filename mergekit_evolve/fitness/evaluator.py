@@ -1,0 +1,131 @@
+"""``Fitness``: scores a candidate model on the configured tasks.
+
+All data is read, checked and tokenized when a ``Fitness`` is built, so bad data fails before any
+merging and each evaluation only runs the model. The held-out split is scored only when asked for
+(``split="heldout"``, for reports); selection must only ever see ``split="fitness"``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from mergekit_evolve.fitness.callable_task import FitnessFunction, evaluate_callable, load_function
+from mergekit_evolve.fitness.choice import evaluate_choice, prepare_choice
+from mergekit_evolve.fitness.data import Row, load_task_rows
+from mergekit_evolve.fitness.generate import evaluate_generate, prepare_generate
+from mergekit_evolve.fitness.outcome import Outcome
+from mergekit_evolve.fitness.perplexity import evaluate_perplexity, prepare_perplexity
+from mergekit_evolve.fitness.prompts import check_chat_template
+from mergekit_evolve.fitness.runtime import ModelRunner, evaluation_mode
+from mergekit_evolve.fitness.tasks import FitnessConfig, TaskConfig, load_fitness_config
+
+Split = Literal["fitness", "heldout"]
+SPLITS: tuple[Split, ...] = ("fitness", "heldout")
+
+PREPARE = {"generate": prepare_generate, "choice": prepare_choice, "perplexity": prepare_perplexity}
+EVALUATE = {"generate": evaluate_generate, "choice": evaluate_choice, "perplexity": evaluate_perplexity}
+
+
+class TaskResult(BaseModel):
+    """One task's result on one split, for logs and reports."""
+
+    name: str
+    kind: str
+    split: str
+    score: float  # higher is better
+    metric: str  # accuracy | acc_norm | inverse_perplexity | mean_log_likelihood | callable
+    rows: int
+    tokens: int  # forward tokens spent
+    seconds: float
+    perplexity: float | None = None
+
+
+@dataclass
+class _Task:
+    config: TaskConfig
+    rows: dict[str, list[Row]]  # split -> rows; absent when the task has no such split
+    examples: dict[str, Any] = field(default_factory=dict)  # split -> tokenized examples
+    function: FitnessFunction | None = None
+
+
+class Fitness:
+    """Weighted multi-task fitness of candidate models; higher is better."""
+
+    def __init__(self, config: FitnessConfig | dict[str, Any], tokenizer: Any, base_dir: str | Path | None = None):
+        self.config = load_fitness_config(config)
+        self.tokenizer = tokenizer
+        self.base_dir = Path(base_dir if base_dir is not None else Path.cwd()).absolute()
+        self.tokens_spent = 0  # forward tokens over all evaluations (prompt + generated / scored)
+        self.last_results: dict[str, TaskResult] = {}
+        self._tasks = [self._prepare(task) for task in self.config.tasks]
+
+    def _prepare(self, task: TaskConfig) -> _Task:
+        loaded = load_task_rows(task, self.base_dir)
+        rows = {"fitness": loaded.fitness}
+        if loaded.heldout is not None:
+            rows["heldout"] = loaded.heldout
+        prepared = _Task(config=task, rows=rows)
+        if task.kind == "callable":
+            prepared.function = load_function(task, self.base_dir)
+            return prepared
+        check_chat_template(task, self.tokenizer)
+        for split, split_rows in rows.items():
+            prepared.examples[split] = PREPARE[task.kind](task, split_rows, loaded.fewshot, self.tokenizer)
+        return prepared
+
+    def num_rows(self, split: Split = "fitness") -> dict[str, int]:
+        """Rows each task scores on ``split`` (tasks without that split are absent)."""
+        return {t.config.name: len(t.rows[split]) for t in self._tasks if split in t.rows}
+
+    def score(self, model: Any, split: Split = "fitness") -> dict[str, float]:
+        """Task name -> score (higher is better). Tasks without a held-out split are skipped for "heldout"."""
+        return {name: result.score for name, result in self.evaluate(model, split).items()}
+
+    def evaluate(self, model: Any, split: Split = "fitness") -> dict[str, TaskResult]:
+        """Like ``score`` with the details (metric, raw perplexity, rows, tokens, seconds) per task."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        results = {}
+        with evaluation_mode(model):
+            runner = ModelRunner.wrap(model)
+            for task in self._tasks:
+                if split in task.rows:
+                    results[task.config.name] = self._evaluate_task(task, runner, split)
+        self.last_results = results
+        return results
+
+    def _evaluate_task(self, task: _Task, runner: ModelRunner, split: Split) -> TaskResult:
+        config = task.config
+        start = time.perf_counter()
+        if task.function is not None:
+            outcome: Outcome = evaluate_callable(task.function, config, runner.model, self.tokenizer, task.rows[split], split)
+        else:
+            outcome = EVALUATE[config.kind](runner, config, task.examples[split], self.tokenizer, self.config.batch_size)
+        self.tokens_spent += outcome.tokens
+        return TaskResult(
+            name=config.name,
+            kind=config.kind,
+            split=split,
+            score=outcome.score,
+            metric=outcome.metric,
+            rows=len(task.rows[split]),
+            tokens=outcome.tokens,
+            seconds=time.perf_counter() - start,
+            perplexity=outcome.perplexity,
+        )
+
+    def total(self, scores: dict[str, float]) -> float:
+        """Weighted mean of the scores of the tasks present in ``scores``."""
+        weights = {task.name: task.weight for task in self.config.tasks}
+        unknown = set(scores) - set(weights)
+        if unknown:
+            raise ValueError(f"scores for unknown tasks: {sorted(unknown)}")
+        if not scores:
+            raise ValueError("no scores to combine")
+        weight_sum = sum(weights[name] for name in scores)
+        return sum(weights[name] * value for name, value in scores.items()) / weight_sum

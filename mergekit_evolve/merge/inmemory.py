@@ -1,0 +1,388 @@
+"""In-memory merging: one resident model, thousands of candidates.
+
+``InMemoryMerger`` is the fast path for evaluating parameter-space candidates. It plans every
+candidate with mergekit's ``MergePlanner`` and executes it with mergekit's ``Executor`` and merge
+methods, so the tensors are exactly those ``mergekit-yaml`` would write; what it avoids is
+everything around the merge:
+
+* source tensors are read from disk once (at construction) and stay resident on ``device``;
+  every candidate's task graph gets them as pre-computed values of its input tasks, so no
+  candidate touches the disk or mergekit's process-wide ``LoaderCache``;
+* one transformers model is built once; each candidate's output tensors are copied into it by
+  name (no model objects, no files per candidate);
+* random methods (DARE, DELLA) are re-seeded per candidate, the way ``mergekit-yaml
+  --random-seed S`` seeds a whole merge, so every candidate is reproducible on its own.
+
+About mergekit's ``LoaderCache``: it is process-wide, keyed by model reference, and its loaders
+keep the last opened shard mapped, so a model rewritten in place in the same process could be
+served stale. This module loads the source tensors itself, once, through mergekit's own
+``LoadTensor`` tasks, and drops the cache entries of its source models right before and right
+after that load (``_fresh_loader_cache``): the load always reads the files as they are, and no
+mapped shard is left behind for a later merge in the process to trip over. Candidates only ask the
+cache for tensor *names* (mergekit's scheduler uses them to order tasks), never for data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import transformers
+from mergekit.architecture import get_architecture_info
+from mergekit.common import ModelReference, dtype_from_name
+from mergekit.config import MergeConfiguration
+from mergekit.graph import Executor, Task, TaskHandle, TaskUniverse
+from mergekit.io.tasks import LoaderCache, LoadTensor, ReturnTensor
+from mergekit.options import MergeOptions
+from mergekit.plan import MergePlanner
+from pydantic import BaseModel
+
+from mergekit_evolve.errors import CandidateError, InputError
+
+__all__ = ["InMemoryMerger", "MergeTimings"]
+
+
+class MergeTimings(BaseModel):
+    """Where the time of one ``InMemoryMerger.merge`` call went, in seconds."""
+
+    plan_s: float = 0.0  # MergePlanner over a copy of the config
+    schedule_s: float = 0.0  # task graph + execution order (mergekit Executor set-up)
+    execute_s: float = 0.0  # mergekit merge-method code
+    copy_s: float = 0.0  # finiteness check + copy into the resident model
+
+    @property
+    def total_s(self) -> float:
+        return self.plan_s + self.schedule_s + self.execute_s + self.copy_s
+
+
+class PlannerRoute:
+    """The one place that touches mergekit's private planning API (mergekit 0.1.5).
+
+    ``MergePlanner.plan_in_memory()`` is broken in 0.1.5: it builds ``ReturnTensor`` tasks whose
+    ``tensor_task`` field is annotated ``Task[torch.Tensor]``, and pydantic's validation of that
+    field tries to instantiate the abstract ``Task`` ("Can't instantiate abstract class
+    Task[Tensor]"). This route does what ``plan_in_memory`` means to do, and relies on exactly:
+
+    * ``MergePlanner._plan()`` filling ``MergePlanner._tensors`` with ``(WeightInfo, Task)`` pairs,
+      one per output tensor, each task an ``ExecuteMergeMethodTask``;
+    * ``MergePlanner._tokenizer_task``: the ``BuildTokenizer`` task or ``None``;
+    * ``ReturnTensor.model_construct(weight_info=, tensor_task=, dtype=)`` skipping that broken
+      validation (the fields are used as ``plan_in_memory`` would set them);
+    * ``mergekit.merge._model_out_config`` (the output model's transformers config, as
+      ``run_merge`` builds it) and ``mergekit.merge._update_config_vocab`` (vocabulary size
+      after a tokenizer merge).
+
+    ``PRIVATE_NAMES`` lists them; ``tests/test_merge_engine.py`` checks that they exist and that
+    this route still produces what ``merge_state_dicts`` and ``mergekit-yaml`` produce.
+    """
+
+    PRIVATE_NAMES = (
+        ("mergekit.plan.MergePlanner", "_plan"),
+        ("mergekit.plan.MergePlanner", "_tensors"),
+        ("mergekit.plan.MergePlanner", "_tokenizer_task"),
+        ("mergekit.merge", "_model_out_config"),
+        ("mergekit.merge", "_update_config_vocab"),
+    )
+
+    def __init__(self, template: MergeConfiguration, options: MergeOptions):
+        import mergekit.merge
+
+        self.options = options
+        self.arch_info = get_architecture_info(template, options)
+        self._out_config = mergekit.merge._model_out_config(
+            template, self.arch_info, trust_remote_code=options.trust_remote_code
+        )
+
+    def plan(self, config: MergeConfiguration) -> tuple[list[ReturnTensor], Optional[Task]]:
+        """Return one ``ReturnTensor`` per output tensor, and the tokenizer task (or None)."""
+        # The planner rewrites the config (models -> modules.slices): give it a copy.
+        planner = MergePlanner(
+            copy.deepcopy(config), self.arch_info, self.options, self._out_config
+        )
+        planner._plan()
+        targets = [
+            ReturnTensor.model_construct(
+                weight_info=weight,
+                tensor_task=task,
+                dtype=weight.force_dtype or config.out_dtype,
+            )
+            for weight, task in planner._tensors
+        ]
+        return targets, planner._tokenizer_task
+
+    def output_config(self, tokenizer_info: Any, config: MergeConfiguration):
+        """The transformers config of the merged model (a copy; vocab updated like run_merge)."""
+        import mergekit.merge
+
+        out = copy.deepcopy(self._out_config)
+        if tokenizer_info is not None:
+            pad = config.tokenizer.pad_to_multiple_of if config.tokenizer else None
+            mergekit.merge._update_config_vocab(
+                out, self.arch_info, tokenizer_info.tokenizer, pad_to_multiple_of=pad
+            )
+        return out
+
+
+class InMemoryMerger:
+    """Merge candidates of one recipe family into one resident transformers model.
+
+    ``template`` fixes the source models (and so the resident model's architecture: that of
+    ``base_model`` if set, else of the first model, as mergekit picks it). ``merge(config)``
+    accepts any config whose inputs are among the template's (same models, any parameter
+    values, even another merge method) and returns ``self.model`` holding its tensors.
+
+    ``dtype`` is the resident model's dtype; by default the dtype mergekit would write
+    (``out_dtype``, else ``dtype`` of the template, else the donor config's). Tensors equal
+    ``mergekit-yaml``'s bitwise when this dtype is the one mergekit writes.
+    ``random_seed``: each candidate runs with torch's RNG seeded to it, as ``mergekit-yaml
+    --random-seed`` does for a whole merge; the caller's RNG state is restored afterwards.
+    With ``None`` random methods draw from (and advance) the global torch RNG.
+    """
+
+    def __init__(
+        self,
+        template: MergeConfiguration,
+        *,
+        device: str = "cpu",
+        dtype: Optional[str] = None,
+        random_seed: Optional[int] = None,
+    ):
+        self.template = template.model_copy(deep=True)
+        self.device = torch.device(device)
+        self.random_seed = random_seed
+        self.source_paths = _local_source_paths(self.template)
+        on_accelerator = self.device.type != "cpu"
+        self._options = MergeOptions(
+            device=str(self.device),
+            read_to_gpu=on_accelerator,  # sources resident on the accelerator
+            low_cpu_memory=on_accelerator,  # results stay there too
+            quiet=True,
+        )
+        self._route = PlannerRoute(self.template, self._options)
+        targets, tokenizer_task = self._route.plan(self.template)
+        self._inputs = self._load_inputs(targets, tokenizer_task)
+        tokenizer_info = self._inputs.get(tokenizer_task) if tokenizer_task else None
+        self.tokenizer = _load_tokenizer(self.template, tokenizer_info, self.source_paths)
+        out_config = self._route.output_config(tokenizer_info, self.template)
+        self.model = _build_resident_model(out_config, self._model_dtype(dtype, out_config), self.device)
+        self._targets = self._resident_tensors(targets)
+        self.last_timings = MergeTimings()
+
+    # ----------------------------------------------------------------- construction
+
+    def _model_dtype(self, dtype: Optional[str], out_config) -> torch.dtype:
+        name = dtype or self.template.out_dtype or self.template.dtype
+        if name:
+            return dtype_from_name(name)
+        donor_dtype = getattr(out_config, "dtype", None) or torch.float32
+        return dtype_from_name(donor_dtype) if isinstance(donor_dtype, str) else donor_dtype
+
+    def _load_inputs(self, targets: list[ReturnTensor], tokenizer_task: Optional[Task]) -> dict:
+        """Execute, once, every task the merge tasks depend on (loads, gathers, tokenizer).
+
+        The values are kept; candidates get them as mergekit ``Executor`` cached values.
+        """
+        roots = [dep for ret in targets for dep in ret.tensor_task.arguments().values()]
+        if tokenizer_task is not None:
+            roots.append(tokenizer_task)
+        input_tasks = list(TaskUniverse(roots).tasks)  # roots and everything below them
+        models = self.template.referenced_models()
+        with _fresh_loader_cache(models), torch.no_grad():
+            executor = Executor(
+                input_tasks, math_device=self.device, storage_device=self.device
+            )
+            return dict(executor.run(quiet=True))
+
+    def _resident_tensors(self, targets: list[ReturnTensor]) -> dict[str, torch.Tensor]:
+        """Map each output tensor name to the model tensor it is copied into; check coverage."""
+        state = self.model.state_dict(keep_vars=True)
+        names = {ret.weight_info.name for ret in targets}
+        unknown = sorted(names - state.keys())
+        if unknown:
+            raise InputError(
+                f"template: mergekit writes tensors the {type(self.model).__name__} model does not "
+                f"have ({', '.join(unknown[:3])}); merge models whose transformers class uses these names"
+            )
+        tied = _tied_aliases(self.model)
+        uncovered = sorted(state.keys() - names - tied)
+        if uncovered:
+            raise InputError(
+                f"template: the merge does not produce {', '.join(uncovered[:3])} of the "
+                f"{type(self.model).__name__} model; a recipe must cover every tensor"
+            )
+        # Keep the Parameter objects, not their .data: model.to(...) swaps .data.
+        return {name: state[name] for name in names}
+
+    # ----------------------------------------------------------------- per candidate
+
+    def merge(self, config: MergeConfiguration) -> transformers.PreTrainedModel:
+        """Merge ``config`` into the resident model and return it (eval mode).
+
+        Raises ``CandidateError`` when the merge fails or an output tensor is not finite
+        (the resident model then holds a partial mix until the next successful merge), and
+        ``InputError`` when ``config`` needs source tensors the template did not load.
+        """
+        timings = MergeTimings()
+        with torch.no_grad():
+            start = time.perf_counter()
+            try:
+                targets, _ = self._route.plan(config)
+            except Exception as error:  # bad values of one candidate: record and go on
+                raise CandidateError(f"planning failed: {error}") from error
+            planned = time.perf_counter()
+            executor = self._executor(targets)
+            scheduled = time.perf_counter()
+            timings.plan_s, timings.schedule_s = planned - start, scheduled - planned
+            with self._seeded_rng():
+                self._run(executor, timings)
+            timings.execute_s = time.perf_counter() - scheduled - timings.copy_s
+        self.last_timings = timings
+        return self.model.eval()
+
+    def _executor(self, targets: list[ReturnTensor]) -> Executor:
+        universe = TaskUniverse(targets)
+        handles = [universe.add_task(task) for task in targets]
+        cached = {
+            TaskHandle(universe, index): self._inputs[task]
+            for index, task in enumerate(universe.tasks)
+            if not isinstance(task, ReturnTensor) and task in self._inputs
+        }
+        executor = Executor(
+            handles,
+            math_device=self.device,
+            storage_device=self.device,
+            cached_values=cached,
+        )
+        for handle in executor.schedule.tasks:
+            task = handle.task()
+            if isinstance(task, LoadTensor):
+                raise InputError(
+                    f"config: needs tensor {task.tensor} of {task.model}, which the template "
+                    "did not load; build the InMemoryMerger from a template with the same models"
+                )
+        return executor
+
+    def _run(self, executor: Executor, timings: MergeTimings) -> None:
+        try:
+            results = executor.run(quiet=True)
+            for task, value in results:
+                started = time.perf_counter()
+                self._store(task.weight_info.name, value)
+                timings.copy_s += time.perf_counter() - started
+        except CandidateError:
+            raise
+        except Exception as error:
+            raise CandidateError(f"merge failed: {type(error).__name__}: {error}") from error
+
+    def _store(self, name: str, value: Optional[torch.Tensor]) -> None:
+        if value is None:
+            raise CandidateError(f"{name}: mergekit produced no tensor (optional weight skipped)")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CandidateError(f"{name}: merged tensor has NaN or infinite values")
+        self._targets[name].copy_(value)
+
+    def _seeded_rng(self) -> contextlib.AbstractContextManager:
+        """Seed torch like ``mergekit-yaml --random-seed`` (only torch's RNG is consumed by
+        mergekit's methods); restore the caller's RNG state afterwards."""
+        if self.random_seed is None:
+            return contextlib.nullcontext()
+        return _seeded_torch_rng(self.random_seed, self.device)
+
+
+@contextlib.contextmanager
+def _seeded_torch_rng(seed: int, device: torch.device) -> Iterator[None]:
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+        torch.manual_seed(seed)  # seeds the CPU and every CUDA generator
+        yield
+
+
+@contextlib.contextmanager
+def _fresh_loader_cache(models: list[ModelReference]) -> Iterator[None]:
+    """Make mergekit's process-wide LoaderCache read ``models`` anew, and forget them after."""
+    cache = LoaderCache()
+
+    def evict():
+        for model in models:
+            loader = cache.loaders.pop(model, None)
+            if loader is not None:
+                loader.flush()
+
+    evict()
+    try:
+        yield
+    finally:
+        evict()
+
+
+def _tied_aliases(model: torch.nn.Module) -> set[str]:
+    """State-dict names that share storage with an earlier name (tied embeddings)."""
+    seen: dict[int, str] = {}
+    aliases = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        key = tensor.data_ptr()
+        if key in seen and tensor.numel():
+            aliases.add(name)
+        seen.setdefault(key, name)
+    return aliases
+
+
+def _build_resident_model(config, dtype: torch.dtype, device: torch.device):
+    """Build the model once, from the output config; its weights are overwritten by merge()."""
+    # Random init would advance the caller's torch RNG; keep it untouched.
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _load_tokenizer(config: MergeConfiguration, tokenizer_info, source_paths: tuple[Path, ...]):
+    """The merged model's tokenizer: mergekit's built one, else the donor model's."""
+    if tokenizer_info is not None:
+        return tokenizer_info.tokenizer
+    donor = config.base_model or config.referenced_models()[0]
+    try:
+        return transformers.AutoTokenizer.from_pretrained(donor.model.path)
+    except Exception as error:
+        raise InputError(
+            f"tokenizer: cannot load a tokenizer from {donor.model.path} ({error}); "
+            "add tokenizer files there or set tokenizer_source"
+        ) from error
+
+
+def _ordered_models(config: MergeConfiguration) -> list[ModelReference]:
+    """Referenced models in config order (base first), without duplicates."""
+    found: list[ModelReference] = []
+    if config.base_model:
+        found.append(config.base_model)
+    for model_in in config.models or []:
+        found.append(model_in.model)
+    slice_lists = [config.slices or []]
+    for module in (config.modules or {}).values():
+        found.extend(m.model for m in module.models or [])
+        slice_lists.append(module.slices or [])
+    for slices in slice_lists:
+        for output_slice in slices:
+            found.extend(source.model for source in output_slice.sources)
+    return list(dict.fromkeys(found))
+
+
+def _local_source_paths(config: MergeConfiguration) -> tuple[Path, ...]:
+    paths = []
+    for model in _ordered_models(config):
+        if model.lora is not None:
+            raise InputError(f"models: {model} has a LoRA; merge it into the model first")
+        path = Path(model.model.path)
+        if not path.is_dir():
+            raise InputError(
+                f"models: {model.model.path} is not a local model directory; "
+                "download it first and give its path"
+            )
+        paths.append(path.absolute())
+    return tuple(paths)

@@ -1,0 +1,44 @@
+"""Shared fixtures: a seeded family of random tiny models, and the embedded zoo (built once, cached)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mergekit_evolve.zoo.random_models import make_random_model
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def make_family(root: Path, n_experts: int = 2, noise: float = 0.02, **kwargs) -> dict[str, Path]:
+    """A random 'base' and experts = base + seeded noise (they look like fine-tunes of one base)."""
+    base = make_random_model(root / "base", seed=0, **kwargs)
+    family = {"base": base}
+    for i in range(n_experts):
+        expert = root / f"expert{i}"
+        shutil.copytree(base, expert)
+        weights = load_file(expert / "model.safetensors")
+        gen = torch.Generator().manual_seed(100 + i)
+        noisy = {k: v + noise * torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in weights.items()}
+        save_file(noisy, expert / "model.safetensors", metadata={"format": "pt"})
+        family[f"expert{i}"] = expert
+    return family
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory) -> dict[str, Path]:
+    return make_family(tmp_path_factory.mktemp("family"))
+
+
+@pytest.fixture(scope="session")
+def zoo():
+    from mergekit_evolve.zoo import build_zoo
+
+    return build_zoo(seed=0)
