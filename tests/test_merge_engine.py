@@ -126,18 +126,20 @@ def cli_outputs(family, tmp_path_factory) -> dict[str, dict[str, torch.Tensor]]:
     for method, recipe in _recipes(family).items():
         (root / f"{method}.yaml").write_text(yaml.safe_dump(recipe))
         jobs += [str(root / f"{method}.yaml"), str(root / method)]
-    subprocess.run(
-        [sys.executable, "-c", CLI_DRIVER, str(SEED), *jobs], check=True, capture_output=True
-    )
+    _run_cli([sys.executable, "-c", CLI_DRIVER, str(SEED), *jobs])
     # The executable itself, once, on a random method: proves the driver is the real thing.
-    subprocess.run(
+    _run_cli(
         ["mergekit-yaml", str(root / "dare_ties.yaml"), str(root / "dare_ties_exe"),
-         "--random-seed", str(SEED), "--quiet"],
-        check=True, capture_output=True,
+         "--random-seed", str(SEED), "--quiet"]
     )
     outputs = {m: load_file(root / m / "model.safetensors") for m in _recipes(family)}
     outputs["dare_ties_exe"] = load_file(root / "dare_ties_exe" / "model.safetensors")
     return outputs
+
+
+def _run_cli(command: list[str]) -> None:
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, f"mergekit CLI failed:\n{done.stderr[-3000:]}"
 
 
 def _config(recipe: dict) -> MergeConfiguration:

@@ -13,7 +13,7 @@ import math
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Iterator, Optional, Protocol
 
 import cma
 import numpy as np
@@ -86,19 +86,25 @@ def new_es(x0: np.ndarray, opt: OptimizerConfig, restart: int = 0) -> cma.CMAEvo
 
 def run_search(
     problem: Problem,
-    score: ScoreFn,
+    executor: "Executor",
     run_dir: RunDir,
     opt: OptimizerConfig,
     *,
     progress: bool = True,
     on_generation: Callable[[SearchState], None] | None = None,
 ) -> SearchState:
-    """Run (or continue) CMA-ES until ``opt.max_evals`` candidates have been evaluated."""
+    """Run (or continue) CMA-ES until ``opt.max_evals`` candidates have been evaluated.
+
+    Candidates are decoded here (cheap, no weights); the executor builds and scores them, in this
+    process or on Ray workers, and reports each as it finishes. Records are appended in completion
+    order; everything that decides the result (CMA-ES ``tell`` order, ties for the best) uses the
+    candidate's position, so the result does not depend on which worker finished first.
+    """
     state: SearchState | None = run_dir.load_state()
     if state is None:
         state = SearchState(es=new_es(_pad(problem.x0(opt.init == "random", opt.seed)), opt))
     recorded = {(r["generation"], r["candidate"]): r for r in run_dir.read_evaluations()}
-    by_key = {r["key"]: r for r in recorded.values() if r.get("error") is None}
+    by_key = {r["key"]: r for r in recorded.values() if r.get("error") is None and r.get("key")}
     max_failures = opt.max_failures if opt.max_failures is not None else max(3, opt.max_evals // 2)
 
     bar = tqdm(total=opt.max_evals, initial=state.n_evals, disable=not progress, unit="eval", dynamic_ncols=True)
@@ -106,19 +112,13 @@ def run_search(
         while state.n_evals < opt.max_evals:
             generation = state.generation + 1
             genomes = state.es.ask()
-            losses = []
             bar.set_description(f"gen {generation}")
-            for j, x in enumerate(genomes):
-                record = recorded.get((generation, j))
-                if record is not None:
-                    _check_same_genome(record, x, generation, j)
-                else:
-                    record = _evaluate(problem, score, x[: problem.dim], generation, j, state, by_key)
-                    run_dir.append_evaluation(record)
-                    recorded[(generation, j)] = record
-                    if record.get("error") is None:
-                        by_key.setdefault(record["key"], record)
-                losses.append(FAILED_LOSS if record["fitness"] is None else -record["fitness"])
+            records: dict[int, dict] = {}
+
+            def accept(j: int, record: dict) -> None:
+                records[j] = record
+                if record.get("error") is None and record.get("key"):
+                    by_key.setdefault(record["key"], record)
                 _update_best(problem, record, state, run_dir)
                 if record.get("error"):
                     state.n_failures += 1
@@ -129,6 +129,28 @@ def run_search(
                         )
                 bar.update(1)
                 bar.set_postfix(best=_fmt(state.best and state.best["fitness"]))
+
+            jobs, duplicates = [], {}
+            for j, x in enumerate(genomes):
+                previous = recorded.get((generation, j))
+                if previous is not None:  # evaluated before an interruption
+                    _check_same_genome(previous, x, generation, j)
+                    accept(j, previous)
+                    continue
+                job = Job(generation=generation, candidate=j, index=state.n_evals + j, genome=[float(v) for v in x[: problem.dim]])
+                job.key = _decode_key(problem, job)
+                if job.key in by_key:
+                    _append(run_dir, recorded, accept, job, _cached_result(by_key[job.key]))
+                elif job.key is not None and any(other.key == job.key for other in jobs):
+                    duplicates.setdefault(job.key, []).append(job)  # same recipe twice in one generation
+                else:
+                    jobs.append(job)
+            for job, result in executor.map(jobs):
+                _append(run_dir, recorded, accept, job, result)
+                for twin in duplicates.pop(job.key, []):
+                    result_twin = _cached_result(result) if result.get("error") is None else result
+                    _append(run_dir, recorded, accept, twin, result_twin)
+            losses = [FAILED_LOSS if records[j]["fitness"] is None else -records[j]["fitness"] for j in range(len(genomes))]
             state.es.tell(genomes, losses)
             state.generation = generation
             state.n_evals += len(genomes)
@@ -149,43 +171,85 @@ def run_search(
     return state
 
 
-def _evaluate(problem, score, x, generation, j, state, by_key) -> dict:
-    record: dict[str, Any] = {
-        "index": state.n_evals + j,
-        "generation": generation,
-        "candidate": j,
-        "genome": [float(v) for v in x],
-        "time": time.time(),
-    }
+@dataclass
+class Job:
+    """One candidate to evaluate: where it sits in the run and its genome."""
+
+    generation: int
+    candidate: int
+    index: int
+    genome: list
+    key: Optional[str] = None
+
+
+class Executor(Protocol):
+    def map(self, jobs: list[Job]) -> "Iterator[tuple[Job, dict]]": ...
+
+
+class LocalExecutor:
+    """Evaluates candidates one after another in this process (the default)."""
+
+    def __init__(self, problem: Problem, score: ScoreFn):
+        self.problem, self.score = problem, score
+
+    def map(self, jobs):
+        for job in jobs:
+            yield job, evaluate_candidate(self.problem, self.score, job.genome)
+
+    def close(self) -> None:
+        pass
+
+
+def evaluate_candidate(problem: Problem, score: ScoreFn, genome: list) -> dict:
+    """Build and score one candidate; any failure becomes an ``error`` (the run goes on)."""
+    result: dict[str, Any] = {"time": time.time()}
     start = time.perf_counter()
     try:
-        candidate = problem.decode(np.asarray(x))
-        record["key"] = candidate.key
-        if candidate.key in by_key:  # same recipe as an earlier candidate: same score, no work
-            cached = by_key[candidate.key]
-            record.update(fitness=cached["fitness"], scores=cached["scores"], cached=True, error=None)
-        else:
-            model = problem.build(candidate)
-            record["merge_seconds"] = round(time.perf_counter() - start, 4)
-            result = score(model)
-            if not math.isfinite(result["fitness"]):
-                raise CandidateError(f"fitness is {result['fitness']}")
-            record.update(fitness=float(result["fitness"]), scores=result["scores"], cached=False, error=None)
+        candidate = problem.decode(np.asarray(genome))
+        model = problem.build(candidate)
+        result["merge_seconds"] = round(time.perf_counter() - start, 4)
+        scored = score(model)
+        if not math.isfinite(scored["fitness"]):
+            raise CandidateError(f"fitness is {scored['fitness']}")
+        result.update(fitness=float(scored["fitness"]), scores=scored["scores"], cached=False, error=None)
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as err:  # a failing candidate never kills the run
-        record.setdefault("key", None)
         kind = "out of memory" if _is_oom(err) else type(err).__name__
-        record.update(fitness=None, scores={}, cached=False, error=f"{kind}: {err}\n{traceback.format_exc(limit=3)}")
+        result.update(fitness=None, scores={}, cached=False, error=f"{kind}: {err}\n{traceback.format_exc(limit=3)}")
         _free_memory()
-    record["seconds"] = round(time.perf_counter() - start, 4)
-    return record
+    result["seconds"] = round(time.perf_counter() - start, 4)
+    return result
+
+
+def _decode_key(problem: Problem, job: Job) -> Optional[str]:
+    try:
+        return problem.decode(np.asarray(job.genome)).key
+    except Exception:  # decoding errors surface (and are recorded) when the candidate is evaluated
+        return None
+
+
+def _cached_result(source: dict) -> dict:
+    return {"fitness": source["fitness"], "scores": source["scores"], "cached": True, "error": None,
+            "time": time.time(), "seconds": 0.0}
+
+
+def _append(run_dir: RunDir, recorded: dict, accept, job: Job, result: dict) -> None:
+    record = {"index": job.index, "generation": job.generation, "candidate": job.candidate,
+              "genome": job.genome, "key": job.key, **result}
+    run_dir.append_evaluation(record)
+    recorded[(job.generation, job.candidate)] = record
+    accept(job.candidate, record)
 
 
 def _update_best(problem, record, state: SearchState, run_dir: RunDir) -> None:
     fitness = record["fitness"]
-    if fitness is None or (state.best is not None and fitness <= state.best["fitness"]):
+    if fitness is None:
         return
+    if state.best is not None:
+        # Ties go to the earlier candidate, whatever order the workers finished in.
+        if (fitness, -record["index"]) <= (state.best["fitness"], -state.best["index"]):
+            return
     state.best = {k: record[k] for k in ("index", "generation", "candidate", "genome", "key", "fitness", "scores")}
     candidate = problem.decode(np.asarray(record["genome"]))
     problem.write_best(candidate, run_dir, state.best)

@@ -20,7 +20,7 @@ import yaml
 
 from mergekit_evolve.config import EvolveConfig, load_config, parse_config
 from mergekit_evolve.errors import InputError
-from mergekit_evolve.search.loop import run_search
+from mergekit_evolve.search.loop import LocalExecutor, run_search
 from mergekit_evolve.search.problems import PSProblem, resolve_device
 from mergekit_evolve.search.rundir import RunDir, atomic_write
 
@@ -126,7 +126,11 @@ def run_stage(problem, config: EvolveConfig, run_dir: RunDir, save_model: bool, 
         scores = fitness.score(model, "fitness")
         return {"fitness": fitness.total(scores), "scores": scores}
 
-    state = run_search(problem, score, run_dir, config.optimizer, progress=progress)
+    executor = LocalExecutor(problem, score)
+    try:
+        state = run_search(problem, executor, run_dir, config.optimizer, progress=progress)
+    finally:
+        executor.close()
     if state.best is None:
         raise InputError(f"{run_dir.path}: every candidate failed; see evaluations.jsonl for the errors")
     best = problem.decode(np.asarray(state.best["genome"]))
