@@ -101,15 +101,10 @@ def recipe(config_file, genome_file):
 
     from mergekit_evolve.recipe.ps import recipe_yaml
     from mergekit_evolve.search import runner
-    from mergekit_evolve.search.problems import PSProblem
+    from mergekit_evolve.search.problems import make_problem
 
     config = runner.load_any_config(config_file, {})
-    if config.space != "ps":
-        from mergekit_evolve.search.dfs_problem import DFSProblem
-
-        problem = DFSProblem(config, "cpu")
-    else:
-        problem = PSProblem(config, "cpu")
+    problem = make_problem(config, "cpu")
     genome = problem.x0() if genome_file is None else _read_genome(genome_file)
     if len(genome) != problem.dim:
         raise InputError(f"--genome: {genome_file} has {len(genome)} numbers; this config's space has {problem.dim}")

@@ -108,7 +108,8 @@ class OptimizerConfig(Strict):
 
 class EvolveConfig(Strict):
     space: Literal["ps", "dfs", "ps+dfs"] = "ps"
-    genome: GenomeConfig
+    genome: Optional[GenomeConfig] = None
+    template: Optional[dict[str, Any]] = None  # a mergekit YAML with {evolve: [lo, hi]} markers
     dfs: DFSConfig = Field(default_factory=DFSConfig)
     fitness: Optional[FitnessConfig] = None
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
@@ -123,6 +124,13 @@ class EvolveConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self):
+        if (self.genome is None) == (self.template is None):
+            raise ValueError(
+                "give either a 'genome:' section or a mergekit recipe template (merge_method: ... with "
+                "{evolve: [lo, hi]} markers), not both or neither"
+            )
+        if self.template is not None and self.space == "dfs":
+            raise ValueError("space: a template recipe is a parameter-space search; use space: ps or ps+dfs")
         if self.fitness is None and not self.tasks:
             raise ValueError(
                 "no fitness defined; add a 'fitness: {tasks: [...]}' section "
@@ -148,21 +156,56 @@ def _format_validation_error(err: ValidationError) -> str:
     return f"{where}: {msg}"
 
 
+# Keys of ours that may sit next to a mergekit recipe template; everything else is the template.
+TEMPLATE_SIDE_KEYS = {"space", "dfs", "fitness", "optimizer", "merge_seed", "tasks", "limit", "num_fewshot", "shuffle", "random_init"}
+
+
+def split_template(data: dict) -> dict:
+    """A mergekit YAML + our sections -> {template: <the mergekit part>, <our sections>}."""
+    if "merge_method" not in data or "genome" in data or "template" in data:
+        return data
+    ours = {k: v for k, v in data.items() if k in TEMPLATE_SIDE_KEYS}
+    template = {k: v for k, v in data.items() if k not in TEMPLATE_SIDE_KEYS}
+    return {**ours, "template": template}
+
+
 def parse_config(data: Any, base_dir: Path | None = None, source: str = "config") -> EvolveConfig:
     """Validate a config dict; relative data and model paths resolve against ``base_dir``."""
     if not isinstance(data, dict):
         raise InputError(f"{source}: expected a YAML mapping with a 'genome:' section, got {type(data).__name__}")
+    data = split_template(data)
     try:
         config = EvolveConfig.model_validate(data)
     except ValidationError as err:
         raise InputError(f"{source}: {_format_validation_error(err)}") from None
-    if base_dir is not None:
-        config = resolve_paths(config, base_dir)
-    return config
+    return resolve_paths(config, base_dir or Path.cwd())
+
+
+ZOO_PREFIX = "zoo:"
+
+
+def _resolve_zoo(ref: str, field: str) -> str:
+    """``zoo:NAME`` -> a zoo model; ``zoo:TASK/fitness`` or ``zoo:TASK/heldout`` -> a zoo data split.
+
+    The zoo is built on first use (about 2 minutes on 2 cores) and cached.
+    """
+    from mergekit_evolve.zoo import build_zoo
+
+    zoo = build_zoo()
+    name, _, split = ref.removeprefix(ZOO_PREFIX).partition("/")
+    if split:
+        if name not in zoo.tasks or split not in ("fitness", "heldout"):
+            raise InputError(f"{field}: {ref!r} is not a zoo data split; use zoo:TASK/fitness or zoo:TASK/heldout with TASK in {sorted(zoo.tasks)}")
+        return str(getattr(zoo.tasks[name], split))
+    if name not in zoo.models:
+        raise InputError(f"{field}: {ref!r} is not a zoo model; use one of {['zoo:' + m for m in zoo.models]}")
+    return str(zoo.models[name])
 
 
 def _resolve_model(ref: str, base_dir: Path) -> str:
     """Local paths become absolute (mergekit's card step needs that offline); hub IDs stay."""
+    if ref.startswith(ZOO_PREFIX):
+        return _resolve_zoo(ref, "models")
     candidate = Path(ref).expanduser()
     if not candidate.is_absolute():
         candidate = base_dir / candidate
@@ -174,18 +217,43 @@ def _resolve_model(ref: str, base_dir: Path) -> str:
 def resolve_paths(config: EvolveConfig, base_dir: Path) -> EvolveConfig:
     data = config.model_dump(mode="python")
     genome = data["genome"]
-    genome["models"] = [_resolve_model(m, base_dir) for m in genome["models"]]
-    for key in ("base_model", "tokenizer_source"):
-        if genome.get(key) and genome[key] not in ("base", "union"):
-            genome[key] = _resolve_model(genome[key], base_dir)
+    if genome is not None:
+        genome["models"] = [_resolve_model(m, base_dir) for m in genome["models"]]
+        for key in ("base_model", "tokenizer_source"):
+            if genome.get(key) and genome[key] not in ("base", "union"):
+                genome[key] = _resolve_model(genome[key], base_dir)
+    if data["template"] is not None:
+        data["template"] = _resolve_template_models(data["template"], base_dir)
     if data["dfs"].get("models"):
         data["dfs"]["models"] = [_resolve_model(m, base_dir) for m in data["dfs"]["models"]]
     if data.get("fitness"):
         for task in data["fitness"]["tasks"]:
             for key in ("data", "heldout", "fewshot_data"):
-                if task.get(key) is not None and not Path(task[key]).is_absolute():
+                if task.get(key) is not None and str(task[key]).startswith(ZOO_PREFIX):
+                    task[key] = _resolve_zoo(str(task[key]), f"fitness.tasks.{task['name']}.{key}")
+                elif task.get(key) is not None and not Path(task[key]).is_absolute():
                     task[key] = str((base_dir / task[key]).resolve())
     return EvolveConfig.model_validate(data)
+
+
+def _resolve_template_models(node: Any, base_dir: Path) -> Any:
+    if isinstance(node, dict):
+        return {
+            k: _resolve_model(v, base_dir) if k in ("model", "base_model") and isinstance(v, str) else _resolve_template_models(v, base_dir)
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_resolve_template_models(v, base_dir) for v in node]
+    return node
+
+
+def source_models(config: EvolveConfig) -> list[str]:
+    """The models a PS search merges (genome models, or those a template references)."""
+    if config.genome is not None:
+        return list(config.genome.models)
+    from mergekit_evolve.space.template import TemplateSpace
+
+    return TemplateSpace(config.template).referenced_models()
 
 
 def load_config(path: str | Path) -> EvolveConfig:

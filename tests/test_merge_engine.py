@@ -70,7 +70,7 @@ def _recipes(m: dict[str, Path]) -> dict[str, dict]:
             "dtype": "float32",
         }
 
-    ta_params = [{"weight": layer_weights, "density": 0.6}, {"weight": by_filter, "density": [0.9, 0.4]}, {"weight": 0.4, "density": 0.7}]
+    ta_params = [{"weight": layer_weights, "density": 0.6}, {"weight": by_filter, "density": [0.8, 0.4]}, {"weight": 0.4, "density": 0.7}]
     recipes = {
         "linear": {
             "merge_method": "linear",
@@ -231,8 +231,8 @@ def test_nan_raises_candidate_error_naming_tensor(family, merger, cli_outputs):
         merger.merge(_config(recipe))
     huge = _recipes(family)["linear"]
     huge["parameters"] = {"normalize": False}
-    huge["models"][1]["parameters"] = {"weight": 1e38}
-    huge["models"][2]["parameters"] = {"weight": 1e38}
+    huge["models"][1]["parameters"] = {"weight": 3e38}
+    huge["models"][2]["parameters"] = {"weight": 3e38}
     with pytest.raises(CandidateError, match="NaN or infinite"):
         merger.merge(_config(huge))
     # The next good candidate overwrites every tensor.

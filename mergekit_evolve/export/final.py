@@ -24,7 +24,7 @@ def final_stage(run_dir: Path) -> Path:
 
 
 def export_run(run_dir: str | Path, *, fmt: str, out: str | Path, force: bool = False, device: str = "cpu") -> Path:
-    from mergekit_evolve.search.problems import PSProblem, resolve_device
+    from mergekit_evolve.search.problems import make_problem, resolve_device
 
     stage = RunDir(final_stage(Path(run_dir).absolute()))
     out = Path(out).absolute()
@@ -40,7 +40,7 @@ def export_run(run_dir: str | Path, *, fmt: str, out: str | Path, force: bool = 
     if config.space == "ps":
         if fmt == "custom":
             raise InputError("--format custom: only DFS runs have a custom-code form; use --format standard")
-        problem = PSProblem(config, device)
+        problem = make_problem(config, device)
         return problem.save_model(problem.decode(genome), out)
     from mergekit_evolve.search.dfs_problem import DFSProblem
 

@@ -54,7 +54,7 @@ def check_compatible(configs: Sequence[PretrainedConfig], sources: Sequence[str]
 def _resolve_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype:
     if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype or "auto"
-    resolved = getattr(torch, str(dtype), None)
+    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
     if not isinstance(resolved, torch.dtype):
         raise InputError(f"dtype: {dtype!r} is not a torch dtype; use float32, bfloat16 or float16")
     return resolved

@@ -29,7 +29,9 @@ class DFSCandidate:
 
 
 def dfs_models(config: EvolveConfig) -> list[str]:
-    return list(config.dfs.models or config.genome.models)
+    from mergekit_evolve.config import source_models
+
+    return list(config.dfs.models or source_models(config))
 
 
 def check_dfs_collection(models: list[str], base_index: int, field: str = "dfs.models"):

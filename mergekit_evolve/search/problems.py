@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from mergekit_evolve.config import EvolveConfig
+from mergekit_evolve.errors import InputError
 from mergekit_evolve.recipe.ps import ps_recipe, recipe_hash, recipe_yaml, to_merge_config
 from mergekit_evolve.search.rundir import RunDir, atomic_write
 from mergekit_evolve.space.models import check_same_shape, inspect_models
@@ -106,3 +107,63 @@ class PSProblem:
 
     def close(self) -> None:
         self._merger = None
+
+
+class TemplateProblem(PSProblem):
+    """A mergekit YAML with ``{evolve: [lo, hi]}`` markers; the result is that YAML filled in."""
+
+    def __init__(self, config: EvolveConfig, device: str = "cpu"):
+        from mergekit_evolve.space.template import TemplateSpace
+
+        self.config = config
+        self.device = device
+        self.space = TemplateSpace(config.template)
+        refs = self.space.referenced_models()
+        infos = inspect_models(refs, "template models")
+        check_same_shape(infos, "template models")
+        self.dtype = config.template.get("dtype") or infos[0].dtype or "float32"
+        self.dim = self.space.dim
+        self._merger = None
+        try:
+            to_merge_config(self.space.fill(self.space.x0()))
+        except Exception as err:
+            first = str(err).splitlines()[0]
+            raise InputError(f"template: not a valid mergekit recipe once filled in ({first}); fix the YAML") from None
+
+    @property
+    def merger(self):
+        if self._merger is None:
+            from mergekit_evolve.merge import InMemoryMerger
+
+            template = to_merge_config(self.space.fill(self.space.x0()))
+            self._merger = InMemoryMerger(template, device=self.device, dtype=self.dtype, random_seed=self.config.merge_seed)
+        return self._merger
+
+    @cached_property
+    def tokenizer(self):
+        t = self.config.template
+        source = t.get("tokenizer_source")
+        if not isinstance(source, str) or source in ("base", "union"):
+            source = t.get("base_model") or self.space.referenced_models()[0]
+        return load_tokenizer(source)
+
+    def decode(self, genome: np.ndarray) -> PSCandidate:
+        recipe = self.space.fill(np.asarray(genome)[: self.dim])
+        return PSCandidate(recipe=recipe, key=recipe_hash(recipe))
+
+    def recipe_header(self, info: dict) -> str:
+        return (
+            f"Evolved by mergekit-evo from a template: fitness {info['fitness']:.4f} at evaluation {info['index']}.\n"
+            f"Reproduce the weights: mergekit-yaml best.yaml OUT --random-seed {self.config.merge_seed}"
+        )
+
+
+def make_problem(config: EvolveConfig, device: str = "cpu"):
+    """The problem for a config's (first) stage."""
+    if config.space == "dfs":
+        from mergekit_evolve.search.dfs_problem import DFSProblem
+
+        return DFSProblem(config, device)
+    if config.template is not None:
+        return TemplateProblem(config, device)
+    return PSProblem(config, device)

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import yaml
 
-from mergekit_evolve.config import EvolveConfig, load_config, parse_config
+from mergekit_evolve.config import EvolveConfig, load_config, parse_config, source_models
 from mergekit_evolve.errors import InputError
 from mergekit_evolve.search.loop import LocalExecutor, run_search
-from mergekit_evolve.search.problems import PSProblem, resolve_device
+from mergekit_evolve.search.problems import make_problem, resolve_device
 from mergekit_evolve.search.rundir import RunDir, atomic_write
 
 
@@ -49,16 +49,11 @@ def start(
 def validate(config: EvolveConfig, device: str = "cpu") -> None:
     """Read model configs, build the search space and load the fitness data; load no weights."""
     _check_fitness_available(config)
-    if config.space == "dfs":
-        from mergekit_evolve.search.dfs_problem import DFSProblem
+    problem = make_problem(config, device)
+    if config.space == "ps+dfs":  # the PS model will share the source models' shape
+        from mergekit_evolve.search.dfs_problem import check_dfs_collection
 
-        problem = DFSProblem(config, device)
-    else:
-        problem = PSProblem(config, device)
-        if config.space == "ps+dfs":  # the PS model will share the genome models' shape
-            from mergekit_evolve.search.dfs_problem import check_dfs_collection
-
-            check_dfs_collection(list(config.dfs.models or config.genome.models), 0)
+        check_dfs_collection(list(config.dfs.models or source_models(config)), 0)
     make_fitness(config, problem.tokenizer)
 
 
@@ -77,12 +72,8 @@ def resume(out: str | Path, *, device: str | None = None, progress: bool = True)
 
 
 def _execute(config: EvolveConfig, run_dir: RunDir, device: str, save_model: bool, progress: bool) -> dict[str, Any]:
-    if config.space == "ps":
-        return run_stage(PSProblem(config, device), config, run_dir, save_model, progress)
-    if config.space == "dfs":
-        from mergekit_evolve.search.dfs_problem import DFSProblem
-
-        return run_stage(DFSProblem(config, device), config, run_dir, save_model, progress)
+    if config.space in ("ps", "dfs"):
+        return run_stage(make_problem(config, device), config, run_dir, save_model, progress)
     return _run_ps_then_dfs(config, run_dir, device, save_model, progress)
 
 
@@ -96,8 +87,8 @@ def _run_ps_then_dfs(config, run_dir: RunDir, device, save_model, progress) -> d
     if ps_summary is None:
         ps_config = config.model_copy(update={"space": "ps"})
         atomic_write(ps_dir.config, ps_config.to_yaml())
-        ps_summary = run_stage(PSProblem(ps_config, device), ps_config, ps_dir, True, progress)
-    collection = [str(ps_dir.model), *(config.dfs.models or config.genome.models)]
+        ps_summary = run_stage(make_problem(ps_config, device), ps_config, ps_dir, True, progress)
+    collection = [str(ps_dir.model), *(config.dfs.models or source_models(config))]
     dfs_config = config.model_copy(
         update={"space": "dfs", "dfs": config.dfs.model_copy(update={"models": collection, "base_index": 0})}
     )

@@ -1,0 +1,150 @@
+"""Template recipes: any mergekit YAML becomes a search space by marking the numbers to evolve.
+
+    models:
+      - model: org/a
+        parameters:
+          weight: {evolve: [0.0, 1.0]}
+          density: {evolve: [0.1, 1.0], init: 0.5}
+      - model: org/b
+        parameters:
+          weight: [{evolve: [0, 1]}, 0.3, {evolve: [0, 1]}]     # a gradient with two evolved points
+          density:
+            - {filter: self_attn, value: {evolve: [0.2, 0.9]}}
+            - {value: 0.7}
+
+A marker is a mapping with ``evolve: [lo, hi]`` and optionally ``init`` (default: the middle).
+Markers may stand wherever mergekit takes a parameter value: a scalar, an element of a gradient
+list, or the ``value`` of a ``{filter, value}`` entry, under any ``parameters:`` section (global,
+per model, per slice, per slice source). Each marker is one gene, in document order, mapped to its
+range by ``mergekit_evolve.space.transforms`` (the same transform as the PS space).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mergekit_evolve.errors import InputError
+from mergekit_evolve.space.transforms import to_range, unfold
+
+MARKER_KEYS = {"evolve", "init"}
+
+
+@dataclass(frozen=True)
+class Marker:
+    path: tuple  # keys/indices from the template root to the marker
+    lo: float
+    hi: float
+    init: float
+
+    @property
+    def where(self) -> str:
+        return format_path(self.path)
+
+
+def format_path(path: tuple) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def is_marker(node: Any) -> bool:
+    return isinstance(node, dict) and "evolve" in node
+
+
+def parse_marker(node: dict, path: tuple) -> Marker:
+    where = format_path(path)
+    unknown = set(node) - MARKER_KEYS
+    if unknown:
+        raise InputError(f"{where}: unknown marker key(s) {sorted(unknown)}; a marker is {{evolve: [lo, hi], init: x}}")
+    bounds = node["evolve"]
+    if (
+        not isinstance(bounds, list)
+        or len(bounds) != 2
+        or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)
+    ):
+        raise InputError(f"{where}: evolve must be a list [lo, hi] of two numbers, got {bounds!r}")
+    lo, hi = float(bounds[0]), float(bounds[1])
+    if not lo < hi:
+        raise InputError(f"{where}: evolve [{bounds[0]}, {bounds[1]}] needs lo < hi; swap or widen the range")
+    init = node.get("init", (lo + hi) / 2)
+    if not isinstance(init, (int, float)) or isinstance(init, bool) or not lo <= init <= hi:
+        raise InputError(f"{where}: init {init!r} must be a number within evolve [{bounds[0]}, {bounds[1]}]")
+    return Marker(path, lo, hi, float(init))
+
+
+def find_markers(node: Any, path: tuple = (), in_parameters: bool = False) -> list[Marker]:
+    if is_marker(node):
+        if not in_parameters:
+            raise InputError(
+                f"{format_path(path)}: markers can only stand in a 'parameters:' section "
+                "(merge parameter values); this value cannot be evolved"
+            )
+        return [parse_marker(node, path)]
+    found: list[Marker] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            found += find_markers(value, (*path, key), in_parameters or key == "parameters")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found += find_markers(value, (*path, i), in_parameters)
+    return found
+
+
+class TemplateSpace:
+    """A mergekit YAML with markers; genomes fill the markers in."""
+
+    def __init__(self, template: dict[str, Any]):
+        self.template = template
+        self.markers = find_markers(template)
+        if not self.markers:
+            raise InputError(
+                "template: no numbers are marked to evolve; mark at least one parameter, "
+                "e.g. weight: {evolve: [0.0, 1.0]}"
+            )
+        self.dim = len(self.markers)
+
+    def x0(self, random: bool = False, seed: int = 0) -> np.ndarray:
+        if random:
+            return np.random.default_rng(seed).uniform(0.0, 1.0, self.dim)
+        return np.array([unfold(m.init, m.lo, m.hi) for m in self.markers])
+
+    def values(self, genome: np.ndarray) -> list[float]:
+        genome = np.asarray(genome, dtype=np.float64)
+        if genome.shape != (self.dim,):
+            raise InputError(f"genome: expected {self.dim} numbers for this template, got {genome.size}")
+        return [float(to_range(u, m.lo, m.hi)) for u, m in zip(genome, self.markers)]
+
+    def fill(self, genome: np.ndarray) -> dict[str, Any]:
+        """The template with every marker replaced by its value: a plain mergekit recipe."""
+        recipe = copy.deepcopy(self.template)
+        for marker, value in zip(self.markers, self.values(genome)):
+            parent = recipe
+            for key in marker.path[:-1]:
+                parent = parent[key]
+            parent[marker.path[-1]] = value
+        return recipe
+
+    def referenced_models(self) -> list[str]:
+        found: list[str] = []
+
+        def walk(node):
+            if isinstance(node, dict):
+                for key, value in node.items():
+                    if key in ("model", "base_model") and isinstance(value, str):
+                        found.append(value)
+                    else:
+                        walk(value)
+            elif isinstance(node, list):
+                for value in node:
+                    walk(value)
+
+        walk(self.template)
+        return list(dict.fromkeys(found))
+
+    def describe(self) -> str:
+        return f"template space: {self.dim} marked number(s): " + ", ".join(m.where for m in self.markers)
