@@ -54,15 +54,23 @@ device_option = click.option(
 @click.option("--max-evals", type=int, help="Evaluation budget (overrides optimizer.max_evals).")
 @click.option("--seed", type=int, help="CMA-ES seed (overrides optimizer.seed).")
 @device_option
+@click.option("--executor", type=click.Choice(["local", "ray"]), help="Where candidates are evaluated (overrides executor.kind).")
+@click.option("--workers", type=int, help="Ray workers (overrides executor.workers).")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty run directory.")
 @click.option("--no-save-model", is_flag=True, help="Do not write the merged best model to OUT/model.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors
-def run(config_file, out, max_evals, seed, device, force, no_save_model, quiet):
+def run(config_file, out, max_evals, seed, device, executor, workers, force, no_save_model, quiet):
     """Evolve a merge described by CONFIG; results go to --out."""
     from mergekit_evolve.search import runner
 
     overrides = {}
+    if executor:
+        overrides["executor.kind"] = executor
+    if workers is not None:
+        if workers < 1:
+            raise InputError(f"--workers: {workers} is out of range; use 1 or more")
+        overrides["executor.workers"] = workers
     for key, value in (("optimizer.max_evals", max_evals), ("optimizer.seed", seed)):
         if value is not None:
             if value < (1 if key.endswith("max_evals") else 0):
@@ -189,6 +197,13 @@ def _print_summary(summary: dict, out) -> None:
 
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.4f}"
+
+
+from mergekit_evolve.export.hub import push_command  # noqa: E402
+from mergekit_evolve.export.report import report_command  # noqa: E402
+
+main.add_command(report_command)
+main.add_command(push_command)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,15 @@ class OptimizerConfig(Strict):
     max_failures: Optional[int] = Field(default=None, ge=0)  # default: half the budget
 
 
+class ExecutorConfig(Strict):
+    """Where candidates are evaluated. ``ray``: one worker per GPU (or CPU slot), needs the ray extra."""
+
+    kind: Literal["local", "ray"] = "local"
+    workers: Optional[int] = Field(default=None, ge=1)  # default: GPUs (cuda) or CPUs of the cluster
+    address: Optional[str] = None  # a `ray start` cluster; default $RAY_ADDRESS or a local cluster
+    threads_per_worker: Optional[int] = Field(default=None, ge=1)
+
+
 class EvolveConfig(Strict):
     space: Literal["ps", "dfs", "ps+dfs"] = "ps"
     genome: Optional[GenomeConfig] = None
@@ -113,6 +122,7 @@ class EvolveConfig(Strict):
     dfs: DFSConfig = Field(default_factory=DFSConfig)
     fitness: Optional[FitnessConfig] = None
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     dtype: Optional[str] = None  # default: the sources' dtype
     merge_seed: int = Field(default=0, ge=0)  # mergekit's --random-seed for DARE-style methods
     # mergekit-evolve's lm-eval fitness fields
@@ -157,7 +167,7 @@ def _format_validation_error(err: ValidationError) -> str:
 
 
 # Keys of ours that may sit next to a mergekit recipe template; everything else is the template.
-TEMPLATE_SIDE_KEYS = {"space", "dfs", "fitness", "optimizer", "merge_seed", "tasks", "limit", "num_fewshot", "shuffle", "random_init"}
+TEMPLATE_SIDE_KEYS = {"space", "dfs", "fitness", "optimizer", "executor", "merge_seed", "tasks", "limit", "num_fewshot", "shuffle", "random_init"}
 
 
 def split_template(data: dict) -> dict:

@@ -38,3 +38,12 @@ def flaky(model, tokenizer, rows, split) -> float:
 
 def always_fails(model, tokenizer, rows, split) -> float:
     raise RuntimeError("injected failure for every candidate")
+
+
+def dies_once(model, tokenizer, rows, split) -> float:
+    """Kills its own worker process the first time it runs (flag file), then behaves like loglik."""
+    flag = os.environ.get("MKE_DIE_FLAG")
+    if flag and not os.path.exists(flag):
+        open(flag, "w").close()
+        os._exit(1)
+    return loglik(model, tokenizer, rows, split)

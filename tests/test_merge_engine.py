@@ -185,7 +185,7 @@ def test_method_matches_mergekit_yaml(method, family, merger, cli_outputs):
 
 def test_sources_stay_untouched(family, merger):
     """Merge methods get borrowed resident tensors; none may write into them."""
-    for method in ("ties", "della", "nearswap", "sce"):
+    for method in ("ties", "breadcrumbs", "nearswap", "sce", "model_stock"):
         merger.merge(_config(_recipes(family)[method]))
     for task, value in merger._inputs.items():
         if isinstance(task, LoadTensor):
@@ -202,7 +202,7 @@ def test_sequence_has_no_stale_state(family, merger, cli_outputs):
 
 def test_random_methods_reproducible_per_candidate(family, merger):
     dare = _config(_recipes(family)["dare_ties"])
-    other = _recipes(family)["della"]
+    other = _recipes(family)["dare_linear"]
     first = _snapshot(merger.merge(dare))
     merger.merge(_config(other))
     python_torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()

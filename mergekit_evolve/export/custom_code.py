@@ -5,6 +5,10 @@ order), a ``LayerStackConfig`` with ``auto_map``, the two modeling files and mod
 loads anywhere with ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``; the copied files need
 only torch and transformers. This format keeps every scale exactly, for any architecture the layer stack runs;
 use it when :func:`mergekit_evolve.recipe.fold.check_foldable` refuses a standard checkpoint.
+
+``save_folded_checkpoint`` writes the standard (folded) checkpoint straight from the pool, without mergekit:
+the same tensors as ``mergekit-yaml`` on the folded recipe (tested bit for bit), plus a correct config where
+mergekit 0.1.5 fails (Qwen2 ``layer_types``) and every tensor where mergekit's definition would drop some.
 """
 
 from __future__ import annotations
@@ -122,6 +126,31 @@ def _set_config_dtype(checkpoint: Path, dtype: torch.dtype) -> None:
     config_file.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 
+def save_folded_checkpoint(
+    pool,
+    path: DFSPath,
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+) -> Path:
+    """Write the folded standard checkpoint (model A's architecture, one layer per hop) + tokenizer."""
+    from mergekit_evolve.recipe.fold import fold_model
+
+    out_dir = Path(out_dir).absolute()
+    model = fold_model(pool, path, dtype=dtype)
+    staging = _staging_dir(out_dir, overwrite)
+    try:
+        model.save_pretrained(str(staging))
+        if pool.tokenizer is not None:
+            pool.tokenizer.save_pretrained(str(staging))
+        _publish(staging, out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return out_dir
+
+
 def load_evomistral(checkpoint_dir: str | Path, **from_pretrained_kwargs) -> LayerStackForCausalLM:
     """Load a checkpoint in Sakana's EvoMistral layout (``input_layers`` / ``input_scales`` in config.json).
 
@@ -141,4 +170,11 @@ def load_evomistral(checkpoint_dir: str | Path, **from_pretrained_kwargs) -> Lay
     return LayerStackForCausalLM.from_pretrained(str(checkpoint_dir), config=config, **from_pretrained_kwargs)
 
 
-__all__ = ["AUTO_MAP", "CODE_FILES", "custom_checkpoint_config", "load_evomistral", "save_custom_checkpoint"]
+__all__ = [
+    "AUTO_MAP",
+    "CODE_FILES",
+    "custom_checkpoint_config",
+    "load_evomistral",
+    "save_custom_checkpoint",
+    "save_folded_checkpoint",
+]

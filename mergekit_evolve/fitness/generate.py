@@ -126,28 +126,40 @@ def _decode_batch(
     stop: list[str],
     eos_ids: set[int],
 ) -> list[list[int]]:
-    """Generated ids per row: EOS included when produced, nothing after a row has stopped."""
+    """Generated ids per row: EOS included when produced, nothing after a row has stopped.
+
+    Rows that stop leave the batch (their KV cache rows are dropped) when the cache supports it,
+    so a batch costs what its still-running rows cost.
+    """
     input_ids, attention_mask = _left_pad(prompts, pad_token_id(tokenizer), runner.device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
-    logits, past = runner.forward(input_ids, attention_mask, position_ids, use_cache=True, last_logits_only=True)
+    logits, cache = runner.forward(input_ids, attention_mask, position_ids, use_cache=True, last_logits_only=True)
     generated: list[list[int]] = [[] for _ in prompts]
-    active = list(range(len(prompts)))
+    live = list(range(len(prompts)))  # the prompt behind each row of the tensors
+    running = set(live)
     for step in range(max_new_tokens):
         next_tokens = logits[:, -1].argmax(-1)
-        chosen = next_tokens.tolist()
-        for row in active:
-            generated[row].append(chosen[row])
-        active = [row for row in active if chosen[row] not in eos_ids]
-        if stop and active:
-            active = _without_stopped(active, generated, tokenizer, stop)
-        if not active or step == max_new_tokens - 1:
+        for row, token in zip(live, next_tokens.tolist()):
+            if row in running:
+                generated[row].append(token)
+        running = {row for row in running if generated[row][-1] not in eos_ids}
+        if stop and running:
+            running = _without_stopped(running, generated, tokenizer, stop)
+        if not running or step == max_new_tokens - 1:
             break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(prompts), 1))], dim=1)
+        if len(running) < len(live) and hasattr(cache, "batch_select_indices"):
+            keep = [k for k, row in enumerate(live) if row in running]
+            keep_index = torch.tensor(keep, device=runner.device)
+            cache.batch_select_indices(keep_index)
+            next_tokens, attention_mask, position_ids = next_tokens[keep_index], attention_mask[keep_index], position_ids[keep_index]
+            live = [live[k] for k in keep]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(live), 1))], dim=1)
         position_ids = position_ids[:, -1:] + 1
-        logits, past = runner.forward(next_tokens[:, None], attention_mask, position_ids, past, use_cache=True, last_logits_only=True)
+        logits, cache = runner.forward(next_tokens[:, None], attention_mask, position_ids, cache, use_cache=True, last_logits_only=True)
     return generated
 
 
-def _without_stopped(active: list[int], generated: list[list[int]], tokenizer: Any, stop: list[str]) -> list[int]:
-    texts = tokenizer.batch_decode([generated[row] for row in active], skip_special_tokens=True)
-    return [row for row, text in zip(active, texts) if not any(s in text for s in stop)]
+def _without_stopped(running: set[int], generated: list[list[int]], tokenizer: Any, stop: list[str]) -> set[int]:
+    rows = sorted(running)
+    texts = tokenizer.batch_decode([generated[row] for row in rows], skip_special_tokens=True)
+    return {row for row, text in zip(rows, texts) if not any(s in text for s in stop)}

@@ -17,18 +17,23 @@ match substrings, so ``.bias`` tensors of those projections are scaled as well) 
 
 Known limit: mergekit 0.1.5 sets ``num_hidden_layers`` of the output but not ``layer_types``; transformers 5
 refuses to save a Qwen2 config whose ``layer_types`` length differs, so ``mergekit-yaml`` fails on Qwen2
-recipes that change depth. :func:`fold_model` builds the same checkpoint in memory with a correct config.
+recipes that change depth. And mergekit writes only tensors its architecture definition lists (its ``llama``
+definition has no biases), so :func:`fold_recipe` refuses sources with tensors mergekit would drop.
+:func:`fold_model` builds the same checkpoint in memory, with a correct config and every tensor, in both cases.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from mergekit.architecture import arch_info_for_config
 from pydantic import BaseModel
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from mergekit_evolve.errors import InputError
@@ -122,6 +127,42 @@ def _check_path_foldable(path: DFSPath, configs: Sequence[PretrainedConfig], nam
                 )
 
 
+def _checkpoint_tensor_names(checkpoint: Path) -> set[str] | None:
+    index = checkpoint / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text())["weight_map"])
+    shards = sorted(checkpoint.glob("*.safetensors"))
+    if not shards:
+        return None  # .bin checkpoints: nothing cheap to read; mergekit reports problems itself
+    names: set[str] = set()
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as handle:
+            names.update(handle.keys())
+    return names
+
+
+def _check_mergekit_carries_all_tensors(index: int, checkpoint: str, config: PretrainedConfig) -> None:
+    """mergekit writes only the tensors its architecture definition lists: refuse recipes that would drop some.
+
+    (mergekit 0.1.5's ``llama`` definition, for one, has no bias tensors: a Llama with ``attention_bias`` or
+    ``mlp_bias`` would come out without its biases.)
+    """
+    arch = arch_info_for_config(config)
+    present = _checkpoint_tensor_names(Path(checkpoint))
+    if arch is None or present is None:
+        return
+    known: set[str] = set()
+    for weight in arch.all_weights(config):
+        known.update([weight.name, *(weight.aliases or ()), *(weight.tied_names or ())])
+    dropped = sorted(present - known)
+    if dropped:
+        raise InputError(
+            f"sources[{index}]: {checkpoint} has tensors mergekit's {config.architectures[0]} definition does not "
+            f"carry ({', '.join(dropped[:3])}{', ...' if len(dropped) > 3 else ''}); a mergekit recipe would "
+            "drop them; export with --format custom"
+        )
+
+
 def _slice(model_path: str, start: int, end: int, factor: float | None) -> dict[str, Any]:
     source: dict[str, Any] = {"model": model_path, "layer_range": [start, end]}
     if factor is not None and factor != 1.0:
@@ -142,6 +183,8 @@ def fold_recipe(
         raise InputError(f"base_index: {base_index} is not a source index; use 0..{len(paths) - 1}")
     configs = [AutoConfig.from_pretrained(p) for p in paths]
     _check_path_foldable(path, configs, paths, base_index)
+    for model in sorted({base_index, *(m for m, _ in path.hops)}):
+        _check_mergekit_carries_all_tensors(model, paths[model], configs[model])
     runs = _runs(path)
     slices = [_slice(paths[r.model], r.start, r.end, r.factor) for r in runs]
     base = paths[base_index]

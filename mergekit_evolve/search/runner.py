@@ -117,7 +117,7 @@ def run_stage(problem, config: EvolveConfig, run_dir: RunDir, save_model: bool, 
         scores = fitness.score(model, "fitness")
         return {"fitness": fitness.total(scores), "scores": scores}
 
-    executor = LocalExecutor(problem, score)
+    executor = make_executor(config, problem, score)
     try:
         state = run_search(problem, executor, run_dir, config.optimizer, progress=progress)
     finally:
@@ -143,6 +143,15 @@ def run_stage(problem, config: EvolveConfig, run_dir: RunDir, save_model: bool, 
     return summary
 
 
+def make_executor(config: EvolveConfig, problem, score):
+    if config.executor.kind == "ray":
+        from mergekit_evolve.search.ray_executor import RayExecutor
+
+        ex = config.executor
+        return RayExecutor(config, problem.device, workers=ex.workers, address=ex.address, threads_per_worker=ex.threads_per_worker)
+    return LocalExecutor(problem, score)
+
+
 def make_fitness(config: EvolveConfig, tokenizer):
     if config.fitness is not None:
         from mergekit_evolve.fitness import Fitness
@@ -154,6 +163,10 @@ def make_fitness(config: EvolveConfig, tokenizer):
 
 
 def _check_fitness_available(config: EvolveConfig) -> None:
+    if config.executor.kind == "ray":
+        from mergekit_evolve.search.ray_executor import import_ray
+
+        import_ray()
     if config.fitness is None:
         try:
             import lm_eval  # noqa: F401

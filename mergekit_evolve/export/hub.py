@@ -1,0 +1,257 @@
+"""``mergekit-evo push RUN_DIR --repo user/name``: publish an evolved merge on the Hugging Face Hub.
+
+What is uploaded (``--dry-run DIR`` writes exactly this folder, plus ``DIR.push.json`` with the repo
+id and privacy, and contacts nothing):
+
+    README.md            the model card (``model_card.build_card``)
+    report/*.png         the report's plots, linked from the card
+    config.json, *.safetensors, tokenizer files, ...   the final model
+                         (``--format standard``: RUN_DIR/model, or the DFS stage's model of a ps+dfs run;
+                          ``--format custom``: the DFS layer-stack form with its modeling code)
+
+The token comes from ``HF_TOKEN`` or the huggingface_hub login. It is only ever handed to
+``HfApi`` (which sends it in the Authorization header): it is never written to the run directory, the
+card or the dry-run folder, and error messages have it replaced by ``***``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import click
+from pydantic import BaseModel
+
+from mergekit_evolve.errors import InputError
+
+MAX_ERROR_CHARS = 400
+
+
+class UploadPlan(BaseModel):
+    """The repository to write and every file that goes into it (path in repo -> local file)."""
+
+    repo_id: str
+    private: bool
+    fmt: str
+    files: dict[str, Path]
+
+
+def check_repo_id(repo_id: str) -> str:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if repo_id.count("/") != 1:
+        raise InputError(f"--repo: {repo_id!r} is not of the form user/name (or org/name); e.g. --repo alice/my-evolved-merge")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise InputError(f"--repo: {err}; use letters, digits, '-', '_' and '.' in user/name") from None
+    return repo_id
+
+
+def resolve_token() -> str:
+    """``HF_TOKEN``, else the token saved by ``hf auth login``."""
+    token = os.environ.get("HF_TOKEN")
+    if not token:
+        import huggingface_hub
+
+        try:
+            token = huggingface_hub.get_token()
+        except Exception:  # e.g. a failed OIDC exchange: treat as "no token", say how to fix it
+            token = None
+    if not token:
+        raise InputError("push: no Hugging Face token found; set HF_TOKEN or run `hf auth login` (or use --dry-run DIR)")
+    return token
+
+
+@contextmanager
+def staged_upload(
+    run_dir: str | Path,
+    *,
+    repo_id: str,
+    private: bool = False,
+    fmt: str = "standard",
+    results: Optional[list[dict]] = None,
+    base_models: Optional[list[str]] = None,
+    device: str = "cpu",
+) -> Iterator[UploadPlan]:
+    """Build everything to upload in a temporary folder (the run directory is only read)."""
+    from mergekit_evolve.export.final import final_stage
+    from mergekit_evolve.export.model_card import build_card
+    from mergekit_evolve.export.report import render_report
+
+    root = Path(run_dir).absolute()
+    with tempfile.TemporaryDirectory(prefix="mergekit-evo-push-") as tmp:
+        work = Path(tmp)
+        _, images = render_report(root, work / "report")
+        image_files = {f"report/{p.name}": p for _, p in images}
+        card = build_card(root, repo_id=repo_id, fmt=fmt, results=results, base_models=base_models,
+                          images=[(caption, f"report/{p.name}") for caption, p in images])
+        (work / "README.md").write_text(card)
+        model_dir = _model_folder(root, final_stage(root) / "model", fmt, work / "model", device)
+        files = {**_model_files(model_dir), "README.md": work / "README.md", **image_files}
+        yield UploadPlan(repo_id=repo_id, private=private, fmt=fmt, files=files)
+
+
+def _model_folder(root: Path, saved: Path, fmt: str, scratch: Path, device: str) -> Path:
+    from mergekit_evolve.export.final import export_run
+
+    if fmt == "standard" and (saved / "config.json").is_file():
+        return saved
+    # custom form, or a run saved without its model (--no-save-model): build it from the run's best
+    click.echo(f"building the {fmt} checkpoint from {root / 'best.json'} ...", err=True)
+    return export_run(root, fmt=fmt, out=scratch, device=device)
+
+
+def _model_files(model_dir: Path) -> dict[str, Path]:
+    files = {}
+    for path in sorted(model_dir.rglob("*")):
+        rel = path.relative_to(model_dir).as_posix()
+        if path.is_file() and not any(part.startswith(".") for part in rel.split("/")) and rel != "README.md":
+            files[rel] = path  # mergekit's README.md is replaced by our card
+    return files
+
+
+def write_dry_run(plan: UploadPlan, dest: str | Path, endpoint: Optional[str] = None) -> tuple[Path, Path]:
+    """Copy the planned files to ``dest`` (exactly the repository content) and describe the push in
+    ``dest.push.json``; written under temporary names and renamed, so no half folder is left."""
+    dest = Path(dest).absolute()
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise InputError(f"--dry-run: {dest} exists and is not an empty folder; choose a new folder")
+    staging = dest.with_name(f".{dest.name}.partial{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    for rel, src in plan.files.items():
+        (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, staging / rel)
+    if dest.exists():
+        dest.rmdir()
+    os.replace(staging, dest)
+    info = dest.with_name(f"{dest.name}.push.json")
+    description = {"repo_id": plan.repo_id, "private": plan.private, "format": plan.fmt,
+                   "endpoint": endpoint or _default_endpoint(), "files": sorted(plan.files)}
+    from mergekit_evolve.search.rundir import atomic_write
+
+    atomic_write(info, json.dumps(description, indent=2) + "\n")
+    return dest, info
+
+
+def _default_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def upload(plan: UploadPlan, *, token: str, endpoint: Optional[str] = None) -> dict:
+    """create_repo (exist_ok) + one commit with every file. Errors come back as one redacted line."""
+    from huggingface_hub import CommitOperationAdd, HfApi, constants
+
+    if constants.is_offline_mode():
+        raise InputError("push: HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set; unset it to push, or use --dry-run DIR")
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        url = api.create_repo(plan.repo_id, private=plan.private, exist_ok=True, repo_type="model")
+        operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(src)) for rel, src in plan.files.items()]
+        commit = api.create_commit(
+            plan.repo_id, operations=operations, repo_type="model",
+            commit_message="Upload evolved merge (mergekit-evo)",
+        )
+    except Exception as err:  # HTTP, network, card validation: the message may echo the token
+        raise InputError(f"push: uploading to {plan.repo_id} failed: {redact(_describe(err), token)}") from None
+    return {"url": str(url), "commit": commit.oid, "files": sorted(plan.files)}
+
+
+def _describe(err: Exception) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[:MAX_ERROR_CHARS] + " ..."
+    return f"{type(err).__name__}: {text}"
+
+
+def redact(text: str, token: Optional[str]) -> str:
+    return text.replace(token, "***") if token else text
+
+
+def load_results(path: Optional[Path], run_dir: Path) -> Optional[list[dict]]:
+    """Rows for the card's comparison table: --results, else RUN_DIR/results.json, else the parent's
+    results.json when it lists this run (``mergekit-evo demo`` writes DEMO_OUT/results.json)."""
+    root = Path(run_dir).absolute()
+    if path is not None:
+        return _read_results(Path(path))
+    if (root / "results.json").is_file():
+        return _read_results(root / "results.json")
+    parent = root.parent / "results.json"
+    if parent.is_file():
+        rows = _read_results(parent)
+        if any(r.get("run_dir") and Path(r["run_dir"]).absolute() == root for r in rows):
+            return rows
+    return None
+
+
+def _read_results(path: Path) -> list[dict]:
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(f"--results: cannot read {path} ({err}); pass the results.json written by mergekit-evo demo") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "name" in r for r in rows):
+        raise InputError(f"--results: {path} must be a JSON list of rows with 'name' and 'heldout' (as mergekit-evo demo writes)")
+    return rows
+
+
+def push_run(
+    run_dir: str | Path,
+    *,
+    repo_id: str,
+    private: bool = False,
+    fmt: str = "standard",
+    dry_run: Optional[Path] = None,
+    endpoint: Optional[str] = None,
+    results: Optional[Path] = None,
+    base_models: Optional[list[str]] = None,
+    device: str = "cpu",
+) -> dict:
+    """Publish a run (or, with ``dry_run``, write what would be published)."""
+    from mergekit_evolve.export.final import final_stage
+
+    root = Path(run_dir).absolute()
+    check_repo_id(repo_id)
+    if not (final_stage(root) / "best.json").is_file():
+        raise InputError(f"RUN_DIR: {root} has no best.json; push a finished mergekit-evo run directory")
+    token = None if dry_run is not None else resolve_token()  # fail fast, before any work
+    rows = load_results(results, root)
+    with staged_upload(root, repo_id=repo_id, private=private, fmt=fmt, results=rows,
+                       base_models=list(base_models or []) or None, device=device) as plan:
+        if dry_run is not None:
+            folder, info = write_dry_run(plan, dry_run, endpoint)
+            return {"dry_run": str(folder), "description": str(info), "files": sorted(plan.files)}
+        return upload(plan, token=token, endpoint=endpoint)
+
+
+@click.command("push")
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--repo", "repo_id", required=True, help="Hub repository, user/name or org/name (created if missing).")
+@click.option("--private", is_flag=True, help="Create the repository as private.")
+@click.option("--format", "fmt", type=click.Choice(["standard", "custom"]), default="standard", show_default=True,
+              help="standard: plain checkpoint; custom: DFS layer-stack model with its code (trust_remote_code).")
+@click.option("--dry-run", "dry_run", type=click.Path(file_okay=False, path_type=Path),
+              help="Write the folder that would be uploaded to DIR (and DIR.push.json); contact nothing.")
+@click.option("--endpoint", default=None, help="Hub URL (default: $HF_ENDPOINT or https://huggingface.co).")
+@click.option("--results", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="results.json of `mergekit-evo demo` for the card's held-out comparison table.")
+@click.option("--base-model", "base_models", multiple=True,
+              help="Hub ID for the card's base_model list (repeat it; default: the source models' names).")
+@click.option("--device", default="cpu", show_default=True, help="Device for building a custom-code checkpoint.")
+def push_command(run_dir, repo_id, private, fmt, dry_run, endpoint, results, base_models, device) -> None:
+    """Upload the evolved model of RUN_DIR with a model card and the report's plots."""
+    from mergekit_evolve.cli import friendly_errors  # lazy: cli imports this module
+
+    done = friendly_errors(push_run)(run_dir, repo_id=repo_id, private=private, fmt=fmt, dry_run=dry_run,
+                                     endpoint=endpoint, results=results, base_models=base_models, device=device)
+    if "dry_run" in done:
+        click.echo(f"dry run: wrote {len(done['files'])} files to {done['dry_run']} and {done['description']}; nothing was uploaded")
+    else:
+        click.echo(f"pushed {len(done['files'])} files to {done['url']} (commit {done['commit'][:12]})")
