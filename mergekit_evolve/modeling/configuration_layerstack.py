@@ -78,12 +78,12 @@ class LayerStackConfig(PretrainedConfig):
         return [int(c["num_hidden_layers"]) for c in self.source_configs]
 
     def _check_path(self) -> None:
-        counts = self.layer_counts
+        counts, path = self.layer_counts, self.path
         if counts and not 0 <= self.base_index < len(counts):
             raise ValueError(f"base_index {self.base_index} is not one of the {len(counts)} sources")
-        if len(self.scales) != len(self.path):
-            raise ValueError(f"path has {len(self.path)} hops but scales has {len(self.scales)} values")
-        for hop, (model, layer) in enumerate(self.path):
+        if len(self.scales) != len(path):
+            raise ValueError(f"path has {len(path)} hops but scales has {len(self.scales)} values")
+        for hop, (model, layer) in enumerate(path):
             if not (0 <= model < len(counts) and 0 <= layer < counts[model]):
                 raise ValueError(f"path[{hop}] = [{model}, {layer}] is outside the sources' layers {counts}")
 

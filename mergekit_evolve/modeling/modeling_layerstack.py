@@ -117,6 +117,7 @@ class LayerStackModel(LayerStackPreTrainedModel):
         )
         self._no_split_modules = sorted({type(layer).__name__ for layer in self.layers})
         self.post_init()
+        self.index_sources()
         self.refresh_path()
 
     def _sync_attention_implementation(self) -> None:
@@ -126,13 +127,19 @@ class LayerStackModel(LayerStackPreTrainedModel):
             for cfg in self.source_configs:
                 cfg._attn_implementation = impl
 
+    def index_sources(self) -> None:
+        """Cache per-layer facts of the sources (reading config attributes is slow in transformers 5)."""
+        counts = [cfg.num_hidden_layers for cfg in self.source_configs]
+        self._offsets = [sum(counts[:m]) for m in range(len(counts))]
+        self._kinds = [[attention_kind(cfg, layer) for layer in range(n)] for cfg, n in zip(self.source_configs, counts)]
+
     def refresh_path(self) -> None:
         """Recompute the hop plan from ``config.path`` / ``config.scales`` (no weights move)."""
-        hops = []
-        for (model, layer), scale in zip(self.config.path, self.config.scales):
-            kind = attention_kind(self.source_configs[model], layer)
-            hops.append((self.config.flat_index(model, layer), float(scale), (model, kind)))
-        self._hops = hops
+        offsets, kinds = self._offsets, self._kinds
+        self._hops = [
+            (offsets[model] + layer, float(scale), (model, kinds[model][layer]))
+            for (model, layer), scale in zip(self.config.path, self.config.scales)
+        ]
 
     def _masks(self, inputs_embeds, attention_mask, cache, position_ids) -> dict:
         masks = {}
@@ -230,6 +237,7 @@ class LayerStackForCausalLM(LayerStackPreTrainedModel, GenerationMixin):
         inner.source_configs = list(source_configs)
         inner._no_split_modules = sorted({type(layer).__name__ for layer in layers})
         stack.lm_head = lm_head
+        inner.index_sources()
         inner.refresh_path()
         return stack.eval()
 
