@@ -59,12 +59,22 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = [
-            make_random_model(Path(tmp) / f"m{seed}", arch="llama", seed=seed, num_layers=args.layers,
-                              hidden_size=args.hidden, num_heads=8)
+            make_random_model(
+                Path(tmp) / f"m{seed}",
+                arch="llama",
+                seed=seed,
+                num_layers=args.layers,
+                hidden_size=args.hidden,
+                num_heads=8,
+            )
             for seed in (0, 1)
         ]
         before = rss_mb()
         pool = LayerPool.from_pretrained(paths)
+        # safetensors weights may be memory-mapped: touch every page so RSS counts them
+        with torch.no_grad():
+            for tensor in pool.parameters():
+                tensor.sum()
         pool_rss = rss_mb() - before
     pool_storage = storage_mb(pool.parameters())
 
@@ -83,8 +93,11 @@ def main() -> None:
 
     before = rss_mb()
     materialised = nn.ModuleList(copy.deepcopy(pool.layer(m, layer)) for m, layer in long_path.hops)
-    materialised_rss = rss_mb() - before
-    materialised_storage = storage_mb(module_tensors(materialised)) + pool_storage - storage_mb(pool.layers.parameters())
+    copies_rss = materialised_rss = rss_mb() - before
+    # its layers plus model A's embeddings, norm and head (a standalone model needs those too)
+    head_storage = pool_storage - storage_mb(pool.layers.parameters())
+    materialised_storage = storage_mb(module_tensors(materialised)) + head_storage
+    materialised_rss += pool_rss * head_storage / pool_storage
 
     ids = torch.randint(4, 50, (1, 32))
     with torch.no_grad():
@@ -106,15 +119,15 @@ def main() -> None:
     n_params = sum(t.numel() for t in pool.parameters())
     print(f"pool: 2 x Llama {args.layers} layers x {args.hidden} hidden, {n_params / 1e6:.1f}M parameters (float32)")
     print(f"path: T = 3M = {len(long_path)} hops (M = {space.num_layers}, r = 3), shared: {shared}")
-    print(f"{'':34s}{'storage MB':>12s}{'x pool':>8s}{'RSS delta MB':>14s}{'x pool':>8s}")
+    print(f"{'':44s}{'storage MB':>11s}{'x pool':>8s}{'RSS MB':>9s}{'x pool':>8s}")
     rows = [
-        ("pool alone", pool_storage, pool_rss),
-        (f"pool + layer stack (T={len(long_path)})", stack_storage, pool_rss + stack_rss),
-        (f"pool + materialised (T={len(long_path)})", materialised_storage, pool_rss + materialised_rss),
+        ("pool (layers of both + A's embed/head)", pool_storage, pool_rss),
+        (f"pool + layer stack, T={len(long_path)} (shared)", stack_storage, pool_rss + stack_rss),
+        (f"materialised stack, T={len(long_path)} (deep copies)", materialised_storage, materialised_rss),
     ]
     for name, storage, rss in rows:
-        print(f"{name:34s}{storage:12.1f}{storage / pool_storage:8.2f}{rss:14.1f}{rss / pool_rss:8.2f}")
-    print(f"layer stack alone: +{stack_rss:.1f} MB RSS when built; materialised layers alone: +{materialised_rss:.1f} MB")
+        print(f"{name:44s}{storage:11.1f}{storage / pool_storage:8.2f}{rss:9.1f}{rss / pool_rss:8.2f}")
+    print(f"(building the layer stack added {stack_rss:.1f} MB RSS; the deep-copied layers {copies_rss:.1f} MB)")
     print(f"path switch: {switch_us:.1f} us per pool.model(path) (mean of {args.switches})")
     print(f"genome decode (T={space.num_slots}, dim {space.dim}): {decode_ms:.2f} ms")
     print(f"forward, 32 tokens through {len(long_path)} hops: {forward_s * 1e3:.0f} ms")

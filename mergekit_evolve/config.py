@@ -157,7 +157,9 @@ class EvolveConfig(Strict):
 
 def _format_validation_error(err: ValidationError) -> str:
     first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "config"
+    # pydantic adds union-branch labels such as "function-after[_check(), ParameterSearch]": drop them
+    parts = [str(p) for p in first["loc"] if not (isinstance(p, str) and ("[" in p or p[:1].isupper()))]
+    where = ".".join(parts) or "config"
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key; remove it or check its spelling (see the README's config reference)"

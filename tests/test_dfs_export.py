@@ -29,7 +29,8 @@ B_ONLY = DFSPath(hops=[(1, 2), (1, 0), (1, 0)], scales=[1.0, 0.7, 1.3])  # model
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory) -> LayerPool:
     root = tmp_path_factory.mktemp("dfs_export")
-    return LayerPool.from_pretrained([make_random_model(root / f"q{s}", arch="qwen2", seed=s, num_layers=4) for s in (0, 1)])
+    paths = [make_random_model(root / f"q{s}", arch="qwen2", seed=s, num_layers=4) for s in (0, 1)]
+    return LayerPool.from_pretrained(paths)
 
 
 def generate(model, prompt=PROMPT) -> tuple[list[list[int]], torch.Tensor]:
@@ -57,26 +58,40 @@ FRESH_PROCESS = textwrap.dedent(
 ) % (PROMPT, BANNED)
 
 
-def test_custom_checkpoint_reloads_in_fresh_process(pool, tmp_path):
+@pytest.fixture(scope="module", autouse=True)
+def fresh_process(pool, tmp_path_factory):
+    """Saves two custom checkpoints and starts a fresh interpreter that loads them with trust_remote_code; it
+    runs in the background while the other tests of this module run."""
+    work = tmp_path_factory.mktemp("custom_ckpt")
     expected = {}
     for name, path in (("mixed", MIXED), ("b_only", B_ONLY)):
-        out = save_custom_checkpoint(pool, path, tmp_path / name)
-        expected[str(out)] = generate(pool.model(path))
-        config = json.loads((out / "config.json").read_text())
+        out = save_custom_checkpoint(pool, path, work / name)
+        expected[str(out)] = (path, *generate(pool.model(path)))
+    env = {**os.environ, "HF_MODULES_CACHE": str(work / "modules")}
+    with open(work / "stdout.txt", "w") as stdout, open(work / "stderr.txt", "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-c", FRESH_PROCESS, *expected], stdout=stdout, stderr=stderr, cwd=work, env=env
+        )
+    yield process, work, expected
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def test_custom_checkpoint_reloads_in_fresh_process(fresh_process):
+    process, work, expected = fresh_process
+    for directory, (path, _, _) in expected.items():
+        config = json.loads((work / directory / "config.json").read_text())
         assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_layerstack.LayerStackForCausalLM"
-        assert {"configuration_layerstack.py", "modeling_layerstack.py", "tokenizer.json"} <= set(os.listdir(out))
-        stored_layers = {k.split(".")[2] for k in load_file(out / "model.safetensors") if ".layers." in k}
+        files = set(os.listdir(directory))
+        assert {"configuration_layerstack.py", "modeling_layerstack.py", "tokenizer.json"} <= files
+        stored_layers = {k.split(".")[2] for k in load_file(work / directory / "model.safetensors") if ".layers." in k}
         assert len(stored_layers) == len(set(path.hops))  # only the layers the path uses
-    config = json.loads((tmp_path / "b_only" / "config.json").read_text())
+    config = json.loads((work / "b_only" / "config.json").read_text())
     assert config["source_layer_ids"] == [[], [0, 2]] and config["path"] == [[1, 1], [1, 0], [1, 0]]
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    done = subprocess.run(
-        [sys.executable, "-c", FRESH_PROCESS, *expected],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
-    for directory, (tokens, logits) in expected.items():
+    assert process.wait(timeout=300) == 0, (work / "stderr.txt").read_text()[-3000:]
+    results = json.loads((work / "stdout.txt").read_text().strip().splitlines()[-1])
+    for directory, (_, tokens, logits) in expected.items():
         assert results[directory]["module"].startswith("transformers_modules.")  # the copied code, not ours
         assert results[directory]["tokens"] == tokens
         assert torch.equal(torch.tensor(results[directory]["logits"]), logits.flatten())

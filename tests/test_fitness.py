@@ -6,6 +6,7 @@ log-probabilities computed here one row at a time, without padding, batching or 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -15,11 +16,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mergekit_evolve.errors import InputError
+from mergekit_evolve.errors import CandidateError, InputError
 from mergekit_evolve.fitness import Fitness, FitnessConfig, TaskConfig, load_fitness_config
 from mergekit_evolve.fitness.extract import extract, last_number, normalise_number
 from mergekit_evolve.fitness.generate import cut_at_stop, greedy_token_ids
 from mergekit_evolve.fitness.runtime import ModelRunner
+from mergekit_evolve.merge.layer_pool import LayerPool
+from mergekit_evolve.space.dfs import DFSPath
 from mergekit_evolve.zoo.random_models import make_random_model
 
 PROMPTS = ["1+2=", "abc", "hello world 12", "z", "9*9=81 and 3", "x:y", "?", "12345678901234567890", "q r"]
@@ -101,6 +104,16 @@ def test_generation_matches_transformers_generate(tiny):
         for row, prompt in zip(ours, prompt_ids):
             out = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)
             assert out[0, len(prompt) :].tolist() == row
+
+
+def test_layer_stack_model_generation_equals_recompute(tiny, tmp_path):
+    """Our DFS model (a layer visited twice, per-hop cache slots, scales) through the same batched loop."""
+    _, tokenizer = tiny
+    sources = [make_random_model(tmp_path / f"s{seed}", num_layers=2, hidden_size=64, seed=seed) for seed in (0, 1)]
+    model = LayerPool.from_pretrained(sources).model(DFSPath(hops=[(0, 0), (1, 1), (1, 1), (0, 1)], scales=[1.0, 0.8, 1.2, 1.0]))
+    with torch.inference_mode():
+        batched = greedy_token_ids(ModelRunner.wrap(model), ids(tokenizer, PROMPTS[:6]), tokenizer, 10, [], batch_size=4)
+    assert batched == [reference_greedy(model, tokenizer, p, 10) for p in PROMPTS[:6]]
 
 
 def test_stop_strings_and_max_new_tokens(tiny, free):
@@ -228,6 +241,18 @@ def test_perplexity_is_exp_of_mean_nll(tiny, tmp_path):
     assert results["ppl"].score == pytest.approx(1 / ppl, rel=1e-6)
     assert results["ll"].score == pytest.approx(-nll / count, rel=1e-6)
     assert results["whole"].perplexity == pytest.approx(math.exp(whole_nll / whole_count), rel=1e-6)
+
+
+def test_nan_model_is_a_candidate_error(tiny, tmp_path):
+    model, tokenizer = tiny
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.lm_head.weight.fill_(float("nan"))
+    write_jsonl(tmp_path / "p.jsonl", [{"prompt": "ab", "answer": "cd", "choices": ["x", "y"], "label": 0}])
+    for kind in ("perplexity", "choice"):
+        fitness = Fitness(FitnessConfig(tasks=[TaskConfig(name=kind, kind=kind, data=tmp_path / "p.jsonl")]), tokenizer)
+        with pytest.raises(CandidateError):
+            fitness.score(broken)
 
 
 # ---- extraction ------------------------------------------------------------------------------

@@ -215,13 +215,13 @@ def push_run(
     device: str = "cpu",
 ) -> dict:
     """Publish a run (or, with ``dry_run``, write what would be published)."""
+    check_repo_id(repo_id)
+    token = None if dry_run is not None else resolve_token()  # fail fast, before any heavy import
     from mergekit_evolve.export.final import final_stage
 
     root = Path(run_dir).absolute()
-    check_repo_id(repo_id)
     if not (final_stage(root) / "best.json").is_file():
         raise InputError(f"RUN_DIR: {root} has no best.json; push a finished mergekit-evo run directory")
-    token = None if dry_run is not None else resolve_token()  # fail fast, before any work
     rows = load_results(results, root)
     with staged_upload(root, repo_id=repo_id, private=private, fmt=fmt, results=rows,
                        base_models=list(base_models or []) or None, device=device) as plan:

@@ -317,9 +317,7 @@ def _heatmap(fig, ax, panel: dict, model_names: list[str]) -> None:
 def _cmap():
     import matplotlib
 
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("#dddddd")
-    return cmap
+    return matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
 
 
 def _text_colour(cmap, value: float, panel: dict) -> str:

@@ -54,4 +54,4 @@ def evaluate_choice(runner: ModelRunner, task: TaskConfig, examples: ChoiceExamp
         start += n
     correct = sum(p == label for p, label in zip(predictions, examples.labels))
     metric = "acc_norm" if task.choice_norm else "accuracy"
-    return Outcome(score=correct / len(predictions), metric=metric, tokens=tokens, predictions=predictions)
+    return Outcome(score=correct / len(predictions), metric=metric, tokens=tokens)

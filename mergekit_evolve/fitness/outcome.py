@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -12,7 +12,6 @@ class Outcome:
     metric: str  # what ``score`` is, e.g. "accuracy"
     tokens: int = 0  # forward tokens spent (prompt + generated / scored)
     perplexity: float | None = None  # raw perplexity (kind perplexity)
-    predictions: list[Any] = field(default_factory=list)  # per row, in data order (for reports)
 
 
 def pad_token_id(tokenizer: Any) -> int:

@@ -47,5 +47,4 @@ def evaluate_perplexity(runner: ModelRunner, task: TaskConfig, examples: Perplex
         score, metric = math.exp(mean_loglik), "inverse_perplexity"
     else:
         score, metric = mean_loglik, "mean_log_likelihood"
-    per_row = [math.exp(-float(lp.double().mean())) for lp in logprobs]
-    return Outcome(score=score, metric=metric, tokens=tokens, perplexity=perplexity, predictions=per_row)
+    return Outcome(score=score, metric=metric, tokens=tokens, perplexity=perplexity)

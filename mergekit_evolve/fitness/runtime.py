@@ -3,9 +3,10 @@
 The contract with a model is small: ``forward(input_ids, attention_mask, past_key_values, use_cache)``
 returning an object with ``.logits`` (and ``.past_key_values`` when ``use_cache``). transformers 5.2x
 renamed ``past_key_values`` to ``cache`` (the old name warns until 5.40): the cache goes in and comes out
-under whichever name ``forward`` and its output use. Optional keyword arguments are passed only when ``forward`` names them: ``position_ids`` (needed for exact left-padded
-batched decoding of rotary models; transformers' ``generate`` does the same) and ``logits_to_keep``
-(saves computing prompt logits nobody reads).
+under whichever name ``forward`` and its output use. Optional keyword arguments are passed only
+when ``forward`` names them: ``position_ids`` (positions that skip the left padding, as ``generate``
+does; needed by models with absolute position embeddings, while for rotary models a constant shift
+cancels out in attention up to rounding) and ``logits_to_keep`` (saves computing prompt logits nobody reads).
 """
 
 from __future__ import annotations

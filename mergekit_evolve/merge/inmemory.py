@@ -165,6 +165,7 @@ class InMemoryMerger:
         self._route = PlannerRoute(self.template, self._options)
         targets, tokenizer_task = self._route.plan(self.template)
         self._inputs = self._load_inputs(targets, tokenizer_task)
+        self._source_storages = _storage_pointers(self._inputs.values())
         tokenizer_info = self._inputs.get(tokenizer_task) if tokenizer_task else None
         self.tokenizer = _load_tokenizer(self.template, tokenizer_info, self.source_paths)
         out_config = self._route.output_config(tokenizer_info, self.template)
@@ -281,9 +282,29 @@ class InMemoryMerger:
     def _store(self, name: str, value: Optional[torch.Tensor]) -> None:
         if value is None:
             raise CandidateError(f"{name}: mergekit produced no tensor (optional weight skipped)")
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        if value.is_floating_point() and not _all_finite(value):
             raise CandidateError(f"{name}: merged tensor has NaN or infinite values")
-        self._targets[name].copy_(value)
+        target = self._targets[name]
+        if self._can_adopt(value, target):
+            target.data = value  # a fresh tensor nobody else holds: take it, skip the copy
+        else:
+            target.copy_(value)
+
+    def _can_adopt(self, value: torch.Tensor, target: torch.Tensor) -> bool:
+        """True if ``value`` is a plain, exclusively owned tensor the parameter can just take.
+
+        Never a resident source (a method may return its input unchanged, e.g. passthrough):
+        the model must not share storage with the sources, or writing into it would corrupt them.
+        """
+        return (
+            value.dtype == target.dtype
+            and value.device == target.device
+            and value.shape == target.shape
+            and value.is_contiguous()
+            and value.storage_offset() == 0
+            and value.untyped_storage().nbytes() == value.numel() * value.element_size()
+            and value.untyped_storage().data_ptr() not in self._source_storages
+        )
 
     def _seeded_rng(self) -> contextlib.AbstractContextManager:
         """Seed torch like ``mergekit-yaml --random-seed`` (only torch's RNG is consumed by
@@ -319,6 +340,30 @@ def _fresh_loader_cache(models: list[ModelReference]) -> Iterator[None]:
         yield
     finally:
         evict()
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """NaN/inf check that reads the tensor once.
+
+    A sum propagates NaN and inf and is ~15x faster than ``isfinite(t).all()`` on CPU; only
+    when the sum is not finite (a NaN/inf, or a finite tensor whose sum overflows) is the
+    exact check run.
+    """
+    accumulate = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    if bool(torch.isfinite(tensor.sum(dtype=accumulate))):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
+def _storage_pointers(values) -> set[int]:
+    """Storage addresses of every tensor in the cached input values (tensors or dicts of them)."""
+    pointers = set()
+    for value in values:
+        tensors = value.values() if isinstance(value, dict) else [value]
+        for tensor in tensors:
+            if isinstance(tensor, torch.Tensor):
+                pointers.add(tensor.untyped_storage().data_ptr())
+    return pointers
 
 
 def _tied_aliases(model: torch.nn.Module) -> set[str]:

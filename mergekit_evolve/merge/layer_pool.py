@@ -110,7 +110,7 @@ class LayerPool:
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype | None = None,
         base_index: int = 0,
-    ) -> "LayerPool":
+    ) -> LayerPool:
         """Load every source once (validated before any weight is read); model A is ``paths[base_index]``."""
         paths = [str(Path(p).absolute()) for p in paths]
         if not paths:

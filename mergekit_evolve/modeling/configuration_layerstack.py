@@ -92,7 +92,7 @@ class LayerStackConfig(PretrainedConfig):
         return sum(self.layer_counts[:model]) + layer
 
     @classmethod
-    def from_evomistral(cls, config: dict[str, Any], source_name: str | None = None) -> "LayerStackConfig":
+    def from_evomistral(cls, config: dict[str, Any], source_name: str | None = None) -> LayerStackConfig:
         """Read a config in Sakana's EvoMistral layout.
 
         That layout is a Mistral config plus ``input_layers`` (a flat layer index per hop) and ``input_scales``

@@ -131,7 +131,9 @@ class LayerStackModel(LayerStackPreTrainedModel):
         """Cache per-layer facts of the sources (reading config attributes is slow in transformers 5)."""
         counts = [cfg.num_hidden_layers for cfg in self.source_configs]
         self._offsets = [sum(counts[:m]) for m in range(len(counts))]
-        self._kinds = [[attention_kind(cfg, layer) for layer in range(n)] for cfg, n in zip(self.source_configs, counts)]
+        self._kinds = [
+            [attention_kind(cfg, layer) for layer in range(n)] for cfg, n in zip(self.source_configs, counts)
+        ]
 
     def refresh_path(self) -> None:
         """Recompute the hop plan from ``config.path`` / ``config.scales`` (no weights move)."""
@@ -224,7 +226,7 @@ class LayerStackForCausalLM(LayerStackPreTrainedModel, GenerationMixin):
         rotary_emb: nn.Module,
         lm_head: nn.Module,
         source_configs: list[PretrainedConfig],
-    ) -> "LayerStackForCausalLM":
+    ) -> LayerStackForCausalLM:
         """A stack that shares existing modules (no weight is copied or allocated).
 
         ``layers`` is the flat pool in collection order; ``source_configs`` are the config objects those layers

@@ -73,9 +73,7 @@ def check_foldable(config: PretrainedConfig | dict[str, Any]) -> None:
         why = "has residual branches that end in a norm, which cancels a scaled o_proj/down_proj"
     else:
         why = f"has no verified fold of DFS scales (verified: {', '.join(FOLDABLE_ARCHITECTURES)})"
-    raise InputError(
-        f"model_type: {model_type!r} {why}; export the layer stack with --format custom instead"
-    )
+    raise InputError(f"model_type: {model_type!r} {why}; export the layer stack with --format custom instead")
 
 
 def fold_factors(scales: Sequence[float]) -> list[float]:

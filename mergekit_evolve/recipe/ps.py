@@ -127,14 +127,6 @@ def _fixed_parameters(space: PSSpace) -> dict[str, Any]:
     """Non-evolved settings: the user's fixed values, then mergekit-evolve's defaults."""
     names = {p.name for p in space.method.spec.parameters}
     fixed = {k: v for k, v in space.genome.parameters.items() if not isinstance(v, ParameterSearch)}
-    for key in fixed:
-        if key not in names:
-            from mergekit_evolve.errors import InputError
-
-            raise InputError(
-                f"genome.parameters.{key}: {space.genome.merge_method} has no such parameter; "
-                f"its parameters are {sorted(names)}"
-            )
     if "normalize" in names and "normalize" not in fixed:
         normalize = space.genome.normalize
         if normalize is None:  # mergekit-evolve's default

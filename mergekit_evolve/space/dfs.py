@@ -52,7 +52,7 @@ class DFSPath(BaseModel):
         return tuple(float(x) for x in value)
 
     @model_validator(mode="after")
-    def _lengths_match(self) -> "DFSPath":
+    def _lengths_match(self) -> DFSPath:
         if len(self.hops) != len(self.scales):
             raise ValueError(f"{len(self.hops)} hops but {len(self.scales)} scales; give one scale per hop")
         return self
@@ -69,8 +69,7 @@ class DFSPath(BaseModel):
         """One line, e.g. ``A0 A1 A1*0.80 B3``; ``names`` label the models (default A, B, C, ...)."""
         names = list(names) if names else [chr(ord("A") + i) for i in range(26)]
         parts = [
-            f"{names[m]}{layer}" + ("" if s == 1.0 else f"*{s:.3g}")
-            for (m, layer), s in zip(self.hops, self.scales)
+            f"{names[m]}{layer}" + ("" if s == 1.0 else f"*{s:.3g}") for (m, layer), s in zip(self.hops, self.scales)
         ]
         return " ".join(parts) if parts else "(empty path)"
 

@@ -124,6 +124,12 @@ class PSSpace:
                 f"genome.models: {name} merges {wanted} models (base included), got {n_inputs}; "
                 "change genome.models or the merge method"
             )
+        names = {p.name for p in self.method.spec.parameters}
+        for key in g.parameters:
+            if key not in names:
+                raise InputError(
+                    f"genome.parameters.{key}: {name} has no such parameter; its parameters are {sorted(names)}"
+                )
         if g.smooth and name in ("slerp", "nearswap"):
             raise InputError(f"genome.smooth: not supported with {name}; set smooth: false")
 
