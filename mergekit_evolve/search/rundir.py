@@ -56,7 +56,8 @@ class RunDir:
         ``fresh``: a new run. An existing non-empty folder is refused unless ``force`` (which wipes
         the run files) -- resuming must be asked for, never guessed.
         """
-        if fresh and self.path.exists() and any(self.path.iterdir()):
+        # A folder holding only our lock (a run killed before it wrote anything) counts as empty.
+        if fresh and self.path.exists() and any(p.name != ".lock" for p in self.path.iterdir()):
             if not force:
                 raise InputError(
                     f"--out: {self.path} exists and is not empty; use `mergekit-evo resume {self.path}` "
@@ -86,6 +87,8 @@ class RunDir:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
+        for stale in self.path.glob(".*.tmp*"):  # left by a process killed mid-write; we hold the lock
+            stale.unlink(missing_ok=True)
 
     def unlock(self) -> None:
         if self._lock_fd is not None:

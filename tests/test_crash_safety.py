@@ -1,0 +1,40 @@
+"""Crash safety: SIGKILL at random moments + resume equals an uninterrupted run; one process per run dir."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "torture.py"
+spec = importlib.util.spec_from_file_location("torture", BENCH)
+torture = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(torture)
+
+
+def test_sigkill_and_resume_lose_nothing_and_change_nothing(tmp_path):
+    result = torture.torture(tmp_path, kills=3, max_evals=24, seed=1, log=lambda *_: None)
+    assert result["kills"] == 3
+    assert result["duplicates"] == 0
+    assert result["same_candidates"] and result["same_fitness"]
+    assert result["same_best_yaml"] and result["same_best_fitness"]
+    assert result["stray_temp_files"] == []
+
+
+def test_a_second_process_on_the_same_run_directory_is_refused(tmp_path):
+    models = torture.make_models(tmp_path)
+    config = torture.write_config(tmp_path, models, max_evals=500)
+    out = tmp_path / "out"
+    first = subprocess.Popen(torture.cli("run", str(config), "--out", str(out)), env=torture.env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while not (out / "evaluations.jsonl").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        second = subprocess.run(torture.cli("resume", str(out)), env=torture.env(), capture_output=True, text=True)
+        assert second.returncode == 2
+        assert "another mergekit-evo process is running in this run directory" in second.stderr
+    finally:
+        first.kill()
+        first.wait()
