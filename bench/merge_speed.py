@@ -145,7 +145,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--no-cli", action="store_true", help="skip the mergekit-yaml round trips")
     args = parser.parse_args(argv)
+    if args.small and args.methods == parser.get_default("methods"):
+        args.methods = "linear,dare_ties,slerp"  # two CLI round trips' worth of seconds
     methods = [m for m in args.methods.split(",") if m]
+    transformers.utils.logging.disable_progress_bar()
     dtype = getattr(torch, args.dtype)
     shape = SMALL_SHAPE if args.small else FULL_SHAPE
 

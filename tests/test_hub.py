@@ -212,10 +212,11 @@ def test_hub_errors_are_one_line_and_never_show_the_token(tmp_path, monkeypatch)
     card = tmp_path / "README.md"
     card.write_text("---\nlibrary_name: transformers\n---\n# card\n")
     plan = UploadPlan(repo_id="alice/evo-merge", private=False, fmt="standard", files={"README.md": card})
-    with pytest.raises(InputError, match="HF_HUB_OFFLINE"):  # conftest runs the suite offline
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import: set its value explicitly for each case.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(InputError, match="HF_HUB_OFFLINE .*is set; unset it to push, or use --dry-run"):
         upload(plan, token=TOKEN, endpoint="http://127.0.0.1:9")
-    # This test talks to the loopback stand-in only: lift offline mode (read once at import) here.
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # loopback stand-in only
     with FakeHub(reject=True) as hub:
         with pytest.raises(InputError) as caught:
             upload(plan, token=TOKEN, endpoint=hub.url)

@@ -109,7 +109,9 @@ def _method(stages: list[Stage], fmt: str) -> str:
         text = f"The model was found by evolutionary search, as in {cite}: {_dfs_sentence(stages[0], fmt)}"
     else:
         text = f"The model was found by evolutionary search, as in {cite}: {_ps_sentence(stages[0])}"
-    return f"## Method\n\n{text} Every candidate was scored on the fitness data named below; the held-out data was used only for the scores reported here.\n"
+    text += " Every candidate was scored on the fitness data named below"
+    text += "; the held-out data was used only for the scores reported here." if stages[-1].heldout else "."
+    return f"## Method\n\n{text}\n"
 
 
 def _ps_sentence(stage: Stage) -> str:

@@ -173,22 +173,26 @@ def plot_fitness(evaluations: list[dict], out: Path, title: str = "Fitness of ev
         fresh = [e for e in ok if not e.get("cached")]
         cached = [e for e in ok if e.get("cached")]
         failed = [e for e in evaluations if e.get("fitness") is None]
-        ax.scatter([e["index"] for e in fresh], [e["fitness"] for e in fresh], s=22, color="#1f77b4", alpha=0.75,
-                   label=f"evaluated candidate ({len(fresh)})", zorder=3)
+        if fresh:
+            ax.scatter([e["index"] for e in fresh], [e["fitness"] for e in fresh], s=22, color="#1f77b4", alpha=0.75,
+                       label=f"evaluated candidate ({len(fresh)})", zorder=3)
         if cached:
             ax.scatter([e["index"] for e in cached], [e["fitness"] for e in cached], s=30, facecolors="none",
                        edgecolors="#7f7f7f", label=f"repeat of an earlier recipe, not re-evaluated ({len(cached)})", zorder=3)
         _plot_best_so_far(ax, evaluations)
         _plot_failures(ax, ok, failed)
         _mark_generations(ax, evaluations)
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("evaluation number (in the order CMA-ES asked for them)")
         ax.set_ylabel("fitness on the selection data (higher is better)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         if evaluations:
             ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), title="each point = one candidate")
-        else:
-            ax.text(0.5, 0.5, "no evaluations recorded yet", transform=ax.transAxes, ha="center", va="center")
+        if not ok:  # nothing to put on the fitness axis
+            ax.set_yticks([])
+            ax.text(0.5, 0.6, "every candidate failed: see the errors in evaluations.jsonl" if evaluations
+                    else "no evaluations recorded yet", transform=ax.transAxes, ha="center", va="center")
         return _save(fig, out)
 
 
@@ -280,7 +284,7 @@ def plot_ps_parameters(panels: list[dict], model_names: list[str], out: Path, ti
     n_groups = panels[0]["values"].shape[1]
     n_rows_cells = max(p["values"].shape[0] for p in panels)
     cell_w = 0.9 if n_groups <= 16 else 0.35
-    width = n_cols * max(4.2, cell_w * n_groups + 2.6) + 1.2
+    width = max(7.5, n_cols * max(4.2, cell_w * n_groups + 2.6) + 1.2)
     height = len(params) * max(2.4, 0.5 * n_rows_cells + 1.6) + 0.8
     with _style():
         fig = _figure(min(width, 30), min(height, 30))
@@ -326,23 +330,37 @@ def _text_colour(cmap, value: float, panel: dict) -> str:
     return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.55 else "white"
 
 
-def plot_template_values(markers: list, values: list[float], out: Path, title: str) -> Path:
+def plot_template_values(markers: list, values: list[float], out: Path, title: str, labels: list[str] | None = None) -> Path:
     """Template runs: each marked number's best value inside its search range."""
+    labels = labels or [m.where for m in markers]
     with _style():
-        fig = _figure(9, max(2.4, 0.45 * len(markers) + 1.5))
+        fig = _figure(10, max(2.6, 0.6 * len(markers) + 1.6))
         ax = fig.add_subplot()
         for i, (m, v) in enumerate(zip(markers, values)):
             ax.plot([m.lo, m.hi], [i, i], color="#cccccc", linewidth=8, solid_capstyle="butt",
                     label="search range" if i == 0 else None)
             ax.scatter([v], [i], color="#1f77b4", s=60, zorder=3, label="best value" if i == 0 else None)
-            ax.text(v, i + 0.28, f"{v:.3g}", ha="center", fontsize=9)
-        ax.set_yticks(range(len(markers)), [m.where for m in markers])
-        ax.invert_yaxis()
+            ax.annotate(f"{v:.3g}", (v, i), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=9)
+        ax.set_yticks(range(len(markers)), labels)
+        ax.set_ylim(len(markers) - 0.5, -0.8)  # first marker on top, room for its label
         ax.set_xlabel("value")
         ax.set_title(title)
-        ax.legend(loc="best")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
         ax.grid(axis="x", alpha=0.3)
         return _save(fig, out)
+
+
+def template_labels(template: dict, markers: list, run_root: Path | None = None) -> list[str]:
+    """``slices[0].sources[1].parameters.weight`` -> that, plus the model it belongs to."""
+    labels = []
+    for marker in markers:
+        node, model = template, None
+        for key in marker.path:
+            if isinstance(node, dict) and isinstance(node.get("model"), str):
+                model = node["model"]
+            node = node[key]
+        labels.append(marker.where + (f"\n({_short_name(model, run_root)})" if model else ""))
+    return labels
 
 
 def plot_dfs_path(path: dict, out: Path, title: str = "Best data-flow path", model_names: list[str] | None = None) -> Path:
@@ -442,14 +460,15 @@ def stage_images(stage: Stage, out: Path, root: Path, prefix: str = "") -> list[
         names = display_names(list(stage.config.genome.models), root)
         images.append(("Evolved merge parameters", plot_ps_parameters(
             panels, names, out / "ps_parameters.png",
-            f"Best genome: {stage.config.genome.merge_method} parameters per layer group and source model ({headline})")))
+            f"Best genome: {stage.config.genome.merge_method} parameters per layer group and source model\n({headline})")))
     elif stage.config.template is not None:
         from mergekit_evolve.space.template import TemplateSpace
 
         space = TemplateSpace(stage.config.template)
         images.append(("Evolved template values", plot_template_values(
             space.markers, space.values(stage.best["genome"][: space.dim]), out / "ps_template.png",
-            f"Best values of the template's marked numbers ({headline})")))
+            f"Best values of the template's marked numbers\n({headline})",
+            template_labels(stage.config.template, space.markers, root))))
     return images
 
 
@@ -572,5 +591,5 @@ def report_command(run_dir: Path, out: Optional[Path]) -> None:
     """Plot a run (fitness, evolved parameters or DFS path) and write report.md."""
     from mergekit_evolve.cli import friendly_errors  # lazy: cli imports this module
 
-    path = friendly_errors(write_report)(run_dir, out=out)
+    path = friendly_errors(write_report)(run_dir, out)  # positional: no "resume" hint on Ctrl-C
     click.echo(f"wrote {path} and {len(list(path.parent.glob('*.png')))} plot(s)")
