@@ -115,6 +115,15 @@ class ExecutorConfig(Strict):
     threads_per_worker: Optional[int] = Field(default=None, ge=1)
 
 
+class WandbConfig(Strict):
+    """Optional Weights & Biases logging (extra ``wandb``); off unless this section is present."""
+
+    project: str
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    mode: Optional[Literal["online", "offline", "disabled"]] = None
+
+
 class EvolveConfig(Strict):
     space: Literal["ps", "dfs", "ps+dfs"] = "ps"
     genome: Optional[GenomeConfig] = None
@@ -123,6 +132,7 @@ class EvolveConfig(Strict):
     fitness: Optional[FitnessConfig] = None
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    wandb: Optional[WandbConfig] = None
     dtype: Optional[str] = None  # default: the sources' dtype
     merge_seed: int = Field(default=0, ge=0)  # mergekit's --random-seed for DARE-style methods
     # mergekit-evolve's lm-eval fitness fields
@@ -169,7 +179,7 @@ def _format_validation_error(err: ValidationError) -> str:
 
 
 # Keys of ours that may sit next to a mergekit recipe template; everything else is the template.
-TEMPLATE_SIDE_KEYS = {"space", "dfs", "fitness", "optimizer", "executor", "merge_seed", "tasks", "limit", "num_fewshot", "shuffle", "random_init"}
+TEMPLATE_SIDE_KEYS = {"space", "dfs", "fitness", "optimizer", "executor", "wandb", "merge_seed", "tasks", "limit", "num_fewshot", "shuffle", "random_init"}
 
 
 def split_template(data: dict) -> dict:

@@ -102,6 +102,7 @@ CASES = [
     Case("out-exists", "existing non-empty output without resume/--force", "exists and is not empty; use `mergekit-evo resume", args=lambda env: ["run", str(env.root / "cfg.yaml"), "--out", str(env.models["a"])]),
     Case("resume-nothing", "resume of a folder that is no run", "not a mergekit-evo run directory", args=lambda env: ["resume", str(env.models["a"])]),
     Case("genome-length", "recipe --genome of the wrong length", "--genome: ", args=lambda env: ["recipe", str(env.root / "cfg.yaml"), "--genome", str(env.root / "g.json")]),
+    Case("wandb-missing", "wandb logging asked for without the wandb extra", "needs the wandb extra", edit=lambda c, e: c.update(wandb={"project": "evo"})),
     Case("device", "CUDA requested without a GPU", "--device: cuda requested but no CUDA GPU is visible", args=lambda env: ["run", str(env.root / "cfg.yaml"), "--out", str(env.root / "out"), "--device", "cuda"]),
 ]
 

@@ -193,6 +193,18 @@ def test_sources_stay_untouched(family, merger):
             assert torch.equal(value, on_disk), task.tensor
 
 
+def test_model_never_shares_storage_with_sources(family, merger):
+    """passthrough returns its input tensor itself: the model must get a copy, not the source."""
+    config = _config({"merge_method": "passthrough", "models": [{"model": str(family["base"])}],
+                      "dtype": "float32"})
+    model = merger.merge(config)
+    _assert_state_equal(model, load_file(family["base"] / "model.safetensors"))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)  # a caller writing into the model in place
+    test_sources_stay_untouched(family, merger)
+
+
 def test_sequence_has_no_stale_state(family, merger, cli_outputs):
     linear, ties = (_config(_recipes(family)[m]) for m in ("linear", "ties"))
     _assert_state_equal(merger.merge(linear), cli_outputs["linear"])
@@ -293,7 +305,18 @@ def test_planner_route_private_names_and_equivalence(family):
             f"{owner}.{attribute} is gone: PlannerRoute in mergekit_evolve/merge/inmemory.py "
             "must be updated for this mergekit version"
         )
-    # plan_in_memory is still the broken route (when mergekit fixes it, switch to it).
+    import inspect
+
+    from mergekit.graph import Executor
+
+    assert "task_handle in self.targets" in inspect.getsource(Executor._run), (
+        "Executor._run no longer uses targets only for membership: PlannerRoute.executor must "
+        "stop turning Executor.targets into a set"
+    )
+    # plan_in_memory is still the broken route; when mergekit fixes it, PlannerRoute can use it.
+    broken = MergePlanner(_config(_recipes(family)["linear"]), route.arch_info, MergeOptions(), None)
+    with pytest.raises(TypeError, match="abstract"):
+        broken.plan_in_memory()
     config = _config(_recipes(family)["linear"])
     route = PlannerRoute(config, MergeOptions(quiet=True))
     targets, tokenizer_task = route.plan(config)

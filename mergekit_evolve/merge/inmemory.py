@@ -76,6 +76,12 @@ class PlannerRoute:
       ``run_merge`` builds it) and ``mergekit.merge._update_config_vocab`` (vocabulary size
       after a tokenizer merge).
 
+    It also builds the per-candidate ``Executor`` (public API: a ``TaskUniverse`` with the
+    resident inputs as ``cached_values``) and relies on one more detail there: ``Executor._run``
+    uses ``Executor.targets`` only for ``task_handle in self.targets``; with 100+ targets that
+    list scan is quadratic (~0.1 s per candidate for a 12-layer model), so the route swaps the
+    list for a set after construction.
+
     ``PRIVATE_NAMES`` lists them; ``tests/test_merge_engine.py`` checks that they exist and that
     this route still produces what ``merge_state_dicts`` and ``mergekit-yaml`` produce.
     """
@@ -113,6 +119,22 @@ class PlannerRoute:
             for weight, task in planner._tensors
         ]
         return targets, planner._tokenizer_task
+
+    @staticmethod
+    def executor(targets: list[ReturnTensor], inputs: dict, device: torch.device) -> Executor:
+        """An Executor for ``targets`` whose input tasks found in ``inputs`` are pre-computed."""
+        universe = TaskUniverse(targets)
+        handles = [universe.add_task(task) for task in targets]
+        cached = {
+            TaskHandle(universe, index): inputs[task]
+            for index, task in enumerate(universe.tasks)
+            if not isinstance(task, ReturnTensor) and task in inputs
+        }
+        executor = Executor(
+            handles, math_device=device, storage_device=device, cached_values=cached
+        )
+        executor.targets = set(handles)  # only used for membership tests in Executor._run
+        return executor
 
     def output_config(self, tokenizer_info: Any, config: MergeConfiguration):
         """The transformers config of the merged model (a copy; vocab updated like run_merge)."""
@@ -245,19 +267,7 @@ class InMemoryMerger:
         return self.model.eval()
 
     def _executor(self, targets: list[ReturnTensor]) -> Executor:
-        universe = TaskUniverse(targets)
-        handles = [universe.add_task(task) for task in targets]
-        cached = {
-            TaskHandle(universe, index): self._inputs[task]
-            for index, task in enumerate(universe.tasks)
-            if not isinstance(task, ReturnTensor) and task in self._inputs
-        }
-        executor = Executor(
-            handles,
-            math_device=self.device,
-            storage_device=self.device,
-            cached_values=cached,
-        )
+        executor = self._route.executor(targets, self._inputs, self.device)
         for handle in executor.schedule.tasks:
             task = handle.task()
             if isinstance(task, LoadTensor):

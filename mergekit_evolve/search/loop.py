@@ -92,6 +92,7 @@ def run_search(
     *,
     progress: bool = True,
     on_generation: Callable[[SearchState], None] | None = None,
+    on_record: Callable[[dict], None] | None = None,
 ) -> SearchState:
     """Run (or continue) CMA-ES until ``opt.max_evals`` candidates have been evaluated.
 
@@ -115,8 +116,10 @@ def run_search(
             bar.set_description(f"gen {generation}")
             records: dict[int, dict] = {}
 
-            def accept(j: int, record: dict) -> None:
+            def accept(j: int, record: dict, new: bool = True) -> None:
                 records[j] = record
+                if new and on_record:
+                    on_record(record)
                 if record.get("error") is None and record.get("key"):
                     by_key.setdefault(record["key"], record)
                 _update_best(problem, record, state, run_dir)
@@ -135,7 +138,7 @@ def run_search(
                 previous = recorded.get((generation, j))
                 if previous is not None:  # evaluated before an interruption
                     _check_same_genome(previous, x, generation, j)
-                    accept(j, previous)
+                    accept(j, previous, new=False)
                     continue
                 job = Job(generation=generation, candidate=j, index=state.n_evals + j, genome=[float(v) for v in x[: problem.dim]])
                 job.key = _decode_key(problem, job)

@@ -118,8 +118,12 @@ def run_stage(problem, config: EvolveConfig, run_dir: RunDir, save_model: bool, 
         return {"fitness": fitness.total(scores), "scores": scores}
 
     executor = make_executor(config, problem, score)
+    logger = _wandb_logger(config, run_dir)
     try:
-        state = run_search(problem, executor, run_dir, config.optimizer, progress=progress)
+        state = run_search(
+            problem, executor, run_dir, config.optimizer, progress=progress,
+            on_record=logger.log_evaluation if logger else None,
+        )
     finally:
         executor.close()
     if state.best is None:
@@ -140,7 +144,20 @@ def run_stage(problem, config: EvolveConfig, run_dir: RunDir, save_model: bool, 
     if save_model and not run_dir.model.exists():
         problem.save_model(best, run_dir.model)
     run_dir.write_json(run_dir.summary, summary)
+    if logger:
+        logger.log_summary(summary)
+        logger.finish()
     return summary
+
+
+def _wandb_logger(config: EvolveConfig, run_dir: RunDir):
+    if config.wandb is None:
+        return None
+    from mergekit_evolve.export.wandb_log import WandbLogger
+
+    w = config.wandb
+    return WandbLogger(w.project, entity=w.entity, name=w.name or run_dir.path.name, mode=w.mode,
+                       config=config.model_dump(mode="json"))
 
 
 def make_executor(config: EvolveConfig, problem, score):
@@ -163,6 +180,10 @@ def make_fitness(config: EvolveConfig, tokenizer):
 
 
 def _check_fitness_available(config: EvolveConfig) -> None:
+    if config.wandb is not None:
+        from mergekit_evolve.export.wandb_log import require_wandb
+
+        require_wandb()
     if config.executor.kind == "ray":
         from mergekit_evolve.search.ray_executor import import_ray
 
