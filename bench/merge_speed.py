@@ -14,21 +14,27 @@ once) and the in-memory linear time as a multiple of it.
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import subprocess
+import os
 import sys
-import tempfile
-import time
-from pathlib import Path
 
-import torch
-import transformers
-from mergekit.config import MergeConfiguration
-from safetensors.torch import load_file, save_file
+# torch reads THP_MEM_ALLOC_ENABLE once, at its first CPU allocation: set it before importing it.
+if "--thp" in sys.argv:
+    os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
 
-from mergekit_evolve.merge import InMemoryMerger
-from mergekit_evolve.zoo.random_models import make_random_model
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from mergekit.config import MergeConfiguration  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from mergekit_evolve.merge import InMemoryMerger  # noqa: E402
+from mergekit_evolve.zoo.random_models import make_random_model  # noqa: E402
 
 SEED = 17
 FULL_SHAPE = dict(num_layers=12, hidden_size=768, intermediate_size=1024, num_heads=12, vocab_size=32000)
@@ -144,9 +150,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed in-memory merges per method")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--no-cli", action="store_true", help="skip the mergekit-yaml round trips")
+    parser.add_argument(
+        "--thp", action="store_true",
+        help="THP_MEM_ALLOC_ENABLE=1 (huge pages for torch CPU tensors; the CLI inherits it too)",
+    )
     args = parser.parse_args(argv)
     if args.small and args.methods == parser.get_default("methods"):
-        args.methods = "linear,dare_ties,slerp"  # two CLI round trips' worth of seconds
+        args.methods = "linear,dare_ties"  # two CLI round trips' worth of seconds
     methods = [m for m in args.methods.split(",") if m]
     transformers.utils.logging.disable_progress_bar()
     dtype = getattr(torch, args.dtype)
@@ -159,7 +169,8 @@ def main(argv: list[str] | None = None) -> None:
         params = sum(t.numel() for t in load_file(family["base"] / "model.safetensors").values())
         print(f"family: base + 2 experts, Llama {shape}, {params / 1e6:.1f}M params each, "
               f"{args.dtype}, built in {time.perf_counter() - started:.1f}s; "
-              f"torch threads {torch.get_num_threads()}")
+              f"torch threads {torch.get_num_threads()}; "
+              f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}")
         bandwidth = measure_bandwidth(max(model_bytes(family["base"]), 64 << 20))
         print(f"memory bandwidth (torch add, best of 5): {bandwidth / 1e9:.1f} GB/s")
 

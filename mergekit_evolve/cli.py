@@ -56,15 +56,18 @@ device_option = click.option(
 @device_option
 @click.option("--executor", type=click.Choice(["local", "ray"]), help="Where candidates are evaluated (overrides executor.kind).")
 @click.option("--workers", type=int, help="Ray workers (overrides executor.workers).")
+@click.option("--allow-benchmark-tasks", is_flag=True, help="Allow selection tasks named like public benchmarks.")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty run directory.")
 @click.option("--no-save-model", is_flag=True, help="Do not write the merged best model to OUT/model.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors
-def run(config_file, out, max_evals, seed, device, executor, workers, force, no_save_model, quiet):
+def run(config_file, out, max_evals, seed, device, executor, workers, allow_benchmark_tasks, force, no_save_model, quiet):
     """Evolve a merge described by CONFIG; results go to --out."""
     from mergekit_evolve.search import runner
 
     overrides = {}
+    if allow_benchmark_tasks:
+        overrides["allow_benchmark_tasks"] = True
     if executor:
         overrides["executor.kind"] = executor
     if workers is not None:

@@ -137,6 +137,10 @@ class EvolveConfig(Strict):
     merge_seed: int = Field(default=0, ge=0)  # mergekit's --random-seed for DARE-style methods
     # mergekit-evolve's lm-eval fitness fields
     tasks: Optional[list[LmEvalTask]] = None
+    heldout_tasks: Optional[list[LmEvalTask]] = None  # lm-eval tasks scored for the report only
+    task_search_path: Optional[list[str]] = None  # folders of local lm-eval task YAMLs
+    apply_chat_template: bool = False
+    allow_benchmark_tasks: bool = False  # see mergekit_evolve.fitness.guard
     limit: Optional[int] = Field(default=None, ge=1)
     num_fewshot: Optional[int] = Field(default=None, ge=0)
     shuffle: bool = False
@@ -179,7 +183,7 @@ def _format_validation_error(err: ValidationError) -> str:
 
 
 # Keys of ours that may sit next to a mergekit recipe template; everything else is the template.
-TEMPLATE_SIDE_KEYS = {"space", "dfs", "fitness", "optimizer", "executor", "wandb", "merge_seed", "tasks", "limit", "num_fewshot", "shuffle", "random_init"}
+TEMPLATE_SIDE_KEYS = {"space", "dfs", "fitness", "optimizer", "executor", "wandb", "heldout_tasks", "task_search_path", "apply_chat_template", "allow_benchmark_tasks", "merge_seed", "tasks", "limit", "num_fewshot", "shuffle", "random_init"}
 
 
 def split_template(data: dict) -> dict:
@@ -246,6 +250,8 @@ def resolve_paths(config: EvolveConfig, base_dir: Path) -> EvolveConfig:
                 genome[key] = _resolve_model(genome[key], base_dir)
     if data["template"] is not None:
         data["template"] = _resolve_template_models(data["template"], base_dir)
+    if data.get("task_search_path"):
+        data["task_search_path"] = [str((base_dir / p).resolve()) for p in data["task_search_path"]]
     if data["dfs"].get("models"):
         data["dfs"]["models"] = [_resolve_model(m, base_dir) for m in data["dfs"]["models"]]
     if data.get("fitness"):

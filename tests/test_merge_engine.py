@@ -205,6 +205,20 @@ def test_model_never_shares_storage_with_sources(family, merger):
     test_sources_stay_untouched(family, merger)
 
 
+def test_sources_rewritten_in_place_do_not_leak_in(family, tmp_path):
+    """The merger's sources are its own copies, not views of files that may change under it."""
+    models = {name: Path(shutil.copytree(path, tmp_path / name)) for name, path in family.items()}
+    config = _config(_recipes(models)["ties"])
+    merger = InMemoryMerger(config)
+    before = _snapshot(merger.merge(config))
+    shard = models["e1"] / "model.safetensors"
+    with open(shard, "r+b") as handle:  # same file, same size, zeroed tensor data
+        handle.seek(4096)
+        handle.write(b"\0" * (shard.stat().st_size - 4096))
+    after = _snapshot(merger.merge(config))
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
 def test_sequence_has_no_stale_state(family, merger, cli_outputs):
     linear, ties = (_config(_recipes(family)[m]) for m in ("linear", "ties"))
     _assert_state_equal(merger.merge(linear), cli_outputs["linear"])
@@ -313,10 +327,6 @@ def test_planner_route_private_names_and_equivalence(family):
         "Executor._run no longer uses targets only for membership: PlannerRoute.executor must "
         "stop turning Executor.targets into a set"
     )
-    # plan_in_memory is still the broken route; when mergekit fixes it, PlannerRoute can use it.
-    broken = MergePlanner(_config(_recipes(family)["linear"]), route.arch_info, MergeOptions(), None)
-    with pytest.raises(TypeError, match="abstract"):
-        broken.plan_in_memory()
     config = _config(_recipes(family)["linear"])
     route = PlannerRoute(config, MergeOptions(quiet=True))
     targets, tokenizer_task = route.plan(config)
@@ -324,6 +334,10 @@ def test_planner_route_private_names_and_equivalence(family):
     assert len(targets) == len(load_file(family["base"] / "model.safetensors"))
     assert all(isinstance(t.tensor_task, ExecuteMergeMethodTask) for t in targets)
     assert isinstance(MergePlanner(config, route.arch_info, route.options, None)._tensors, list)
+    # plan_in_memory is still the broken route; when mergekit fixes it, PlannerRoute can use it.
+    broken = MergePlanner(config, route.arch_info, MergeOptions(), route._out_config)
+    with pytest.raises(TypeError, match="abstract"):
+        broken.plan_in_memory()
     # ... and the tensors it yields equal mergekit's public in-memory API.
     plain = {"weight": 1.0}
     recipe = _recipes(family)["linear"]
@@ -359,8 +373,12 @@ def test_merge_to_disk_writes_loadable_model(family, merger, tmp_path, monkeypat
     ]
     config = _config(recipe)
     before = config.model_dump()
+    numpy_state, torch_state = np.random.get_state()[1].tolist(), torch.get_rng_state()
     out = merge_to_disk(config, tmp_path / "final", random_seed=SEED)
     assert config.model_dump() == before  # not mutated
+    # run_merge reseeds numpy/torch globally; a search loop's sampler must not notice.
+    assert np.random.get_state()[1].tolist() == numpy_state
+    assert torch.equal(torch.get_rng_state(), torch_state)
     assert out == tmp_path / "final"
     assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= {
         p.name for p in out.iterdir()

@@ -163,6 +163,18 @@ class InMemoryMerger:
     ``random_seed``: each candidate runs with torch's RNG seeded to it, as ``mergekit-yaml
     --random-seed`` does for a whole merge; the caller's RNG state is restored afterwards.
     With ``None`` random methods draw from (and advance) the global torch RNG.
+
+    Why that reproduces mergekit-yaml bitwise: ``--random-seed S`` calls transformers'
+    ``set_seed(S)`` (python, numpy, torch) before the merge, and nothing draws random numbers
+    until the merge tasks run; mergekit's methods draw only from torch's global generator
+    (``torch.bernoulli`` in DARE/DELLA). Its ``Executor`` orders tasks by group label (the
+    source tensor name) and priority, so merge tasks run in tensor-name order. A candidate's
+    graph here has the same labels, so its merge tasks run in the same order and draw the same
+    numbers. (Two outputs with the same label, e.g. a slice recipe reading one layer twice,
+    are ordered by graph insertion, which this path does not promise to match for random
+    methods.) Only torch is seeded here, so a search loop's numpy/python RNGs are untouched.
+
+    Not thread-safe; one merger per process or per worker.
     """
 
     def __init__(
@@ -208,17 +220,28 @@ class InMemoryMerger:
         """Execute, once, every task the merge tasks depend on (loads, gathers, tokenizer).
 
         The values are kept; candidates get them as mergekit ``Executor`` cached values.
+        Loaded tensors are copied into process memory first: safetensors hands out CPU tensors
+        that are views of a memory map of the file, which change if the file is rewritten in
+        place (and fault if it shrinks).
         """
         roots = [dep for ret in targets for dep in ret.tensor_task.arguments().values()]
         if tokenizer_task is not None:
             roots.append(tokenizer_task)
-        input_tasks = list(TaskUniverse(roots).tasks)  # roots and everything below them
-        models = self.template.referenced_models()
-        with _fresh_loader_cache(models), torch.no_grad():
-            executor = Executor(
-                input_tasks, math_device=self.device, storage_device=self.device
-            )
-            return dict(executor.run(quiet=True))
+        universe = TaskUniverse(roots)  # roots and everything below them
+        handles = [TaskHandle(universe, index) for index in range(len(universe.tasks))]
+        loads = [h for h in handles if isinstance(h.task(), LoadTensor)]
+        others = [h for h in handles if not isinstance(h.task(), LoadTensor)]
+        device = self.device
+        with _fresh_loader_cache(self.template.referenced_models()), torch.no_grad():
+            load_run = Executor(loads, math_device=device, storage_device=device).run(quiet=True)
+            values = {task: _owned(value) for task, value in load_run}
+            cached = {handle: values[handle.task()] for handle in loads}
+            if others:
+                derived = Executor(
+                    others, math_device=device, storage_device=device, cached_values=cached
+                )
+                values.update(derived.run(quiet=True))
+        return values
 
     def _resident_tensors(self, targets: list[ReturnTensor]) -> dict[str, torch.Tensor]:
         """Map each output tensor name to the model tensor it is copied into; check coverage."""
@@ -324,13 +347,18 @@ class InMemoryMerger:
         return _seeded_torch_rng(self.random_seed, self.device)
 
 
+def _forked_rng(device: torch.device) -> contextlib.AbstractContextManager:
+    """Save the CPU RNG (and ``device``'s, if CUDA) and restore it on exit."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.random.fork_rng(devices=[index], device_type="cuda")
+    return torch.random.fork_rng(devices=[])
+
+
 @contextlib.contextmanager
 def _seeded_torch_rng(seed: int, device: torch.device) -> Iterator[None]:
-    devices = []
-    if device.type == "cuda":
-        devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
-        torch.manual_seed(seed)  # seeds the CPU and every CUDA generator
+    with _forked_rng(device):
+        torch.manual_seed(seed)  # seeds the CPU and every CUDA generator, as set_seed does
         yield
 
 
@@ -350,6 +378,13 @@ def _fresh_loader_cache(models: list[ModelReference]) -> Iterator[None]:
         yield
     finally:
         evict()
+
+
+def _owned(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A copy in process memory of a (possibly file-mapped) CPU tensor."""
+    if tensor is None or tensor.device.type != "cpu":
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
@@ -391,7 +426,7 @@ def _tied_aliases(model: torch.nn.Module) -> set[str]:
 def _build_resident_model(config, dtype: torch.dtype, device: torch.device):
     """Build the model once, from the output config; its weights are overwritten by merge()."""
     # Random init would advance the caller's torch RNG; keep it untouched.
-    with torch.random.fork_rng(devices=[]), torch.device(device):
+    with _forked_rng(device), torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.requires_grad_(False)
     return model.eval()

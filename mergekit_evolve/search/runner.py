@@ -49,6 +49,9 @@ def start(
 def validate(config: EvolveConfig, device: str = "cpu") -> None:
     """Read model configs, build the search space and load the fitness data; load no weights."""
     _check_fitness_available(config)
+    from mergekit_evolve.fitness.guard import check_selection_tasks
+
+    check_selection_tasks(config)
     problem = make_problem(config, device)
     if config.space == "ps+dfs":  # the PS model will share the source models' shape
         from mergekit_evolve.search.dfs_problem import check_dfs_collection
@@ -189,13 +192,9 @@ def _check_fitness_available(config: EvolveConfig) -> None:
 
         import_ray()
     if config.fitness is None:
-        try:
-            import lm_eval  # noqa: F401
-        except ImportError:
-            raise InputError(
-                "tasks: lm-eval tasks need the lm-eval extra; run pip install 'mergekit-evolve[lm-eval]' "
-                "or define a built-in 'fitness:' section"
-            ) from None
+        from mergekit_evolve.fitness.lm_eval_tasks import require_lm_eval
+
+        require_lm_eval()
 
 
 def selection_data(config: EvolveConfig) -> list[dict]:
