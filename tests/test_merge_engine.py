@@ -390,7 +390,8 @@ def test_merge_to_disk_writes_loadable_model(family, merger, tmp_path, monkeypat
 
 def test_merge_to_disk_failure_leaves_nothing(family, tmp_path):
     broken = _make_expert(family["base"], tmp_path / "broken", seed=5)
-    tensors = load_file(broken / "model.safetensors")
+    # Copies: load_file's tensors map the file that is about to be rewritten.
+    tensors = {name: t.clone() for name, t in load_file(broken / "model.safetensors").items()}
     del tensors["model.norm.weight"]  # merged last: fails after other tensors were written
     save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
     recipe = _recipes(family)["linear"]
