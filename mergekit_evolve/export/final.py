@@ -51,10 +51,9 @@ def export_run(run_dir: str | Path, *, fmt: str, out: str | Path, force: bool = 
 
         return save_custom_checkpoint(problem.pool, candidate.path, out)
     try:
-        recipe = problem.recipe_dict(candidate)
+        problem.recipe_dict(candidate)
     except InputError as err:
         raise InputError(f"--format standard: {err}; export with --format custom instead") from None
-    from mergekit_evolve.merge import merge_to_disk
-    from mergekit_evolve.recipe.ps import to_merge_config
+    from mergekit_evolve.export.custom_code import save_folded_checkpoint
 
-    return merge_to_disk(to_merge_config(recipe), out, device=device)
+    return save_folded_checkpoint(problem.pool, candidate.path, out)

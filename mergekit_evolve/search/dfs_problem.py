@@ -123,14 +123,16 @@ class DFSProblem:
         atomic_write(run_dir.best_yaml, recipe_yaml(recipe, header))
 
     def save_model(self, candidate: DFSCandidate, out_dir: Path) -> Path:
-        """Standard checkpoint when the fold is exact, else the custom-code checkpoint."""
+        """Standard checkpoint when the fold is exact, else the custom-code checkpoint.
+
+        The folded checkpoint is written from the pool directly; it equals what ``mergekit-yaml
+        best.yaml`` writes tensor for tensor (tested), and also works for Qwen2, whose depth-changing
+        passthrough merges mergekit 0.1.5 cannot save (it leaves ``layer_types`` at the old length).
+        """
+        from mergekit_evolve.export.custom_code import save_custom_checkpoint, save_folded_checkpoint
+
         try:
-            recipe = self.recipe_dict(candidate)
+            self.recipe_dict(candidate)
         except InputError:
-            from mergekit_evolve.export.custom_code import save_custom_checkpoint
-
             return save_custom_checkpoint(self.pool, candidate.path, out_dir)
-        from mergekit_evolve.merge import merge_to_disk
-        from mergekit_evolve.recipe.ps import to_merge_config
-
-        return merge_to_disk(to_merge_config(recipe), out_dir, device=self.device)
+        return save_folded_checkpoint(self.pool, candidate.path, out_dir)
