@@ -1,0 +1,113 @@
+"""DFS and PS+DFS runs end to end: run directory, folded best.yaml, both export forms, resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+import yaml
+from safetensors.torch import load_file
+
+from mergekit_evolve.config import parse_config
+from mergekit_evolve.export.final import export_run
+from mergekit_evolve.search import runner
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(autouse=True)
+def tests_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+
+
+def rows(tmp: Path) -> Path:
+    path = tmp / "rows.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "answer": str(2 * i)}) + "\n" for i in range(10)))
+    return path
+
+
+def dfs_config(family, data: Path, space="dfs", function="fitness_fns:loglik", max_evals=12) -> dict:
+    return {
+        "space": space,
+        "genome": {"models": [str(family["expert0"]), str(family["expert1"])], "merge_method": "linear"},
+        "dfs": {"repeats": 2},
+        "fitness": {"tasks": [{"name": "ll", "kind": "callable", "function": function, "data": str(data), "heldout": str(data)}]},
+        "optimizer": {"max_evals": max_evals, "seed": 2},
+        "dtype": "float32",
+    }
+
+
+def load_weights(folder: Path) -> dict:
+    out = {}
+    for shard in folder.glob("*.safetensors"):
+        out.update(load_file(shard))
+    return out
+
+
+@pytest.fixture(scope="module")
+def dfs_run(family, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dfs")
+    import sys
+
+    sys.path.insert(0, str(TESTS))
+    summary = runner.start(parse_config(dfs_config(family, rows(root))), root / "out", device="cpu", progress=False)
+    return root / "out", summary
+
+
+def test_dfs_run_writes_a_folded_recipe_and_a_standard_model(dfs_run, tmp_path):
+    out, summary = dfs_run
+    best = json.loads((out / "best.json").read_text())
+    assert best["path"]["hops"] and len(best["path"]["scales"]) == len(best["path"]["hops"])
+    recipe = yaml.safe_load((out / "best.yaml").read_text())
+    assert recipe["merge_method"] == "passthrough" and recipe["base_model"] == best["path"]["models"][0]
+    # mergekit-yaml on best.yaml gives exactly the model the run saved
+    subprocess.run(["mergekit-yaml", str(out / "best.yaml"), str(tmp_path / "m")], check=True, capture_output=True)
+    ours, theirs = load_weights(out / "model"), load_weights(tmp_path / "m")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    config = transformers.AutoConfig.from_pretrained(out / "model")
+    assert config.model_type == "llama" and config.num_hidden_layers == len(best["path"]["hops"])
+
+
+def test_standard_model_scores_what_the_search_scored(dfs_run):
+    """The folded checkpoint, loaded by plain transformers, reproduces the best fitness."""
+    import fitness_fns
+
+    out, summary = dfs_run
+    model = transformers.AutoModelForCausalLM.from_pretrained(out / "model", dtype="float32").eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out / "model")
+    data = [json.loads(line) for line in (out.parent / "rows.jsonl").read_text().splitlines()]
+    assert fitness_fns.loglik(model, tokenizer, data, "fitness") == pytest.approx(summary["best"]["fitness"], rel=1e-4)
+
+
+def test_custom_export_reloads_with_remote_code_and_generates_the_same_tokens(dfs_run, tmp_path):
+    out, _ = dfs_run
+    custom = export_run(out, fmt="custom", out=tmp_path / "custom")
+    standard = transformers.AutoModelForCausalLM.from_pretrained(out / "model", dtype="float32").eval()
+    stack = transformers.AutoModelForCausalLM.from_pretrained(custom, trust_remote_code=True, dtype="float32").eval()
+    prompt = torch.tensor([[1, 7, 40, 8, 43]])
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(stack.generate(prompt, **kwargs), standard.generate(prompt, **kwargs))
+
+
+def test_ps_then_dfs_runs_both_stages_and_resumes_the_second(family, tmp_path, monkeypatch):
+    import fitness_fns
+
+    data = rows(tmp_path)
+    reference = runner.start(parse_config(dfs_config(family, data, space="ps+dfs", max_evals=8)), tmp_path / "ref",
+                             device="cpu", progress=False)
+    fitness_fns.CALLS["n"] = 0
+    monkeypatch.setenv("MKE_INTERRUPT_AT", "17")  # PS: 2 generations of 6 + held-out = 13 calls; stop inside DFS
+    config = parse_config(dfs_config(family, data, space="ps+dfs", function="fitness_fns:interrupting", max_evals=8))
+    with pytest.raises(KeyboardInterrupt):
+        runner.start(config, tmp_path / "cut", device="cpu", progress=False)
+    assert (tmp_path / "cut" / "ps" / "model").is_dir() and (tmp_path / "cut" / "dfs" / "evaluations.jsonl").exists()
+    monkeypatch.delenv("MKE_INTERRUPT_AT")
+    resumed = runner.resume(tmp_path / "cut", progress=False)
+    assert resumed["stages"]["ps"]["best"]["fitness"] == reference["stages"]["ps"]["best"]["fitness"]
+    assert resumed["best"]["fitness"] == reference["best"]["fitness"]
+    dfs_path = json.loads((tmp_path / "cut" / "best.json").read_text())["path"]
+    assert dfs_path["models"][0] == str(tmp_path / "cut" / "ps" / "model")  # the PS model is model A
