@@ -203,7 +203,8 @@ class InMemoryMerger:
         tokenizer_info = self._inputs.get(tokenizer_task) if tokenizer_task else None
         self.tokenizer = _load_tokenizer(self.template, tokenizer_info, self.source_paths)
         out_config = self._route.output_config(tokenizer_info, self.template)
-        self.model = _build_resident_model(out_config, self._model_dtype(dtype, out_config), self.device)
+        model_dtype = self._model_dtype(dtype, out_config)
+        self.model = _build_resident_model(out_config, model_dtype, self.device)
         self._targets = self._resident_tensors(targets)
         self.last_timings = MergeTimings()
 
@@ -250,8 +251,9 @@ class InMemoryMerger:
         unknown = sorted(names - state.keys())
         if unknown:
             raise InputError(
-                f"template: mergekit writes tensors the {type(self.model).__name__} model does not "
-                f"have ({', '.join(unknown[:3])}); merge models whose transformers class uses these names"
+                f"template: mergekit writes tensors the {type(self.model).__name__} model does "
+                f"not have ({', '.join(unknown[:3])}); merge models whose transformers class "
+                "uses these names"
             )
         tied = _tied_aliases(self.model)
         uncovered = sorted(state.keys() - names - tied)
