@@ -18,7 +18,7 @@ import yaml
 from mergekit_evolve.config import parse_config
 from mergekit_evolve.search.rundir import atomic_write
 
-DEFAULT_EVALS = {"ps": 120, "dfs": 120}
+DEFAULT_EVALS = {"ps": 300, "dfs": 300, "ps+dfs": 200}
 
 
 def demo_config(zoo, space: str, max_evals: int, seed: int) -> dict[str, Any]:
