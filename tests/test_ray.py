@@ -20,7 +20,8 @@ def ray_cluster(tmp_path_factory):
     """A real local Ray cluster; workers see the test fitness module and a 'die once' flag path."""
     flag = tmp_path_factory.mktemp("ray") / "died"
     env = {"PYTHONPATH": str(TESTS), "MKE_DIE_FLAG": str(flag)}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env},
+             _node_ip_address="127.0.0.1")  # loopback only: no interface lookup in sandboxes
     yield flag
     ray.shutdown()
 

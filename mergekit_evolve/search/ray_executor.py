@@ -69,7 +69,8 @@ class RayExecutor:
         self.ray = ray
         if not ray.is_initialized():
             address = address or os.environ.get("RAY_ADDRESS")
-            kwargs = {"address": address} if address else {"num_cpus": max(2, workers or 2), "include_dashboard": False}
+            kwargs = {"address": address} if address else {
+                "num_cpus": max(2, workers or 2), "include_dashboard": False, "_node_ip_address": "127.0.0.1"}
             ray.init(ignore_reinit_error=True, log_to_driver=False, configure_logging=False, **kwargs)
         self.gpu = device.startswith("cuda")
         self.n_workers = workers or self._default_workers()
