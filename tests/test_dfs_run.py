@@ -111,3 +111,19 @@ def test_ps_then_dfs_runs_both_stages_and_resumes_the_second(family, tmp_path, m
     assert resumed["best"]["fitness"] == reference["best"]["fitness"]
     dfs_path = json.loads((tmp_path / "cut" / "best.json").read_text())["path"]
     assert dfs_path["models"][0] == str(tmp_path / "cut" / "ps" / "model")  # the PS model is model A
+
+
+def test_folded_zoo_model_matches_the_layer_stack(zoo):
+    """On the trained zoo: the folded ordinary Llama gives the layer-stack's logits (float32)."""
+    from mergekit_evolve.merge.layer_pool import LayerPool
+    from mergekit_evolve.recipe.fold import fold_model
+    from mergekit_evolve.space.dfs import DFSPath
+
+    pool = LayerPool.from_pretrained([str(zoo.models["math"]), str(zoo.models["script"])], dtype="float32")
+    path = DFSPath(hops=((1, 0), (0, 0), (0, 1), (1, 1), (1, 1), (0, 2), (0, 3)), scales=(1.0, 0.8, 1.3, 0.9, 1.1, 1.2, 0.7))
+    ids = torch.tensor([[1, 14, 17, 41, 22, 43], [1, 7, 40, 8, 43, 11]])
+    with torch.inference_mode():
+        stack = pool.model(path)(input_ids=ids).logits
+        folded = fold_model(pool, path)(input_ids=ids).logits
+    scale = stack.abs().max()
+    assert (stack - folded).abs().max() / scale <= 1e-4
