@@ -141,6 +141,7 @@ class EvolveConfig(Strict):
     task_search_path: Optional[list[str]] = None  # folders of local lm-eval task YAMLs
     apply_chat_template: bool = False
     allow_benchmark_tasks: bool = False  # see mergekit_evolve.fitness.guard
+    allow_pickle_weights: bool = False  # load *.bin pickle checkpoints (they can run code); safetensors only by default
     limit: Optional[int] = Field(default=None, ge=1)
     num_fewshot: Optional[int] = Field(default=None, ge=0)
     shuffle: bool = False
@@ -183,7 +184,7 @@ def _format_validation_error(err: ValidationError) -> str:
 
 
 # Keys of ours that may sit next to a mergekit recipe template; everything else is the template.
-TEMPLATE_SIDE_KEYS = {"space", "dfs", "fitness", "optimizer", "executor", "wandb", "heldout_tasks", "task_search_path", "apply_chat_template", "allow_benchmark_tasks", "merge_seed", "tasks", "limit", "num_fewshot", "shuffle", "random_init"}
+TEMPLATE_SIDE_KEYS = {"space", "dfs", "fitness", "optimizer", "executor", "wandb", "heldout_tasks", "task_search_path", "apply_chat_template", "allow_benchmark_tasks", "allow_pickle_weights", "merge_seed", "tasks", "limit", "num_fewshot", "shuffle", "random_init"}
 
 
 def split_template(data: dict) -> dict:

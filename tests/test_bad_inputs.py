@@ -103,6 +103,7 @@ CASES = [
     Case("resume-nothing", "resume of a folder that is no run", "not a mergekit-evo run directory", args=lambda env: ["resume", str(env.models["a"])]),
     Case("genome-length", "recipe --genome of the wrong length", "--genome: ", args=lambda env: ["recipe", str(env.root / "cfg.yaml"), "--genome", str(env.root / "g.json")]),
     Case("wandb-missing", "wandb logging asked for without the wandb extra", "needs the wandb extra", edit=lambda c, e: c.update(wandb={"project": "evo"})),
+    Case("pickle-weights", "a model with only pickle (*.bin) weights", "has only pickle weights", edit=lambda c, e: c["genome"]["models"].__setitem__(1, str(e.models["pickled"]))),
     Case("device", "CUDA requested without a GPU", "--device: cuda requested but no CUDA GPU is visible", args=lambda env: ["run", str(env.root / "cfg.yaml"), "--out", str(env.root / "out"), "--device", "cuda"]),
 ]
 
@@ -120,6 +121,16 @@ def env(tmp_path_factory) -> Env:
         "vocab": make_random_model(root / "vocab", seed=5, vocab_size=80),
         "wide": make_random_model(root / "wide", seed=6, hidden_size=48),
     }
+    pickled = root / "pickled"
+    import shutil
+
+    shutil.copytree(env.models["a"], pickled)
+    import torch
+    from safetensors.torch import load_file
+
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    env.models["pickled"] = pickled
     env.rows = root / "rows.jsonl"
     env.rows.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(4)))
     (root / "g.json").write_text("[0.5, 0.5]")

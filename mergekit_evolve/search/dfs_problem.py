@@ -34,8 +34,8 @@ def dfs_models(config: EvolveConfig) -> list[str]:
     return list(config.dfs.models or source_models(config))
 
 
-def check_dfs_collection(models: list[str], base_index: int, field: str = "dfs.models"):
-    infos = inspect_models(models, field)
+def check_dfs_collection(models: list[str], base_index: int, field: str = "dfs.models", allow_pickle: bool = False):
+    infos = inspect_models(models, field, allow_pickle=allow_pickle)
     if base_index >= len(infos):
         raise InputError(f"dfs.base_index: {base_index} but only {len(infos)} models; use 0..{len(infos) - 1}")
     sizes = {i.hidden_size for i in infos}
@@ -56,7 +56,7 @@ class DFSProblem:
         self.device = device
         self.models = dfs_models(config)
         self.base_index = config.dfs.base_index
-        infos = check_dfs_collection(self.models, self.base_index)
+        infos = check_dfs_collection(self.models, self.base_index, allow_pickle=config.allow_pickle_weights)
         self.dtype = config.dtype or infos[self.base_index].dtype or "float32"
         self.space = DFSSpace(
             [i.num_layers for i in infos],

@@ -50,7 +50,7 @@ class PSProblem:
     def __init__(self, config: EvolveConfig, device: str = "cpu"):
         genome = config.genome
         refs = list(dict.fromkeys([*genome.models, *([genome.base_model] if genome.base_model else [])]))
-        infos = inspect_models(refs, "genome.models")
+        infos = inspect_models(refs, "genome.models", allow_pickle=config.allow_pickle_weights)
         check_same_shape(infos, "genome.models")
         self.config = config
         self.device = device
@@ -119,7 +119,7 @@ class TemplateProblem(PSProblem):
         self.device = device
         self.space = TemplateSpace(config.template)
         refs = self.space.referenced_models()
-        infos = inspect_models(refs, "template models")
+        infos = inspect_models(refs, "template models", allow_pickle=config.allow_pickle_weights)
         check_same_shape(infos, "template models")
         self.dtype = config.template.get("dtype") or infos[0].dtype or "float32"
         self.dim = self.space.dim

@@ -21,12 +21,18 @@ class ModelInfo:
     dtype: str | None
 
 
-def inspect_model(ref: str, where: str, trust_remote_code: bool = False) -> ModelInfo:
+def inspect_model(ref: str, where: str, trust_remote_code: bool = False, allow_pickle: bool = False) -> ModelInfo:
     local = Path(ref)
     if ref.startswith(("/", ".", "~")) and not local.exists():
         raise InputError(f"{where}: {ref} does not exist; give the path of a Hugging Face model folder or a hub ID")
     if local.exists() and not (local / "config.json").is_file():
         raise InputError(f"{where}: {ref} has no config.json; point at a Hugging Face model folder")
+    if local.is_dir() and not allow_pickle and not any(local.glob("*.safetensors")):
+        if any(local.glob("*.bin")) or any(local.glob("*.pt")):
+            raise InputError(
+                f"{where}: {ref} has only pickle weights (*.bin), which can run code when loaded; convert it to "
+                "safetensors, or set allow_pickle_weights: true if you trust it"
+            )
     try:
         config = transformers.AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
     except Exception as err:  # hub unreachable, unknown repo, custom code not allowed, ...
@@ -48,8 +54,9 @@ def inspect_model(ref: str, where: str, trust_remote_code: bool = False) -> Mode
     )
 
 
-def inspect_models(refs: list[str], field: str) -> list[ModelInfo]:
-    return [inspect_model(ref, f"{field}[{i}]") for i, ref in enumerate(refs)]
+def inspect_models(refs: list[str], field: str, allow_pickle: bool = False) -> list[ModelInfo]:
+    """Configs of the sources. Weights must be safetensors unless pickle files are allowed explicitly."""
+    return [inspect_model(ref, f"{field}[{i}]", allow_pickle=allow_pickle) for i, ref in enumerate(refs)]
 
 
 def check_same_shape(infos: list[ModelInfo], field: str) -> None:
