@@ -77,8 +77,9 @@ def torture(root: Path, kills: int, max_evals: int = 40, seed: int = 0, log=prin
         command = cli("resume", str(out)) if started_before else cli("run", str(config), "--out", str(out), "--no-save-model")
         proc = subprocess.Popen(command, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if done_kills < kills:
-            # past start-up (imports ~3 s) into merging / evaluating / writing state
-            delay = rng.uniform(3.0, 3.0 + max(1.0, reference_seconds / 3))
+            # Anywhere from late start-up to the end of a whole run: merging, evaluating, writing state.
+            # Work done before each kill persists, so the run advances across kills.
+            delay = rng.uniform(0.4, 1.0) * reference_seconds
             try:
                 proc.wait(timeout=delay)
             except subprocess.TimeoutExpired:
