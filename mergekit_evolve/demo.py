@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-import yaml
 
 from mergekit_evolve.config import parse_config
 from mergekit_evolve.search.rundir import atomic_write

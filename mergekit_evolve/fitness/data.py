@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mergekit_evolve.errors import InputError
 from mergekit_evolve.fitness.extract import last_number
 from mergekit_evolve.fitness.tasks import TaskConfig
 
