@@ -20,7 +20,6 @@ mergekit-evolve configs (``genome:``, ``tasks:``, ``limit``, ``num_fewshot``, ``
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -296,10 +295,3 @@ def load_config(path: str | Path) -> EvolveConfig:
         where = f" at line {mark.line + 1}" if mark else ""
         raise InputError(f"{path}: malformed YAML{where}: {getattr(err, 'problem', err)}; fix the syntax") from None
     return parse_config(data, base_dir=path.parent.absolute(), source=str(path))
-
-
-def config_hash(config: EvolveConfig) -> str:
-    import hashlib
-
-    blob = json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]

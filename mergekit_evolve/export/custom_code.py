@@ -13,6 +13,8 @@ mergekit 0.1.5 fails (Qwen2 ``layer_types``) and every tensor where mergekit's d
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import shutil
@@ -77,6 +79,20 @@ def _publish(staging: Path, out_dir: Path) -> None:
     os.replace(staging, out_dir)
 
 
+@contextlib.contextmanager
+def _staged_checkpoint(out_dir: Path, overwrite: bool, tokenizer):
+    """Yield a hidden sibling folder to write into; on success add the tokenizer and rename it into place."""
+    staging = _staging_dir(out_dir, overwrite)
+    try:
+        yield staging
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
+        _publish(staging, out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
 def save_custom_checkpoint(
     pool,
     path: DFSPath,
@@ -98,8 +114,7 @@ def save_custom_checkpoint(
         lm_head=pool.lm_head,
         source_configs=[build_source_config(c) for c in config.source_configs],
     )
-    staging = _staging_dir(out_dir, overwrite)
-    try:
+    with _staged_checkpoint(out_dir, overwrite, pool.tokenizer) as staging:
         if dtype is not None and dtype != stack.dtype:
             # a converted copy, so the pool's own weights keep their dtype
             state = {k: v.to(dtype) for k, v in stack.state_dict().items()}
@@ -110,12 +125,6 @@ def save_custom_checkpoint(
         package_dir = Path(modeling.__file__).parent
         for name in CODE_FILES:
             shutil.copyfile(package_dir / name, staging / name)
-        if pool.tokenizer is not None:
-            pool.tokenizer.save_pretrained(str(staging))
-        _publish(staging, out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return out_dir
 
 
@@ -139,15 +148,8 @@ def save_folded_checkpoint(
 
     out_dir = Path(out_dir).absolute()
     model = fold_model(pool, path, dtype=dtype)
-    staging = _staging_dir(out_dir, overwrite)
-    try:
+    with _staged_checkpoint(out_dir, overwrite, pool.tokenizer) as staging:
         model.save_pretrained(str(staging))
-        if pool.tokenizer is not None:
-            pool.tokenizer.save_pretrained(str(staging))
-        _publish(staging, out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return out_dir
 
 

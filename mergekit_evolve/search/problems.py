@@ -64,7 +64,8 @@ class PSProblem:
         if self._merger is None:  # loading sources is the expensive part: only when first needed
             from mergekit_evolve.merge import InMemoryMerger
 
-            template = to_merge_config(ps_recipe(self.space, self.space.x0(), self.dtype))
+            # Any candidate names the same models; the initial one serves as the template.
+            template = to_merge_config(self.decode(self.x0()).recipe)
             self._merger = InMemoryMerger(
                 template, device=self.device, dtype=self.dtype, random_seed=self.config.merge_seed
             )
@@ -129,15 +130,6 @@ class TemplateProblem(PSProblem):
         except Exception as err:
             first = str(err).splitlines()[0]
             raise InputError(f"template: not a valid mergekit recipe once filled in ({first}); fix the YAML") from None
-
-    @property
-    def merger(self):
-        if self._merger is None:
-            from mergekit_evolve.merge import InMemoryMerger
-
-            template = to_merge_config(self.space.fill(self.space.x0()))
-            self._merger = InMemoryMerger(template, device=self.device, dtype=self.dtype, random_seed=self.config.merge_seed)
-        return self._merger
 
     @cached_property
     def tokenizer(self):

@@ -19,7 +19,7 @@ import json
 import os
 import pickle
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from mergekit_evolve.errors import InputError
 
@@ -130,9 +130,6 @@ class RunDir:
             with open(self.evaluations, "r+b") as f:
                 f.truncate(good_bytes)
         return records
-
-    def iter_evaluations(self) -> Iterator[dict[str, Any]]:
-        yield from self.read_evaluations()
 
     # -- optimiser state ---------------------------------------------------------------------------
     def save_state(self, state: Any) -> None:

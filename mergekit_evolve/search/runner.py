@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from mergekit_evolve.config import EvolveConfig, load_config, parse_config, source_models
 from mergekit_evolve.errors import InputError
@@ -220,11 +219,11 @@ def load_any_config(path: str | Path, overrides: dict[str, Any]) -> EvolveConfig
     config = load_config(path)
     if not overrides:
         return config
-    data = config.model_dump(mode="python")
+    data = config.model_dump(mode="json")
     for dotted, value in overrides.items():
         node = data
         *parents, leaf = dotted.split(".")
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
-    return parse_config(yaml.safe_load(yaml.safe_dump(json.loads(json.dumps(data, default=str)))), source=str(path))
+    return parse_config(data, source=str(path))
