@@ -94,6 +94,23 @@ class DFSConfig(Strict):
     network_hidden: int = Field(default=16, ge=1)
 
 
+class RacingConfig(Strict):
+    """``optimizer.racing``: off unless present; ``racing: true`` takes these defaults."""
+
+    stages: list[float] = [0.125, 0.25, 0.5, 1.0]  # cumulative fractions of the fitness rows
+    z: float = Field(default=2.0, gt=0)  # width of the confidence bounds, in standard errors
+    keep: Optional[int] = Field(default=None, ge=1)  # ranks that must be exact; default CMA-ES's mu
+
+    @model_validator(mode="after")
+    def _check_stages(self) -> RacingConfig:
+        s = self.stages
+        if not s or s[-1] != 1.0 or any(not a < b for a, b in zip([0.0, *s], s)):
+            raise InputError(
+                f"optimizer.racing.stages: {s} must rise strictly from above 0 to exactly 1.0; e.g. [0.125, 0.25, 0.5, 1.0]"
+            )
+        return self
+
+
 class OptimizerConfig(Strict):
     sigma0: float = Field(default=1 / 6, gt=0)
     popsize: Optional[int] = Field(default=None, ge=2)
@@ -103,6 +120,12 @@ class OptimizerConfig(Strict):
     diagonal: bool = False  # separable CMA-ES: for genomes of thousands of dimensions
     restarts: int = Field(default=0, ge=0)  # IPOP restarts (population doubled) when CMA-ES converges
     max_failures: Optional[int] = Field(default=None, ge=0)  # default: half the budget
+    racing: Optional[RacingConfig] = None  # stop hopeless candidates early (search/racing.py); true = defaults
+
+    @field_validator("racing", mode="before")
+    @classmethod
+    def _racing_shorthand(cls, value: Any) -> Any:
+        return {} if value is True else None if value is False else value
 
 
 class ExecutorConfig(Strict):

@@ -104,6 +104,8 @@ CASES = [
     Case("genome-length", "recipe --genome of the wrong length", "--genome: ", args=lambda env: ["recipe", str(env.root / "cfg.yaml"), "--genome", str(env.root / "g.json")]),
     Case("wandb-missing", "wandb logging asked for without the wandb extra", "needs the wandb extra", edit=lambda c, e: c.update(wandb={"project": "evo"})),
     Case("pickle-weights", "a model with only pickle (*.bin) weights", "has only pickle weights", edit=lambda c, e: c["genome"]["models"].__setitem__(1, str(e.models["pickled"]))),
+    Case("racing-stages", "racing stages that do not end at 1.0", "optimizer.racing.stages: [0.25, 0.5] must rise strictly", edit=lambda c, e: c["optimizer"].update(racing={"stages": [0.25, 0.5]})),
+    Case("racing-kind", "racing over a perplexity task", "optimizer.racing: task 't' is not an accuracy task", edit=lambda c, e: (c["optimizer"].update(racing=True), c["fitness"]["tasks"][0].update(kind="perplexity"))[-1]),
     Case("device", "CUDA requested without a GPU", "--device: cuda requested but no CUDA GPU is visible", args=lambda env: ["run", str(env.root / "cfg.yaml"), "--out", str(env.root / "out"), "--device", "cuda"]),
 ]
 

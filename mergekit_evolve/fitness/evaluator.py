@@ -3,10 +3,15 @@
 All data is read, checked and tokenized when a ``Fitness`` is built, so bad data fails before any
 merging and each evaluation only runs the model. The held-out split is scored only when asked for
 (``split="heldout"``, for reports); selection must only ever see ``split="fitness"``.
+
+Racing (``search/racing.py``) scores a candidate on growing parts of the fitness rows: ``part=(lo, hi)``
+selects the rows between those fractions of a fixed, seeded shuffle of each task's rows, so the parts
+of a schedule are disjoint, together cover every row, and each is a fair sample of the whole split.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +31,9 @@ from mergekit_evolve.fitness.tasks import FitnessConfig, TaskConfig, load_fitnes
 
 Split = Literal["fitness", "heldout"]
 SPLITS: tuple[Split, ...] = ("fitness", "heldout")
+Part = tuple[float, float]  # (lo, hi): fractions of the fitness rows, 0 <= lo < hi <= 1
+RACING_KINDS = ("generate", "choice")  # accuracy tasks: a part's score times its rows adds up exactly
+PART_SHUFFLE_SEED = 20240313
 
 PREPARE = {"generate": prepare_generate, "choice": prepare_choice, "perplexity": prepare_perplexity}
 EVALUATE = {"generate": evaluate_generate, "choice": evaluate_choice, "perplexity": evaluate_perplexity}
@@ -51,6 +59,9 @@ class _Task:
     rows: dict[str, list[Row]]  # split -> rows; absent when the task has no such split
     examples: dict[str, Any] = field(default_factory=dict)  # split -> tokenized examples
     function: FitnessFunction | None = None
+    fewshot: list[Row] = field(default_factory=list)
+    part_rows: dict[Part, list[Row]] = field(default_factory=dict)  # racing parts of the fitness split
+    part_examples: dict[Part, Any] = field(default_factory=dict)
 
 
 class Fitness:
@@ -69,7 +80,7 @@ class Fitness:
         rows = {"fitness": loaded.fitness}
         if loaded.heldout is not None:
             rows["heldout"] = loaded.heldout
-        prepared = _Task(config=task, rows=rows)
+        prepared = _Task(config=task, rows=rows, fewshot=loaded.fewshot)
         if task.kind == "callable":
             prepared.function = load_function(task, self.base_dir)
             return prepared
@@ -82,30 +93,58 @@ class Fitness:
         """Rows each task scores on ``split`` (tasks without that split are absent)."""
         return {t.config.name: len(t.rows[split]) for t in self._tasks if split in t.rows}
 
+    def weights(self) -> dict[str, float]:
+        return {task.name: task.weight for task in self.config.tasks}
+
+    def raceable(self) -> list[str]:
+        """Names of the tasks racing cannot score in parts (empty when racing works)."""
+        return [t.config.name for t in self._tasks if t.config.kind not in RACING_KINDS]
+
     def score(self, model: Any, split: Split = "fitness") -> dict[str, float]:
         """Task name -> score (higher is better). Tasks without a held-out split are skipped for "heldout"."""
         return {name: result.score for name, result in self.evaluate(model, split).items()}
 
-    def evaluate(self, model: Any, split: Split = "fitness") -> dict[str, TaskResult]:
-        """Like ``score`` with the details (metric, raw perplexity, rows, tokens, seconds) per task."""
+    def evaluate(self, model: Any, split: Split = "fitness", part: Part | None = None) -> dict[str, TaskResult]:
+        """Like ``score`` with the details (metric, raw perplexity, rows, tokens, seconds) per task.
+
+        ``part``: score only that part of the fitness rows (racing); tasks with no row in it are absent.
+        """
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if part is not None and split != "fitness":
+            raise ValueError("parts exist only for the fitness split")
         results = {}
         with evaluation_mode(model):
             runner = ModelRunner.wrap(model)
             for task in self._tasks:
-                if split in task.rows:
-                    results[task.config.name] = self._evaluate_task(task, runner, split)
+                if split not in task.rows:
+                    continue
+                rows, examples = self._rows_and_examples(task, split, part)
+                if rows:
+                    results[task.config.name] = self._evaluate_task(task, runner, split, rows, examples)
         self.last_results = results
         return results
 
-    def _evaluate_task(self, task: _Task, runner: ModelRunner, split: Split) -> TaskResult:
+    def _rows_and_examples(self, task: _Task, split: Split, part: Part | None) -> tuple[list[Row], Any]:
+        if part is None:
+            return task.rows[split], task.examples.get(split)
+        if part not in task.part_rows:
+            rows = task.rows["fitness"]
+            order = list(range(len(rows)))
+            random.Random(PART_SHUFFLE_SEED).shuffle(order)
+            chosen = sorted(order[round(part[0] * len(rows)) : round(part[1] * len(rows))])
+            task.part_rows[part] = [rows[i] for i in chosen]
+            if task.function is None and chosen:
+                task.part_examples[part] = PREPARE[task.config.kind](task.config, task.part_rows[part], task.fewshot, self.tokenizer)
+        return task.part_rows[part], task.part_examples.get(part)
+
+    def _evaluate_task(self, task: _Task, runner: ModelRunner, split: Split, rows: list[Row], examples: Any) -> TaskResult:
         config = task.config
         start = time.perf_counter()
         if task.function is not None:
-            outcome: Outcome = evaluate_callable(task.function, config, runner.model, self.tokenizer, task.rows[split], split)
+            outcome: Outcome = evaluate_callable(task.function, config, runner.model, self.tokenizer, rows, split)
         else:
-            outcome = EVALUATE[config.kind](runner, config, task.examples[split], self.tokenizer, self.config.batch_size)
+            outcome = EVALUATE[config.kind](runner, config, examples, self.tokenizer, self.config.batch_size)
         self.tokens_spent += outcome.tokens
         return TaskResult(
             name=config.name,
@@ -113,7 +152,7 @@ class Fitness:
             split=split,
             score=outcome.score,
             metric=outcome.metric,
-            rows=len(task.rows[split]),
+            rows=len(rows),
             tokens=outcome.tokens,
             seconds=time.perf_counter() - start,
             perplexity=outcome.perplexity,

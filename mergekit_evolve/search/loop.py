@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from mergekit_evolve.config import OptimizerConfig
 from mergekit_evolve.errors import CandidateError
+from mergekit_evolve.search.racing import RacingConfig, is_complete, race
 from mergekit_evolve.search.rundir import RunDir
 
 FAILED_LOSS = 1e9  # CMA-ES is rank based: any loss worse than every real one works
@@ -58,7 +59,16 @@ class SearchState:
     history: list = field(default_factory=list)  # (generation, n_evals, best fitness)
 
 
-ScoreFn = Callable[[Any], dict]  # model -> {"fitness": float, "scores": {task: float}}
+ScoreFn = Callable[..., dict]  # (model, part=None) -> {"fitness": float, "scores": {task: float}, ...}
+
+
+@dataclass
+class Racing:
+    """What racing needs from the fitness: its config, task weights and fitness rows per task."""
+
+    config: RacingConfig
+    weights: dict[str, float]
+    total_rows: dict[str, int]
 
 
 def new_es(x0: np.ndarray, opt: OptimizerConfig, restart: int = 0) -> cma.CMAEvolutionStrategy:
@@ -93,6 +103,7 @@ def run_search(
     progress: bool = True,
     on_generation: Callable[[SearchState], None] | None = None,
     on_record: Callable[[dict], None] | None = None,
+    racing: Racing | None = None,
 ) -> SearchState:
     """Run (or continue) CMA-ES until ``opt.max_evals`` candidates have been evaluated.
 
@@ -105,7 +116,7 @@ def run_search(
     if state is None:
         state = SearchState(es=new_es(_pad(problem.x0(opt.init == "random", opt.seed)), opt))
     recorded = {(r["generation"], r["candidate"]): r for r in run_dir.read_evaluations()}
-    by_key = {r["key"]: r for r in recorded.values() if r.get("error") is None and r.get("key")}
+    by_key = {r["key"]: r for r in recorded.values() if _reusable(r)}
     max_failures = opt.max_failures if opt.max_failures is not None else max(3, opt.max_evals // 2)
 
     bar = tqdm(total=opt.max_evals, initial=state.n_evals, disable=not progress, unit="eval", dynamic_ncols=True)
@@ -120,7 +131,7 @@ def run_search(
                 records[j] = record
                 if new and on_record:
                     on_record(record)
-                if record.get("error") is None and record.get("key"):
+                if _reusable(record):
                     by_key.setdefault(record["key"], record)
                 _update_best(problem, record, state, run_dir)
                 if record.get("error"):
@@ -148,7 +159,7 @@ def run_search(
                     duplicates.setdefault(job.key, []).append(job)  # same recipe twice in one generation
                 else:
                     jobs.append(job)
-            for job, result in executor.map(jobs):
+            for job, result in _evaluate_generation(jobs, executor, run_dir, racing, state.es.sp.weights.mu):
                 _append(run_dir, recorded, accept, job, result)
                 for twin in duplicates.pop(job.key, []):
                     result_twin = _cached_result(result) if result.get("error") is None else result
@@ -176,13 +187,36 @@ def run_search(
 
 @dataclass
 class Job:
-    """One candidate to evaluate: where it sits in the run and its genome."""
+    """One candidate to evaluate: where it sits in the run and its genome (and, when racing, which
+    part of the fitness rows to score at which stage)."""
 
     generation: int
     candidate: int
     index: int
     genome: list
     key: Optional[str] = None
+    part: Optional[tuple[float, float]] = None
+    stage: Optional[int] = None
+
+
+def _evaluate_generation(jobs: list[Job], executor: "Executor", run_dir: RunDir, racing: Racing | None, mu: int):
+    if racing is None:
+        return executor.map(jobs)
+    done = {(r["generation"], r["candidate"], r["stage"]): r["result"] for r in run_dir.read_stages()}
+
+    def evaluate_stage(staged: list[Job]):
+        todo = []
+        for job in staged:
+            previous = done.get((job.generation, job.candidate, job.stage))
+            if previous is not None:  # scored before an interruption
+                yield job, previous
+            else:
+                todo.append(job)
+        for job, result in executor.map(todo):
+            run_dir.append_stage({"generation": job.generation, "candidate": job.candidate, "stage": job.stage, "result": result})
+            yield job, result
+
+    return race(jobs, evaluate_stage, racing.config, mu, racing.weights, racing.total_rows)
 
 
 class Executor(Protocol):
@@ -197,24 +231,25 @@ class LocalExecutor:
 
     def map(self, jobs):
         for job in jobs:
-            yield job, evaluate_candidate(self.problem, self.score, job.genome)
+            yield job, evaluate_candidate(self.problem, self.score, job.genome, job.part)
 
     def close(self) -> None:
         pass
 
 
-def evaluate_candidate(problem: Problem, score: ScoreFn, genome: list) -> dict:
-    """Build and score one candidate; any failure becomes an ``error`` (the run goes on)."""
+def evaluate_candidate(problem: Problem, score: ScoreFn, genome: list, part: Optional[tuple] = None) -> dict:
+    """Build and score one candidate (on a ``part`` of the fitness rows when racing); any failure
+    becomes an ``error`` (the run goes on)."""
     result: dict[str, Any] = {"time": time.time()}
     start = time.perf_counter()
     try:
         candidate = problem.decode(np.asarray(genome))
         model = problem.build(candidate)
         result["merge_seconds"] = round(time.perf_counter() - start, 4)
-        scored = score(model)
+        scored = score(model) if part is None else score(model, part)
         if not math.isfinite(scored["fitness"]):
             raise CandidateError(f"fitness is {scored['fitness']}")
-        result.update(fitness=float(scored["fitness"]), scores=scored["scores"], cached=False, error=None)
+        result.update(scored, fitness=float(scored["fitness"]), cached=False, error=None)
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as err:  # a failing candidate never kills the run
@@ -233,8 +268,16 @@ def _decode_key(problem: Problem, job: Job) -> Optional[str]:
 
 
 def _cached_result(source: dict) -> dict:
-    return {"fitness": source["fitness"], "scores": source["scores"], "cached": True, "error": None,
-            "time": time.time(), "seconds": 0.0}
+    result = {"fitness": source["fitness"], "scores": source["scores"], "cached": True, "error": None,
+              "time": time.time(), "seconds": 0.0, "tokens": 0}
+    if source.get("racing") is not None:
+        result["racing"] = source["racing"]
+    return result
+
+
+def _reusable(record: dict) -> bool:
+    """A result that equal recipes can share: no error, and scored on all rows."""
+    return record.get("error") is None and bool(record.get("key")) and is_complete(record)
 
 
 def _append(run_dir: RunDir, recorded: dict, accept, job: Job, result: dict) -> None:

@@ -39,22 +39,18 @@ class _Worker:
 
         from mergekit_evolve.config import parse_config
         from mergekit_evolve.search.problems import make_problem
-        from mergekit_evolve.search.runner import make_fitness
+        from mergekit_evolve.search.runner import make_fitness, make_score
 
         if threads:
             torch.set_num_threads(threads)
         config = parse_config(yaml.safe_load(config_yaml))
         self.problem = make_problem(config, device)
-        self.fitness = make_fitness(config, self.problem.tokenizer)
+        self.score = make_score(make_fitness(config, self.problem.tokenizer))
 
-    def evaluate(self, genome: list) -> dict:
+    def evaluate(self, genome: list, part: Optional[tuple] = None) -> dict:
         from mergekit_evolve.search.loop import evaluate_candidate
 
-        def score(model) -> dict:
-            scores = self.fitness.score(model, "fitness")
-            return {"fitness": self.fitness.total(scores), "scores": scores}
-
-        result = evaluate_candidate(self.problem, score, genome)
+        result = evaluate_candidate(self.problem, self.score, genome, part)
         result["worker"] = os.getpid()
         return result
 
@@ -96,7 +92,7 @@ class RayExecutor:
             while queue and idle:
                 job, attempts = queue.popleft()
                 worker = idle.popleft()
-                running[worker.evaluate.remote(job.genome)] = (worker, job, attempts)
+                running[worker.evaluate.remote(job.genome, job.part)] = (worker, job, attempts)
             done, _ = ray.wait(list(running), num_returns=1)
             ref = done[0]
             worker, job, attempts = running.pop(ref)

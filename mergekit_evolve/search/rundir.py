@@ -2,6 +2,7 @@
 
     config.yaml          resolved config (``mergekit-evo run`` accepts it as is)
     evaluations.jsonl    one line per evaluated candidate, appended and fsynced
+    racing.jsonl         racing only: one line per candidate and stage (a resumed generation skips them)
     optimizer.pkl        CMA-ES state + counters after the last completed generation
     best.yaml / best.json   best recipe so far (plain mergekit YAML) and its numbers
     model/               the merged best model (at the end)
@@ -9,7 +10,7 @@
 
 Every file except evaluations.jsonl is written to a temporary name and renamed into place, so a
 reader (or a resumed run) sees either the old or the new version, never half of one. A torn last
-line of evaluations.jsonl (killed mid-append) is dropped on load.
+line of a .jsonl file (killed mid-append) is dropped on load.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class RunDir:
     # -- layout ----------------------------------------------------------------------------------
     config = property(lambda self: self.path / "config.yaml")
     evaluations = property(lambda self: self.path / "evaluations.jsonl")
+    stages = property(lambda self: self.path / "racing.jsonl")
     state = property(lambda self: self.path / "optimizer.pkl")
     best_yaml = property(lambda self: self.path / "best.yaml")
     best_json = property(lambda self: self.path / "best.json")
@@ -106,30 +108,16 @@ class RunDir:
 
     # -- evaluations ---------------------------------------------------------------------------
     def append_evaluation(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, sort_keys=True) + "\n"
-        with open(self.evaluations, "a") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        _append_jsonl(self.evaluations, record)
 
     def read_evaluations(self) -> list[dict[str, Any]]:
-        """All complete records; a torn last line (killed mid-write) is cut off the file."""
-        if not self.evaluations.exists():
-            return []
-        raw = self.evaluations.read_bytes()
-        records, good_bytes = [], 0
-        for line in raw.splitlines(keepends=True):
-            if not line.endswith(b"\n"):
-                break
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-            good_bytes += len(line)
-        if good_bytes != len(raw):
-            with open(self.evaluations, "r+b") as f:
-                f.truncate(good_bytes)
-        return records
+        return _read_jsonl(self.evaluations)
+
+    def append_stage(self, record: dict[str, Any]) -> None:
+        _append_jsonl(self.stages, record)
+
+    def read_stages(self) -> list[dict[str, Any]]:
+        return _read_jsonl(self.stages)
 
     # -- optimiser state ---------------------------------------------------------------------------
     def save_state(self, state: Any) -> None:
@@ -142,3 +130,31 @@ class RunDir:
 
     def write_json(self, path: Path, data: Any) -> None:
         atomic_write(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    line = json.dumps(record, sort_keys=True) + "\n"
+    with open(path, "a") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """All complete records; a torn last line (killed mid-write) is cut off the file."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    records, good_bytes = [], 0
+    for line in raw.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+        good_bytes += len(line)
+    if good_bytes != len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(good_bytes)
+    return records

@@ -19,7 +19,7 @@ import numpy as np
 
 from mergekit_evolve.config import EvolveConfig, load_config, parse_config, source_models
 from mergekit_evolve.errors import InputError
-from mergekit_evolve.search.loop import LocalExecutor, run_search
+from mergekit_evolve.search.loop import LocalExecutor, Racing, run_search
 from mergekit_evolve.search.problems import make_problem, resolve_device
 from mergekit_evolve.search.rundir import RunDir, atomic_write
 
@@ -56,7 +56,11 @@ def validate(config: EvolveConfig, device: str = "cpu") -> None:
         from mergekit_evolve.search.dfs_problem import check_dfs_collection
 
         check_dfs_collection(list(config.dfs.models or source_models(config)), 0)
-    make_fitness(config, problem.tokenizer)
+    fitness = make_fitness(config, problem.tokenizer)
+    if config.optimizer.racing is not None:
+        from mergekit_evolve.search.racing import check_racing
+
+        check_racing(config.optimizer.racing, fitness)
 
 
 def resume(out: str | Path, *, device: str | None = None, progress: bool = True) -> dict[str, Any]:
@@ -114,17 +118,12 @@ def run_stage(problem, config: EvolveConfig, run_dir: RunDir, save_model: bool, 
     """Search, then score the winner on the held-out split and save it."""
     started = time.time()
     fitness = make_fitness(config, problem.tokenizer)
-
-    def score(model) -> dict:
-        scores = fitness.score(model, "fitness")
-        return {"fitness": fitness.total(scores), "scores": scores}
-
-    executor = make_executor(config, problem, score)
+    executor = make_executor(config, problem, make_score(fitness))
     logger = _wandb_logger(config, run_dir)
     try:
         state = run_search(
             problem, executor, run_dir, config.optimizer, progress=progress,
-            on_record=logger.log_evaluation if logger else None,
+            on_record=logger.log_evaluation if logger else None, racing=make_racing(config, fitness),
         )
     finally:
         executor.close()
@@ -150,6 +149,29 @@ def run_stage(problem, config: EvolveConfig, run_dir: RunDir, save_model: bool, 
         logger.log_summary(summary)
         logger.finish()
     return summary
+
+
+def make_score(fitness):
+    """The executor's score function: (model, part=None) -> fitness, per-task scores, tokens spent."""
+
+    def score(model, part=None) -> dict:
+        if not hasattr(fitness, "evaluate"):  # lm-eval tasks: scores only
+            scores = fitness.score(model, "fitness")
+            return {"fitness": fitness.total(scores), "scores": scores}
+        results = fitness.evaluate(model, "fitness", part)
+        scores = {name: r.score for name, r in results.items()}
+        out = {"fitness": fitness.total(scores), "scores": scores, "tokens": sum(r.tokens for r in results.values())}
+        if part is not None:
+            out["rows"] = {name: r.rows for name, r in results.items()}
+        return out
+
+    return score
+
+
+def make_racing(config: EvolveConfig, fitness) -> Racing | None:
+    if config.optimizer.racing is None:
+        return None
+    return Racing(config.optimizer.racing, fitness.weights(), fitness.num_rows("fitness"))
 
 
 def _wandb_logger(config: EvolveConfig, run_dir: RunDir):
