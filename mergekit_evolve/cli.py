@@ -164,14 +164,15 @@ def zoo_build(out, seed, force):
 @click.option("--space", type=click.Choice(["ps", "dfs", "ps+dfs", "all"]), default="ps", show_default=True)
 @click.option("--max-evals", type=int, default=None, help="CMA-ES budget per search (default: per space).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True, help="Runs per space (seed, seed+1, ...); the table shows mean and spread.")
 @device_option
 @click.option("--quiet", is_flag=True)
 @friendly_errors
-def demo(out, space, max_evals, seed, device, quiet):
-    """Evolve merges of the embedded zoo on CPU and print a held-out table."""
+def demo(out, space, max_evals, seed, seeds, device, quiet):
+    """Evolve merges of the embedded zoo on CPU and print a held-out table (OUT/RESULTS.md)."""
     from mergekit_evolve.demo import run_demo
 
-    run_demo(out, space=space, max_evals=max_evals, seed=seed, device=device, progress=not quiet)
+    run_demo(out, space=space, max_evals=max_evals, seed=seed, seeds=seeds, device=device, progress=not quiet)
 
 
 @main.command()

@@ -55,88 +55,117 @@ def evaluate_all(model, fitness_all) -> dict[str, dict[str, float]]:
     return {"fitness": fitness_all.score(model, "fitness"), "heldout": fitness_all.score(model, "heldout")}
 
 
-def baseline_rows(zoo, fitness_all, dtype: str = "float32") -> list[dict[str, Any]]:
-    """Each source, the uniform merge and untuned DARE-TIES (mergekit's usual density 0.5)."""
+def baseline_rows(zoo, fitness_all, out: Path, dtype: str = "float32") -> list[dict[str, Any]]:
+    """Each source, the uniform merge, untuned TIES and DARE-TIES (mergekit's usual density 0.5), and
+    a plain frankenmerge (layers stacked without search)."""
     import transformers
 
-    from mergekit_evolve.merge import InMemoryMerger
+    from mergekit_evolve.merge import InMemoryMerger, merge_to_disk
     from mergekit_evolve.recipe.ps import to_merge_config
 
     rows = []
     for name in [zoo.base, *zoo.experts]:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(zoo.models[name]), dtype="float32")
-        rows.append({"name": f"source: {name}", **evaluate_all(model.eval(), fitness_all)})
+        rows.append(_row(f"source: {name}", evaluate_all(model.eval(), fitness_all)))
+    for name, recipe in untuned_recipes(zoo, dtype).items():
+        merger = InMemoryMerger(to_merge_config(recipe), device="cpu", dtype=dtype, random_seed=0)
+        rows.append(_row(name, evaluate_all(merger.merge(to_merge_config(recipe)), fitness_all), recipe=recipe))
+    recipe = frankenmerge_recipe(zoo, dtype)
+    folder = out / "frankenmerge"
+    merge_to_disk(to_merge_config(recipe), folder, random_seed=0)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype="float32").eval()
+    rows.append(_row("frankenmerge (no search)", evaluate_all(model, fitness_all), recipe=recipe))
+    return rows
+
+
+def untuned_recipes(zoo, dtype: str) -> dict[str, dict]:
     experts = [str(zoo.models[n]) for n in zoo.experts]
     base = str(zoo.models[zoo.base])
-    recipes = {
-        "uniform merge (linear)": {
-            "merge_method": "linear",
-            "models": [{"model": m, "parameters": {"weight": 1.0}} for m in experts],
-            "dtype": dtype,
-        },
-        "DARE-TIES untuned": {
-            "merge_method": "dare_ties",
+
+    def with_base(method: str) -> dict:
+        return {
+            "merge_method": method,
             "base_model": base,
             "models": [{"model": m, "parameters": {"weight": 1.0, "density": 0.5}} for m in experts],
             "parameters": {"normalize": True, "int8_mask": True},
             "dtype": dtype,
-        },
+        }
+
+    uniform = {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 1.0}} for m in experts], "dtype": dtype}
+    return {"uniform merge (linear)": uniform, "TIES untuned": with_base("ties"), "DARE-TIES untuned": with_base("dare_ties")}
+
+
+def frankenmerge_recipe(zoo, dtype: str) -> dict:
+    """The first three layers of the language expert, then the last three of the math expert."""
+    import transformers
+
+    script, math = (str(zoo.models[n]) for n in zoo.experts)
+    n = transformers.AutoConfig.from_pretrained(script).num_hidden_layers
+    cut = n - n // 4
+    return {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": script, "layer_range": [0, cut]}]},
+            {"sources": [{"model": math, "layer_range": [n - cut, n]}]},
+        ],
+        "dtype": dtype,
     }
-    for name, recipe in recipes.items():
-        merger = InMemoryMerger(to_merge_config(recipe), device="cpu", dtype=dtype, random_seed=0)
-        rows.append({"name": name, **evaluate_all(merger.merge(to_merge_config(recipe)), fitness_all), "recipe": recipe})
-    return rows
+
+
+def _row(name: str, scores: dict, **extra) -> dict[str, Any]:
+    """A table row; scores are lists (one value per seed) so searched and fixed rows look alike."""
+    return {"name": name, **{split: {t: [v] for t, v in values.items()} for split, values in scores.items()}, **extra}
 
 
 def run_demo(out: Path, *, space: str = "ps", max_evals: int | None = None, seed: int = 0, device: str = "auto",
-             progress: bool = True) -> list[dict[str, Any]]:
-    from mergekit_evolve.fitness import Fitness, FitnessConfig
+             progress: bool = True, seeds: int = 1) -> list[dict[str, Any]]:
+    """Baselines, then each search space once per seed; writes results.json and RESULTS.md in ``out``."""
     from mergekit_evolve.search import runner
-    from mergekit_evolve.search.problems import load_tokenizer
     from mergekit_evolve.zoo import build_zoo
 
     out = Path(out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     zoo = build_zoo(seed=0)
-    tokenizer = load_tokenizer(str(zoo.models[zoo.base]))
-    fitness_all = Fitness(
-        FitnessConfig(
-            tasks=[
-                {"name": t.name, "data": str(t.fitness), "heldout": str(t.heldout), "max_new_tokens": t.max_new_tokens}
-                for t in zoo.tasks.values()
-            ],
-            batch_size=64,
-        ),
-        tokenizer,
-    )
-    rows = baseline_rows(zoo, fitness_all)
+    fitness_all = _fitness_of_every_task(zoo)
+    rows = baseline_rows(zoo, fitness_all, out)
     spaces = ["ps", "dfs", "ps+dfs"] if space == "all" else [space]
     for sp in spaces:
         budget = max_evals or DEFAULT_EVALS.get(sp, 120)
-        config = parse_config(demo_config(zoo, sp, budget, seed))
-        run_dir = out / sp.replace("+", "_")
-        t0 = time.time()
-        summary = runner.start(config, run_dir, device=device, force=True, save_model=True, progress=progress)
-        model = _load_best(run_dir, sp)
-        label = {"ps": "Ours PS", "dfs": "Ours DFS", "ps+dfs": "Ours PS+DFS"}[sp]
-        rows.append(
-            {
-                "name": label,
-                **evaluate_all(model, fitness_all),
-                "evaluations": summary["evaluations"],
-                "wall_seconds": round(time.time() - t0, 1),
-                "run_dir": str(run_dir),
-            }
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "results.json", json.dumps(rows, indent=2) + "\n")
-    final_best = out / spaces[-1].replace("+", "_") / "best.yaml"
+        row = {"name": LABELS[sp], "fitness": {}, "heldout": {}, "evaluations": budget, "wall_seconds": [], "run_dirs": []}
+        for s in range(seed, seed + seeds):
+            run_dir = out / (sp.replace("+", "_") + (f"-seed{s}" if seeds > 1 else ""))
+            t0 = time.time()
+            runner.start(parse_config(demo_config(zoo, sp, budget, s)), run_dir, device=device, force=True, progress=progress)
+            for split, values in evaluate_all(_load_best(run_dir, sp), fitness_all).items():
+                for task, value in values.items():
+                    row[split].setdefault(task, []).append(value)
+            row["wall_seconds"].append(round(time.time() - t0, 1))
+            row["run_dirs"].append(run_dir.name)
+        rows.append(row)
+    final_best = out / (spaces[-1].replace("+", "_") + (f"-seed{seed}" if seeds > 1 else "")) / "best.yaml"
     if final_best.exists():
         atomic_write(out / "best.yaml", final_best.read_text())
+    report = {"rows": rows, "seeds": list(range(seed, seed + seeds)), "target": zoo.target, "tasks": list(zoo.tasks),
+              "wall_seconds": round(time.time() - started, 1)}
+    atomic_write(out / "results.json", json.dumps(report, indent=2) + "\n")
+    atomic_write(out / "RESULTS.md", markdown_table(report))
     click.echo(format_table(rows, zoo))
     click.echo(verdict(rows, zoo.target))
-    click.echo(f"demo finished in {time.time() - started:.0f} s; results in {out / 'results.json'}, recipe in {out / 'best.yaml'}")
+    click.echo(f"demo finished in {time.time() - started:.0f} s; table in {out / 'RESULTS.md'}, recipe in {out / 'best.yaml'}")
     return rows
+
+
+LABELS = {"ps": "Ours PS", "dfs": "Ours DFS", "ps+dfs": "Ours PS+DFS"}
+
+
+def _fitness_of_every_task(zoo):
+    from mergekit_evolve.fitness import Fitness, FitnessConfig
+    from mergekit_evolve.search.problems import load_tokenizer
+
+    tasks = [{"name": t.name, "data": str(t.fitness), "heldout": str(t.heldout), "max_new_tokens": t.max_new_tokens}
+             for t in zoo.tasks.values()]
+    return Fitness(FitnessConfig(tasks=tasks, batch_size=64), load_tokenizer(str(zoo.models[zoo.base])))
 
 
 def _load_best(run_dir: Path, space: str):
@@ -147,26 +176,57 @@ def _load_best(run_dir: Path, space: str):
     return transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="float32", trust_remote_code=False).eval()
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _cell(values: list[float]) -> str:
+    """mean, with the spread (min-max over seeds) when there are several."""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{_mean(values):.3f} ({min(values):.2f}-{max(values):.2f})"
+
+
 def format_table(rows: list[dict[str, Any]], zoo) -> str:
     tasks = [zoo.target, *[t for t in zoo.tasks if t != zoo.target]]
     header = f"{'model':26s} {'target(fit)':>11s} " + " ".join(f"{t + '(ho)':>14s}" for t in tasks)
     lines = [header, "-" * len(header)]
     for row in rows:
-        cells = " ".join(f"{row['heldout'].get(t, float('nan')):14.3f}" for t in tasks)
-        lines.append(f"{row['name']:26s} {row['fitness'].get(zoo.target, float('nan')):11.3f} {cells}")
+        cells = " ".join(f"{_mean(row['heldout'][t]):14.3f}" for t in tasks)
+        lines.append(f"{row['name']:26s} {_mean(row['fitness'][zoo.target]):11.3f} {cells}")
     return "\n".join(lines)
+
+
+def markdown_table(report: dict) -> str:
+    target, rows = report["target"], report["rows"]
+    others = [t for t in report["tasks"] if t != target]
+    seeds = report["seeds"]
+    lines = [
+        f"| model | {target} fitness split | {target} held-out | " + " | ".join(f"{t} held-out" for t in others)
+        + " | CMA-ES evaluations | wall s per run |",
+        "|---" * (5 + len(others)) + "|",
+    ]
+    for row in rows:
+        cells = [_cell(row["fitness"][target]), _cell(row["heldout"][target]), *(_cell(row["heldout"][t]) for t in others)]
+        budget = str(row.get("evaluations", "-"))
+        wall = f"{_mean(row['wall_seconds']):.0f}" if row.get("wall_seconds") else "-"
+        lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {budget} | {wall} |")
+    note = (f"Exact-match accuracy; searched rows: mean over seeds {seeds} with (min-max); fixed rows do not depend "
+            f"on the seed. Total wall time {report['wall_seconds']:.0f} s.")
+    return "\n".join(lines) + "\n\n" + note + "\n"
 
 
 def verdict(rows: list[dict[str, Any]], target: str) -> str:
     ours = [r for r in rows if r["name"].startswith("Ours")]
     others = [r for r in rows if not r["name"].startswith("Ours")]
-    best_other = max(others, key=lambda r: r["heldout"][target])
+    best_other = max(others, key=lambda r: _mean(r["heldout"][target]))
+    best_value = _mean(best_other["heldout"][target])
     lines = []
     for row in ours:
-        gap = row["heldout"][target] - best_other["heldout"][target]
-        word = "beats" if gap > 0 else "does NOT beat"
+        value = _mean(row["heldout"][target])
+        word = "beats" if value > best_value else "does NOT beat"
         lines.append(
             f"{row['name']} {word} every source and baseline on held-out {target}: "
-            f"{row['heldout'][target]:.3f} vs best other {best_other['heldout'][target]:.3f} ({best_other['name']})"
+            f"{value:.3f} vs best other {best_value:.3f} ({best_other['name']})"
         )
     return "\n".join(lines)
