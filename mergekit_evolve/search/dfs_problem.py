@@ -17,7 +17,7 @@ import numpy as np
 from mergekit_evolve.config import EvolveConfig
 from mergekit_evolve.errors import InputError
 from mergekit_evolve.recipe.ps import recipe_yaml
-from mergekit_evolve.search.problems import load_tokenizer
+from mergekit_evolve.search.problems import default_dtype, load_tokenizer
 from mergekit_evolve.search.rundir import RunDir, atomic_write
 from mergekit_evolve.space.models import inspect_models
 
@@ -57,7 +57,7 @@ class DFSProblem:
         self.models = dfs_models(config)
         self.base_index = config.dfs.base_index
         infos = check_dfs_collection(self.models, self.base_index, allow_pickle=config.allow_pickle_weights)
-        self.dtype = config.dtype or infos[self.base_index].dtype or "float32"
+        self.dtype = default_dtype(config.dtype, infos[self.base_index].dtype, device)
         self.space = DFSSpace(
             [i.num_layers for i in infos],
             base_index=self.base_index,
