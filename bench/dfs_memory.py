@@ -16,6 +16,7 @@ import argparse
 import copy
 import ctypes
 import gc
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -54,6 +55,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--switches", type=int, default=2000)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -131,6 +133,11 @@ def main() -> None:
     print(f"path switch: {switch_us:.1f} us per pool.model(path) (mean of {args.switches})")
     print(f"genome decode (T={space.num_slots}, dim {space.dim}): {decode_ms:.2f} ms")
     print(f"forward, 32 tokens through {len(long_path)} hops: {forward_s * 1e3:.0f} ms")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "hops": len(long_path), "stack_rss_x_pool": (pool_rss + stack_rss) / pool_rss,
+            "materialised_rss_x_pool": materialised_rss / pool_rss, "switch_us": switch_us, "decode_ms": decode_ms,
+        }, indent=2))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ if "--thp" in sys.argv:
     os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -154,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         "--thp", action="store_true",
         help="THP_MEM_ALLOC_ENABLE=1 (huge pages for torch CPU tensors; the CLI inherits it too)",
     )
+    parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     if args.small and args.methods == parser.get_default("methods"):
         args.methods = "linear,dare_ties"  # two CLI round trips' worth of seconds
@@ -186,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         print(header)
         print("-" * len(header))
         linear_time = None
+        figures: dict = {"params_millions": params / 1e6, "dtype": args.dtype, "bandwidth_gb_s": bandwidth / 1e9, "methods": {}}
         for method in methods:
             in_memory, split = time_in_memory(merger, templates[method], args.repeats)
             if method == "linear":
@@ -198,6 +201,9 @@ def main(argv: list[str] | None = None) -> None:
                 merge_s, load_s = time_cli_round_trip(config_path, root / f"out-{method}", dtype)
                 total = merge_s + load_s
                 row += f"{merge_s:>12.2f}{load_s:>8.2f}{total:>10.2f}{total / in_memory:>8.1f}x"
+                figures["methods"][method] = {"in_memory_s": in_memory, "cli_total_s": total, "speedup": total / in_memory}
+            else:
+                figures["methods"][method] = {"in_memory_s": in_memory}
             print(row, flush=True)
 
         if linear_time is not None:
@@ -205,6 +211,9 @@ def main(argv: list[str] | None = None) -> None:
             bound = touched / bandwidth
             print(f"\nlinear bandwidth bound: {touched / 1e9:.2f} GB / {bandwidth / 1e9:.1f} GB/s = "
                   f"{bound:.3f}s; in-memory linear {linear_time:.3f}s = {linear_time / bound:.1f}x the bound")
+            figures["linear_x_bandwidth_bound"] = linear_time / bound
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":

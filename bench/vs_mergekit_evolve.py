@@ -75,6 +75,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-evals", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     torch.set_num_threads(2)
     config = parse_config(zoo_config(args.max_evals, args.seed))
@@ -89,7 +90,8 @@ def main() -> None:
     print(f"{'ours (in-memory, resident model)':34s} {ours['evals']:6d} {ours['wall_s']:8.1f} {ours['evals_per_hour']:11.0f} {ours['best']:13.4f}")
     print(f"{'peer path (run_merge+reload)':34s} {peer['evals']:6d} {peer['wall_s']:8.1f} {peer['evals_per_hour']:11.0f} {peer['best']:13.4f}")
     print(f"ratio ours/peer: {ratio:.1f}x evaluations per hour; same best at equal evaluations: {ours['best'] == peer['best']}")
-    print(json.dumps({"ours": ours, "peer_path": peer, "ratio": ratio}))
+    if args.json:
+        args.json.write_text(json.dumps({"ours": ours, "peer_path": peer, "ratio": ratio}, indent=2))
 
 
 if __name__ == "__main__":
