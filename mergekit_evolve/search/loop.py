@@ -290,7 +290,7 @@ def _append(run_dir: RunDir, recorded: dict, accept, job: Job, result: dict) -> 
 
 def _update_best(problem, record, state: SearchState, run_dir: RunDir) -> None:
     fitness = record["fitness"]
-    if fitness is None:
+    if fitness is None or not is_complete(record):  # a raced-out estimate never becomes the best
         return
     if state.best is not None:
         # Ties go to the earlier candidate, whatever order the workers finished in.
