@@ -296,8 +296,10 @@ def main(argv: list[str] | None = None) -> dict:
     fig["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     fig["wall_s"] = time.perf_counter() - STARTED
     print(f"\n{fig['params'] / 1e6:,.1f}M parameters per model, dtype {fig['ps']['dtype']}, device {device}"
-          f"{' (' + fig['gpu'] + ')' if fig['gpu'] else ''}, {fig['torch_threads']} torch threads"
+          f"{' (' + fig['gpu'] + ')' if fig['gpu'] else ''}, torch threads {fig['torch_threads']}"
           f"{', --small' if args.small else ''}, {fig['wall_s']:.0f} s after imports\n")
+    if not device.startswith("cuda"):
+        print(f"NOT GPU FIGURES: a {device.upper()} run{' of the --small shapes' if args.small else ''}; no GPU was used.\n")
     print(table(fig))
     if args.json:
         Path(args.json).write_text(json.dumps(fig, indent=2))
