@@ -135,12 +135,13 @@ def run_demo(out: Path, *, space: str = "ps", max_evals: int | None = None, seed
         row = {"name": LABELS[sp], "fitness": {}, "heldout": {}, "evaluations": budget, "wall_seconds": [], "run_dirs": []}
         for s in range(seed, seed + seeds):
             run_dir = out / (sp.replace("+", "_") + (f"-seed{s}" if seeds > 1 else ""))
-            t0 = time.time()
-            runner.start(parse_config(demo_config(zoo, sp, budget, s)), run_dir, device=device, force=True, progress=progress)
+            config = parse_config(demo_config(zoo, sp, budget, s))
+            if not _finished(run_dir, config):  # a rerun after an interruption keeps finished searches
+                runner.start(config, run_dir, device=device, force=True, progress=progress)
             for split, values in evaluate_all(_load_best(run_dir, sp), fitness_all).items():
                 for task, value in values.items():
                     row[split].setdefault(task, []).append(value)
-            row["wall_seconds"].append(round(time.time() - t0, 1))
+            row["wall_seconds"].append(_search_seconds(run_dir, sp))
             row["run_dirs"].append(run_dir.name)
         rows.append(row)
     final_best = out / (spaces[-1].replace("+", "_") + (f"-seed{seed}" if seeds > 1 else "")) / "best.yaml"
@@ -154,6 +155,19 @@ def run_demo(out: Path, *, space: str = "ps", max_evals: int | None = None, seed
     click.echo(verdict(rows, zoo.target))
     click.echo(f"demo finished in {time.time() - started:.0f} s; table in {out / 'RESULTS.md'}, recipe in {out / 'best.yaml'}")
     return rows
+
+
+def _search_seconds(run_dir: Path, space: str) -> float:
+    """Wall time of the search(es), from the run's summary (both stages for PS+DFS)."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    stages = summary.get("stages", {"": summary})
+    return round(sum(stage["wall_seconds"] for stage in stages.values()), 1)
+
+
+def _finished(run_dir: Path, config) -> bool:
+    """The same search already ran to the end in ``run_dir``."""
+    done = run_dir / "summary.json"
+    return done.exists() and (run_dir / "config.yaml").read_text() == config.to_yaml()
 
 
 LABELS = {"ps": "Ours PS", "dfs": "Ours DFS", "ps+dfs": "Ours PS+DFS"}
