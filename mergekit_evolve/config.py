@@ -155,7 +155,7 @@ class EvolveConfig(Strict):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     wandb: Optional[WandbConfig] = None
-    dtype: Optional[str] = None  # default: the sources' dtype
+    dtype: Optional[str] = None  # default: bfloat16 on CUDA, else the sources' dtype
     merge_seed: int = Field(default=0, ge=0)  # mergekit's --random-seed for DARE-style methods
     # mergekit-evolve's lm-eval fitness fields
     tasks: Optional[list[LmEvalTask]] = None

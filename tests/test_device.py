@@ -61,7 +61,10 @@ def test_every_problem_uses_the_rule(family, tmp_path, device, dtype, expected):
     }
     config = _config(family, tmp_path)
     config.pop("genome")
-    assert TemplateProblem(parse_config({**config, "template": template}), device).dtype == expected
+    problem = TemplateProblem(parse_config({**config, "template": template}), device)
+    assert problem.dtype == expected
+    # The filled recipe says the dtype it is evaluated in (the sources here are float32).
+    assert problem.decode(problem.x0()).recipe.get("dtype", "float32") == expected
 
 
 def test_auto_picks_cuda_when_present(monkeypatch):

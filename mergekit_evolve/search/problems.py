@@ -134,6 +134,9 @@ class TemplateProblem(PSProblem):
         infos = inspect_models(refs, "template models", allow_pickle=config.allow_pickle_weights)
         check_same_shape(infos, "template models")
         self.dtype = default_dtype(config.template.get("dtype"), infos[0].dtype, device)
+        # The recipe must say the dtype it was evaluated in when that is not the sources' own
+        # (bf16 by default on CUDA), so mergekit-yaml rebuilds exactly the model that was scored.
+        self._fill_dtype = self.dtype if "dtype" not in config.template and self.dtype != infos[0].dtype else None
         self.dim = self.space.dim
         self._merger = None
         try:
@@ -152,6 +155,8 @@ class TemplateProblem(PSProblem):
 
     def decode(self, genome: np.ndarray) -> PSCandidate:
         recipe = self.space.fill(np.asarray(genome)[: self.dim])
+        if self._fill_dtype:
+            recipe["dtype"] = self._fill_dtype
         return PSCandidate(recipe=recipe, key=recipe_hash(recipe))
 
     def recipe_header(self, info: dict) -> str:

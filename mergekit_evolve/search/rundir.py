@@ -58,8 +58,8 @@ class RunDir:
         ``fresh``: a new run. An existing non-empty folder is refused unless ``force`` (which wipes
         the run files) -- resuming must be asked for, never guessed.
         """
-        # A folder holding only our lock (a run killed before it wrote anything) counts as empty.
-        if fresh and self.path.exists() and any(p.name != ".lock" for p in self.path.iterdir()):
+        # A folder holding only our lock or write probe (a run killed before it wrote anything) counts as empty.
+        if fresh and self.path.exists() and any(not _ours_to_ignore(p.name) for p in self.path.iterdir()):
             if not force:
                 raise InputError(
                     f"--out: {self.path} exists and is not empty; use `mergekit-evo resume {self.path}` "
@@ -89,7 +89,7 @@ class RunDir:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
-        for stale in self.path.glob(".*.tmp*"):  # left by a process killed mid-write; we hold the lock
+        for stale in [*self.path.glob(".*.tmp*"), *self.path.glob(".write-test*")]:  # left by a killed process
             stale.unlink(missing_ok=True)
 
     def unlock(self) -> None:
@@ -130,6 +130,11 @@ class RunDir:
 
     def write_json(self, path: Path, data: Any) -> None:
         atomic_write(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _ours_to_ignore(name: str) -> bool:
+    """Our lock and the write probe of a process killed at start: they do not make a folder non-empty."""
+    return name == ".lock" or name.startswith(".write-test")
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:

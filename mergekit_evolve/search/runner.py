@@ -38,8 +38,10 @@ def start(
     validate(config, device)  # every input problem surfaces here, before anything is written
     run_dir.prepare(fresh=True, force=force)
     try:
-        atomic_write(run_dir.config, config.to_yaml())
+        # run.json first: config.yaml is what makes the folder a resumable run, so a resume never
+        # sees a run without its settings.
         run_dir.write_json(run_dir.path / "run.json", {"device": device, "save_model": save_model, "version": _version()})
+        atomic_write(run_dir.config, config.to_yaml())
         return _execute(config, run_dir, device, save_model, progress)
     finally:
         run_dir.unlock()
