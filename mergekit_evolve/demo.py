@@ -149,12 +149,19 @@ def run_demo(out: Path, *, space: str = "ps", max_evals: int | None = None, seed
         atomic_write(out / "best.yaml", final_best.read_text())
     report = {"rows": rows, "seeds": list(range(seed, seed + seeds)), "target": zoo.target, "tasks": list(zoo.tasks),
               "wall_seconds": round(time.time() - started, 1)}
-    atomic_write(out / "results.json", json.dumps(report, indent=2) + "\n")
+    atomic_write(out / "results.json", _portable(json.dumps(report, indent=2), zoo) + "\n")
     atomic_write(out / "RESULTS.md", markdown_table(report))
     click.echo(format_table(rows, zoo))
     click.echo(verdict(rows, zoo.target))
     click.echo(f"demo finished in {time.time() - started:.0f} s; table in {out / 'RESULTS.md'}, recipe in {out / 'best.yaml'}")
     return rows
+
+
+def _portable(text: str, zoo) -> str:
+    """Zoo model paths (under the user's cache) as ``zoo:NAME`` references, which configs accept too."""
+    for name, path in zoo.models.items():
+        text = text.replace(str(path), f"zoo:{name}")
+    return text
 
 
 def _search_seconds(run_dir: Path, space: str) -> float:
