@@ -81,6 +81,11 @@ def main() -> None:
     config = parse_config(zoo_config(args.max_evals, args.seed))
     root = Path(tempfile.mkdtemp(prefix="mke-vs-"))
     try:
+        # Warm both paths first (imports, file cache, mergekit's lazy set-up), so the one timed
+        # first does not pay the process's cold start.
+        warm = parse_config(zoo_config(4, args.seed))
+        timed_run(PSProblem, warm, root / "warm-ours")
+        timed_run(OnDiskProblem, warm, root / "warm-peer")
         ours = timed_run(PSProblem, config, root / "ours")
         peer = timed_run(OnDiskProblem, config, root / "peer")
     finally:
