@@ -37,7 +37,7 @@ from scipy.stats import spearmanr
 from mergekit_evolve.config import RacingConfig, parse_config
 from mergekit_evolve.fitness import Fitness
 from mergekit_evolve.fitness.runtime import ModelRunner, evaluation_mode
-from mergekit_evolve.search.loop import evaluate_candidate, new_es
+from mergekit_evolve.search.loop import Job, evaluate_candidate, new_es
 from mergekit_evolve.search.problems import PSProblem
 from mergekit_evolve.search.racing import race
 from mergekit_evolve.search.runner import make_score
@@ -117,8 +117,7 @@ def evaluate_set(scorer: Scorer, fitness, genomes: list, popsize: int, full: lis
     rows = {"full": {"tokens": full_tokens, "saving": 1.0, "rho": 1.0}}
     for fraction in SUBSAMPLES:
         sub = [scorer(g, (0.0, fraction)) for g in genomes]
-        weights = fitness.weights()
-        est = [_weighted(r, weights) for r in sub]
+        est = [fitness.total(r["scores"]) for r in sub]
         tokens = sum(r["tokens"] for r in sub)
         rows[f"subsample {fraction:g}"] = {"tokens": tokens, "saving": full_tokens / tokens, "rho": _rho(ref, est)}
     for name, racing in RACINGS.items():
@@ -127,19 +126,10 @@ def evaluate_set(scorer: Scorer, fitness, genomes: list, popsize: int, full: lis
 
 
 def racing_row(scorer, fitness, genomes, popsize, ref, full_tokens, racing: RacingConfig) -> dict:
-    from dataclasses import dataclass
-
-    @dataclass
-    class J:
-        candidate: int
-        genome: list
-        part: tuple | None = None
-        stage: int | None = None
-
     est, tokens, exact_top = [0.0] * len(genomes), 0, []
     mu = popsize // 2
     for start in range(0, len(genomes), popsize):
-        jobs = [J(candidate=i, genome=list(genomes[i])) for i in range(start, min(start + popsize, len(genomes)))]
+        jobs = [Job(generation=0, candidate=i, index=i, genome=list(genomes[i])) for i in range(start, min(start + popsize, len(genomes)))]
 
         def evaluate(staged):
             for job in staged:
@@ -152,11 +142,6 @@ def racing_row(scorer, fitness, genomes, popsize, ref, full_tokens, racing: Raci
         exact_top.append(all(abs(est[i] - ref[i]) < 1e-12 for i in true_top))
     return {"tokens": tokens, "saving": full_tokens / tokens, "rho": _rho(ref, est),
             "top_mu_exact": sum(exact_top) / len(exact_top)}
-
-
-def _weighted(result: dict, weights: dict) -> float:
-    scores = result["scores"]
-    return sum(weights[t] * s for t, s in scores.items()) / sum(weights[t] for t in scores)
 
 
 def _rho(a, b) -> float:
@@ -189,7 +174,6 @@ def generation_throughput(problem, fitness, genome, batch: int = 64, new_tokens:
 
 def hf_generate(model, tokenizer, prompts, batch, new_tokens) -> list[list[int]]:
     """The hand-written baseline: left-pad each batch, ``model.generate`` greedy, cut at EOS."""
-    out = []
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # same batching as ours
     results: dict[int, list[int]] = {}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -208,8 +192,7 @@ def hf_generate(model, tokenizer, prompts, batch, new_tokens) -> list[list[int]]
             if tokenizer.eos_token_id in tokens:
                 tokens = tokens[: tokens.index(tokenizer.eos_token_id) + 1]
             results[i] = tokens
-    out = [results[i] for i in range(len(prompts))]
-    return out
+    return [results[i] for i in range(len(prompts))]
 
 
 def print_report(report: dict) -> None:

@@ -68,8 +68,9 @@ def baseline_rows(zoo, fitness_all, out: Path, dtype: str = "float32") -> list[d
         model = transformers.AutoModelForCausalLM.from_pretrained(str(zoo.models[name]), dtype="float32")
         rows.append(_row(f"source: {name}", evaluate_all(model.eval(), fitness_all)))
     for name, recipe in untuned_recipes(zoo, dtype).items():
-        merger = InMemoryMerger(to_merge_config(recipe), device="cpu", dtype=dtype, random_seed=0)
-        rows.append(_row(name, evaluate_all(merger.merge(to_merge_config(recipe)), fitness_all), recipe=recipe))
+        merge_config = to_merge_config(recipe)
+        merger = InMemoryMerger(merge_config, device="cpu", dtype=dtype, random_seed=0)
+        rows.append(_row(name, evaluate_all(merger.merge(merge_config), fitness_all), recipe=recipe))
     recipe = frankenmerge_recipe(zoo, dtype)
     folder = out / "frankenmerge"
     merge_to_disk(to_merge_config(recipe), folder, random_seed=0)
@@ -134,17 +135,17 @@ def run_demo(out: Path, *, space: str = "ps", max_evals: int | None = None, seed
         budget = max_evals or DEFAULT_EVALS.get(sp, 120)
         row = {"name": LABELS[sp], "fitness": {}, "heldout": {}, "evaluations": budget, "wall_seconds": [], "run_dirs": []}
         for s in range(seed, seed + seeds):
-            run_dir = out / (sp.replace("+", "_") + (f"-seed{s}" if seeds > 1 else ""))
+            run_dir = out / _run_name(sp, s, seeds)
             config = parse_config(demo_config(zoo, sp, budget, s))
             if not _finished(run_dir, config):  # a rerun after an interruption keeps finished searches
                 runner.start(config, run_dir, device=device, force=True, progress=progress)
             for split, values in evaluate_all(_load_best(run_dir, sp), fitness_all).items():
                 for task, value in values.items():
                     row[split].setdefault(task, []).append(value)
-            row["wall_seconds"].append(_search_seconds(run_dir, sp))
+            row["wall_seconds"].append(_search_seconds(run_dir))
             row["run_dirs"].append(run_dir.name)
         rows.append(row)
-    final_best = out / (spaces[-1].replace("+", "_") + (f"-seed{seed}" if seeds > 1 else "")) / "best.yaml"
+    final_best = out / _run_name(spaces[-1], seed, seeds) / "best.yaml"
     if final_best.exists():
         atomic_write(out / "best.yaml", final_best.read_text())
     report = {"rows": rows, "seeds": list(range(seed, seed + seeds)), "target": zoo.target, "tasks": list(zoo.tasks),
@@ -164,7 +165,11 @@ def _portable(text: str, zoo) -> str:
     return text
 
 
-def _search_seconds(run_dir: Path, space: str) -> float:
+def _run_name(space: str, seed: int, seeds: int) -> str:
+    return space.replace("+", "_") + (f"-seed{seed}" if seeds > 1 else "")
+
+
+def _search_seconds(run_dir: Path) -> float:
     """Wall time of the search(es), from the run's summary (both stages for PS+DFS)."""
     summary = json.loads((run_dir / "summary.json").read_text())
     stages = summary.get("stages", {"": summary})

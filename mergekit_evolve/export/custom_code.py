@@ -14,7 +14,6 @@ mergekit 0.1.5 fails (Qwen2 ``layer_types``) and every tensor where mergekit's d
 from __future__ import annotations
 
 import contextlib
-
 import json
 import os
 import shutil

@@ -160,7 +160,7 @@ class Fitness:
 
     def total(self, scores: dict[str, float]) -> float:
         """Weighted mean of the scores of the tasks present in ``scores``."""
-        weights = {task.name: task.weight for task in self.config.tasks}
+        weights = self.weights()
         unknown = set(scores) - set(weights)
         if unknown:
             raise ValueError(f"scores for unknown tasks: {sorted(unknown)}")

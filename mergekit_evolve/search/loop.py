@@ -117,6 +117,8 @@ def run_search(
         state = SearchState(es=new_es(_pad(problem.x0(opt.init == "random", opt.seed)), opt))
     recorded = {(r["generation"], r["candidate"]): r for r in run_dir.read_evaluations()}
     by_key = {r["key"]: r for r in recorded.values() if _reusable(r)}
+    # Racing stages scored before an interruption (read once: only a resumed generation needs them).
+    stage_results = {(r["generation"], r["candidate"], r["stage"]): r["result"] for r in run_dir.read_stages()} if racing else {}
     max_failures = opt.max_failures if opt.max_failures is not None else max(3, opt.max_evals // 2)
 
     bar = tqdm(total=opt.max_evals, initial=state.n_evals, disable=not progress, unit="eval", dynamic_ncols=True)
@@ -159,7 +161,7 @@ def run_search(
                     duplicates.setdefault(job.key, []).append(job)  # same recipe twice in one generation
                 else:
                     jobs.append(job)
-            for job, result in _evaluate_generation(jobs, executor, run_dir, racing, state.es.sp.weights.mu):
+            for job, result in _evaluate_generation(jobs, executor, run_dir, racing, state.es.sp.weights.mu, stage_results):
                 _append(run_dir, recorded, accept, job, result)
                 for twin in duplicates.pop(job.key, []):
                     result_twin = _cached_result(result) if result.get("error") is None else result
@@ -199,10 +201,10 @@ class Job:
     stage: Optional[int] = None
 
 
-def _evaluate_generation(jobs: list[Job], executor: "Executor", run_dir: RunDir, racing: Racing | None, mu: int):
+def _evaluate_generation(jobs: list[Job], executor: "Executor", run_dir: RunDir, racing: Racing | None, mu: int,
+                         done: dict):
     if racing is None:
         return executor.map(jobs)
-    done = {(r["generation"], r["candidate"], r["stage"]): r["result"] for r in run_dir.read_stages()}
 
     def evaluate_stage(staged: list[Job]):
         todo = []
