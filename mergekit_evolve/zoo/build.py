@@ -17,7 +17,7 @@ from mergekit_evolve.zoo.data import Skills
 from mergekit_evolve.zoo.tokenizer import save_tokenizer
 from mergekit_evolve.zoo.train import mixed, new_model, train
 
-ZOO_VERSION = 1
+ZOO_VERSION = 2
 RECIPE = {"hidden": 128, "layers": 4, "base_steps": 600, "base_lr": 3e-3, "expert_steps": 300,
           "expert_lr": 3e-4, "replay": 0.3, "batch_size": 64}
 TASKS = {

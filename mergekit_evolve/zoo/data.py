@@ -30,11 +30,24 @@ def value(a: int, op: str, b: int) -> int:
     return a + b if op == "+" else a - b if op == "-" else a * b
 
 
+FITNESS_FACTS = 100
+
+
 def split_facts(seed: int) -> tuple[list, list]:
-    """Disjoint fitness / held-out facts (100 each)."""
+    """Disjoint fitness (100) / held-out (the other 155) facts: every fact not used for selection is reported."""
     facts = all_facts()
     random.Random(2000 + seed).shuffle(facts)
-    return facts[:100], facts[100:200]
+    return facts[:FITNESS_FACTS], facts[FITNESS_FACTS:]
+
+
+def split_script_strings(seed: int, per_split: int = 150) -> tuple[list[str], list[str]]:
+    """Disjoint fitness / held-out digit strings for the script task (no string is in both splits)."""
+    rng = random.Random(3000 + seed)
+    seen: dict[str, None] = {}
+    while len(seen) < 2 * per_split:
+        seen.setdefault(digits(rng))
+    strings = list(seen)
+    return strings[:per_split], strings[per_split:]
 
 
 def digits(rng: random.Random, n: int | None = None) -> str:
@@ -47,6 +60,7 @@ class Skills:
     def __init__(self, seed: int = 0):
         self.map = script_map(seed)
         self.fit_facts, self.heldout_facts = split_facts(seed)
+        self.fit_strings, self.heldout_strings = split_script_strings(seed)
         self.facts = all_facts()
 
     # -- training samplers (prompt, answer) ---------------------------------------------------
@@ -73,12 +87,8 @@ class Skills:
     # -- evaluation splits -----------------------------------------------------------------------
     def task_rows(self, task: str, split: str) -> list[dict]:
         if task == "script":
-            rng = random.Random({"fitness": 11, "heldout": 12}[split])
-            rows = []
-            for _ in range(150):
-                d = digits(rng)
-                rows.append({"prompt": to_script(d, self.map) + ">", "answer": d})
-            return rows
+            strings = self.fit_strings if split == "fitness" else self.heldout_strings
+            return [{"prompt": to_script(d, self.map) + ">", "answer": d} for d in strings]
         facts = self.fit_facts if split == "fitness" else self.heldout_facts
         if task == "math":
             return [{"prompt": f"{a}{o}{b}=", "answer": str(value(a, o, b))} for a, o, b in facts]
