@@ -121,6 +121,22 @@ class OptimizerConfig(Strict):
     restarts: int = Field(default=0, ge=0)  # IPOP restarts (population doubled) when CMA-ES converges
     max_failures: Optional[int] = Field(default=None, ge=0)  # default: half the budget
     racing: Optional[RacingConfig] = None  # stop hopeless candidates early (search/racing.py); true = defaults
+    # Fewer forward tokens to the same result (search/economy.py): off | subsample | stop | auto (both)
+    economy: Literal["off", "subsample", "stop", "auto"] = "off"
+
+    @field_validator("economy", mode="before")
+    @classmethod
+    def _economy_shorthand(cls, value: Any) -> Any:
+        return "off" if value is False else "auto" if value is True else value  # YAML reads a bare `off` as false
+
+    @model_validator(mode="after")
+    def _check_economy(self) -> "OptimizerConfig":
+        if self.racing is not None and self.economy in ("subsample", "auto"):
+            raise InputError(
+                f"optimizer.economy: {self.economy} scores whole generations on subsamples and cannot be combined "
+                "with racing; remove racing or use economy: stop"
+            )
+        return self
 
     @field_validator("racing", mode="before")
     @classmethod

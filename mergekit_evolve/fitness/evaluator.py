@@ -7,6 +7,10 @@ merging and each evaluation only runs the model. The held-out split is scored on
 Racing (``search/racing.py``) scores a candidate on growing parts of the fitness rows: ``part=(lo, hi)``
 selects the rows between those fractions of a fixed, seeded shuffle of each task's rows, so the parts
 of a schedule are disjoint, together cover every row, and each is a fair sample of the whole split.
+
+Economy (``search/economy.py``) scores a whole generation on one ``Subsample``: chosen rows of each
+task's fitness split; per-row results (``TaskResult.correct``) let it compare candidates
+that saw different rows.
 """
 
 from __future__ import annotations
@@ -31,7 +35,19 @@ from mergekit_evolve.fitness.tasks import FitnessConfig, TaskConfig, load_fitnes
 
 Split = Literal["fitness", "heldout"]
 SPLITS: tuple[Split, ...] = ("fitness", "heldout")
-Part = tuple[float, float]  # (lo, hi): fractions of the fitness rows, 0 <= lo < hi <= 1
+
+
+@dataclass(frozen=True)
+class Subsample:
+    """Chosen fitness rows per task (indices into the task's fitness split), as ((task, rows), ...)."""
+
+    rows: tuple[tuple[str, tuple[int, ...]], ...]
+
+    def of(self, task: str) -> tuple[int, ...]:
+        return dict(self.rows).get(task, ())
+
+
+Part = tuple[float, float] | Subsample  # (lo, hi): fractions of the fitness rows, 0 <= lo < hi <= 1
 RACING_KINDS = ("generate", "choice")  # accuracy tasks: a part's score times its rows adds up exactly
 PART_SHUFFLE_SEED = 20240313
 
@@ -51,6 +67,7 @@ class TaskResult(BaseModel):
     tokens: int  # forward tokens spent
     seconds: float
     perplexity: float | None = None
+    correct: list[bool] | None = None  # accuracy kinds: per row, in the order of the rows scored
 
 
 @dataclass
@@ -62,6 +79,7 @@ class _Task:
     fewshot: list[Row] = field(default_factory=list)
     part_rows: dict[Part, list[Row]] = field(default_factory=dict)  # racing parts of the fitness split
     part_examples: dict[Part, Any] = field(default_factory=dict)
+    sample: tuple[Subsample, list[Row], Any] | None = None  # the latest economy subsample (one generation's)
 
 
 class Fitness:
@@ -128,6 +146,8 @@ class Fitness:
     def _rows_and_examples(self, task: _Task, split: Split, part: Part | None) -> tuple[list[Row], Any]:
         if part is None:
             return task.rows[split], task.examples.get(split)
+        if isinstance(part, Subsample):
+            return self._subsample(task, part)
         if part not in task.part_rows:
             rows = task.rows["fitness"]
             order = list(range(len(rows)))
@@ -137,6 +157,14 @@ class Fitness:
             if task.function is None and chosen:
                 task.part_examples[part] = PREPARE[task.config.kind](task.config, task.part_rows[part], task.fewshot, self.tokenizer)
         return task.part_rows[part], task.part_examples.get(part)
+
+    def _subsample(self, task: _Task, sample: Subsample) -> tuple[list[Row], Any]:
+        # A generation scores all its candidates on one subsample: keep only the latest one prepared.
+        if task.sample is None or task.sample[0] != sample:
+            rows = [task.rows["fitness"][i] for i in sample.of(task.config.name)]
+            examples = None if task.function is not None or not rows else PREPARE[task.config.kind](task.config, rows, task.fewshot, self.tokenizer)
+            task.sample = (sample, rows, examples)
+        return task.sample[1], task.sample[2]
 
     def _evaluate_task(self, task: _Task, runner: ModelRunner, split: Split, rows: list[Row], examples: Any) -> TaskResult:
         config = task.config
@@ -156,6 +184,7 @@ class Fitness:
             tokens=outcome.tokens,
             seconds=time.perf_counter() - start,
             perplexity=outcome.perplexity,
+            correct=outcome.correct,
         )
 
     def total(self, scores: dict[str, float]) -> float:

@@ -12,6 +12,7 @@ class Outcome:
     metric: str  # what ``score`` is, e.g. "accuracy"
     tokens: int = 0  # forward tokens spent (prompt + generated / scored)
     perplexity: float | None = None  # raw perplexity (kind perplexity)
+    correct: list[bool] | None = None  # accuracy kinds: per row, in row order (item-level results for estimators)
 
 
 def pad_token_id(tokenizer: Any) -> int:

@@ -13,7 +13,7 @@ import math
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Protocol
 
 import cma
 import numpy as np
@@ -23,6 +23,9 @@ from mergekit_evolve.config import OptimizerConfig
 from mergekit_evolve.errors import CandidateError
 from mergekit_evolve.search.racing import RacingConfig, is_complete, race
 from mergekit_evolve.search.rundir import RunDir
+
+if TYPE_CHECKING:
+    from mergekit_evolve.search.economy import Economy
 
 FAILED_LOSS = 1e9  # CMA-ES is rank based: any loss worse than every real one works
 
@@ -57,6 +60,7 @@ class SearchState:
     restarts_done: int = 0
     best: Optional[dict] = None
     history: list = field(default_factory=list)  # (generation, n_evals, best fitness)
+    economy: Any = None  # search/economy.py's EconomyState when optimizer.economy is on
 
 
 ScoreFn = Callable[..., dict]  # (model, part=None) -> {"fitness": float, "scores": {task: float}, ...}
@@ -104,6 +108,7 @@ def run_search(
     on_generation: Callable[[SearchState], None] | None = None,
     on_record: Callable[[dict], None] | None = None,
     racing: Racing | None = None,
+    economy: "Economy | None" = None,
 ) -> SearchState:
     """Run (or continue) CMA-ES until ``opt.max_evals`` candidates have been evaluated.
 
@@ -115,6 +120,8 @@ def run_search(
     state: SearchState | None = run_dir.load_state()
     if state is None:
         state = SearchState(es=new_es(_pad(problem.x0(opt.init == "random", opt.seed)), opt))
+    if economy is not None and state.economy is None:
+        state.economy = economy.initial_state()
     recorded = {(r["generation"], r["candidate"]): r for r in run_dir.read_evaluations()}
     by_key = {r["key"]: r for r in recorded.values() if _reusable(r)}
     # Racing stages scored before an interruption (read once: only a resumed generation needs them).
@@ -123,8 +130,9 @@ def run_search(
 
     bar = tqdm(total=opt.max_evals, initial=state.n_evals, disable=not progress, unit="eval", dynamic_ncols=True)
     try:
-        while state.n_evals < opt.max_evals:
+        while state.n_evals < opt.max_evals and not (economy and economy.should_stop(state.economy)):
             generation = state.generation + 1
+            part = economy.part(state.economy, generation, recorded.values()) if economy else None
             genomes = state.es.ask()
             bar.set_description(f"gen {generation}")
             records: dict[int, dict] = {}
@@ -153,7 +161,7 @@ def run_search(
                     _check_same_genome(previous, x, generation, j)
                     accept(j, previous, new=False)
                     continue
-                job = Job(generation=generation, candidate=j, index=state.n_evals + j, genome=[float(v) for v in x[: problem.dim]])
+                job = Job(generation=generation, candidate=j, index=state.n_evals + j, genome=[float(v) for v in x[: problem.dim]], part=part)
                 job.key = _decode_key(problem, job)
                 if job.key in by_key:
                     _append(run_dir, recorded, accept, job, _cached_result(by_key[job.key]))
@@ -171,6 +179,8 @@ def run_search(
             state.generation = generation
             state.n_evals += len(genomes)
             state.history.append((generation, state.n_evals, state.best and state.best["fitness"]))
+            if economy:
+                economy.after_generation(state.economy, generation, list(records.values()), recorded.values())
             _maybe_restart(state, problem, opt)
             run_dir.save_state(state)  # the generation is now complete and durable
             if progress:
@@ -182,6 +192,8 @@ def run_search(
                 )
             if on_generation:
                 on_generation(state)
+        if economy:
+            _score_finalists(problem, executor, run_dir, economy, recorded.values(), state)
     finally:
         bar.close()
     return state
@@ -272,8 +284,9 @@ def _decode_key(problem: Problem, job: Job) -> Optional[str]:
 def _cached_result(source: dict) -> dict:
     result = {"fitness": source["fitness"], "scores": source["scores"], "cached": True, "error": None,
               "time": time.time(), "seconds": 0.0, "tokens": 0}
-    if source.get("racing") is not None:
-        result["racing"] = source["racing"]
+    for partial in ("racing", "subsample"):  # a twin in the same generation shares the partial score
+        if source.get(partial) is not None:
+            result[partial] = source[partial]
     return result
 
 
@@ -301,6 +314,25 @@ def _update_best(problem, record, state: SearchState, run_dir: RunDir) -> None:
     state.best = {k: record[k] for k in ("index", "generation", "candidate", "genome", "key", "fitness", "scores")}
     candidate = problem.decode(np.asarray(record["genome"]))
     problem.write_best(candidate, run_dir, state.best)
+
+
+def _score_finalists(problem, executor, run_dir: RunDir, economy, records, state: SearchState) -> None:
+    """Economy: score the best estimated candidates on the full split; the best of them becomes the
+    run's best. Full scores go to rescored.jsonl, so a resumed run does not score them again."""
+    done = {r["index"]: r for r in run_dir.read_rescored()}
+    jobs = []
+    for record in economy.finalists(records):
+        if record["index"] not in done:
+            jobs.append(Job(generation=record["generation"], candidate=record["candidate"], index=record["index"],
+                            genome=record["genome"], key=record["key"]))
+    for job, result in executor.map(jobs):
+        rescored = {"index": job.index, "generation": job.generation, "candidate": job.candidate,
+                    "genome": job.genome, "key": job.key, **result}
+        run_dir.append_rescored(rescored)
+        done[job.index] = rescored
+    for record in sorted(done.values(), key=lambda r: r["index"]):
+        _update_best(problem, record, state, run_dir)
+    run_dir.save_state(state)
 
 
 def _maybe_restart(state: SearchState, problem, opt: OptimizerConfig) -> None:

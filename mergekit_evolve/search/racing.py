@@ -154,5 +154,8 @@ def _final(tally: Tally, weights, total_rows, stopped_at: Optional[int]) -> dict
 
 
 def is_complete(record: dict) -> bool:
-    """Scored on every fitness row (not stopped early by racing): safe to reuse for equal recipes."""
+    """Scored on every fitness row (not stopped early by racing, not on an economy subsample): safe to
+    reuse for equal recipes and to become the best."""
+    if record.get("subsample") is not None:
+        return False
     return record.get("racing") is None or record["racing"]["stopped_at"] is None

@@ -3,6 +3,7 @@
     config.yaml          resolved config (``mergekit-evo run`` accepts it as is)
     evaluations.jsonl    one line per evaluated candidate, appended and fsynced
     racing.jsonl         racing only: one line per candidate and stage (a resumed generation skips them)
+    rescored.jsonl       economy only: the finalists' full-split scores (search/economy.py)
     optimizer.pkl        CMA-ES state + counters after the last completed generation
     best.yaml / best.json   best recipe so far (plain mergekit YAML) and its numbers
     model/               the merged best model (at the end)
@@ -45,6 +46,7 @@ class RunDir:
     config = property(lambda self: self.path / "config.yaml")
     evaluations = property(lambda self: self.path / "evaluations.jsonl")
     stages = property(lambda self: self.path / "racing.jsonl")
+    rescored = property(lambda self: self.path / "rescored.jsonl")
     state = property(lambda self: self.path / "optimizer.pkl")
     best_yaml = property(lambda self: self.path / "best.yaml")
     best_json = property(lambda self: self.path / "best.json")
@@ -118,6 +120,12 @@ class RunDir:
 
     def read_stages(self) -> list[dict[str, Any]]:
         return _read_jsonl(self.stages)
+
+    def append_rescored(self, record: dict[str, Any]) -> None:
+        _append_jsonl(self.rescored, record)
+
+    def read_rescored(self) -> list[dict[str, Any]]:
+        return _read_jsonl(self.rescored)
 
     # -- optimiser state ---------------------------------------------------------------------------
     def save_state(self, state: Any) -> None:

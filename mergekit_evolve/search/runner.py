@@ -19,6 +19,8 @@ import numpy as np
 
 from mergekit_evolve.config import EvolveConfig, load_config, parse_config, source_models
 from mergekit_evolve.errors import InputError
+from mergekit_evolve.fitness.evaluator import Subsample
+from mergekit_evolve.search.economy import Economy, describe, item_results, tokens_of
 from mergekit_evolve.search.loop import LocalExecutor, Racing, run_search
 from mergekit_evolve.search.problems import make_problem, resolve_device
 from mergekit_evolve.search.rundir import RunDir, atomic_write
@@ -63,6 +65,10 @@ def validate(config: EvolveConfig, device: str = "cpu") -> None:
         from mergekit_evolve.search.racing import check_racing
 
         check_racing(config.optimizer.racing, fitness)
+    if config.optimizer.economy in ("subsample", "auto"):
+        from mergekit_evolve.search.economy import check_economy
+
+        check_economy(config.optimizer.economy, fitness)
 
 
 def resume(out: str | Path, *, device: str | None = None, progress: bool = True) -> dict[str, Any]:
@@ -126,6 +132,7 @@ def run_stage(problem, config: EvolveConfig, run_dir: RunDir, save_model: bool, 
         state = run_search(
             problem, executor, run_dir, config.optimizer, progress=progress,
             on_record=logger.log_evaluation if logger else None, racing=make_racing(config, fitness),
+            economy=make_economy(config, fitness),
         )
     finally:
         executor.close()
@@ -143,6 +150,7 @@ def run_stage(problem, config: EvolveConfig, run_dir: RunDir, save_model: bool, 
         "wall_seconds": round(time.time() - started, 2),
         "selected_on": selection_data(config),
         "history": state.history,
+        **economy_summary(config, run_dir, state),
     }
     if save_model and not run_dir.model.exists():
         problem.save_model(best, run_dir.model)
@@ -163,7 +171,9 @@ def make_score(fitness):
         results = fitness.evaluate(model, "fitness", part)
         scores = {name: r.score for name, r in results.items()}
         out = {"fitness": fitness.total(scores), "scores": scores, "tokens": sum(r.tokens for r in results.values())}
-        if part is not None:
+        if isinstance(part, Subsample):
+            out["subsample"] = item_results(part, fitness.num_rows("fitness"), {n: r.correct for n, r in results.items()})
+        elif part is not None:
             out["rows"] = {name: r.rows for name, r in results.items()}
         return out
 
@@ -174,6 +184,33 @@ def make_racing(config: EvolveConfig, fitness) -> Racing | None:
     if config.optimizer.racing is None:
         return None
     return Racing(config.optimizer.racing, fitness.weights(), fitness.num_rows("fitness"))
+
+
+def make_economy(config: EvolveConfig, fitness) -> Economy | None:
+    opt = config.optimizer
+    if opt.economy == "off":
+        return None
+    return Economy(opt.economy, fitness.num_rows("fitness"), fitness.weights(), opt.seed)
+
+
+def economy_summary(config: EvolveConfig, run_dir: RunDir, state) -> dict[str, Any]:
+    """How each reported number was obtained, what the search spent and why it stopped."""
+    evaluations, rescored = run_dir.read_evaluations(), run_dir.read_rescored()
+    spent = tokens_of(evaluations) + tokens_of(rescored)
+    out: dict[str, Any] = {
+        "fitness_source": {"best.fitness": describe(state.best), "best.heldout": "full held-out split"},
+        "tokens": spent,
+        "stop_reason": "max_evals",
+    }
+    if state.economy is not None:
+        out["stop_reason"] = state.economy.stop_reason or "max_evals"
+        out["economy"] = {
+            "mode": config.optimizer.economy,
+            "fractions": state.economy.fractions,
+            "finalists": [{"index": r["index"], "fitness": r["fitness"], "source": "full"} for r in rescored],
+            "rescored_tokens": tokens_of(rescored),
+        }
+    return out
 
 
 def _wandb_logger(config: EvolveConfig, run_dir: RunDir):
