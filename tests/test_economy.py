@@ -1,0 +1,124 @@
+"""optimizer.economy on the zoo: a generation shares one subsample, the best is scored in full before
+it is written, the stop reason is reported, and a run interrupted mid-generation and mid-rescoring
+resumes to identical records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mergekit_evolve.config import parse_config
+from mergekit_evolve.demo import demo_config
+from mergekit_evolve.search import economy, runner
+from mergekit_evolve.search.loop import LocalExecutor, evaluate_candidate, run_search
+from mergekit_evolve.search.problems import make_problem
+from mergekit_evolve.search.rundir import RunDir
+
+
+def zoo_config(zoo, mode: str, max_evals: int = 12) -> dict:
+    config = demo_config(zoo, "ps", max_evals, seed=2)
+    script = zoo.tasks["script"]  # 150 rows, accuracies spread over the space: candidates disagree
+    config["genome"]["merge_method"] = "linear"  # the cheapest merge: this test is about the search
+    del config["genome"]["base_model"]
+    config["fitness"]["tasks"] = [{"name": "script", "data": str(script.fitness), "heldout": str(script.heldout),
+                                   "max_new_tokens": 8}]
+    config["optimizer"].update(popsize=4, sigma0=0.3, economy=mode)
+    return config
+
+
+def read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+class StopAfter(LocalExecutor):
+    """Our local executor, interrupted (as by Ctrl-C or a kill) after ``n`` evaluations."""
+
+    def __init__(self, problem, score, n):
+        super().__init__(problem, score)
+        self.left = n
+
+    def map(self, jobs):
+        for item in super().map(jobs):
+            if self.left == 0:
+                raise KeyboardInterrupt
+            self.left -= 1
+            yield item
+
+
+def test_interrupted_economy_run_resumes_to_identical_records(zoo, tmp_path, monkeypatch):
+    monkeypatch.setattr(economy, "PATIENCE", 2)  # let the stagnation rule act within a short run
+    config = parse_config(zoo_config(zoo, "auto", max_evals=16))
+    problem = make_problem(config, "cpu")
+    fitness = runner.make_fitness(config, problem.tokenizer)
+    score = runner.make_score(fitness)
+
+    def search(out: Path, executor):
+        run_dir = RunDir(out)
+        run_dir.prepare(fresh=not out.exists())
+        try:
+            return run_search(problem, executor, run_dir, config.optimizer, progress=False,
+                              economy=runner.make_economy(config, fitness))
+        finally:
+            run_dir.unlock()
+
+    reference = search(tmp_path / "ref", LocalExecutor(problem, score))
+    ref_evals, ref_rescored = read(tmp_path / "ref" / "evaluations.jsonl"), read(tmp_path / "ref" / "rescored.jsonl")
+    n = len(ref_evals)
+    # Killed in generation 2, then during the finalists' full scoring, then let finish.
+    for stop_after in (6, n - 6 + 1):
+        with pytest.raises(KeyboardInterrupt):
+            search(tmp_path / "cut", StopAfter(problem, score, stop_after))
+    resumed = search(tmp_path / "cut", LocalExecutor(problem, score))
+    cut_evals, cut_rescored = read(tmp_path / "cut" / "evaluations.jsonl"), read(tmp_path / "cut" / "rescored.jsonl")
+
+    key = lambda r: (r["generation"], r["candidate"])  # noqa: E731
+    assert sorted(map(key, cut_evals)) == sorted(map(key, ref_evals))  # nothing lost, nothing twice
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("time", "seconds", "merge_seconds")}  # noqa: E731
+    assert sorted(map(strip, cut_evals), key=key) == sorted(map(strip, ref_evals), key=key)
+    assert sorted(map(strip, cut_rescored), key=key) == sorted(map(strip, ref_rescored), key=key)
+    assert len(cut_rescored) == len(ref_rescored) >= 1
+    assert resumed.best == reference.best
+    assert resumed.economy.stop_reason == reference.economy.stop_reason
+    assert (tmp_path / "cut" / "best.yaml").read_text() == (tmp_path / "ref" / "best.yaml").read_text()
+
+    # One subsample per generation, smaller than the split; the best's fitness is a full evaluation.
+    by_generation: dict[int, set] = {}
+    for r in ref_evals:
+        assert r["subsample"]["of"] == {"script": 150}
+        by_generation.setdefault(r["generation"], set()).add(tuple(r["subsample"]["items"]["script"]["rows"]))
+    assert all(len(rows) == 1 for rows in by_generation.values())
+    assert min(len(next(iter(rows))) for rows in by_generation.values()) == 30  # 20% of 150 to start
+    full = evaluate_candidate(problem, score, reference.best["genome"])
+    assert reference.best["fitness"] == full["fitness"]
+    assert "subsample" not in full
+
+
+def test_summary_says_how_numbers_were_obtained_and_why_the_search_stopped(zoo, tmp_path, monkeypatch):
+    monkeypatch.setattr(economy, "PATIENCE", 1)
+    config = parse_config(zoo_config(zoo, "stop", max_evals=40))
+    summary = runner.start(config, tmp_path / "run", device="cpu", progress=False, save_model=False)
+    assert summary["stop_reason"].startswith("no better candidate in 1 generations")
+    assert summary["evaluations"] < 40
+    assert summary["fitness_source"] == {"best.fitness": "full", "best.heldout": "full held-out split"}
+    records = read(tmp_path / "run" / "evaluations.jsonl")
+    assert summary["tokens"] == sum(r["tokens"] for r in records)
+    assert summary["best"]["fitness"] == max(r["fitness"] for r in records)
+
+
+def test_rasch_estimate_ranks_full_candidates_like_their_accuracy_and_shrinks_small_samples():
+    rng = np.random.default_rng(0)
+    ability = np.linspace(-1, 1, 6)
+    difficulty = rng.normal(0, 1, 40)
+    truth = 1 / (1 + np.exp(-(ability[:, None] - difficulty[None, :])))
+    answers = rng.random(truth.shape) < truth
+    records = [{"index": i, "subsample": {"of": {"t": 40}, "items": {"t": {"rows": list(range(40)),
+                "correct": "".join("1" if a else "0" for a in row)}}}} for i, row in enumerate(answers)]
+    # A candidate that answered its 3 rows right: a lucky small sample, not the best.
+    records.append({"index": 6, "subsample": {"of": {"t": 40}, "items": {"t": {"rows": [0, 1, 2], "correct": "111"}}}})
+    predicted = economy.rasch_accuracy(records, "t", 40)
+    observed = answers.mean(axis=1)
+    assert np.argsort(predicted[:6]).tolist() == np.argsort(observed, kind="stable").tolist()
+    assert predicted[6] < max(predicted[:6])
