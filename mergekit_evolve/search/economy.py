@@ -38,7 +38,7 @@ from mergekit_evolve.fitness.evaluator import Subsample
 
 START_FRACTION = 0.2  # of the fitness rows, in the first generation
 MIN_ROWS = 12  # per task: fewer cannot rank anything
-TARGET_SPLIT_ROWS = 6  # rows per generation on which its candidates disagree
+TARGET_SPLIT_ROWS = 4  # rows per generation on which its candidates disagree
 MAX_GROWTH = 2.0  # per generation
 PATIENCE = 5  # generations without a better candidate before ``stop`` ends the search
 FINALISTS = 3  # best estimated candidates scored in full at the end
