@@ -6,6 +6,7 @@ best.yaml, the same best fitness and the same held-out scores.
 
     python bench/torture.py                     # the long form: 24 kills (a few minutes on 2 cores)
     python bench/torture.py --kills 40          # more
+    python bench/torture.py --economy auto      # with optimizer.economy on (zoo models and task: real signal)
 
 tests/test_crash_safety.py runs the short form (3 kills).
 
@@ -124,7 +125,9 @@ def make_models(root: Path) -> list[str]:
     return [str(make_random_model(root / f"m{i}", seed=i, num_layers=4, hidden_size=32)) for i in range(3)]
 
 
-def write_config(root: Path, models: list[str], max_evals: int) -> Path:
+def write_config(root: Path, models: list[str], max_evals: int, economy: str = "off") -> Path:
+    if economy != "off":
+        return write_economy_config(root, max_evals, economy)
     rows, heldout = root / "rows.jsonl", root / "heldout.jsonl"
     rows.write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "answer": str(2 * i)}) + "\n" for i in range(24)))
     heldout.write_text("".join(json.dumps({"prompt": f"{i}*2=", "answer": str(2 * i)}) + "\n" for i in range(24, 48)))
@@ -137,6 +140,33 @@ def write_config(root: Path, models: list[str], max_evals: int) -> Path:
     path = root / "evo.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def write_economy_config(root: Path, max_evals: int, economy: str) -> Path:
+    """Economy subsamples accuracy tasks and needs candidates that disagree: the zoo's experts (linear
+    merge, the cheapest) on its script task, whose accuracy varies over the space."""
+    from mergekit_evolve.zoo import build_zoo
+
+    zoo = build_zoo(seed=0)
+    task = zoo.tasks["script"]
+    config = {
+        "genome": {"models": [str(zoo.models[n]) for n in zoo.experts], "merge_method": "linear", "layer_granularity": 2},
+        "fitness": {"tasks": [{"name": "script", "data": str(task.fitness), "heldout": str(task.heldout), "limit": 60,
+                               "max_new_tokens": 8}]},
+        "optimizer": {"max_evals": max_evals, "seed": 7, "popsize": 4, "sigma0": 0.3, "economy": economy},
+        "dtype": "float32",
+    }
+    path = root / "evo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def rescored(out: Path) -> list[dict]:
+    """Economy finalists' full scores, without timings."""
+    path = out / "rescored.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return sorted(({k: v for k, v in json.loads(line).items() if k not in ("time", "seconds", "merge_seconds")}
+                   for line in lines), key=lambda r: r["index"])
 
 
 def cli(*args: str) -> list[str]:
@@ -343,14 +373,14 @@ def reference_run(config: Path, ref: Path) -> tuple[float, dict]:
     return ended - launched, estimates
 
 
-def torture(root: Path, kills: int, max_evals: int | None = None, seed: int = 0, log=print) -> dict:
+def torture(root: Path, kills: int, max_evals: int | None = None, seed: int = 0, log=print, economy: str = "off") -> dict:
     rng = random.Random(seed)
     wanted = max(max_evals or 0, 3 * kills, 20)
     if max_evals is not None and wanted > max_evals:
         log(f"max_evals {max_evals} -> {wanted} (3 per kill), so that the search outlasts its kills")
     started = time.time()
-    models = make_models(root)
-    config = write_config(root, models, wanted)
+    models = make_models(root) if economy == "off" else []
+    config = write_config(root, models, wanted, economy)
     ref, out = root / "ref", root / "out"
     reference_seconds, estimates = reference_run(config, ref)
     log(f"uninterrupted run: {reference_seconds:.1f} s, {len(records(ref))} evaluations; phase estimates "
@@ -391,6 +421,9 @@ def torture(root: Path, kills: int, max_evals: int | None = None, seed: int = 0,
         "same_best_yaml": (out / "best.yaml").read_text() == (ref / "best.yaml").read_text(),
         "same_best_fitness": summary["best"]["fitness"] == ref_summary["best"]["fitness"],
         "same_heldout": summary["best"]["heldout"] == ref_summary["best"]["heldout"],
+        "same_rescored": rescored(out) == rescored(ref),
+        "same_stop_reason": summary.get("stop_reason") == ref_summary.get("stop_reason"),
+        "economy": economy,
         "stray_temp_files": sorted(p.name for p in out.iterdir() if ".tmp" in p.name),
         "reference_seconds": round(reference_seconds, 1),
         "wall_seconds": round(time.time() - started, 1),
@@ -402,7 +435,8 @@ def passed(result: dict, kills: int) -> bool:
         result["kills"] >= kills
         and result["duplicates"] == 0
         and result["evaluations"] == result["reference_evaluations"]
-        and all(result[k] for k in ("same_candidates", "same_fitness", "same_best_yaml", "same_best_fitness", "same_heldout"))
+        and all(result[k] for k in ("same_candidates", "same_fitness", "same_best_yaml", "same_best_fitness", "same_heldout",
+                                    "same_rescored", "same_stop_reason"))
         and not result["stray_temp_files"]
     )
 
@@ -412,10 +446,12 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=24)
     parser.add_argument("--max-evals", type=int, default=None, help="default and minimum: 3 per kill")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--economy", default="off", choices=["off", "subsample", "stop", "auto"],
+                        help="optimizer.economy of the tortured run")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="mke-torture-"))
     try:
-        result = torture(root, args.kills, args.max_evals, args.seed)
+        result = torture(root, args.kills, args.max_evals, args.seed, economy=args.economy)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(json.dumps({k: v for k, v in result.items() if k != "kill_log"}, indent=2))

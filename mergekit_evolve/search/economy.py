@@ -9,7 +9,8 @@ Two independent savings, each a mode, both in ``auto``:
   p(1 - p) under the item-response model below, like adaptive testing), the other half a seeded
   random draw (new rows keep the model honest); and the subsample grows as the population converges:
   when fewer than ``TARGET_SPLIT_ROWS`` of a generation's rows told its candidates apart, the next
-  generation gets proportionally more rows (at most twice as many). At the full split it is the
+  generation gets proportionally more rows (at most twice as many; judged from the second generation
+  on, the first one's rows being a random draw). At the full split it is the
   normal search.
 - ``stop``: the search ends when no better candidate has appeared for ``PATIENCE`` generations (reason
   in summary.json; otherwise the reason is ``max_evals``).
@@ -96,7 +97,9 @@ class Economy:
     def after_generation(self, state: EconomyState, generation: int, generation_records: list[dict], all_records: Iterable[dict]) -> None:
         """Grow the subsample and check for stagnation, from the records only."""
         state.fractions.append(state.fraction)
-        if state.fraction < 1.0:
+        # The first generation's rows are a random draw, mostly rows nobody answers yet: its few split
+        # rows say the rows were uninformative, not that the candidates are alike. Judge from the second on.
+        if state.fraction < 1.0 and generation > 1:
             split = split_rows(generation_records)
             growth = min(MAX_GROWTH, TARGET_SPLIT_ROWS / max(split, 1))
             if growth > 1.0:

@@ -150,7 +150,7 @@ def run_stage(problem, config: EvolveConfig, run_dir: RunDir, save_model: bool, 
         "wall_seconds": round(time.time() - started, 2),
         "selected_on": selection_data(config),
         "history": state.history,
-        **economy_summary(config, run_dir, state),
+        **economy_summary(config, run_dir, state, has_heldout=bool(heldout)),
     }
     if save_model and not run_dir.model.exists():
         problem.save_model(best, run_dir.model)
@@ -193,12 +193,13 @@ def make_economy(config: EvolveConfig, fitness) -> Economy | None:
     return Economy(opt.economy, fitness.num_rows("fitness"), fitness.weights(), opt.seed)
 
 
-def economy_summary(config: EvolveConfig, run_dir: RunDir, state) -> dict[str, Any]:
+def economy_summary(config: EvolveConfig, run_dir: RunDir, state, has_heldout: bool) -> dict[str, Any]:
     """How each reported number was obtained, what the search spent and why it stopped."""
     evaluations, rescored = run_dir.read_evaluations(), run_dir.read_rescored()
     spent = tokens_of(evaluations) + tokens_of(rescored)
     out: dict[str, Any] = {
-        "fitness_source": {"best.fitness": describe(state.best), "best.heldout": "full held-out split"},
+        "fitness_source": {"best.fitness": describe(state.best),
+                           "best.heldout": "full held-out split" if has_heldout else "no held-out split"},
         "tokens": spent,
         "stop_reason": "max_evals",
     }
