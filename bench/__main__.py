@@ -32,20 +32,24 @@ BENCHES = {
     "scaling": ([], "evaluations per hour: local vs Ray with 1 and 2 workers (zoo)"),
     "gpu": (["--small"], "GPU figures (7B-shaped pool); on a CPU-only machine: --small shapes, CPU"),
     "torture": ([], "SIGKILL torture: kills, resumes, equality with an uninterrupted run"),
+    "time_to_quality": (["--seeds", "3"], "time to quality: forward tokens and held-out per optimizer.economy mode (zoo PS, DFS)"),
+    "torture_economy": (["--economy", "auto"], "SIGKILL torture with optimizer.economy: auto (zoo models and task)"),
 }
+SCRIPTS = {"torture_economy": "torture"}  # entries that run another benchmark's script with other arguments
 
 
 def run(name: str) -> None:
     args, _ = BENCHES[name]
     OUT.mkdir(exist_ok=True)
     started = time.perf_counter()
-    command = [sys.executable, str(HERE / f"{name}.py"), *args]
-    if name != "torture":
+    script = SCRIPTS.get(name, name)
+    command = [sys.executable, str(HERE / f"{script}.py"), *args]
+    if script != "torture":
         command += ["--json", str(OUT / f"{name}.json")]
     done = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - started
     text = _without_noise(done.stdout) + (f"\n[exit code {done.returncode}]\n{done.stderr[-2000:]}" if done.returncode else "")
-    header = f"$ python bench/{name}.py {' '.join(args)}   # {time.strftime('%Y-%m-%d')}, {wall:.0f} s\n"
+    header = f"$ python bench/{script}.py {' '.join(args)}   # {time.strftime('%Y-%m-%d')}, {wall:.0f} s\n"
     (OUT / f"{name}.txt").write_text(header + text)
     print(f"{name}: exit {done.returncode} in {wall:.0f} s")
 
@@ -83,6 +87,23 @@ def summary_rows() -> list[tuple[str, str, str]]:
         ratio = s.get("ratio_2_vs_1") or s.get("speedup_2_vs_1")
         if ratio is not None:
             rows.append(("Ray: 2 workers vs 1 (evaluations/hour)", f"{ratio:.2f}x", "~2x on 2 cores"))
+    if "time_to_quality" in figures:
+        rows += time_to_quality_rows(figures["time_to_quality"])
+    return rows
+
+
+def time_to_quality_rows(runs: list[dict]) -> list[tuple[str, str, str]]:
+    """Per economy mode on PS: whole-run tokens against off's, and the held-out difference."""
+    def mean(mode: str, key: str) -> float | None:
+        values = [r[key] for r in runs if r["space"] == "ps" and r["mode"] == mode]
+        return sum(values) / len(values) if values else None
+
+    rows = []
+    for mode in ("stop", "subsample", "auto"):
+        if mean(mode, "tokens_total") and mean("off", "tokens_total"):
+            rows.append((f"economy {mode} (PS): forward tokens vs off; held-out mode - off",
+                         f"1/{mean('off', 'tokens_total') / mean(mode, 'tokens_total'):.1f}; "
+                         f"{mean(mode, 'heldout') - mean('off', 'heldout'):+.3f}", "<= 1/5; not significantly < 0"))
     return rows
 
 
@@ -102,7 +123,7 @@ def rebuild() -> None:
     ]
     for name, (_, what) in BENCHES.items():
         report = OUT / f"{name}.txt"
-        lines += ["", f"## bench/{name}.py — {what}", ""]
+        lines += ["", f"## bench/{SCRIPTS.get(name, name)}.py — {what}", ""]
         lines += ["```", report.read_text().rstrip(), "```"] if report.exists() else ["Not run yet."]
     (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {HERE / 'RESULTS.md'}")
