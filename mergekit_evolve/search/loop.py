@@ -320,14 +320,13 @@ def _score_finalists(problem, executor, run_dir: RunDir, economy, records, state
     """Economy: score the best estimated candidates on the full split; the best of them becomes the
     run's best. Full scores go to rescored.jsonl, so a resumed run does not score them again."""
     done = {r["index"]: r for r in run_dir.read_rescored()}
-    jobs = []
-    for record in economy.finalists(records):
-        if record["index"] not in done:
-            jobs.append(Job(generation=record["generation"], candidate=record["candidate"], index=record["index"],
-                            genome=record["genome"], key=record["key"]))
+    finalists = {r["index"]: r for r in economy.finalists(records)}
+    jobs = [Job(generation=r["generation"], candidate=r["candidate"], index=r["index"], genome=r["genome"], key=r["key"])
+            for r in finalists.values() if r["index"] not in done]
     for job, result in executor.map(jobs):
+        estimate = {k: finalists[job.index][k] for k in ("estimate", "estimate_source")}
         rescored = {"index": job.index, "generation": job.generation, "candidate": job.candidate,
-                    "genome": job.genome, "key": job.key, **result}
+                    "genome": job.genome, "key": job.key, **result, **estimate}
         run_dir.append_rescored(rescored)
         done[job.index] = rescored
     for record in sorted(done.values(), key=lambda r: r["index"]):

@@ -208,7 +208,8 @@ def economy_summary(config: EvolveConfig, run_dir: RunDir, state, has_heldout: b
         out["economy"] = {
             "mode": config.optimizer.economy,
             "fractions": state.economy.fractions,
-            "finalists": [{"index": r["index"], "fitness": r["fitness"], "source": "full"} for r in rescored],
+            "finalists": [{"index": r["index"], "fitness": r["fitness"], "source": "full",
+                           "estimate": r.get("estimate"), "estimate_source": r.get("estimate_source")} for r in rescored],
             "rescored_tokens": tokens_of(rescored),
         }
     return out
