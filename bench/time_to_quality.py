@@ -75,8 +75,9 @@ def measure(zoo, run_dir: Path, mode: str, space: str, seed: int) -> dict:
     records.sort(key=lambda r: r["index"])
     start = records[0]["time"]
     best_index = summary["best"]["index"]
+    tokens_total = sum(r.get("tokens") or 0 for r in records + rescored)  # = summary["tokens"]
     if rescored:  # the best is known after the finalists' full scores: the whole run
-        tokens_to_best = summary["tokens"]
+        tokens_to_best = tokens_total
         evals_to_best = len(records) + len(rescored)
         last = max(rescored, key=lambda r: r["time"])
     else:
@@ -88,7 +89,7 @@ def measure(zoo, run_dir: Path, mode: str, space: str, seed: int) -> dict:
         "mode": mode, "space": space, "seed": seed,
         "tokens": int(tokens_to_best), "evaluations": evals_to_best,
         "wall_seconds": round(last["time"] + last["seconds"] - start, 1),
-        "tokens_total": summary["tokens"], "evaluations_total": len(records) + len(rescored),
+        "tokens_total": tokens_total, "evaluations_total": len(records) + len(rescored),
         "wall_seconds_total": summary["wall_seconds"],
         "heldout": sum(items) / len(items), "heldout_items": "".join("1" if c else "0" for c in items),
         "fitness": summary["best"]["fitness"], "fitness_source": summary.get("fitness_source"),
@@ -117,7 +118,7 @@ def bootstrap_difference(rows: list[dict], mode: str, space: str, rng: np.random
 def report(rows: list[dict], modes, spaces) -> list[str]:
     rng = np.random.default_rng(0)
     lines = ["| space | mode | tokens to best | evals to best | wall s to best | tokens (whole run) | evals (whole run) "
-             "| tokens vs off | held-out (mean, min-max) | held-out - off [95% CI] | stop reasons |",
+             "| tokens vs off | held-out (mean, min-max) | held-out - off [95% CI] | stop |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     verdicts = []
     for space in spaces:
@@ -132,7 +133,8 @@ def report(rows: list[dict], modes, spaces) -> list[str]:
             held = [r["heldout"] for r in group]
             diff = bootstrap_difference(rows, mode, space, rng) if mode != "off" else None
             diff_cell = f"{diff['mean']:+.3f} [{diff['lo']:+.3f}, {diff['hi']:+.3f}]" if diff else "-"
-            reasons = ", ".join(sorted({r["stop_reason"] or "max_evals" for r in group}))
+            stopped = [r for r in group if (r["stop_reason"] or "max_evals") != "max_evals"]
+            reasons = f"{len(stopped)} of {len(group)} stopped early" if stopped else "max_evals"
             lines.append(
                 f"| {space} | {mode} | {mean('tokens'):,.0f} | {mean('evaluations'):.0f} | {mean('wall_seconds'):.0f} "
                 f"| {mean('tokens_total'):,.0f} | {mean('evaluations_total'):.0f} | 1/{ratio:.1f} "
