@@ -38,7 +38,7 @@ MODES = ("off", "stop", "subsample", "auto")
 BOOTSTRAP = 10_000
 
 
-def run_one(zoo, work: Path, mode: str, space: str, seed: int, max_evals: int) -> Path:
+def run_one(zoo, work: Path, mode: str, space: str, seed: int, max_evals: int) -> tuple[Path, bool]:
     config_dict = demo_config(zoo, space, max_evals, seed)
     config_dict["optimizer"]["economy"] = mode
     config = parse_config(config_dict)
@@ -46,7 +46,7 @@ def run_one(zoo, work: Path, mode: str, space: str, seed: int, max_evals: int) -
     done = (out / "summary.json").exists() and load_config(out / "config.yaml").model_dump() == config.model_dump()
     if not done:
         runner.start(config, out, device="cpu", force=True, progress=False)
-    return out
+    return out, done
 
 
 def heldout_items(zoo, run_dir: Path) -> list[bool]:
@@ -93,7 +93,7 @@ def measure(zoo, run_dir: Path, mode: str, space: str, seed: int) -> dict:
         "wall_seconds_total": summary["wall_seconds"],
         "heldout": sum(items) / len(items), "heldout_items": "".join("1" if c else "0" for c in items),
         "fitness": summary["best"]["fitness"], "fitness_source": summary.get("fitness_source"),
-        "stop_reason": summary.get("stop_reason"),
+        "stop_reason": summary.get("stop_reason") or "max_evals",
     }
 
 
@@ -167,16 +167,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        rows = []
+        rows, reused = [], 0
         for space in spaces:
             for mode in modes:
                 for seed in range(args.seeds):
-                    run_dir = run_one(zoo, work, mode, space, seed, args.max_evals)
+                    run_dir, done = run_one(zoo, work, mode, space, seed, args.max_evals)
+                    reused += done
                     rows.append(measure(zoo, run_dir, mode, space, seed))
                     r = rows[-1]
                     print(f"{space} {mode:9s} seed {seed}: tokens {r['tokens_total']:,} (to best {r['tokens']:,}), "
                           f"evaluations {r['evaluations_total']}, held-out {r['heldout']:.3f}, {r['stop_reason']}", flush=True)
-    print(f"\n{args.max_evals} evaluations per run (demo budget), seeds 0-{args.seeds - 1}; {time.time() - started:.0f} s\n")
+    print(f"\n{args.max_evals} evaluations per run (demo budget), seeds 0-{args.seeds - 1}; {time.time() - started:.0f} s "
+          f"({reused} of {len(rows)} runs found finished in --work and reused)\n")
     print("\n".join(report(rows, modes, spaces)))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
