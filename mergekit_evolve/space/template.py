@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from mergekit_evolve.errors import InputError
-from mergekit_evolve.space.transforms import to_range, unfold
+from mergekit_evolve.space.transforms import decimal, to_range, unfold
 
 MARKER_KEYS = {"evolve", "init"}
 
@@ -117,7 +117,7 @@ class TemplateSpace:
         genome = np.asarray(genome, dtype=np.float64)
         if genome.shape != (self.dim,):
             raise InputError(f"genome: expected {self.dim} numbers for this template, got {genome.size}")
-        return [float(to_range(u, m.lo, m.hi)) for u, m in zip(genome, self.markers)]
+        return [decimal(to_range(u, m.lo, m.hi)) for u, m in zip(genome, self.markers)]
 
     def fill(self, genome: np.ndarray) -> dict[str, Any]:
         """The template with every marker replaced by its value: a plain mergekit recipe."""
