@@ -55,3 +55,38 @@ def test_recipe_prints_init_033_as_033(family, tmp_path):
     assert printed.exit_code == 0, printed.output
     weights = [m["parameters"]["weight"] for m in yaml.safe_load(printed.stdout)["models"]]
     assert weights == [0.33, 0.33] and "weight: 0.33\n" in printed.stdout
+
+
+# -- 5. the budget is a promise --------------------------------------------------------------------
+def read_evals(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "evaluations.jsonl").read_text().splitlines()]
+
+
+def test_max_evals_8_evaluates_8_also_after_resume(family, tmp_path, monkeypatch):
+    """Population 6 (2 genes): generation 2 is cut to 2 candidates, uninterrupted and resumed alike."""
+    rows = write_rows(tmp_path / "r.jsonl")
+    models = [family["expert0"], family["expert1"]]
+    done = invoke("run", write_config(tmp_path / "a.yaml", callable_config(models, rows)), "--out", tmp_path / "a",
+                  "--max-evals", "8", "--no-save-model", "--quiet")
+    assert done.exit_code == 0, done.output
+    whole = read_evals(tmp_path / "a")
+    assert len(whole) == 8 and [e["generation"] for e in whole] == [1] * 6 + [2] * 2
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["evaluations"] == 8
+
+    import fitness_fns
+
+    fitness_fns.CALLS["n"] = 0
+    monkeypatch.setenv("MKE_INTERRUPT_AT", "8")  # the last candidate of the cut generation
+    config = parse_config(callable_config(models, rows, "fitness_fns:interrupting", optimizer={"max_evals": 8, "seed": 1}))
+    with pytest.raises(KeyboardInterrupt):
+        runner.start(config, tmp_path / "b", device="cpu", progress=False, save_model=False)
+    assert len(read_evals(tmp_path / "b")) == 7
+    monkeypatch.delenv("MKE_INTERRUPT_AT")
+    resumed = runner.resume(tmp_path / "b", progress=False)
+    assert resumed["evaluations"] == 8
+    assert [e["genome"] for e in read_evals(tmp_path / "b")] == [e["genome"] for e in whole]
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path

@@ -105,7 +105,8 @@ def run_search(
     on_record: Callable[[dict], None] | None = None,
     racing: Racing | None = None,
 ) -> SearchState:
-    """Run (or continue) CMA-ES until ``opt.max_evals`` candidates have been evaluated.
+    """Run (or continue) CMA-ES until exactly ``opt.max_evals`` candidates have been evaluated (the
+    last generation is cut short when a whole one would overshoot; a resumed run cuts it the same way).
 
     Candidates are decoded here (cheap, no weights); the executor builds and scores them, in this
     process or on Ray workers, and reports each as it finishes. Records are appended in completion
@@ -126,6 +127,11 @@ def run_search(
         while state.n_evals < opt.max_evals:
             generation = state.generation + 1
             genomes = state.es.ask()
+            # The budget is a promise: a generation that would overshoot it becomes a last, smaller one
+            # (its first candidates, in CMA-ES's order). It is not told to CMA-ES: the search ends there.
+            left = opt.max_evals - state.n_evals
+            last_partial = len(genomes) > left
+            genomes = genomes[:left]
             bar.set_description(f"gen {generation}")
             records: dict[int, dict] = {}
 
@@ -167,11 +173,13 @@ def run_search(
                     result_twin = _cached_result(result) if result.get("error") is None else result
                     _append(run_dir, recorded, accept, twin, result_twin)
             losses = [FAILED_LOSS if records[j]["fitness"] is None else -records[j]["fitness"] for j in range(len(genomes))]
-            state.es.tell(genomes, losses)
+            if not last_partial:
+                state.es.tell(genomes, losses)
             state.generation = generation
             state.n_evals += len(genomes)
             state.history.append((generation, state.n_evals, state.best and state.best["fitness"]))
-            _maybe_restart(state, problem, opt)
+            if not last_partial:
+                _maybe_restart(state, problem, opt)
             run_dir.save_state(state)  # the generation is now complete and durable
             if progress:
                 gen_fit = [-v for v in losses if v != FAILED_LOSS]
