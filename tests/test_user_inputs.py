@@ -90,3 +90,57 @@ def test_max_evals_8_evaluates_8_also_after_resume(family, tmp_path, monkeypatch
 def write_config(path: Path, config: dict) -> Path:
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+# -- 1. models without tokenizer files -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bare(tmp_path_factory) -> list[Path]:
+    """Two random Llama checkpoints without tokenizer files, as mergekit's own tests build them."""
+    from mergekit_evolve.zoo.random_models import make_random_model
+
+    root = tmp_path_factory.mktemp("bare")
+    return [make_random_model(root / f"m{i}", seed=i, tokenizer=False, num_layers=2) for i in range(2)]
+
+
+def id_rows(path: Path, key: str) -> Path:
+    path.write_text("".join(json.dumps({key: [4 + i, 5 + i, 6 + i, 7 + i]}) + "\n" for i in range(5)))
+    return path
+
+
+def test_models_without_tokenizer_files_run_with_a_callable_fitness(bare, tmp_path):
+    config = callable_config(bare, id_rows(tmp_path / "ids.jsonl", "ids"), "fitness_fns:ids_loglik")
+    summary = runner.start(parse_config(config), tmp_path / "out", device="cpu", progress=False)
+    assert summary["evaluations"] == 4 and summary["failures"] == 0 and summary["best"]["fitness"] < 0
+    assert not (tmp_path / "out" / "model" / "tokenizer.json").exists()  # mergekit copies none: there is none
+
+
+def test_perplexity_on_token_ids_needs_no_tokenizer(bare, tmp_path):
+    config = callable_config(bare, tmp_path / "unused")
+    config["fitness"] = {"tasks": [{"name": "ppl", "kind": "perplexity", "prompt_field": None,
+                                    "data": str(id_rows(tmp_path / "ids.jsonl", "answer"))}]}
+    summary = runner.start(parse_config(config), tmp_path / "out", device="cpu", progress=False, save_model=False)
+    assert summary["failures"] == 0 and 0 < summary["best"]["fitness"] < 1  # 1 / perplexity
+
+
+# -- 2. one failure for every candidate; an honest empty-prompt message ----------------------------
+def test_the_same_failure_for_the_whole_first_generation_is_an_input_error(family, tmp_path):
+    config = callable_config([family["expert0"], family["expert1"]], write_rows(tmp_path / "r.jsonl"),
+                             "fitness_fns:always_fails", optimizer={"max_evals": 20, "seed": 1})
+    done = invoke("run", write_config(tmp_path / "cfg.yaml", config), "--out", tmp_path / "out", "--quiet")
+    assert done.exit_code == 2, done.output
+    line = done.stderr.strip()
+    assert "\n" not in line and "every candidate of the first generation (6) failed the same way: RuntimeError: injected failure" in line
+    assert len(read_evals(tmp_path / "out")) == 6  # stopped after generation 1, not at max_failures (10)
+
+
+def test_a_prompt_that_encodes_to_no_tokens_is_named_as_such(tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from mergekit_evolve.fitness import Fitness
+
+    knows_only_x = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab={"x": 0}, merges=[])))
+    rows = tmp_path / "r.jsonl"
+    rows.write_text(json.dumps({"prompt": "l*c=", "answer": "4"}) + "\n")
+    with pytest.raises(InputError, match=r"the tokenizer produced no tokens for the prompt 'l\*c='"):
+        Fitness({"tasks": [{"name": "t", "data": str(rows)}]}, knows_only_x)

@@ -435,10 +435,15 @@ def _build_resident_model(config, dtype: torch.dtype, device: torch.device):
 
 
 def _load_tokenizer(config: MergeConfiguration, tokenizer_info, source_paths: tuple[Path, ...]):
-    """The merged model's tokenizer: mergekit's built one, else the donor model's."""
+    """The merged model's tokenizer: mergekit's built one, else the donor model's; None when the
+    donor folder has no tokenizer files (mergekit merges such models, and so does this merger)."""
+    from mergekit_evolve.space.models import has_tokenizer_files
+
     if tokenizer_info is not None:
         return tokenizer_info.tokenizer
     donor = config.base_model or config.referenced_models()[0]
+    if not has_tokenizer_files(donor.model.path):
+        return None
     try:
         return transformers.AutoTokenizer.from_pretrained(donor.model.path)
     except Exception as error:
