@@ -98,11 +98,10 @@ class PSProblem:
         if self._merger is None:  # loading sources is the expensive part: only when first needed
             from mergekit_evolve.merge import InMemoryMerger
 
-            # Any candidate names the same models; the initial one serves as the template.
+            # Any candidate names the same models; the initial one serves as the template. The
+            # recipes name self.dtype; the merger's model takes the dtype mergekit writes for them.
             template = to_merge_config(self.decode(self.x0()).recipe)
-            self._merger = InMemoryMerger(
-                template, device=self.device, dtype=self.dtype, random_seed=self.config.merge_seed
-            )
+            self._merger = InMemoryMerger(template, device=self.device, random_seed=self.config.merge_seed)
         return self._merger
 
     @property
