@@ -114,6 +114,9 @@ CASES = [
     Case("gpt2-no-tokenizer", "GPT-2 without tokenizer files (transformers would build a 1-token tokenizer)", "/gpt2 has no tokenizer files (tokenizer.json", edit=lambda c, e: c["genome"].update(models=[str(e.models["gpt2"]), str(e.models["gpt2b"])], merge_method="linear", base_model=None)),
     Case("llava", "a model family our fitness cannot run (LLaVA)", "is a LlavaForConditionalGeneration (model_type 'llava'), which transformers cannot build as a causal language model", edit=lambda c, e: c["genome"].update(models=[str(e.models["llava"]), str(e.models["llava2"])], merge_method="linear", base_model=None)),
     Case("dfs-arch", "DFS over a family the layer stack does not support", "DFS layer stacks support llama, mistral, qwen2", edit=lambda c, e: c.update(space="dfs", dfs={"models": [str(e.models["gpt2"]), str(e.models["gpt2b"])]})),
+    Case("marker-param", "template marker on a parameter the method does not take", "models[1].parameters.weight: arcee_fusion has no parameter 'weight'", edit=lambda c, e: {
+        "merge_method": "arcee_fusion", "base_model": str(e.models["base"]), "models": [{"model": str(e.models["base"])}, {"model": str(e.models["a"]), "parameters": {"weight": {"evolve": [0, 1]}}}],
+        "fitness": c["fitness"]}),
 ]
 
 

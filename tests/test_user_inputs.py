@@ -144,3 +144,25 @@ def test_a_prompt_that_encodes_to_no_tokens_is_named_as_such(tmp_path):
     rows.write_text(json.dumps({"prompt": "l*c=", "answer": "4"}) + "\n")
     with pytest.raises(InputError, match=r"the tokenizer produced no tokens for the prompt 'l\*c='"):
         Fitness({"tasks": [{"name": "t", "data": str(rows)}]}, knows_only_x)
+
+
+# -- 4. template markers are checked against the method's parameters -------------------------------
+def marked(family, method: str, marker_on: str, param: str = "weight") -> dict:
+    base, a = str(family["base"]), str(family["expert0"])
+    models = [{"model": base}, {"model": a}]
+    target = models[0] if marker_on == "base" else models[1]
+    target["parameters"] = {param: {"evolve": [0.0, 1.0]}}
+    return {"merge_method": method, "base_model": base, "models": models, "dtype": "float32"}
+
+
+@pytest.mark.parametrize("method, marker_on, param, message", [
+    ("arcee_fusion", "a", "weight", r"models\[1\].parameters.weight: arcee_fusion has no parameter 'weight'; it has no parameter to evolve"),
+    ("ties", "base", "weight", r"models\[0\].parameters.weight: ties ignores weight of the base model"),
+    ("ties", "a", "int8_mask", r"models\[1\].parameters.int8_mask: ties.int8_mask is not a number"),
+])
+def test_template_markers_mergekit_would_ignore_are_refused(family, method, marker_on, param, message):
+    from mergekit_evolve.space.template import TemplateSpace
+
+    with pytest.raises(InputError, match=message):
+        TemplateSpace(marked(family, method, marker_on, param))
+    TemplateSpace(marked(family, "ties", "a"))  # a marker mergekit reads is fine
