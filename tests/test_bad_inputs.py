@@ -117,6 +117,7 @@ CASES = [
     Case("marker-param", "template marker on a parameter the method does not take", "models[1].parameters.weight: arcee_fusion has no parameter 'weight'", edit=lambda c, e: {
         "merge_method": "arcee_fusion", "base_model": str(e.models["base"]), "models": [{"model": str(e.models["base"])}, {"model": str(e.models["a"]), "parameters": {"weight": {"evolve": [0, 1]}}}],
         "fitness": c["fitness"]}),
+    Case("migrate-refused", "a mergekit-evolve option we have no equivalent of", "--vllm: ", args=lambda env: ["run", str(env.root / "cfg.yaml"), "--out", str(env.root / "out"), "--vllm"]),
 ]
 
 

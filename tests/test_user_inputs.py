@@ -166,3 +166,36 @@ def test_template_markers_mergekit_would_ignore_are_refused(family, method, mark
     with pytest.raises(InputError, match=message):
         TemplateSpace(marked(family, method, marker_on, param))
     TemplateSpace(marked(family, "ties", "a"))  # a marker mergekit reads is fine
+
+
+# -- 9. mergekit-evolve's command line ---------------------------------------------------------------
+def test_mergekit_evolve_options_carry_over(family, tmp_path):
+    cfg = write_config(tmp_path / "cfg.yaml", callable_config([family["expert0"], family["expert1"]], write_rows(tmp_path / "r.jsonl")))
+    (tmp_path / "tasks").mkdir()
+    done = invoke("run", cfg, "--storage-path", tmp_path / "store", "--max-fevals", "3", "--random-seed", "7",
+                  "--task-search-path", tmp_path / "tasks", "--sigma0", "0.25", "--force-population-size", "3",
+                  "--batch-size", "4", "--num-gpus", "1", "--no-save-final-model", "--in-memory", "--no-vllm", "--quiet")
+    assert done.exit_code == 0, done.output
+    saved = yaml.safe_load((tmp_path / "store" / "config.yaml").read_text())
+    assert saved["merge_seed"] == 7 and saved["task_search_path"] == [str(tmp_path / "tasks")]
+    assert saved["optimizer"]["sigma0"] == 0.25 and saved["optimizer"]["popsize"] == 3
+    assert saved["optimizer"]["max_evals"] == 3 and saved["fitness"]["batch_size"] == 4
+    assert saved["executor"]["kind"] == "local" and not (tmp_path / "store" / "model").exists()
+    assert len(read_evals(tmp_path / "store")) == 3
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--vllm"], "--vllm: mergekit-evolve's option has no equivalent here: evaluation runs in this process"),
+    (["--strategy", "pool"], "--strategy: mergekit-evolve's option has no equivalent here: candidates run one after another here or on Ray workers; use --executor"),
+    (["--no-merge-cuda"], "--no-merge-cuda: mergekit-evolve's option has no equivalent here: merging and evaluation share one device; use --device cpu"),
+    (["--timeout", "60"], "--timeout: mergekit-evolve's option has no equivalent here: there is no wall-clock limit; bound the run with --max-evals"),
+    (["--load-in-4bit"], "--load-in-4bit: mergekit-evolve's option has no equivalent here: quantized evaluation"),
+    (["--allow-crimes"], "--allow-crimes: "),
+    (["--trust-remote-code"], "--trust-remote-code: "),
+    (["--max-evals", "3", "--max-fevals", "3"], "--max-fevals: is mergekit-evolve's name for --max-evals; give only one of them"),
+])
+def test_mergekit_evolve_options_without_equivalent_are_refused_in_one_line(tmp_path, flags, message):
+    (tmp_path / "cfg.yaml").write_text("genome: {}\n")
+    done = invoke("run", tmp_path / "cfg.yaml", "--storage-path", tmp_path / "out", *flags)
+    assert done.exit_code == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.output
+    assert not (tmp_path / "out").exists()
