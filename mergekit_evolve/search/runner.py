@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from mergekit_evolve.config import EvolveConfig, load_config, parse_config, source_models
-from mergekit_evolve.errors import InputError
+from mergekit_evolve.errors import InputError, TokenizerRequired
 from mergekit_evolve.progress import step
 from mergekit_evolve.search.loop import LocalExecutor, Racing, run_search
 from mergekit_evolve.search.problems import make_problem, resolve_device
@@ -59,7 +59,7 @@ def validate(config: EvolveConfig, device: str = "cpu") -> None:
         from mergekit_evolve.search.dfs_problem import check_dfs_collection
 
         check_dfs_collection(list(config.dfs.models or source_models(config)), 0)
-    fitness = make_fitness(config, problem.tokenizer)
+    fitness = make_fitness(config, problem.tokenizer, problem.tokenizer_ref)
     if config.optimizer.racing is not None:
         from mergekit_evolve.search.racing import check_racing
 
@@ -120,7 +120,7 @@ def _summary_if_done(run_dir: RunDir) -> dict | None:
 def run_stage(problem, config: EvolveConfig, run_dir: RunDir, save_model: bool, progress: bool) -> dict[str, Any]:
     """Search, then score the winner on the held-out split and save it."""
     started = time.time()
-    fitness = make_fitness(config, problem.tokenizer)
+    fitness = make_fitness(config, problem.tokenizer, problem.tokenizer_ref)
     executor = make_executor(config, problem, make_score(fitness))
     logger = _wandb_logger(config, run_dir)
     try:
@@ -197,14 +197,26 @@ def make_executor(config: EvolveConfig, problem, score):
     return LocalExecutor(problem, score)
 
 
-def make_fitness(config: EvolveConfig, tokenizer):
-    if config.fitness is not None:
-        from mergekit_evolve.fitness import Fitness
+def make_fitness(config: EvolveConfig, tokenizer, tokenizer_ref: str | None = None):
+    """The fitness of a config. ``tokenizer`` is None when the model ``tokenizer_ref`` has no tokenizer
+    files: fine for callables and perplexity on token ids, an input error naming the folder otherwise."""
+    try:
+        if config.fitness is not None:
+            from mergekit_evolve.fitness import Fitness
 
-        return Fitness(config.fitness, tokenizer)
-    from mergekit_evolve.fitness.lm_eval_tasks import LmEvalFitness
+            return Fitness(config.fitness, tokenizer)
+        if tokenizer is None:
+            raise TokenizerRequired("tasks (lm-eval)")
+        from mergekit_evolve.fitness.lm_eval_tasks import LmEvalFitness
 
-    return LmEvalFitness(config, tokenizer)
+        return LmEvalFitness(config, tokenizer)
+    except TokenizerRequired as err:
+        folder = tokenizer_ref or "the model"
+        raise InputError(
+            f"{err.what} needs a tokenizer, but {folder} has no tokenizer files (tokenizer.json, "
+            f"tokenizer_config.json, ...); set tokenizer_source to a model folder that has them, or copy them "
+            f"into {folder}"
+        ) from None
 
 
 def _check_fitness_available(config: EvolveConfig) -> None:
