@@ -186,3 +186,95 @@ def test_one_lm_eval_task_index_per_process_and_only_the_search_path_when_it_suf
     local = task_manager([str(zoo_task_dir)], ["zoo_script_math"])
     assert local is task_manager([str(zoo_task_dir)], ["zoo_script_math"])
     assert local.all_tasks == ["zoo_script_math"]  # lm-eval's ~14,700 built-in tasks were not indexed
+
+
+# -- scores equal lm-eval's own, for every request type and with few-shot ---------------------------
+
+def _task_yaml(root: Path, name: str, data: Path, **fields) -> None:
+    (root / f"{name}.yaml").write_text(yaml.safe_dump({
+        "task": name, "dataset_path": "json", "test_split": "test",
+        "dataset_kwargs": {"data_files": {"test": str(data), "train": str(data.with_name("train.jsonl"))}}, **fields}))
+
+
+@pytest.fixture(scope="module")
+def kinds_dir(zoo, tmp_path_factory) -> Path:
+    """Local tasks over zoo-like arithmetic rows: one per lm-eval request type, two with few-shot."""
+    import random
+
+    root = tmp_path_factory.mktemp("kinds")
+    rng = random.Random(0)
+    facts = [(a, b) for a in range(10) for b in range(10)]
+    rng.shuffle(facts)
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b), "choices": [str(a + b), str(a + b + 1), str(abs(a - b))],
+             "label": 0} for a, b in facts]
+    for row in rows:  # the right answer is not always first
+        k = rng.randrange(3)
+        row["choices"][0], row["choices"][k] = row["choices"][k], row["choices"][0]
+        row["label"] = k
+    (root / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:40]))
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[40:]))
+    data = root / "test.jsonl"
+    gen = {"output_type": "generate_until", "doc_to_text": "{{prompt}}", "doc_to_target": "{{answer}}",
+           "generation_kwargs": {"until": ["\n"], "max_gen_toks": 4, "do_sample": False},
+           "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}]}
+    _task_yaml(root, "k_gen", data, **gen)
+    _task_yaml(root, "k_gen_fewshot", data, **gen, num_fewshot=2, fewshot_split="train", target_delimiter="",
+               fewshot_delimiter="\n")
+    _task_yaml(root, "k_loglik", data, output_type="loglikelihood", doc_to_text="{{prompt}}", doc_to_target="{{answer}}",
+               target_delimiter="", metric_list=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True}])
+    _task_yaml(root, "k_choice_fewshot", data, output_type="multiple_choice", doc_to_text="{{prompt}}",
+               doc_to_choice="{{choices}}", doc_to_target="{{label}}", target_delimiter="", num_fewshot=1,
+               fewshot_split="train", fewshot_delimiter="\n",
+               metric_list=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}])
+    return root
+
+
+KINDS = {"k_gen": "exact_match,none", "k_gen_fewshot": "exact_match,none", "k_loglik": "acc,none",
+         "k_choice_fewshot": "acc_norm,none"}
+
+
+def test_scores_equal_lm_eval_simple_evaluate_for_every_request_type(zoo, kinds_dir):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from mergekit_evolve.fitness.lm_eval_tasks import quiet_lm_eval
+
+    model_path = zoo.models["math"]
+    config = parse_config({"genome": {"models": [str(zoo.models["script"]), str(model_path)], "merge_method": "linear"},
+                           "tasks": [{"name": n, "metric": m} for n, m in KINDS.items()], "limit": 30,
+                           "task_search_path": [str(kinds_dir)]})
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype="float32").eval()
+    ours = LmEvalFitness(config, tokenizer, batch_size=7).score(model)
+    with quiet_lm_eval():
+        theirs = lm_eval.simple_evaluate(
+            model="hf", model_args=f"pretrained={model_path},dtype=float32", tasks=list(KINDS), limit=30, device="cpu",
+            batch_size=4, task_manager=TaskManager(include_path=str(kinds_dir), include_defaults=False),
+            bootstrap_iters=0, log_samples=False)["results"]
+    assert ours == {name: theirs[name][metric] for name, metric in KINDS.items()}
+    assert len(set(ours.values())) > 1 and 0 < max(ours.values())  # the tasks tell candidates apart
+
+
+def test_parts_of_the_documents_add_up_to_the_whole_for_racing(zoo, kinds_dir):
+    config = parse_config({"genome": {"models": [str(zoo.models["script"]), str(zoo.models["math"])], "merge_method": "linear"},
+                           "tasks": [{"name": "k_gen", "metric": "exact_match,none"}, {"name": "k_loglik", "metric": "acc,none"}],
+                           "task_search_path": [str(kinds_dir)]})
+    tokenizer = transformers.AutoTokenizer.from_pretrained(zoo.models["math"])
+    model = transformers.AutoModelForCausalLM.from_pretrained(zoo.models["math"], dtype="float32").eval()
+    fitness = LmEvalFitness(config, tokenizer)
+    assert fitness.raceable() == [] and fitness.num_rows() == {"k_gen": 40, "k_loglik": 40}
+    whole = fitness.evaluate(model)
+    parts = [fitness.evaluate(model, part=p) for p in [(0.0, 0.25), (0.25, 1.0)]]
+    for name, result in whole.items():
+        assert [p[name].rows for p in parts] == [10, 30]
+        assert sum(p[name].score * p[name].rows for p in parts) == pytest.approx(result.score * result.rows, abs=1e-12)
+
+
+def test_a_racing_search_runs_with_lm_eval_tasks(zoo, kinds_dir, tmp_path):
+    config = parse_config({"genome": {"models": [str(zoo.models["script"]), str(zoo.models["math"])], "merge_method": "linear"},
+                           "tasks": [{"name": "k_loglik", "metric": "acc,none"}], "task_search_path": [str(kinds_dir)],
+                           "optimizer": {"max_evals": 8, "popsize": 4, "racing": True}, "dtype": "float32"})
+    summary = runner.start(config, tmp_path / "run", device="cpu", progress=False, save_model=False)
+    stages = [json.loads(line) for line in (tmp_path / "run" / "racing.jsonl").read_text().splitlines()]
+    assert summary["evaluations"] == 8 and len(stages) >= 8  # every candidate raced its first part at least

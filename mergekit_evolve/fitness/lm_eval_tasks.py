@@ -1,5 +1,14 @@
 """mergekit-evolve's ``tasks:`` (lm-evaluation-harness tasks and groups), scored on the resident model.
 
+What does not depend on the candidate is done once per run, when ``LmEvalFitness`` is built: tasks
+are loaded, their documents read, prompts rendered and requests built by lm-eval itself
+(``Task.build_all_requests``, seeded as ``lm_eval.simple_evaluate`` seeds it), then tokenized by
+lm-eval's own HF wrapper code. Per candidate only the model runs on those token ids, batched on the
+resident model (``loglik``, ``generate``), and lm-eval's own filters, ``process_results`` and
+aggregation turn the answers into metrics, so scores equal what the lm_eval CLI reports for the
+saved model (tested for generate_until, loglikelihood and multiple_choice tasks, with few-shot).
+Per-document results let racing score a part of the documents (``part``, as ``Fitness``).
+
 Everything that can be wrong with a task is found when ``LmEvalFitness`` is built, before the first
 candidate: each name is resolved (``task_search_path`` first), its documents are loaded, and each
 configured metric is checked against what the task reports (its metric list and filters; nothing is
@@ -16,13 +25,16 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import random
 import sys
+import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mergekit_evolve.errors import InputError
+from mergekit_evolve.fitness.evaluator import PART_SHUFFLE_SEED, Part, Split, TaskResult
 
 SHUFFLE_SEED = 0  # mergekit-evolve's `shuffle` is unseeded; ours is reproducible
 
@@ -151,26 +163,124 @@ def reported_metrics(loaded: LoadedTask) -> dict[str, bool]:
     return out
 
 
-class LmEvalFitness:
-    """Weighted lm-eval metrics. Held-out scores come from ``heldout_tasks`` (if configured)."""
+def prompt_lm(tokenizer):
+    """lm-eval's HF model wrapper (``HFLM``) without a model, for its tokenization and chat-template
+    code: what the lm_eval CLI applies to each request, applied here once per run. Its
+    ``loglikelihood`` returns each request's (context, continuation) token ids instead of scores."""
+    import copy
 
-    def __init__(self, config, tokenizer, batch_size: int | str = 16, progress: bool = False):
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.models.utils import configure_pad_token
+
+    class PromptLM(HFLM):
+        def __init__(self):  # HFLM.__init__ wants a model; its tokenization reads only these
+            TemplateLM.__init__(self)
+            self.tokenizer = configure_pad_token(copy.deepcopy(tokenizer))
+            self.backend, self.add_bos_token, self.custom_prefix_token_id = "causal", None, None
+            self.chat_template_args, self.think_end_token, self.enable_thinking = {}, None, None
+
+        def _loglikelihood_tokens(self, requests, **kwargs):
+            return [(context, continuation) for _, context, continuation in requests]
+
+    return PromptLM()
+
+
+@dataclass
+class Request:
+    """One lm-eval request, tokenized: what the model runs on per candidate."""
+
+    instance: Any
+    pair: tuple[list[int], list[int]] | None = None  # loglikelihood: (context, continuation) ids
+    prompt: list[int] | None = None  # generate_until: prompt ids (before truncation to the model length)
+    until: tuple[str, ...] = ()
+    max_gen_toks: int = 0
+    text: list[int] | None = None  # loglikelihood_rolling: the whole text's ids
+
+
+@dataclass
+class PreparedTask:
+    """A leaf lm-eval task with its documents (after ``limit``) and their requests, in lm-eval's order."""
+
+    task: Any
+    docs: list[tuple[int, Any]]
+    requests: dict[int, list[Request]]  # doc_id -> requests
+    part_docs: dict[Part, list[tuple[int, Any]]] = field(default_factory=dict)
+
+    def docs_of(self, part: Part | None) -> list[tuple[int, Any]]:
+        if part is None:
+            return self.docs
+        if part not in self.part_docs:  # the same seeded shuffle as Fitness, so parts are fair samples
+            order = list(range(len(self.docs)))
+            random.Random(PART_SHUFFLE_SEED).shuffle(order)
+            chosen = sorted(order[round(part[0] * len(order)) : round(part[1] * len(order))])
+            self.part_docs[part] = [self.docs[i] for i in chosen]
+        return self.part_docs[part]
+
+
+def memoize_per_document(task, docs: list[tuple[int, Any]]) -> None:
+    """``process_results`` renders a document's target and choices (Jinja templates) again on every
+    call; they do not change between candidates, so each is rendered once per run. Only the docs this
+    run scores are cached, on this task object only."""
+    ours = {id(doc) for _, doc in docs}
+    for name in ("doc_to_target", "doc_to_choice", "doc_to_text"):
+        original, memo = getattr(task, name), {}
+
+        def cached(doc, *args, _original=original, _memo=memo, **kwargs):
+            if args or kwargs or id(doc) not in ours:
+                return _original(doc, *args, **kwargs)
+            if id(doc) not in _memo:
+                _memo[id(doc)] = _original(doc)
+            return _memo[id(doc)]
+
+        setattr(task, name, cached)
+
+
+@contextlib.contextmanager
+def seeded_like_simple_evaluate() -> Iterator[None]:
+    """The global seeds ``lm_eval.simple_evaluate`` sets before it loads tasks and builds requests
+    (some tasks draw from them); the caller's random states are restored after."""
+    import numpy as np
+    import torch
+    from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
+
+    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    random.seed(DEFAULT_RANDOM_SEED)
+    np.random.seed(DEFAULT_OTHER_SEED)
+    torch.manual_seed(DEFAULT_OTHER_SEED)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
+
+
+class LmEvalFitness:
+    """Weighted lm-eval metrics, the ``Fitness`` interface. Held-out scores come from ``heldout_tasks``."""
+
+    def __init__(self, config, tokenizer, batch_size: int = 32, progress: bool = False):
         require_lm_eval()
         self.config = config
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.tokens_spent = 0
+        self.last_results: dict[str, Any] = {}
+        self._max_length: int | None = None  # the model's context length, read from the first candidate
         entries = {"fitness": list(config.tasks or []), "heldout": list(config.heldout_tasks or [])}
         names = [t.name for ts in entries.values() for t in ts]
-        with quiet_lm_eval():
+        with quiet_lm_eval(), seeded_like_simple_evaluate():
             manager = task_manager(config.task_search_path, names)
             self._check_known(manager, names)
             with shuffled_downloads(config.shuffle):
                 self._loaded = {split: [self._load(manager, t) for t in ts] for split, ts in entries.items()}
-        for split, loaded in self._loaded.items():
-            for entry in loaded:
-                self._check_metric(entry)
-                if progress:
+            for loaded in self._loaded.values():
+                for entry in loaded:
+                    self._check_metric(entry)
+            self._prepared = self._prepare_requests() if tokenizer is not None else {}
+        if progress:
+            for split, loaded in self._loaded.items():
+                for entry in loaded:
                     print(self._describe(entry, split), file=sys.stderr)
 
     # -- loading and checks (before the first candidate) -------------------------------------------
@@ -216,7 +326,6 @@ class LmEvalFitness:
         return (f"lm-eval {what} {loaded.config.name} ({split}): {docs} documents{limit}, "
                 f"{'/'.join(kinds)}, metric {loaded.config.metric}")
 
-    # -- scoring ------------------------------------------------------------------------------------
     def chat_template_flags(self) -> tuple[bool, bool]:
         """(apply_chat_template, fewshot_as_multiturn) as mergekit-evolve would pass them to lm-eval."""
         has_template = bool(getattr(self.tokenizer, "chat_template", None))
@@ -228,22 +337,185 @@ class LmEvalFitness:
         multiturn = self.config.fewshot_as_multiturn
         return apply, apply if multiturn is None else multiturn
 
-    def _evaluate(self, model, loaded: list[LoadedTask]) -> dict[str, float]:
-        from lm_eval.evaluator import evaluate
-        from lm_eval.models.huggingface import HFLM
+    # -- requests, built and tokenized once per run --------------------------------------------------
+    def _prepare_requests(self) -> dict[str, PreparedTask]:
+        from lm_eval.evaluator_utils import get_sample_size
 
+        lm = prompt_lm(self.tokenizer)
+        self._prefix_token = lm.prefix_token_id  # what a rolling window's first token is predicted from
         apply, multiturn = self.chat_template_flags()
-        tasks = {name: task for entry in loaded for name, task in entry.tasks.items()}
-        groups = {name: group for entry in loaded for name, group in entry.groups.items()}
-        with quiet_lm_eval():
-            lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size, device=str(model.device))
-            out = evaluate(lm=lm, task_dict={"tasks": tasks, "groups": groups}, limit=self.config.limit,
-                           bootstrap_iters=0, log_samples=False, apply_chat_template=apply, fewshot_as_multiturn=multiturn)
-        return {entry.config.name: float(out["results"][entry.config.name][entry.config.metric]) for entry in loaded}
+        prepared = {}
+        for loaded in self._loaded.values():
+            for entry in loaded:
+                for name, task in entry.tasks.items():
+                    if name in prepared:
+                        continue
+                    limit = get_sample_size(task, self.config.limit)
+                    task.build_all_requests(
+                        limit=limit, rank=0, world_size=1, apply_chat_template=apply, fewshot_as_multiturn=multiturn,
+                        chat_template=lm.apply_chat_template if apply else None,
+                        tokenizer_name=lm.tokenizer_name if apply else "",
+                    )
+                    prepared[name] = self._tokenized(task, limit, lm)
+        return prepared
 
-    def score(self, model, split: str = "fitness") -> dict[str, float]:
-        loaded = self._loaded["fitness" if split == "fitness" else "heldout"]
-        return self._evaluate(model, loaded) if loaded else {}
+    def _tokenized(self, task, limit: int | None, lm) -> PreparedTask:
+        from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
+
+        instances = sorted(task.instances, key=lambda inst: (inst.doc_id, inst.idx))
+        requests = [Request(instance=inst) for inst in instances]
+        loglik = [r for r in requests if r.instance.request_type == "loglikelihood"]
+        for request, pair in zip(loglik, lm.loglikelihood([r.instance for r in loglik], disable_tqdm=True)):
+            request.pair = pair
+        eos = lm.tok_decode(lm.eot_token_id, skip_special_tokens=False)
+        for request in requests:
+            kind, args = request.instance.request_type, request.instance.args
+            if kind == "generate_until":
+                kwargs = normalize_gen_kwargs(args[1], lm.max_gen_toks)
+                if kwargs.get("do_sample"):
+                    raise InputError(f"tasks.{task.task_name}: its generation_kwargs sample (do_sample); a fitness must be deterministic, so set do_sample: false in the task")
+                request.prompt = lm.tok_batch_encode([args[0]])[0][0].tolist()
+                request.until = tuple(handle_stop_sequences(kwargs.pop("until", None), eos=eos))
+                request.max_gen_toks = int(kwargs["max_gen_toks"])
+            elif kind == "loglikelihood_rolling":
+                request.text = lm.tok_encode(args[0])
+            elif kind != "loglikelihood":
+                raise InputError(f"tasks.{task.task_name}: lm-eval request type {kind!r} is not supported; use a text task")
+        by_doc: dict[int, list[Request]] = {}
+        for request in requests:
+            by_doc.setdefault(request.instance.doc_id, []).append(request)
+        docs = list(task.doc_iterator(rank=0, limit=limit, world_size=1))
+        memoize_per_document(task, docs)
+        return PreparedTask(task=task, docs=docs, requests=by_doc)
+
+    # -- scoring ------------------------------------------------------------------------------------
+    def num_rows(self, split: Split = "fitness") -> dict[str, int]:
+        return {e.config.name: sum(len(self._prepared[t].docs) for t in e.tasks) for e in self._loaded[split]}
+
+    def weights(self) -> dict[str, float]:
+        return {e.config.name: e.config.weight for e in self._loaded["fitness"]}
+
+    def raceable(self) -> list[str]:
+        """Entries racing cannot score in parts: groups, and metrics not aggregated by a plain mean."""
+        from lm_eval.api.metrics import mean
+
+        bad = []
+        for entry in self._loaded["fitness"]:
+            metric = entry.config.metric.split(",")[0]
+            if entry.is_group or entry.tasks[entry.config.name].aggregation().get(metric) is not mean:
+                bad.append(entry.config.name)
+        return bad
+
+    def score(self, model, split: Split = "fitness") -> dict[str, float]:
+        return {name: result.score for name, result in self.evaluate(model, split).items()}
+
+    def evaluate(self, model, split: Split = "fitness", part: Part | None = None) -> dict[str, Any]:
+        """Task name -> ``TaskResult``; ``part``: only that part of each task's documents (racing)."""
+        from mergekit_evolve.fitness.runtime import ModelRunner, evaluation_mode
+
+        results = {}
+        with evaluation_mode(model), quiet_lm_eval():
+            runner = ModelRunner.wrap(model)
+            if self._max_length is None:
+                from lm_eval.models.utils import resolve_max_length
+
+                self._max_length = resolve_max_length(getattr(model, "config", None), self.tokenizer)
+            for entry in self._loaded[split]:
+                start = time.perf_counter()
+                docs = {name: self._prepared[name].docs_of(part) for name in entry.tasks}
+                tokens = self._answer(runner, [r for name, ds in docs.items() for d, _ in ds for r in self._prepared[name].requests[d]])
+                metrics = {name: self._metrics(self._prepared[name], ds) for name, ds in docs.items() if ds}
+                if entry.is_group:
+                    metrics[entry.config.name] = entry.groups[entry.config.name].aggregate(metrics)
+                rows = sum(len(ds) for ds in docs.values())
+                if not rows:
+                    continue
+                results[entry.config.name] = TaskResult(
+                    name=entry.config.name, kind="lm-eval", split=split, score=float(metrics[entry.config.name][entry.config.metric]),
+                    metric=entry.config.metric, rows=rows, tokens=tokens, seconds=time.perf_counter() - start,
+                )
+        self.tokens_spent += sum(r.tokens for r in results.values())
+        self.last_results = results
+        return results
+
+    def _answer(self, runner, requests: list[Request]) -> int:
+        """Run the model on the requests; each instance gets its answer in ``resps``. Returns tokens."""
+        from lm_eval.models.utils import postprocess_generated_text
+
+        from mergekit_evolve.fitness.generate import greedy_token_ids
+        from mergekit_evolve.fitness.loglik import continuation_loglikelihoods
+        from mergekit_evolve.fitness.outcome import pad_token_id
+
+        pad = pad_token_id(self.tokenizer)
+        answers: dict[int, Any] = {}
+        pairs, owners = [], []  # every (context, continuation) to score, and (request, window or None)
+        for request in requests:
+            if request.pair is not None:
+                pairs.append(self._fit(request.pair))
+                owners.append(id(request))
+            elif request.text is not None:
+                for window in self._windows(request):
+                    pairs.append(window)
+                    owners.append(id(request))
+        scored, tokens = continuation_loglikelihoods(runner, pairs, pad, self.batch_size) if pairs else ([], 0)
+        rolling = {id(r) for r in requests if r.text is not None}
+        for owner, (logprob, greedy) in zip(owners, scored):
+            if owner in rolling:
+                answers[owner] = answers.get(owner, 0.0) + logprob
+            else:
+                answers[owner] = (logprob, greedy)
+        groups: dict[tuple, list[Request]] = {}
+        for request in requests:
+            if request.prompt is not None:
+                groups.setdefault((request.until, request.max_gen_toks), []).append(request)
+        for (until, max_gen_toks), group in groups.items():
+            keep = self._max_length - max_gen_toks
+            if keep <= 0:
+                raise InputError(f"tasks: max_gen_toks {max_gen_toks} does not fit the model's context length {self._max_length}; lower it in the task")
+            prompts = [r.prompt[-keep:] for r in group]
+            generated = greedy_token_ids(runner, prompts, self.tokenizer, max_gen_toks, list(until), self.batch_size)
+            tokens += sum(len(p) + len(g) for p, g in zip(prompts, generated))
+            for request, ids in zip(group, generated):
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                answers[id(request)] = postprocess_generated_text(text, list(until), None)
+        for request in requests:
+            request.instance.resps = [answers[id(request)]] * (request.instance.repeats or 1)
+            request.instance.filtered_resps = {}
+        return tokens
+
+    def _fit(self, pair: tuple[list[int], list[int]]) -> tuple[list[int], list[int]]:
+        """lm-eval's left truncation: keep the last max_length + 1 tokens of context + continuation."""
+        context, continuation = pair
+        overflow = len(context) + len(continuation) - (self._max_length + 1)
+        return (context[overflow:], continuation) if overflow > 0 else pair
+
+    def _windows(self, request: Request) -> list[tuple[list[int], list[int]]]:
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        windows = get_rolling_token_windows(token_list=request.text, prefix_token=self._prefix_token,
+                                            max_seq_len=self._max_length, context_len=1)
+        return [make_disjoint_window(w) for w in windows]
+
+    @staticmethod
+    def _metrics(prepared: PreparedTask, docs: list[tuple[int, Any]]) -> dict[str, Any]:
+        """lm-eval's filters, per-document ``process_results`` and aggregation on these documents."""
+        from lm_eval.api.metrics import mean
+
+        task = prepared.task
+        instances = [r.instance for doc_id, _ in docs for r in prepared.requests[doc_id]]
+        filters = getattr(task, "_filters", [])
+        for ensemble in filters:
+            ensemble.apply(instances)
+        raw: dict[str, list] = {}
+        for name in [f.name for f in filters]:
+            for doc_id, doc in docs:
+                answers = [r.instance.filtered_resps[name] for r in prepared.requests[doc_id]]
+                for metric, value in task.process_results(doc, answers).items():
+                    raw.setdefault(f"{metric},{name}", []).append(value)
+        aggregation = task.aggregation()
+        out: dict[str, Any] = {key: aggregation.get(key.rsplit(",", 1)[0], mean)(values) for key, values in raw.items()}
+        out["sample_len"] = max((len(v) for v in raw.values()), default=0)
+        return out
 
     def total(self, scores: dict[str, float]) -> float:
         weights = {t.name: t.weight for t in [*(self.config.tasks or []), *(self.config.heldout_tasks or [])]}

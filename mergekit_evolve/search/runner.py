@@ -163,9 +163,6 @@ def make_score(fitness):
     """The executor's score function: (model, part=None) -> fitness, per-task scores, tokens spent."""
 
     def score(model, part=None) -> dict:
-        if not hasattr(fitness, "evaluate"):  # lm-eval tasks: scores only
-            scores = fitness.score(model, "fitness")
-            return {"fitness": fitness.total(scores), "scores": scores}
         results = fitness.evaluate(model, "fitness", part)
         scores = {name: r.score for name, r in results.items()}
         out = {"fitness": fitness.total(scores), "scores": scores, "tokens": sum(r.tokens for r in results.values())}
