@@ -42,6 +42,7 @@ from mergekit.plan import MergePlanner
 from pydantic import BaseModel
 
 from mergekit_evolve.errors import CandidateError, InputError
+from mergekit_evolve.merge.quiet import mergekit_torch_dtype_quiet
 
 __all__ = ["InMemoryMerger", "MergeTimings"]
 
@@ -99,9 +100,10 @@ class PlannerRoute:
 
         self.options = options
         self.arch_info = get_architecture_info(template, options)
-        self._out_config = mergekit.merge._model_out_config(
-            template, self.arch_info, trust_remote_code=options.trust_remote_code
-        )
+        with mergekit_torch_dtype_quiet():
+            self._out_config = mergekit.merge._model_out_config(
+                template, self.arch_info, trust_remote_code=options.trust_remote_code
+            )
 
     def plan(self, config: MergeConfiguration) -> tuple[list[ReturnTensor], Optional[Task]]:
         """Return one ``ReturnTensor`` per output tensor, and the tokenizer task (or None)."""

@@ -19,6 +19,7 @@ import numpy as np
 
 from mergekit_evolve.config import EvolveConfig, load_config, parse_config, source_models
 from mergekit_evolve.errors import InputError
+from mergekit_evolve.progress import step
 from mergekit_evolve.search.loop import LocalExecutor, Racing, run_search
 from mergekit_evolve.search.problems import make_problem, resolve_device
 from mergekit_evolve.search.rundir import RunDir, atomic_write
@@ -138,8 +139,8 @@ def run_stage(problem, config: EvolveConfig, run_dir: RunDir, save_model: bool, 
     if state.best is None:
         raise InputError(f"{run_dir.path}: every candidate failed; see evaluations.jsonl for the errors")
     best = problem.decode(np.asarray(state.best["genome"]))
-    model = problem.build(best)
-    heldout = fitness.score(model, "heldout")
+    with step("scoring the best candidate on the held-out split", progress):
+        heldout = fitness.score(problem.build(best), "heldout")
     summary = {
         "space": config.space,
         "best": {**state.best, "heldout": heldout, "heldout_total": fitness.total(heldout) if heldout else None},
@@ -151,7 +152,8 @@ def run_stage(problem, config: EvolveConfig, run_dir: RunDir, save_model: bool, 
         "history": state.history,
     }
     if save_model and not run_dir.model.exists():
-        problem.save_model(best, run_dir.model)
+        with step(f"saving the best model to {run_dir.model}", progress):
+            problem.save_model(best, run_dir.model)
     run_dir.write_json(run_dir.summary, summary)
     if logger:
         logger.log_summary(summary)
