@@ -92,6 +92,33 @@ def run_peer(paths: dict[str, Path], storage: Path, max_evals: int, seed: int) -
     return _figures(wall, span, [e["score"] for e in evals])
 
 
+def interleaved_fitness(paths: dict[str, Path], repeats: int) -> dict:
+    """Scoring time alone (no merge), lm-eval task vs built-in evaluator, on one model in one process,
+    alternating: robust to a shared machine whose load changes between whole runs."""
+    import statistics
+
+    import transformers
+
+    from mergekit_evolve.config import load_config
+    from mergekit_evolve.search.runner import make_fitness
+    from mergekit_evolve.zoo import build_zoo
+
+    model_path = build_zoo().models["math"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype="float32").eval()
+    fitness = {name: make_fitness(load_config(paths[name]), tokenizer) for name in ("ours_lm_eval", "ours_builtin")}
+    seconds: dict[str, list[float]] = {name: [] for name in fitness}
+    scores = {name: f.score(model) for name, f in fitness.items()}  # also warms both paths
+    for _ in range(repeats):
+        for name, f in fitness.items():
+            started = time.perf_counter()
+            f.evaluate(model)
+            seconds[name].append(time.perf_counter() - started)
+    medians = {name: statistics.median(v) for name, v in seconds.items()}
+    return {"median_s": medians, "ratio": medians["ours_lm_eval"] / medians["ours_builtin"],
+            "scores": {name: list(v.values())[0] for name, v in scores.items()}}
+
+
 def _figures(wall: float, span: float, fitness: list[float], stderr: str = "", merge_s: float | None = None) -> dict:
     per_candidate = span / len(fitness)
     out = {"evals": len(fitness), "wall_s": wall, "startup_s": wall - span, "per_candidate_s": per_candidate,
@@ -112,10 +139,22 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=100, help="rows of the task (lm-eval's limit)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-peer", action="store_true", help="do not run mergekit-evolve")
+    parser.add_argument("--interleaved", type=int, default=10, metavar="N",
+                        help="also time scoring alone, N alternations in one process (0: skip)")
+    parser.add_argument("--interleaved-only", action="store_true", help="only that measurement")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="mke-vs-"))
     paths = write_inputs(root, args.limit)
+    if args.interleaved or args.interleaved_only:
+        inter = interleaved_fitness(paths, args.interleaved or 10)
+        print(f"scoring alone, same model and process, {args.interleaved or 10} alternations: lm-eval task "
+              f"{inter['median_s']['ours_lm_eval']:.3f} s, built-in {inter['median_s']['ours_builtin']:.3f} s (medians): "
+              f"{inter['ratio']:.2f}x; scores {inter['scores']['ours_lm_eval']:.4f} / {inter['scores']['ours_builtin']:.4f}")
+        if args.interleaved_only:
+            if args.json:
+                args.json.write_text(json.dumps({"interleaved": inter}, indent=2))
+            return
     runs: dict[str, dict] = {}
     runs["ours, lm-eval task"] = run_ours(paths["ours_lm_eval"], root / "lm", args.max_evals, args.seed)
     runs["ours, built-in evaluator"] = run_ours(paths["ours_builtin"], root / "builtin", args.max_evals, args.seed)
@@ -135,7 +174,7 @@ def main() -> None:
         print(f"{name:34s} {r['evals']:5d} {r['startup_s']:10.1f} {r['per_candidate_s']:11.3f} "
               f"{r['evals_per_hour_steady']:14.0f} {r['evals_per_hour_with_startup']:19.0f} {best_at(r, n):8.4f}")
     lm, builtin = runs["ours, lm-eval task"], runs["ours, built-in evaluator"]
-    figures = {"runs": runs, "peer": peer_note, "equal_evals": n,
+    figures = {"runs": runs, "peer": peer_note, "equal_evals": n, "interleaved": inter if args.interleaved else None,
                "lm_eval_vs_builtin_per_candidate": lm["per_candidate_s"] / builtin["per_candidate_s"],
                "lm_eval_startup_minus_builtin_s": lm["startup_s"] - builtin["startup_s"],
                "same_fitness_per_candidate": lm["fitness"][:n] == builtin["fitness"][:n]}

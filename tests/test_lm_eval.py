@@ -177,7 +177,7 @@ def test_without_quiet_lm_eval_prints_one_line_per_task(zoo, zoo_task_dir, tmp_p
         {"name": "zoo_script_math", "metric": "exact_match,none"}]).read_text()))
     runner.validate(config, "cpu", progress=True)
     assert capfd.readouterr().err.splitlines() == [
-        "lm-eval task zoo_script_math (fitness): 100 documents, first 20 each, generate_until, metric exact_match,none"]
+        "[mergekit-evo] lm-eval task zoo_script_math (fitness): 100 documents, first 20 each, generate_until, metric exact_match,none"]
 
 
 def test_one_lm_eval_task_index_per_process_and_only_the_search_path_when_it_suffices(zoo_task_dir):
@@ -227,14 +227,22 @@ def kinds_dir(zoo, tmp_path_factory) -> Path:
                fewshot_split="train", fewshot_delimiter="\n",
                metric_list=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
                             {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}])
+    acc = [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]
+    _task_yaml(root, "k_g_loglik", data, output_type="loglikelihood", doc_to_text="{{prompt}}", doc_to_target="{{answer}}",
+               target_delimiter="", metric_list=acc)
+    _task_yaml(root, "k_g_choice", data, output_type="multiple_choice", doc_to_text="{{prompt}}", doc_to_choice="{{choices}}",
+               doc_to_target="{{label}}", metric_list=acc)
+    (root / "k_group.yaml").write_text(yaml.safe_dump({
+        "group": "k_group", "task": ["k_g_loglik", "k_g_choice"],
+        "aggregate_metric_list": [{"metric": "acc", "aggregation": "mean", "weight_by_size": True}]}))
     return root
 
 
 KINDS = {"k_gen": "exact_match,none", "k_gen_fewshot": "exact_match,none", "k_loglik": "acc,none",
-         "k_choice_fewshot": "acc_norm,none"}
+         "k_choice_fewshot": "acc_norm,none", "k_group": "acc,none"}
 
 
-def test_scores_equal_lm_eval_simple_evaluate_for_every_request_type(zoo, kinds_dir):
+def test_scores_equal_lm_eval_simple_evaluate_for_every_request_type_and_a_group(zoo, kinds_dir):
     import lm_eval
     from lm_eval.tasks import TaskManager
 

@@ -281,7 +281,7 @@ class LmEvalFitness:
         if progress:
             for split, loaded in self._loaded.items():
                 for entry in loaded:
-                    print(self._describe(entry, split), file=sys.stderr)
+                    print(f"[mergekit-evo] {self._describe(entry, split)}", file=sys.stderr, flush=True)
 
     # -- loading and checks (before the first candidate) -------------------------------------------
     def _check_known(self, manager, names: list[str]) -> None:
