@@ -232,6 +232,8 @@ def kinds_dir(zoo, tmp_path_factory) -> Path:
                target_delimiter="", metric_list=acc)
     _task_yaml(root, "k_g_choice", data, output_type="multiple_choice", doc_to_text="{{prompt}}", doc_to_choice="{{choices}}",
                doc_to_target="{{label}}", metric_list=acc)
+    _task_yaml(root, "k_ppl", data, output_type="loglikelihood", doc_to_text="{{prompt}}", doc_to_target="{{answer}}",
+               metric_list=[{"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False}, *acc])
     (root / "k_group.yaml").write_text(yaml.safe_dump({
         "group": "k_group", "task": ["k_g_loglik", "k_g_choice"],
         "aggregate_metric_list": [{"metric": "acc", "aggregation": "mean", "weight_by_size": True}]}))
@@ -262,6 +264,14 @@ def test_scores_equal_lm_eval_simple_evaluate_for_every_request_type_and_a_group
             bootstrap_iters=0, log_samples=False)["results"]
     assert ours == {name: theirs[name][metric] for name, metric in KINDS.items()}
     assert len(set(ours.values())) > 1 and 0 < max(ours.values())  # the tasks tell candidates apart
+
+
+def test_a_lower_is_better_metric_is_refused_before_any_candidate(zoo, kinds_dir):
+    config = parse_config({"genome": {"models": [str(zoo.models["script"]), str(zoo.models["math"])], "merge_method": "linear"},
+                           "tasks": [{"name": "k_ppl", "metric": "perplexity,none"}], "task_search_path": [str(kinds_dir)]})
+    with pytest.raises(InputError, match=r"^tasks.k_ppl.metric: 'perplexity,none' is lower-is-better and fitness is "
+                                         r"maximised; use a higher-is-better metric of \['acc,none'\]$"):
+        LmEvalFitness(config, None)
 
 
 def test_parts_of_the_documents_add_up_to_the_whole_for_racing(zoo, kinds_dir):

@@ -118,6 +118,11 @@ def shuffled_downloads(enabled: bool) -> Iterator[None]:
         ConfigurableTask.download = original
 
 
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def configure_task(task, num_fewshot: int | None) -> None:
     """What ``lm_eval.simple_evaluate`` does to each task before building its requests: ``num_fewshot``
     overrides the task's own unless the task pins 0; unset means 0; few-shot sampling is seeded."""
@@ -294,8 +299,7 @@ class LmEvalFitness:
         try:
             out = manager.load([entry.name])
         except Exception as err:  # lm-eval raises whatever its loaders raise: report it in one line
-            problem = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise InputError(f"tasks.{entry.name}: lm-eval could not load it ({problem}); check the task's YAML and data files") from None
+            raise InputError(f"tasks.{entry.name}: lm-eval could not load it ({_first_line(err)}); check the task's YAML and data files") from None
         loaded = LoadedTask(config=entry, tasks=out["tasks"], groups=out.get("groups", {}))
         for task in loaded.tasks.values():
             configure_task(task, self.config.num_fewshot)
@@ -351,11 +355,14 @@ class LmEvalFitness:
                     if name in prepared:
                         continue
                     limit = get_sample_size(task, self.config.limit)
-                    task.build_all_requests(
-                        limit=limit, rank=0, world_size=1, apply_chat_template=apply, fewshot_as_multiturn=multiturn,
-                        chat_template=lm.apply_chat_template if apply else None,
-                        tokenizer_name=lm.tokenizer_name if apply else "",
-                    )
+                    try:
+                        task.build_all_requests(
+                            limit=limit, rank=0, world_size=1, apply_chat_template=apply, fewshot_as_multiturn=multiturn,
+                            chat_template=lm.apply_chat_template if apply else None,
+                            tokenizer_name=lm.tokenizer_name if apply else "",
+                        )
+                    except Exception as err:  # e.g. a prompt template that fails on some document
+                        raise InputError(f"tasks.{name}: lm-eval could not build its prompts ({_first_line(err)}); check the task's doc_to_* templates") from None
                     prepared[name] = self._tokenized(task, limit, lm)
         return prepared
 
