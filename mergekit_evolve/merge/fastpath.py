@@ -194,6 +194,7 @@ class SparsifyingFastPath:
         self._device = device
         self.state = SourceState()
         self.stream = UniformStream(random_seed) if random_seed is not None else None
+        self.last_fast_tasks = 0  # tensors of the last rewritten candidate on fast kernels
 
     def nbytes(self) -> dict[str, int]:
         """Bytes of precomputed state per kind (the uniform stream as ``stream``)."""
@@ -211,6 +212,7 @@ class SparsifyingFastPath:
             # kernels for the random tasks, seeded as the merger seeds every candidate.
             kernels = [None if k is not None and k.draws_random else k for k in kernels]
         self._make_room({kind for k in kernels if k is not None for kind in k.kinds})
+        self.last_fast_tasks = sum(k is not None for k in kernels)
         draws = sum(k.max_draws() for k in kernels if k is not None and k.draws_random)
         if draws:
             self.stream.reserve(draws)
@@ -244,14 +246,24 @@ class SparsifyingFastPath:
             kernel_class = _FastSCE
         else:
             return None
-        gather = task.gather_tensors
-        tensors = self._inputs.get(gather) if isinstance(gather, GatherTensors) else None
+        tensors = self._gathered(task.gather_tensors)
         if not _simple_inputs(task, tensors):
             return None
         kernel = kernel_class(self, method, task, tensors)
         if kernel.draws_random and self._device.type != "cpu":
             return None
         return kernel
+
+    def _gathered(self, gather: Task) -> Optional[dict]:
+        """What ``gather`` yields from the resident loads (None if any load is not resident).
+        Gather tasks of different plans never compare equal (their maps compare by identity);
+        the loads they depend on do."""
+        if not isinstance(gather, GatherTensors):
+            return None
+        loads = gather.arguments()
+        if not all(load in self._inputs for load in loads.values()):
+            return None
+        return gather.execute(**{name: self._inputs[load] for name, load in loads.items()})
 
 
 def _simple_inputs(task: ExecuteMergeMethodTask, tensors: Optional[dict]) -> bool:
