@@ -209,3 +209,19 @@ def test_unseeded_random_methods_keep_mergekit_kernels(families):
     assert _fast_tasks(merger, _candidate("dare_ties", family, "float32", rng)) == 0
     assert _fast_tasks(merger, _candidate("ties", family, "float32", rng)) > 0
     assert InMemoryMerger(_template(family, "float32"), fast_path=False).fast_path is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_sum_entries_is_torch_sum(dtype):
+    """The two-entry shortcut equals torch's dim-0 sum bitwise, signed zeros and wide exponent
+    ranges included; three entries go to torch.sum itself."""
+    from mergekit_evolve.merge.fastpath import _sum_entries
+
+    generator = torch.Generator().manual_seed(0)
+    for entries in (2, 3):
+        rows = torch.randn(entries, 5000, generator=generator) * torch.logspace(-6, 4, 5000)
+        rows = rows.to(dtype)
+        rows[:, ::7] = -0.0
+        rows[0, ::3] = 0.0
+        rows[1, ::11] = -rows[0, ::11]  # exact cancellations
+        assert torch.equal(_bits(_sum_entries(rows)), _bits(rows.sum(dim=0)))

@@ -371,13 +371,18 @@ class _FastTaskArithmetic(_FastKernel):
 
         normalize = parameters["normalize"]
         if method.consensus_method:
-            mask = self._consensus(deltas, parameters["int8_mask"], base.dtype)
-            mixed_delta = deltas.mul_(mask).sum(dim=0)
+            if method.consensus_method != ConsensusMethod.sum:  # "count": mergekit's mask as is
+                mask_dtype = torch.int8 if parameters["int8_mask"] else base.dtype
+                deltas.mul_(get_mask(deltas, method=method.consensus_method, mask_dtype=mask_dtype))
+            else:
+                deltas.mul_(_agrees_with_majority(deltas))
+            mixed_delta = _sum_entries(deltas)
             if normalize:  # mergekit computes the divisor either way; it is only used here
-                divisor = (weights * mask).sum(dim=0)
-                divisor[divisor == 0] = 1
+                # weights * mask: a kept (agreeing, nonzero) delta is exactly a nonzero one now
+                divisor = _sum_entries(weights * (deltas != 0))
+                divisor.add_(divisor == 0)  # divisor[divisor == 0] = 1
         else:
-            mixed_delta = deltas.sum(dim=0)
+            mixed_delta = _sum_entries(deltas)
             if normalize:
                 divisor = weights.sum(dim=0)
                 divisor[divisor.abs() < 1e-8] = 1
@@ -386,15 +391,6 @@ class _FastTaskArithmetic(_FastKernel):
         if parameters["lambda"] != 1:
             mixed_delta *= parameters["lambda"]
         return (base + mixed_delta).to(base.dtype)
-
-    def _consensus(self, deltas: torch.Tensor, int8_mask: bool, dtype: torch.dtype) -> torch.Tensor:
-        """mergekit's ``get_mask``. For "sum", ``sign(d) == majority`` is computed in booleans:
-        for finite d, sign(d) == +1 iff d > 0 and == -1 iff d < 0, in any mask dtype."""
-        if self.method.consensus_method != ConsensusMethod.sum:
-            return get_mask(deltas, method=self.method.consensus_method,
-                            mask_dtype=torch.int8 if int8_mask else dtype)
-        majority_positive = deltas.sum(dim=0) >= 0
-        return torch.where(majority_positive, deltas > 0, deltas < 0)
 
     # ------------------------------------------------------------ sparsification, in place
 
@@ -523,6 +519,34 @@ class _FastSCE(_FastKernel):
         if k == 0 or boundary_tied:
             return sce_mask(tvs, density, mask_dtype)  # topk decides among equal variances
         return (rank < k).view(tvs.shape[1:]).to(mask_dtype)
+
+
+# ---------------------------------------------------------------- exact rewrites of mergekit steps
+
+
+def _sum_entries(stacked: torch.Tensor) -> torch.Tensor:
+    """``stacked.sum(dim=0)``, bit for bit, in fewer passes when there are two entries.
+
+    torch reduces dim 0 by adding the rows, in order, to a +0 accumulator of the accumulate
+    type (float32 for bf16/fp16) and rounding once at the end; for two rows that is exactly
+    ``(a + b) + 0`` in any dtype: the half-precision add also rounds float32(a) + float32(b)
+    once, and the trailing ``+ 0`` turns a -0 into the +0 the accumulator gives.
+    (``tests/test_merge_fastpath.py::test_sum_entries_is_torch_sum`` checks this.)
+    """
+    if stacked.shape[0] != 2:
+        return stacked.sum(dim=0)
+    total = stacked[0] + stacked[1]
+    return total.add_(0.0)
+
+
+def _agrees_with_majority(deltas: torch.Tensor) -> torch.Tensor:
+    """TIES' sign consensus as a keep-mask, up to zeros: ``get_mask(deltas, "sum")`` keeps d iff
+    sign(d) equals the sign of the column sum (>= 0 counting as +). Here d is kept iff its sign
+    bit differs from "column sum >= 0", which agrees on every nonzero d. For d = +-0 the two may
+    differ, but a zero contributes nothing: the masked deltas are only summed (by a sum that
+    starts from +0, so a zero's sign never shows) and counted where nonzero."""
+    majority_positive = _sum_entries(deltas) >= 0
+    return torch.signbit(deltas) ^ majority_positive
 
 
 # ---------------------------------------------------------------- precomputation (exact replicas)
