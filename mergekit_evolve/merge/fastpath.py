@@ -545,8 +545,8 @@ def _agrees_with_majority(deltas: torch.Tensor) -> torch.Tensor:
     bit differs from "column sum >= 0", which agrees on every nonzero d. For d = +-0 the two may
     differ, but a zero contributes nothing: the masked deltas are only summed (by a sum that
     starts from +0, so a zero's sign never shows) and counted where nonzero."""
-    majority_positive = _sum_entries(deltas) >= 0
-    return torch.signbit(deltas) ^ majority_positive
+    column_sum = deltas[0] + deltas[1] if deltas.shape[0] == 2 else deltas.sum(dim=0)  # sign only
+    return torch.signbit(deltas) ^ (column_sum >= 0)
 
 
 # ---------------------------------------------------------------- precomputation (exact replicas)
