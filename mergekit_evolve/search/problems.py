@@ -78,7 +78,8 @@ class PSProblem:
             # Any candidate names the same models; the initial one serves as the template.
             template = to_merge_config(self.decode(self.x0()).recipe)
             self._merger = InMemoryMerger(
-                template, device=self.device, dtype=self.dtype, random_seed=self.config.merge_seed
+                template, device=self.device, dtype=self.dtype, random_seed=self.config.merge_seed,
+                fast_path=self.config.merge_fast_path,
             )
         return self._merger
 
