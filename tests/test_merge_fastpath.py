@@ -225,3 +225,26 @@ def test_sum_entries_is_torch_sum(dtype):
         rows[0, ::3] = 0.0
         rows[1, ::11] = -rows[0, ::11]  # exact cancellations
         assert torch.equal(_bits(_sum_entries(rows)), _bits(rows.sum(dim=0)))
+
+
+def test_config_key_turns_the_fast_path_off(family, tmp_path):
+    """``merge_fast_path: false`` reaches the merger; both settings give the same tensors."""
+    from mergekit_evolve.config import parse_config
+    from mergekit_evolve.search.problems import PSProblem
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    models = {}
+    for fast in (True, False):
+        config = parse_config({
+            "genome": {"models": [str(family["expert0"]), str(family["expert1"])], "merge_method": "dare_ties",
+                       "base_model": str(family["base"]), "layer_granularity": 2},
+            "fitness": {"tasks": [{"name": "t", "data": str(data)}]},
+            "dtype": "float32",
+            "merge_fast_path": fast,
+        })
+        problem = PSProblem(config)
+        assert (problem.merger.fast_path is not None) is fast
+        models[fast] = _state(problem.build(problem.decode(problem.x0(random=True, seed=1))))
+    assert problem.merger.fast_path is None
+    assert all(torch.equal(_bits(models[True][n]), _bits(models[False][n])) for n in models[False])
