@@ -23,9 +23,11 @@ OUT = HERE / "out"
 
 # name -> (arguments, what it measures). The order is the order of RESULTS.md.
 BENCHES = {
-    # Five representative methods keep `python -m bench` in minutes; the script alone runs them all.
-    "merge_speed": (["--methods", "linear,task_arithmetic,ties,dare_ties,slerp"],
+    # Linear and every sparsifying method; the script alone (no flag) runs every method.
+    "merge_speed": (["--sparsifying"],
                     "in-memory candidate merge vs `mergekit-yaml` + reload (106M-param Llama, fp32)"),
+    "merge_scaling": ([], "per-candidate merge cost and peak RSS vs family size (10M-100M, bf16), ours vs "
+                          "`mergekit-yaml` + reload"),
     "dfs_memory": ([], "layer-stack memory and path switch (2 x Llama 8 x 512, T = 3M hops)"),
     "fitness_cost": ([], "forward tokens vs rank agreement: full, subsample, racing; generation throughput"),
     "vs_mergekit_evolve": ([], "ours (lm-eval task and built-in fitness) vs the real mergekit-evolve (zoo, one config, same budget)"),

@@ -186,6 +186,7 @@ class EvolveConfig(Strict):
     wandb: Optional[WandbConfig] = None
     dtype: Optional[str] = None  # default: bfloat16 on CUDA, else the sources' dtype
     merge_seed: int = Field(default=0, ge=0)  # mergekit's --random-seed for DARE-style methods
+    merge_fast_path: bool = True  # precomputed state for sparsifying methods (mergekit_evolve.merge.fastpath)
     # mergekit-evolve's lm-eval fitness fields
     tasks: Optional[list[LmEvalTask]] = None
     heldout_tasks: Optional[list[LmEvalTask]] = None  # lm-eval tasks scored for the report only
@@ -238,7 +239,7 @@ def _format_validation_error(err: ValidationError) -> str:
 
 
 # Keys of ours that may sit next to a mergekit recipe template; everything else is the template.
-TEMPLATE_SIDE_KEYS = {"space", "dfs", "fitness", "optimizer", "executor", "wandb", "heldout_tasks", "task_search_path", "apply_chat_template", "fewshot_as_multiturn", "allow_benchmark_tasks", "allow_pickle_weights", "merge_seed", "tasks", "limit", "num_fewshot", "shuffle", "random_init"}
+TEMPLATE_SIDE_KEYS = {"space", "dfs", "fitness", "optimizer", "executor", "wandb", "heldout_tasks", "task_search_path", "apply_chat_template", "fewshot_as_multiturn", "allow_benchmark_tasks", "allow_pickle_weights", "merge_seed", "merge_fast_path", "tasks", "limit", "num_fewshot", "shuffle", "random_init"}
 
 
 def split_template(data: dict) -> dict:
