@@ -236,7 +236,9 @@ def tokens_of(records: Iterable[dict]) -> int:
 
 def check_economy(mode: str, fitness) -> None:
     """Subsampling needs per-row results: built-in accuracy tasks."""
-    if not hasattr(fitness, "raceable"):
+    from mergekit_evolve.fitness import Fitness
+
+    if not isinstance(fitness, Fitness):
         raise InputError(f"optimizer.economy: {mode} works with built-in fitness tasks, not lm-eval tasks; use economy: stop or off")
     bad = fitness.raceable()
     if bad:
