@@ -150,24 +150,35 @@ def _read_genome(path: Path) -> list[float]:
 
 @main.group()
 def zoo():
-    """The embedded tiny model zoo (built offline from a seed, cached)."""
+    """The embedded tiny model zoo (seed 0 ships with the package; others train offline from a seed)."""
 
 
 @zoo.command("build")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Folder (default: the user cache).")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--force", is_flag=True, help="Rebuild even if cached.")
+@click.option("--force", is_flag=True, help="Train again even if this folder already holds a build.")
+@click.option("--ship", is_flag=True, help="Maintainers: make this build the package's shipped zoo.")
 @friendly_errors
-def zoo_build(out, seed, force):
-    """Build (or reuse) the zoo and print where it is."""
-    from mergekit_evolve.zoo import build_zoo
+def zoo_build(out, seed, force, ship):
+    """Train the zoo from its seed (about 5 minutes on 2 cores) and compare it with the shipped zoo."""
+    from mergekit_evolve.zoo import build
 
-    built = build_zoo(out=out, seed=seed, force=force)
+    built = build.build_zoo(out=out or build.default_zoo_dir(seed), seed=seed, force=force)
     click.echo(f"zoo at {built.root}")
     for name, path in built.models.items():
         click.echo(f"  model {name:8s} {path}")
     for name, task in built.tasks.items():
         click.echo(f"  task  {name:12s} {task.description}")
+    if ship:
+        click.echo(f"shipped: {build.ship(built)}")
+    elif seed == build.SHIPPED_SEED:
+        differ = build.compare_with_shipped(built)
+        click.echo(
+            "identical to the shipped zoo (every sha256 matches)" if not differ else
+            f"differs from the shipped zoo in {len(differ)} file(s) ({', '.join(differ[:4])}"
+            f"{', ...' if len(differ) > 4 else ''}): float32 training is not bitwise reproducible across CPUs; "
+            f"zoo: references and the demo keep using the shipped zoo at {build.SHIPPED_DIR}"
+        )
 
 
 @main.command()

@@ -11,7 +11,11 @@ everything around the merge:
 * one transformers model is built once; each candidate's output tensors are copied into it by
   name (no model objects, no files per candidate);
 * random methods (DARE, DELLA) are re-seeded per candidate, the way ``mergekit-yaml
-  --random-seed S`` seeds a whole merge, so every candidate is reproducible on its own.
+  --random-seed S`` seeds a whole merge, so every candidate is reproducible on its own;
+* sparsifying methods (TIES, DARE, breadcrumbs, DELLA, SCE, and task arithmetic) run on
+  ``SparsifyingFastPath`` kernels (``mergekit_evolve/merge/fastpath.py``): what does not change
+  between candidates (magnitude order of each task vector, the seeded random draws) is computed
+  once, each candidate costs a few elementwise passes, and the tensors stay bitwise mergekit's.
 
 About mergekit's ``LoaderCache``: it is process-wide, keyed by model reference, and its loaders
 keep the last opened shard mapped, so a model rewritten in place in the same process could be
@@ -42,6 +46,8 @@ from mergekit.plan import MergePlanner
 from pydantic import BaseModel
 
 from mergekit_evolve.errors import CandidateError, InputError
+from mergekit_evolve.merge.fastpath import SparsifyingFastPath
+from mergekit_evolve.merge.quiet import mergekit_torch_dtype_quiet
 
 __all__ = ["InMemoryMerger", "MergeTimings"]
 
@@ -99,9 +105,10 @@ class PlannerRoute:
 
         self.options = options
         self.arch_info = get_architecture_info(template, options)
-        self._out_config = mergekit.merge._model_out_config(
-            template, self.arch_info, trust_remote_code=options.trust_remote_code
-        )
+        with mergekit_torch_dtype_quiet():
+            self._out_config = mergekit.merge._model_out_config(
+                template, self.arch_info, trust_remote_code=options.trust_remote_code
+            )
 
     def plan(self, config: MergeConfiguration) -> tuple[list[ReturnTensor], Optional[Task]]:
         """Return one ``ReturnTensor`` per output tensor, and the tokenizer task (or None)."""
@@ -174,6 +181,12 @@ class InMemoryMerger:
     are ordered by graph insertion, which this path does not promise to match for random
     methods.) Only torch is seeded here, so a search loop's numpy/python RNGs are untouched.
 
+    ``fast_path`` (default on): sparsifying methods use precomputed per-source state
+    (``mergekit_evolve.merge.fastpath``; its docstring gives the bytes per method, at most about
+    2x the non-base sources, held for one method at a time and built by the first candidate
+    that needs it). ``fast_path=False`` runs mergekit's kernels for every candidate and holds no
+    extra memory; the tensors are the same either way.
+
     Not thread-safe; one merger per process or per worker.
     """
 
@@ -184,6 +197,7 @@ class InMemoryMerger:
         device: str = "cpu",
         dtype: Optional[str] = None,
         random_seed: Optional[int] = None,
+        fast_path: bool = True,
     ):
         self.template = template.model_copy(deep=True)
         self.device = torch.device(device)
@@ -206,6 +220,9 @@ class InMemoryMerger:
         model_dtype = self._model_dtype(dtype, out_config, targets)
         self.model = _build_resident_model(out_config, model_dtype, self.device)
         self._targets = self._resident_tensors(targets)
+        self.fast_path = (
+            SparsifyingFastPath(self._inputs, self.device, random_seed) if fast_path else None
+        )
         self.last_timings = MergeTimings()
 
     # ----------------------------------------------------------------- construction
@@ -292,6 +309,8 @@ class InMemoryMerger:
                 targets, _ = self._route.plan(config)
             except Exception as error:  # bad values of one candidate: record and go on
                 raise CandidateError(f"planning failed: {error}") from error
+            if self.fast_path is not None:
+                targets = self.fast_path.rewrite(targets)
             planned = time.perf_counter()
             executor = self._executor(targets)
             scheduled = time.perf_counter()

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from mergekit_evolve.config import OptimizerConfig
 from mergekit_evolve.errors import CandidateError, InputError
+from mergekit_evolve.progress import on_terminal
 from mergekit_evolve.search.racing import RacingConfig, is_complete, race
 from mergekit_evolve.search.rundir import RunDir
 
@@ -122,7 +123,9 @@ def run_search(
     stage_results = {(r["generation"], r["candidate"], r["stage"]): r["result"] for r in run_dir.read_stages()} if racing else {}
     max_failures = opt.max_failures if opt.max_failures is not None else max(3, opt.max_evals // 2)
 
-    bar = tqdm(total=opt.max_evals, initial=state.n_evals, disable=not progress, unit="eval", dynamic_ncols=True)
+    # A live bar only on a terminal: in a log it would be hundreds of carriage-return redraws.
+    bar = tqdm(total=opt.max_evals, initial=state.n_evals, disable=not (progress and on_terminal()), unit="eval",
+               dynamic_ncols=True)
     try:
         while state.n_evals < opt.max_evals:
             generation = state.generation + 1

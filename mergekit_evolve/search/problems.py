@@ -101,7 +101,9 @@ class PSProblem:
             # Any candidate names the same models; the initial one serves as the template. The
             # recipes name self.dtype; the merger's model takes the dtype mergekit writes for them.
             template = to_merge_config(self.decode(self.x0()).recipe)
-            self._merger = InMemoryMerger(template, device=self.device, random_seed=self.config.merge_seed)
+            self._merger = InMemoryMerger(
+                template, device=self.device, random_seed=self.config.merge_seed, fast_path=self.config.merge_fast_path
+            )
         return self._merger
 
     @property

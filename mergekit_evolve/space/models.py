@@ -60,7 +60,7 @@ def inspect_model(ref: str, where: str, trust_remote_code: bool = False, allow_p
             "or check the hub ID and your network"
         ) from None
     text = getattr(config, "get_text_config", lambda: config)()
-    dtype = getattr(text, "dtype", None) or getattr(config, "torch_dtype", None)
+    dtype = getattr(text, "dtype", None) or getattr(config, "dtype", None)
     return ModelInfo(
         ref=ref,
         architecture=(config.architectures or [type(config).__name__])[0],
