@@ -199,3 +199,41 @@ def test_mergekit_evolve_options_without_equivalent_are_refused_in_one_line(tmp_
     done = invoke("run", tmp_path / "cfg.yaml", "--storage-path", tmp_path / "out", *flags)
     assert done.exit_code == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.output
     assert not (tmp_path / "out").exists()
+
+
+# -- 8. push and report take what our own commands write -------------------------------------------
+def test_push_and_report_take_the_demo_run_and_its_results(demo_out, tmp_path):
+    """The demo's own run and results.json (one score per seed, run folders relative to it)."""
+    run = demo_out / "ps-seed0"
+    pushed = invoke("push", run, "--repo", "me/x", "--dry-run", tmp_path / "a")  # finds the demo's results.json
+    assert pushed.exit_code == 0, pushed.output
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert "| **this model (evolved)** |" in card and "| Ours PS (mean of 2 seeds) |" in card and "| source: math |" in card
+    explicit = invoke("push", run, "--repo", "me/x", "--results", demo_out / "results.json", "--dry-run", tmp_path / "b")
+    assert explicit.exit_code == 0, explicit.output
+    assert (tmp_path / "b" / "README.md").read_text() == card
+    reported = invoke("report", run, "--out", tmp_path / "report")
+    assert reported.exit_code == 0 and (tmp_path / "report" / "fitness.png").is_file(), reported.output
+
+
+def test_push_takes_the_paper_table_and_a_run_summary_as_results(demo_out, tmp_path):
+    run = demo_out / "ps-seed0"
+    paper = invoke("push", run, "--repo", "me/x", "--results", TESTS.parent / "docs" / "results.json", "--dry-run", tmp_path / "a")
+    assert paper.exit_code == 0, paper.output
+    assert "| Ours PS (mean of 3 seeds) |" in (tmp_path / "a" / "README.md").read_text()
+    summary = invoke("push", run, "--repo", "me/x", "--results", run / "summary.json", "--dry-run", tmp_path / "b")
+    assert summary.exit_code == 0, summary.output
+    assert "| **ps-seed0 (evolved) (this model)** |" in (tmp_path / "b" / "README.md").read_text()
+
+
+def test_push_and_report_after_resume_and_of_the_demo_folder(demo_out, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_out / "ps-seed1", run)  # resume rewrites the run: leave the shared demo alone
+    resumed = invoke("resume", run, "--quiet")
+    assert resumed.exit_code == 0, resumed.output
+    assert invoke("push", run, "--repo", "me/x", "--dry-run", tmp_path / "a").exit_code == 0
+    assert invoke("report", run, "--out", tmp_path / "r").exit_code == 0
+    whole = invoke("report", demo_out)  # the demo's folder holds runs: say which
+    assert whole.exit_code == 2 and f"(this folder holds 2: {demo_out / 'ps-seed0'}, {demo_out / 'ps-seed1'})" in whole.stderr
