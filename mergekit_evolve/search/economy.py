@@ -87,7 +87,8 @@ class Economy:
                 p = _sigmoid(theta[last][:, None] - b[None, :])
                 information = (p * (1 - p)).mean(axis=0)
                 informative = sorted(range(n), key=lambda j: (-information[j], j))[: k // 2]
-            rest = [j for j in range(n) if j not in set(informative)]
+            taken = set(informative)
+            rest = [j for j in range(n) if j not in taken]
             chosen.append((task, tuple(sorted(informative + rng.sample(rest, k - len(informative))))))
         return Subsample(rows=tuple(chosen))
 
@@ -118,10 +119,8 @@ class Economy:
         scored = sorted((r for r in records if r.get("fitness") is not None), key=lambda r: r["index"])
         if not scored:
             return []
-        estimates = self.estimates(scored)
-        out = []
-        for record, (value, source) in zip(scored, estimates):
-            out.append({**record, "estimate": value, "estimate_source": source})
+        out = [{**record, "estimate": value, "estimate_source": source}
+               for record, (value, source) in zip(scored, self.estimates(scored))]
         return sorted(out, key=lambda r: (-r["estimate"], r["index"]))
 
     def estimates(self, records: list[dict]) -> list[tuple[float, str]]:
