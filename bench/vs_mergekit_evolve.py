@@ -132,6 +132,13 @@ def _figures(wall: float, startup: float, span: float, fitness: list[float], std
     return out
 
 
+def merge_line(lm: dict, builtin: dict) -> str:
+    """The merge is the same work in both runs: its time ratio shows how the load changed between them."""
+    return (f"merge per candidate (same work in both runs): lm-eval run {lm['merge_s']:.3f} s, built-in run "
+            f"{builtin['merge_s']:.3f} s ({lm['merge_s'] / builtin['merge_s']:.2f}x: the machine's load between the runs); "
+            f"scoring alone per candidate: {(lm['per_candidate_s'] - lm['merge_s']) / (builtin['per_candidate_s'] - builtin['merge_s']):.2f}x")
+
+
 def best_at(run: dict, n: int) -> float:
     return max(f for f in run["fitness"][:n] if f is not None)
 
@@ -188,6 +195,7 @@ def main() -> None:
     print(f"lm-eval task vs built-in: {figures['lm_eval_vs_builtin_per_candidate']:.2f}x per candidate (target <= 1.5x); "
           f"start-up {figures['lm_eval_startup_minus_builtin_s']:+.1f} s; same fitness for every candidate: "
           f"{figures['same_fitness_per_candidate']}; lm-eval run's stderr with --quiet: {lm['stderr_lines'] or 'empty'}")
+    print(merge_line(lm, builtin))
     peer = runs.get("mergekit-evolve 0.1.5 (on-disk)")
     if peer:
         figures["ratio"] = lm["evals_per_hour_steady"] / peer["evals_per_hour_steady"]
