@@ -83,6 +83,8 @@ def summary_rows() -> list[tuple[str, str, str]]:
         if "lm_eval_vs_builtin_per_candidate" in v:
             rows.append(("lm-eval task vs built-in evaluator, time per candidate (zoo)", f"{v['lm_eval_vs_builtin_per_candidate']:.2f}x", "<= 1.5x"))
             rows.append(("lm-eval task start-up minus built-in start-up", f"{v['lm_eval_startup_minus_builtin_s']:+.1f} s", "a few s"))
+        if v.get("interleaved"):
+            rows.append(("lm-eval task vs built-in, scoring alone, interleaved in one process", f"{v['interleaved']['ratio']:.2f}x", "<= 1.5x"))
         rows.append(("evaluations/hour with lm-eval tasks vs mergekit-evolve (zoo)",
                      f"{v['ratio']:.1f}x" if "ratio" in v else "not measured", ">= 10x"))
     if "scaling" in figures:
