@@ -68,6 +68,14 @@ class GenomeConfig(Strict):
     parameters: dict[str, Union[ParameterSearch, Scalar]] = Field(default_factory=dict)
     search: Optional[list[str]] = None
 
+    @field_validator("models", "base_model", mode="before")
+    @classmethod
+    def _model_references(cls, value: Any) -> Any:
+        """mergekit-evolve takes mergekit model references: also ``{model: {path, revision}, lora: ...}``."""
+        if isinstance(value, list):
+            return [_model_reference(v) for v in value]
+        return _model_reference(value)
+
     @field_validator("models")
     @classmethod
     def _unique_models(cls, models: list[str]) -> list[str]:
@@ -76,12 +84,33 @@ class GenomeConfig(Strict):
         return models
 
 
+def _model_reference(value: Any) -> Any:
+    """A mergekit ``ModelReference`` mapping -> its string form (``path@revision+lora``)."""
+    if not isinstance(value, dict):
+        return value
+    from mergekit.common import ModelReference
+
+    try:
+        return str(ModelReference.model_validate(value))
+    except ValidationError:
+        raise ValueError(f"{value} is not a mergekit model reference; give a path or hub ID") from None
+
+
 class LmEvalTask(Strict):
-    """A mergekit-evolve ``tasks:`` entry (an lm-eval task)."""
+    """A mergekit-evolve ``tasks:`` entry (an lm-eval task or group); a bare string is its name."""
 
     name: str
     weight: float = 1.0
-    metric: str = "acc,none"
+    metric: str = "acc,none"  # "METRIC,FILTER" as lm-eval reports it
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"name": value}
+        if not isinstance(value, (dict, LmEvalTask)):
+            raise ValueError(f"{value!r} is not a task; give a task name or {{name: ..., weight: ..., metric: ...}}")
+        return value
 
 
 class DFSConfig(Strict):
@@ -162,7 +191,10 @@ class EvolveConfig(Strict):
     tasks: Optional[list[LmEvalTask]] = None
     heldout_tasks: Optional[list[LmEvalTask]] = None  # lm-eval tasks scored for the report only
     task_search_path: Optional[list[str]] = None  # folders of local lm-eval task YAMLs
-    apply_chat_template: bool = False
+    # lm-eval prompt format, as in mergekit-evolve (which defaults both to true). null: true when the
+    # tokenizer has a chat template, false otherwise (where mergekit-evolve would fail).
+    apply_chat_template: Optional[bool] = None
+    fewshot_as_multiturn: Optional[bool] = None  # null: follows apply_chat_template
     allow_benchmark_tasks: bool = False  # see mergekit_evolve.fitness.guard
     allow_pickle_weights: bool = False  # load *.bin pickle checkpoints (they can run code); safetensors only by default
     limit: Optional[int] = Field(default=None, ge=1)
@@ -207,7 +239,7 @@ def _format_validation_error(err: ValidationError) -> str:
 
 
 # Keys of ours that may sit next to a mergekit recipe template; everything else is the template.
-TEMPLATE_SIDE_KEYS = {"space", "dfs", "fitness", "optimizer", "executor", "wandb", "heldout_tasks", "task_search_path", "apply_chat_template", "allow_benchmark_tasks", "allow_pickle_weights", "merge_seed", "merge_fast_path", "tasks", "limit", "num_fewshot", "shuffle", "random_init"}
+TEMPLATE_SIDE_KEYS = {"space", "dfs", "fitness", "optimizer", "executor", "wandb", "heldout_tasks", "task_search_path", "apply_chat_template", "fewshot_as_multiturn", "allow_benchmark_tasks", "allow_pickle_weights", "merge_seed", "merge_fast_path", "tasks", "limit", "num_fewshot", "shuffle", "random_init"}
 
 
 def split_template(data: dict) -> dict:

@@ -64,3 +64,40 @@ def test_each_expert_has_its_own_skill(heldout_scores):
 
 def test_no_source_solves_the_target(heldout_scores):
     assert max(scores["script_math"] for scores in heldout_scores.values()) <= 0.5
+
+
+def test_seed0_is_the_shipped_zoo_and_matches_its_manifest(zoo):
+    from mergekit_evolve.zoo import build
+
+    assert zoo.root == build.SHIPPED_DIR.absolute()
+    assert build.file_digests(zoo.root) == build.shipped_digests()  # every shipped byte as in SHA256SUMS
+    assert len(build.shipped_digests()) == 3 * 5 + 3 * 2  # 5 files per model, 2 splits per task
+
+
+def test_a_rebuild_is_compared_file_by_file(zoo, tmp_path):
+    """`zoo build` reports exactly which files differ from the shipped ones (here: one changed weight)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from mergekit_evolve.zoo import build
+
+    copy = tmp_path / "zoo"
+    shutil.copytree(zoo.root, copy)
+    assert build.compare_with_shipped(Zoo.load(copy)) == []
+    weights_file = copy / "models" / "math" / "model.safetensors"
+    weights = load_file(weights_file)
+    name = sorted(weights)[0]
+    weights[name] = weights[name].clone()
+    weights[name].view(-1)[0] += 1e-6
+    save_file(weights, weights_file, metadata={"format": "pt"})
+    assert build.compare_with_shipped(Zoo.load(copy)) == ["models/math/model.safetensors"]
+
+
+def test_zoo_build_restores_torch_determinism_setting():
+    from mergekit_evolve.zoo.build import _deterministic_torch
+
+    before = torch.are_deterministic_algorithms_enabled()
+    with _deterministic_torch():
+        assert torch.are_deterministic_algorithms_enabled()
+    assert torch.are_deterministic_algorithms_enabled() == before

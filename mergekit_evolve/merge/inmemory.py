@@ -47,6 +47,7 @@ from pydantic import BaseModel
 
 from mergekit_evolve.errors import CandidateError, InputError
 from mergekit_evolve.merge.fastpath import SparsifyingFastPath
+from mergekit_evolve.merge.quiet import mergekit_torch_dtype_quiet
 
 __all__ = ["InMemoryMerger", "MergeTimings"]
 
@@ -104,9 +105,10 @@ class PlannerRoute:
 
         self.options = options
         self.arch_info = get_architecture_info(template, options)
-        self._out_config = mergekit.merge._model_out_config(
-            template, self.arch_info, trust_remote_code=options.trust_remote_code
-        )
+        with mergekit_torch_dtype_quiet():
+            self._out_config = mergekit.merge._model_out_config(
+                template, self.arch_info, trust_remote_code=options.trust_remote_code
+            )
 
     def plan(self, config: MergeConfiguration) -> tuple[list[ReturnTensor], Optional[Task]]:
         """Return one ``ReturnTensor`` per output tensor, and the tokenizer task (or None)."""
@@ -162,8 +164,8 @@ class InMemoryMerger:
     accepts any config whose inputs are among the template's (same models, any parameter
     values, even another merge method) and returns ``self.model`` holding its tensors.
 
-    ``dtype`` is the resident model's dtype; by default the dtype mergekit would write
-    (``out_dtype``, else ``dtype`` of the template, else the donor config's). Tensors equal
+    ``dtype`` is the resident model's dtype; by default the dtype mergekit writes for the
+    template (asked of mergekit: see ``_model_dtype``). Tensors equal
     ``mergekit-yaml``'s bitwise when this dtype is the one mergekit writes.
     ``random_seed``: each candidate runs with torch's RNG seeded to it, as ``mergekit-yaml
     --random-seed`` does for a whole merge; the caller's RNG state is restored afterwards.
@@ -215,7 +217,7 @@ class InMemoryMerger:
         tokenizer_info = self._inputs.get(tokenizer_task) if tokenizer_task else None
         self.tokenizer = _load_tokenizer(self.template, tokenizer_info, self.source_paths)
         out_config = self._route.output_config(tokenizer_info, self.template)
-        model_dtype = self._model_dtype(dtype, out_config)
+        model_dtype = self._model_dtype(dtype, out_config, targets)
         self.model = _build_resident_model(out_config, model_dtype, self.device)
         self._targets = self._resident_tensors(targets)
         self.fast_path = (
@@ -225,10 +227,21 @@ class InMemoryMerger:
 
     # ----------------------------------------------------------------- construction
 
-    def _model_dtype(self, dtype: Optional[str], out_config) -> torch.dtype:
-        name = dtype or self.template.out_dtype or self.template.dtype
-        if name:
-            return dtype_from_name(name)
+    def _model_dtype(self, dtype: Optional[str], out_config, targets: list[ReturnTensor]) -> torch.dtype:
+        """``dtype`` if given, else the dtype mergekit writes for the template.
+
+        That is asked of mergekit rather than copied from its rules: the first output tensor is
+        merged once (with the caller's RNG state kept) and its dtype taken, ``out_dtype`` cast
+        included. Some methods compute and return float32 whatever ``dtype`` says (arcee_fusion,
+        ramplus_tl with ``dtype: bfloat16``), and mergekit-yaml then writes float32.
+        """
+        if dtype:
+            return dtype_from_name(dtype)
+        probe = self._route.executor(targets[:1], self._inputs, self.device)
+        with _forked_rng(self.device), torch.no_grad():
+            written = [value for _, value in probe.run(quiet=True) if isinstance(value, torch.Tensor)]
+        if written and written[0].is_floating_point():
+            return written[0].dtype
         donor_dtype = getattr(out_config, "dtype", None) or torch.float32
         return dtype_from_name(donor_dtype) if isinstance(donor_dtype, str) else donor_dtype
 
@@ -452,10 +465,15 @@ def _build_resident_model(config, dtype: torch.dtype, device: torch.device):
 
 
 def _load_tokenizer(config: MergeConfiguration, tokenizer_info, source_paths: tuple[Path, ...]):
-    """The merged model's tokenizer: mergekit's built one, else the donor model's."""
+    """The merged model's tokenizer: mergekit's built one, else the donor model's; None when the
+    donor folder has no tokenizer files (mergekit merges such models, and so does this merger)."""
+    from mergekit_evolve.space.models import has_tokenizer_files
+
     if tokenizer_info is not None:
         return tokenizer_info.tokenizer
     donor = config.base_model or config.referenced_models()[0]
+    if not has_tokenizer_files(donor.model.path):
+        return None
     try:
         return transformers.AutoTokenizer.from_pretrained(donor.model.path)
     except Exception as error:

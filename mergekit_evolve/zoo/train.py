@@ -43,7 +43,8 @@ def batch(rows: list[tuple[str, str]]):
     return ids, mask, lab
 
 
-def train(model, sampler: Sampler, steps: int, lr: float, *, seed: int, batch_size: int = 64, warmup: int = 0):
+def train(model, sampler: Sampler, steps: int, lr: float, *, seed: int, batch_size: int = 64, warmup: int = 0,
+          log: Callable[[str], None] | None = None, log_every: int = 100):
     rng = random.Random(seed)
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
@@ -51,7 +52,7 @@ def train(model, sampler: Sampler, steps: int, lr: float, *, seed: int, batch_si
         opt, lambda s: min(1.0, (s + 1) / warmup) * (1 - s / steps) if warmup else 1 - s / steps
     )
     model.train()
-    for _ in range(steps):
+    for step in range(steps):
         ids, mask, lab = batch([sampler(rng) for _ in range(batch_size)])
         logits = model(input_ids=ids, attention_mask=mask).logits
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab.reshape(-1), ignore_index=-100)
@@ -60,6 +61,8 @@ def train(model, sampler: Sampler, steps: int, lr: float, *, seed: int, batch_si
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         schedule.step()
+        if log and ((step + 1) % log_every == 0 or step + 1 == steps):
+            log(f"step {step + 1}/{steps}  loss {loss.item():.3f}")
     return model.eval()
 
 
