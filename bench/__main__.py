@@ -67,11 +67,19 @@ def summary_rows() -> list[tuple[str, str, str]]:
     figures = {name: json.loads((OUT / f"{name}.json").read_text()) for name in BENCHES if (OUT / f"{name}.json").exists()}
     if "merge_speed" in figures:
         m = figures["merge_speed"]["methods"]
-        for method in ("linear", "dare_ties"):
-            if "speedup" in m.get(method, {}):
-                rows.append((f"{method} merge: in-memory vs mergekit-yaml + reload", f"{m[method]['speedup']:.1f}x", ">= 20x"))
+        for method, numbers in m.items():
+            if "speedup" in numbers:
+                rows.append((f"{method} merge: in-memory vs mergekit-yaml + reload (106M)", f"{numbers['speedup']:.1f}x", ">= 20x"))
         if "linear_x_bandwidth_bound" in figures["merge_speed"]:
             rows.append(("linear merge vs memory-bandwidth bound", f"{figures['merge_speed']['linear_x_bandwidth_bound']:.1f}x", "<= 1.5x"))
+    if "merge_scaling" in figures:
+        for rung, block in figures["merge_scaling"]["rungs"].items():
+            ours = {method: numbers["ours"] for method, numbers in block["methods"].items()}
+            linear = ours.get("linear", {}).get("candidate_s")
+            for method in ("ties", "dare_ties"):
+                if linear and "candidate_s" in ours.get(method, {}):
+                    rows.append((f"{method} candidate vs linear candidate, {rung} bf16 family (fast path)",
+                                 f"{ours[method]['candidate_s'] / linear:.1f}x", "<= 3x (30M)"))
     if "dfs_memory" in figures:
         d = figures["dfs_memory"]
         rows.append((f"DFS layer stack RSS, T = {d['hops']} hops", f"{d['stack_rss_x_pool']:.2f}x pool", "~1x pool"))
@@ -87,6 +95,8 @@ def summary_rows() -> list[tuple[str, str, str]]:
         if "lm_eval_vs_builtin_per_candidate" in v:
             rows.append(("lm-eval task vs built-in evaluator, time per candidate (zoo)", f"{v['lm_eval_vs_builtin_per_candidate']:.2f}x", "<= 1.5x"))
             rows.append(("lm-eval task start-up minus built-in start-up", f"{v['lm_eval_startup_minus_builtin_s']:+.1f} s", "a few s"))
+        if v.get("interleaved"):
+            rows.append(("lm-eval task vs built-in, scoring alone, interleaved in one process", f"{v['interleaved']['ratio']:.2f}x", "<= 1.5x"))
         rows.append(("evaluations/hour with lm-eval tasks vs mergekit-evolve (zoo)",
                      f"{v['ratio']:.1f}x" if "ratio" in v else "not measured", ">= 10x"))
     if "scaling" in figures:

@@ -67,8 +67,9 @@ def run_ours(config: Path, out: Path, max_evals: int, seed: int) -> dict:
         raise RuntimeError(f"mergekit-evo run failed: {done.stderr[-2000:]}")
     records = [json.loads(line) for line in (out / "evaluations.jsonl").read_text().splitlines()]
     records.sort(key=lambda r: r["index"])
-    span = max(r["time"] + r["seconds"] for r in records) - min(r["time"] for r in records)
-    return _figures(wall, span, [r["fitness"] for r in records], stderr=done.stderr,
+    first = min(r["time"] for r in records)
+    span = max(r["time"] + r["seconds"] for r in records) - first
+    return _figures(wall, first - started, span, [r["fitness"] for r in records], stderr=done.stderr,
                     merge_s=sum(r.get("merge_seconds", 0.0) for r in records) / len(records))
 
 
@@ -88,8 +89,8 @@ def run_peer(paths: dict[str, Path], storage: Path, max_evals: int, seed: int) -
     # Its pool returns a generation at once: the steady rate comes from the generations after the first.
     first_gen = sum(1 for e in evals if e["time"] == evals[0]["time"])
     per_candidate = (evals[-1]["time"] - evals[0]["time"]) / max(len(evals) - first_gen, 1)
-    span = per_candidate * len(evals)
-    return _figures(wall, span, [e["score"] for e in evals])
+    startup = evals[0]["time"] - lines[0]["process_start"] - first_gen * per_candidate
+    return _figures(wall, startup, per_candidate * len(evals), [e["score"] for e in evals])
 
 
 def interleaved_fitness(paths: dict[str, Path], repeats: int) -> dict:
@@ -119,14 +120,23 @@ def interleaved_fitness(paths: dict[str, Path], repeats: int) -> dict:
             "scores": {name: list(v.values())[0] for name, v in scores.items()}}
 
 
-def _figures(wall: float, span: float, fitness: list[float], stderr: str = "", merge_s: float | None = None) -> dict:
+def _figures(wall: float, startup: float, span: float, fitness: list[float], stderr: str = "",
+             merge_s: float | None = None) -> dict:
+    """``startup``: process start to the first candidate; ``span``: first candidate to the last one's end."""
     per_candidate = span / len(fitness)
-    out = {"evals": len(fitness), "wall_s": wall, "startup_s": wall - span, "per_candidate_s": per_candidate,
+    out = {"evals": len(fitness), "wall_s": wall, "startup_s": startup, "per_candidate_s": per_candidate,
            "evals_per_hour_steady": 3600 / per_candidate, "evals_per_hour_with_startup": 3600 * len(fitness) / wall,
-           "fitness": fitness, "stderr_lines": len(stderr.splitlines())}
+           "fitness": fitness, "stderr_lines": stderr.splitlines()}
     if merge_s is not None:
         out["merge_s"] = merge_s
     return out
+
+
+def merge_line(lm: dict, builtin: dict) -> str:
+    """The merge is the same work in both runs: its time ratio shows how the load changed between them."""
+    return (f"merge per candidate (same work in both runs): lm-eval run {lm['merge_s']:.3f} s, built-in run "
+            f"{builtin['merge_s']:.3f} s ({lm['merge_s'] / builtin['merge_s']:.2f}x: the machine's load between the runs); "
+            f"scoring alone per candidate: {(lm['per_candidate_s'] - lm['merge_s']) / (builtin['per_candidate_s'] - builtin['merge_s']):.2f}x")
 
 
 def best_at(run: dict, n: int) -> float:
@@ -155,6 +165,10 @@ def main() -> None:
             if args.json:
                 args.json.write_text(json.dumps({"interleaved": inter}, indent=2))
             return
+    # A throwaway process first: the first process to import torch, transformers, mergekit and lm-eval
+    # reads them from disk; without this, whichever run goes first pays that in its start-up.
+    subprocess.run([sys.executable, "-c", "import mergekit_evolve.search.runner, lm_eval.tasks"], cwd=HERE.parent,
+                   capture_output=True)
     runs: dict[str, dict] = {}
     runs["ours, lm-eval task"] = run_ours(paths["ours_lm_eval"], root / "lm", args.max_evals, args.seed)
     runs["ours, built-in evaluator"] = run_ours(paths["ours_builtin"], root / "builtin", args.max_evals, args.seed)
@@ -180,7 +194,8 @@ def main() -> None:
                "same_fitness_per_candidate": lm["fitness"][:n] == builtin["fitness"][:n]}
     print(f"lm-eval task vs built-in: {figures['lm_eval_vs_builtin_per_candidate']:.2f}x per candidate (target <= 1.5x); "
           f"start-up {figures['lm_eval_startup_minus_builtin_s']:+.1f} s; same fitness for every candidate: "
-          f"{figures['same_fitness_per_candidate']}; lm-eval run's stderr with --quiet: {lm['stderr_lines']} lines")
+          f"{figures['same_fitness_per_candidate']}; lm-eval run's stderr with --quiet: {lm['stderr_lines'] or 'empty'}")
+    print(merge_line(lm, builtin))
     peer = runs.get("mergekit-evolve 0.1.5 (on-disk)")
     if peer:
         figures["ratio"] = lm["evals_per_hour_steady"] / peer["evals_per_hour_steady"]

@@ -158,7 +158,7 @@ def reported_metrics(loaded: LoadedTask) -> dict[str, bool]:
         better = task.higher_is_better()
         return {f"{metric},{name}": bool(better.get(metric, True)) for name in filters for metric in task.aggregation()}
     group = loaded.groups[loaded.config.name]
-    leaves = [t for t in group.get_all_tasks()]
+    leaves = group.get_all_tasks()
     out = {}
     for agg in group.aggregate_metric_list or []:
         filters = agg.filter_list or sorted({f.name for t in leaves if agg.metric in t.aggregation() for f in t._filters})
