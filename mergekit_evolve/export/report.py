@@ -254,11 +254,11 @@ def ps_parameter_table(genome_config, num_layers: int, genome: list[float]) -> l
                 "shared": gene.model is None,
                 "lo": gene.lo,
                 "hi": gene.hi,
-                "values": np.full((rows, space.n_groups), np.nan),
+                "values": np.full((rows, space.n_groups + (space.io_group is not None)), np.nan),
             }
         panel["values"][0 if gene.model is None else gene.model, gene.group] = value
     for panel in panels.values():
-        panel["groups"] = [_group_label(space, g) for g in range(space.n_groups)]
+        panel["groups"] = [_group_label(space, g) for g in range(panel["values"].shape[1])]
     return list(panels.values())
 
 
@@ -269,6 +269,8 @@ def _filter_label(filters: list[str], index: int, n_sets: int) -> Optional[str]:
 
 
 def _group_label(space, group: int) -> str:
+    if group == space.io_group:
+        return "embeddings, norm, lm_head"
     if space.n_groups == 1:
         return f"all {space.num_layers} layers"
     if space.genome.smooth:
