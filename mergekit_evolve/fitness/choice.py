@@ -52,6 +52,6 @@ def evaluate_choice(runner: ModelRunner, task: TaskConfig, examples: ChoiceExamp
         row_scores = scores[start : start + n]
         predictions.append(max(range(n), key=row_scores.__getitem__))  # first of equal maxima
         start += n
-    correct = sum(p == label for p, label in zip(predictions, examples.labels))
+    hits = [float(p == label) for p, label in zip(predictions, examples.labels)]
     metric = "acc_norm" if task.choice_norm else "accuracy"
-    return Outcome(score=correct / len(predictions), metric=metric, tokens=tokens)
+    return Outcome(score=sum(hits) / len(predictions), metric=metric, tokens=tokens, items=hits)

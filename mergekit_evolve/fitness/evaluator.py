@@ -51,6 +51,7 @@ class TaskResult(BaseModel):
     tokens: int  # forward tokens spent
     seconds: float
     perplexity: float | None = None
+    items: list[float] | None = None  # per-row scores in row order (accuracy kinds), for intervals
 
 
 @dataclass
@@ -156,6 +157,7 @@ class Fitness:
             tokens=outcome.tokens,
             seconds=time.perf_counter() - start,
             perplexity=outcome.perplexity,
+            items=outcome.items,
         )
 
     def total(self, scores: dict[str, float]) -> float:

@@ -50,8 +50,8 @@ def evaluate_generate(runner: ModelRunner, task: TaskConfig, examples: GenerateE
     )
     pattern = re.compile(task.pattern) if task.pattern else None
     predictions = [extract(text, task.extract, pattern) for text in texts]
-    correct = sum(p is not None and p == ref for p, ref in zip(predictions, examples.references))
-    return Outcome(score=correct / len(texts), metric="accuracy", tokens=tokens)
+    hits = [float(p is not None and p == ref) for p, ref in zip(predictions, examples.references)]
+    return Outcome(score=sum(hits) / len(texts), metric="accuracy", tokens=tokens, items=hits)
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:

@@ -12,6 +12,7 @@ class Outcome:
     metric: str  # what ``score`` is, e.g. "accuracy"
     tokens: int = 0  # forward tokens spent (prompt + generated / scored)
     perplexity: float | None = None  # raw perplexity (kind perplexity)
+    items: list[float] | None = None  # per-row scores, in row order (accuracy kinds): for bootstrap intervals
 
 
 def pad_token_id(tokenizer: Any) -> int:

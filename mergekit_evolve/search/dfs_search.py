@@ -52,21 +52,22 @@ def block_paths(space: DFSSpace, count: int, seed: int) -> list[np.ndarray]:
     segments = [(m, rep) for rep in range(space.repeats) for m in range(len(space.layer_counts))]
     runs_of = {m: [(a, b) for a in range(n) for b in range(a + 1, n + 1)] for m, n in enumerate(space.layer_counts)}
     chosen: list[dict] = [{(m, 0): (0, n)} for m, n in enumerate(space.layer_counts)]
-    seen = {_slots_key(space, c) for c in chosen}
+    seen = {_path_key(space, c) for c in chosen}
     budget = 100 * count  # small spaces hold fewer distinct block paths than asked for: stop trying
     while len(chosen) < count and budget > 0:
         budget -= 1
         picked = [s for s in segments if rng.random() < 0.5] or [segments[rng.integers(len(segments))]]
         candidate = {s: runs_of[s[0]][rng.integers(len(runs_of[s[0]]))] for s in picked}
-        key = _slots_key(space, candidate)
+        key = _path_key(space, candidate)
         if key not in seen:
             seen.add(key)
             chosen.append(candidate)
     return [block_path_genome(space, c) for c in chosen[:count]]
 
 
-def _slots_key(space: DFSSpace, runs: dict) -> tuple:
-    return tuple(np.flatnonzero(block_path_genome(space, runs)[: space.num_slots] > 0))
+def _path_key(space: DFSSpace, runs: dict) -> tuple:
+    # the hop sequence: the same layers from another repetition's slots make the same path
+    return space.decode(block_path_genome(space, runs)).hops
 
 
 def indicator_stds(space: DFSSpace, sigma0: float, flips: float | None) -> list[float] | None:
