@@ -32,6 +32,7 @@ BENCHES = {
     "scaling": ([], "evaluations per hour: local vs Ray with 1 and 2 workers (zoo)"),
     "gpu": (["--small"], "GPU figures (7B-shaped pool); on a CPU-only machine: --small shapes, CPU"),
     "torture": ([], "SIGKILL torture: kills, resumes, equality with an uninterrupted run"),
+    "dfs_search": ([], "DFS search variants: distinct paths, best fitness and held-out per budget (zoo, 3 seeds)"),
 }
 
 
