@@ -251,6 +251,10 @@ def _cell(values: list[float]) -> str:
     return f"{_mean(values):.3f} ({min(values):.2f}-{max(values):.2f})"
 
 
+def _count_cell(counts: list[int]) -> str:
+    return str(counts[0]) if len(counts) == 1 else f"{_mean(counts):.0f} ({min(counts)}-{max(counts)})"
+
+
 # -- intervals: bootstrap over items -----------------------------------------------------------------
 BOOTSTRAP_SAMPLES = 10_000
 
@@ -333,7 +337,7 @@ def markdown_table(report: dict) -> str:
         cells = [_cell(row["fitness"][target]), _cell(row["heldout"][target]), _interval(row, "heldout", target),
                  *(_cell(row["heldout"][t]) for t in others)]
         budget = str(row.get("evaluations", "-"))
-        distinct = _cell(row["distinct"]).replace(".000", "") if row.get("distinct") else "-"
+        distinct = _count_cell(row["distinct"]) if row.get("distinct") else "-"
         wall = f"{_mean(row['wall_seconds']):.0f}" if row.get("wall_seconds") else "-"
         lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {budget} | {distinct} | {wall} |")
     n_items = len(rows[0]["items"]["heldout"][target][0])
