@@ -102,6 +102,8 @@ class DFSConfig(Strict):
     prescan: int = Field(default=4, ge=0)
     indicator_flips: Optional[float] = Field(default=1.5, gt=0)
     indicator_init: float = Field(default=0.5, gt=0)
+    # space ps+dfs: the DFS stage's budget (default optimizer.max_evals, as the PS stage)
+    max_evals: Optional[int] = Field(default=None, ge=1)
 
 
 class RacingConfig(Strict):

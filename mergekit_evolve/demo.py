@@ -18,8 +18,10 @@ from mergekit_evolve.config import parse_config
 from mergekit_evolve.search.rundir import atomic_write
 
 # Whole generations of cma's default population (4 + 3 ln n): PS 28 x 11 (12 genes); DFS 18 x 17 (80 genes:
-# 4 generations of block paths, then CMA-ES); PS+DFS 19 x 11 for PS, then 11 x 19 for DFS (168 genes).
-DEFAULT_EVALS = {"ps": 308, "dfs": 306, "ps+dfs": 209}
+# 4 generations of block paths, then CMA-ES). PS+DFS builds on the PS row's search (same budget and seed, so
+# the same PS model, as the paper's PS+DFS builds on its PS model), then DFS 11 x 19 (168 genes).
+DEFAULT_EVALS = {"ps": 308, "dfs": 306, "ps+dfs": 308}
+PS_DFS_DFS_EVALS = 209
 
 
 def demo_config(zoo, space: str, max_evals: int, seed: int) -> dict[str, Any]:
@@ -53,6 +55,8 @@ def demo_config(zoo, space: str, max_evals: int, seed: int) -> dict[str, Any]:
     }
     if space in ("dfs", "ps+dfs"):
         config["dfs"] = {"repeats": 2}
+    if space == "ps+dfs":
+        config["dfs"]["max_evals"] = min(PS_DFS_DFS_EVALS, max_evals)  # a smaller --max-evals caps both stages
     return config
 
 
@@ -155,8 +159,9 @@ def run_demo(out: Path, *, space: str = "ps", max_evals: int | None = None, seed
     spaces = ["ps", "dfs", "ps+dfs"] if space == "all" else [space]
     for sp in spaces:
         budget = max_evals or DEFAULT_EVALS.get(sp, 120)
+        evaluations = f"{budget} + {min(PS_DFS_DFS_EVALS, budget)}" if sp == "ps+dfs" else budget
         row = {"name": LABELS[sp], "fitness": {}, "heldout": {}, "items": {"fitness": {}, "heldout": {}},
-               "evaluations": budget, "wall_seconds": [], "run_dirs": [], "distinct": []}
+               "evaluations": evaluations, "wall_seconds": [], "run_dirs": [], "distinct": []}
         for s in range(seed, seed + seeds):
             run_dir = out / _run_name(sp, s, seeds)
             config = parse_config(demo_config(zoo, sp, budget, s))
