@@ -62,11 +62,11 @@ def test_indicator_step_flips_the_asked_number_of_slots_on_average():
     assert 0.14 < scales.std() < 0.19  # the scales keep sigma0 = 1/6
 
 
-def dfs_config(family, data: Path, function="fitness_fns:loglik", max_evals=51) -> dict:
+def dfs_config(family, data: Path, function="fitness_fns:loglik", max_evals=34) -> dict:
     return {
         "space": "dfs",
         "genome": {"models": [str(family["expert0"]), str(family["expert1"])], "merge_method": "linear"},
-        "dfs": {"repeats": 2, "prescan": 2},
+        "dfs": {"repeats": 2, "prescan": 1},
         "fitness": {"tasks": [{"name": "ll", "kind": "callable", "function": function, "data": str(data), "heldout": str(data)}]},
         "optimizer": {"max_evals": max_evals, "seed": 4},
         "dtype": "float32",
@@ -80,11 +80,11 @@ def test_run_interrupted_in_the_prescan_resumes_to_the_same_result(family, tmp_p
     data.write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "answer": str(2 * i)}) + "\n" for i in range(8)))
     reference = runner.start(parse_config(dfs_config(family, data)), tmp_path / "ref", device="cpu", progress=False, save_model=False)
     ref = [json.loads(line) for line in (tmp_path / "ref" / "evaluations.jsonl").read_text().splitlines()]
-    assert len(ref) == 51 and len({r["key"] for r in ref[:34]}) == 34  # 2 pre-scan generations of 17 distinct paths
-    assert {v for r in ref[:34] for v in r["genome"][16:]} == {0.0}  # block paths: every scale 1
-    assert ref[34]["genome"][16:] != ref[0]["genome"][16:]  # then CMA-ES tunes the scales too
+    assert len(ref) == 34 and len({r["key"] for r in ref[:17]}) == 17  # a pre-scan generation of 17 distinct paths
+    assert {v for r in ref[:17] for v in r["genome"][16:]} == {0.0}  # block paths: every scale 1
+    assert ref[17]["genome"][16:] != ref[0]["genome"][16:]  # then CMA-ES tunes the scales too
     fitness_fns.CALLS["n"] = 0
-    monkeypatch.setenv("MKE_INTERRUPT_AT", "25")  # inside the second pre-scan generation
+    monkeypatch.setenv("MKE_INTERRUPT_AT", "10")  # inside the pre-scan generation
     config = parse_config(dfs_config(family, data, function="fitness_fns:interrupting"))
     with pytest.raises(KeyboardInterrupt):
         runner.start(config, tmp_path / "cut", device="cpu", progress=False, save_model=False)
@@ -96,24 +96,25 @@ def test_run_interrupted_in_the_prescan_resumes_to_the_same_result(family, tmp_p
 
 
 def test_new_user_dfs_on_the_shipped_zoo_composes_the_experts(zoo, tmp_path):
-    """The demo's DFS, 6 generations (102 paths): the search finds paths that mix both experts' layers and
-    beat every source on the fitness split; the winner runs the math expert's layers under the script
-    expert's embeddings and head (model A)."""
+    """The demo's DFS, 5 generations (4 of block paths, 1 of CMA-ES): the search finds paths that mix both
+    experts' layers and beat every source on the fitness split; the winner runs the math expert's layers
+    under the script expert's embeddings and head (model A)."""
     import torch
     import transformers
 
-    from mergekit_evolve.demo import _fitness_of_every_task, demo_config
+    from mergekit_evolve.demo import demo_config
+    from mergekit_evolve.search.runner import make_fitness
 
-    fitness = _fitness_of_every_task(zoo)
+    config = parse_config(demo_config(zoo, "dfs", 85, 0))
+    fitness = make_fitness(config, transformers.AutoTokenizer.from_pretrained(str(zoo.models[zoo.base])))
     sources = {}
     for name in [zoo.base, *zoo.experts]:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(zoo.models[name]), dtype=torch.float32).eval()
         sources[name] = fitness.score(model, "fitness")[zoo.target]
     best_source = max(sources.values())
-    summary = runner.start(parse_config(demo_config(zoo, "dfs", 102, 0)), tmp_path / "run", device="cpu",
-                           progress=False, save_model=False)
+    summary = runner.start(config, tmp_path / "run", device="cpu", progress=False, save_model=False)
     records = [json.loads(line) for line in (tmp_path / "run" / "evaluations.jsonl").read_text().splitlines()]
-    assert len(records) == 102 and len({r["key"] for r in records}) >= 50
+    assert len(records) == 85 and len({r["key"] for r in records}) >= 50
 
     def models_of_layers(record) -> set[int]:
         genome = np.asarray(record["genome"])
