@@ -94,10 +94,6 @@ class DFSStrategy:
         self._best: tuple[float, int, np.ndarray] | None = None
         self._seen = 0
 
-    @property
-    def prescanning(self) -> bool:
-        return bool(self._pending)
-
     def ask(self) -> list[np.ndarray]:
         return [g.copy() for g in self._pending[0]] if self._pending else self.es.ask()
 
