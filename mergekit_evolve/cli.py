@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from mergekit_evolve.errors import InputError
+from mergekit_evolve.migration import mergekit_evolve_options, translate
 
 EXIT_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -50,7 +51,7 @@ device_option = click.option(
 
 @main.command()
 @click.argument("config_file", metavar="CONFIG", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run directory.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory (required).")
 @click.option("--max-evals", type=int, help="Evaluation budget (overrides optimizer.max_evals).")
 @click.option("--seed", type=int, help="CMA-ES seed (overrides optimizer.seed).")
 @device_option
@@ -60,12 +61,22 @@ device_option = click.option(
 @click.option("--force", is_flag=True, help="Overwrite a non-empty run directory.")
 @click.option("--no-save-model", is_flag=True, help="Do not write the merged best model to OUT/model.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@mergekit_evolve_options
 @friendly_errors
-def run(config_file, out, max_evals, seed, device, executor, workers, allow_benchmark_tasks, force, no_save_model, quiet):
-    """Evolve a merge described by CONFIG; results go to --out."""
+def run(config_file, out, max_evals, seed, device, executor, workers, allow_benchmark_tasks, force, no_save_model, quiet,
+        **migrated):
+    """Evolve a merge described by CONFIG; results go to --out.
+
+    mergekit-evolve's options are accepted with the same meaning (--storage-path, --max-fevals,
+    --random-seed, --num-gpus, --task-search-path, ...), or refused naming what to use instead.
+    """
     from mergekit_evolve.search import runner
 
-    overrides = {}
+    m = translate(migrated, out=out, max_evals=max_evals, workers=workers, executor=executor)
+    out, max_evals, workers, executor = m.out, m.max_evals, m.workers, m.executor
+    allow_benchmark_tasks = allow_benchmark_tasks or m.allow_benchmark_tasks
+    no_save_model = no_save_model or m.no_save_model
+    overrides = dict(m.overrides)
     if allow_benchmark_tasks:
         overrides["allow_benchmark_tasks"] = True
     if executor:
@@ -79,7 +90,7 @@ def run(config_file, out, max_evals, seed, device, executor, workers, allow_benc
             if value < (1 if key.endswith("max_evals") else 0):
                 raise InputError(f"--{key.split('.')[1].replace('_', '-')}: {value} is out of range; use a positive number")
             overrides[key] = value
-    config = runner.load_any_config(config_file, overrides)
+    config = m.apply_to(runner.load_any_config(config_file, overrides))
     summary = runner.start(config, out, device=device, force=force, save_model=not no_save_model, progress=not quiet)
     _print_summary(summary, out)
 

@@ -71,6 +71,14 @@ class GenomeConfig(Strict):
     # (one extra gene per searched parameter and model) instead of those of the first / last layer group.
     tune_embeddings: bool = False
 
+    @field_validator("models", "base_model", mode="before")
+    @classmethod
+    def _model_references(cls, value: Any) -> Any:
+        """mergekit-evolve takes mergekit model references: also ``{model: {path, revision}, lora: ...}``."""
+        if isinstance(value, list):
+            return [_model_reference(v) for v in value]
+        return _model_reference(value)
+
     @field_validator("models")
     @classmethod
     def _unique_models(cls, models: list[str]) -> list[str]:
@@ -79,12 +87,33 @@ class GenomeConfig(Strict):
         return models
 
 
+def _model_reference(value: Any) -> Any:
+    """A mergekit ``ModelReference`` mapping -> its string form (``path@revision+lora``)."""
+    if not isinstance(value, dict):
+        return value
+    from mergekit.common import ModelReference
+
+    try:
+        return str(ModelReference.model_validate(value))
+    except ValidationError:
+        raise ValueError(f"{value} is not a mergekit model reference; give a path or hub ID") from None
+
+
 class LmEvalTask(Strict):
-    """A mergekit-evolve ``tasks:`` entry (an lm-eval task)."""
+    """A mergekit-evolve ``tasks:`` entry (an lm-eval task or group); a bare string is its name."""
 
     name: str
     weight: float = 1.0
-    metric: str = "acc,none"
+    metric: str = "acc,none"  # "METRIC,FILTER" as lm-eval reports it
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"name": value}
+        if not isinstance(value, (dict, LmEvalTask)):
+            raise ValueError(f"{value!r} is not a task; give a task name or {{name: ..., weight: ..., metric: ...}}")
+        return value
 
 
 class DFSConfig(Strict):
@@ -185,11 +214,15 @@ class EvolveConfig(Strict):
     wandb: Optional[WandbConfig] = None
     dtype: Optional[str] = None  # default: bfloat16 on CUDA, else the sources' dtype
     merge_seed: int = Field(default=0, ge=0)  # mergekit's --random-seed for DARE-style methods
+    merge_fast_path: bool = True  # precomputed state for sparsifying methods (mergekit_evolve.merge.fastpath)
     # mergekit-evolve's lm-eval fitness fields
     tasks: Optional[list[LmEvalTask]] = None
     heldout_tasks: Optional[list[LmEvalTask]] = None  # lm-eval tasks scored for the report only
     task_search_path: Optional[list[str]] = None  # folders of local lm-eval task YAMLs
-    apply_chat_template: bool = False
+    # lm-eval prompt format, as in mergekit-evolve (which defaults both to true). null: true when the
+    # tokenizer has a chat template, false otherwise (where mergekit-evolve would fail).
+    apply_chat_template: Optional[bool] = None
+    fewshot_as_multiturn: Optional[bool] = None  # null: follows apply_chat_template
     allow_benchmark_tasks: bool = False  # see mergekit_evolve.fitness.guard
     allow_pickle_weights: bool = False  # load *.bin pickle checkpoints (they can run code); safetensors only by default
     limit: Optional[int] = Field(default=None, ge=1)
@@ -234,7 +267,7 @@ def _format_validation_error(err: ValidationError) -> str:
 
 
 # Keys of ours that may sit next to a mergekit recipe template; everything else is the template.
-TEMPLATE_SIDE_KEYS = {"space", "dfs", "fitness", "optimizer", "executor", "wandb", "heldout_tasks", "task_search_path", "apply_chat_template", "allow_benchmark_tasks", "allow_pickle_weights", "merge_seed", "tasks", "limit", "num_fewshot", "shuffle", "random_init"}
+TEMPLATE_SIDE_KEYS = {"space", "dfs", "fitness", "optimizer", "executor", "wandb", "heldout_tasks", "task_search_path", "apply_chat_template", "fewshot_as_multiturn", "allow_benchmark_tasks", "allow_pickle_weights", "merge_seed", "merge_fast_path", "tasks", "limit", "num_fewshot", "shuffle", "random_init"}
 
 
 def split_template(data: dict) -> dict:

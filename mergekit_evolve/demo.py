@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from mergekit_evolve.config import parse_config
+from mergekit_evolve.progress import step
 from mergekit_evolve.search.rundir import atomic_write
 
 # Whole generations of cma's default population (4 + 3 ln n): PS 28 x 11 (12 genes); DFS 18 x 17 (80 genes:
@@ -155,7 +156,8 @@ def run_demo(out: Path, *, space: str = "ps", max_evals: int | None = None, seed
     started = time.time()
     zoo = build_zoo(seed=0)
     fitness_all = _fitness_of_every_task(zoo)
-    rows = baseline_rows(zoo, fitness_all, out)
+    with step(f"scoring the 3 sources and 4 baselines on {len(zoo.tasks)} tasks (fitness and held-out)", progress):
+        rows = baseline_rows(zoo, fitness_all, out)
     spaces = ["ps", "dfs", "ps+dfs"] if space == "all" else [space]
     for sp in spaces:
         budget = max_evals or DEFAULT_EVALS.get(sp, 120)
@@ -166,8 +168,11 @@ def run_demo(out: Path, *, space: str = "ps", max_evals: int | None = None, seed
             run_dir = out / _run_name(sp, s, seeds)
             config = parse_config(demo_config(zoo, sp, budget, s))
             if not _finished(run_dir, config):  # a rerun after an interruption keeps finished searches
+                if progress:
+                    click.echo(f"[mergekit-evo] {LABELS[sp]} search, seed {s}: {budget} evaluations into {run_dir}", err=True)
                 runner.start(config, run_dir, device=device, force=True, progress=progress)
-            _add_seed(row, evaluate_all(_load_best(run_dir, sp), fitness_all))
+            with step(f"scoring the {LABELS[sp]} winner (seed {s}) on every task", progress):
+                _add_seed(row, evaluate_all(_load_best(run_dir, sp), fitness_all))
             row["wall_seconds"].append(_search_seconds(run_dir))
             row["distinct"].append(_distinct_candidates(run_dir, sp))
             row["run_dirs"].append(run_dir.name)

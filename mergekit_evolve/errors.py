@@ -15,6 +15,17 @@ class InputError(Exception):
         super().__init__(" ".join(str(message).split()))  # always one line
 
 
+class TokenizerRequired(InputError):
+    """A fitness task needs a tokenizer and the models have none; ``what`` names the task.
+
+    ``runner.make_fitness`` turns it into one line naming the model folder and the fix.
+    """
+
+    def __init__(self, what: str):
+        self.what = what
+        super().__init__(f"{what} needs a tokenizer and none was given")
+
+
 class CandidateError(Exception):
     """A single candidate failed (merge raised, NaN weights, evaluation error).
 

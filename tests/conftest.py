@@ -42,3 +42,17 @@ def zoo():
     from mergekit_evolve.zoo import build_zoo
 
     return build_zoo(seed=0)
+
+
+@pytest.fixture(scope="session")
+def demo_out(zoo, tmp_path_factory) -> Path:
+    """One `mergekit-evo demo` (PS, 6 evaluations, seeds 0 and 1) shared by the tests of its output."""
+    from click.testing import CliRunner
+
+    from mergekit_evolve.cli import main
+
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    result = CliRunner().invoke(main, ["demo", "--space", "ps", "--max-evals", "6", "--seeds", "2", "--out", str(out),
+                                       "--device", "cpu", "--quiet"])
+    assert result.exit_code == 0, result.output
+    return out

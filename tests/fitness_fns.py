@@ -47,3 +47,12 @@ def dies_once(model, tokenizer, rows, split) -> float:
         open(flag, "w").close()
         os._exit(1)
     return loglik(model, tokenizer, rows, split)
+
+
+def ids_loglik(model, tokenizer, rows, split) -> float:
+    """Mean log-probability of the token ids in each row's ``ids``: needs no tokenizer (gets None)."""
+    assert tokenizer is None
+    ids = torch.tensor([row["ids"] for row in rows])
+    with torch.inference_mode():
+        logits = model(input_ids=ids).logits.float()
+    return float(torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).mean())

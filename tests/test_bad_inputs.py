@@ -19,6 +19,9 @@ from click.testing import CliRunner
 from mergekit_evolve.cli import main
 from mergekit_evolve.zoo.random_models import make_random_model
 
+sys.path.insert(0, str(Path(__file__).parent))
+from foreign_models import make_gpt2, make_llava  # noqa: E402
+
 HERE = Path(__file__).parent
 
 
@@ -107,6 +110,14 @@ CASES = [
     Case("racing-stages", "racing stages that do not end at 1.0", "optimizer.racing.stages: [0.25, 0.5] must rise strictly", edit=lambda c, e: c["optimizer"].update(racing={"stages": [0.25, 0.5]})),
     Case("racing-kind", "racing over a perplexity task", "optimizer.racing: task 't' is not an accuracy task", edit=lambda c, e: (c["optimizer"].update(racing=True), c["fitness"]["tasks"][0].update(kind="perplexity"))[-1]),
     Case("device", "CUDA requested without a GPU", "--device: cuda requested but no CUDA GPU is visible", args=lambda env: ["run", str(env.root / "cfg.yaml"), "--out", str(env.root / "out"), "--device", "cuda"]),
+    Case("no-tokenizer", "models without tokenizer files, a fitness that needs one", "tasks.t (kind generate) needs a tokenizer, but ", edit=lambda c, e: c["genome"].update(models=[str(e.models["notok0"]), str(e.models["notok1"])], merge_method="linear", base_model=None)),
+    Case("gpt2-no-tokenizer", "GPT-2 without tokenizer files (transformers would build a 1-token tokenizer)", "/gpt2 has no tokenizer files (tokenizer.json", edit=lambda c, e: c["genome"].update(models=[str(e.models["gpt2"]), str(e.models["gpt2b"])], merge_method="linear", base_model=None)),
+    Case("llava", "a model family our fitness cannot run (LLaVA)", "is a LlavaForConditionalGeneration (model_type 'llava'), which transformers cannot build as a causal language model", edit=lambda c, e: c["genome"].update(models=[str(e.models["llava"]), str(e.models["llava2"])], merge_method="linear", base_model=None)),
+    Case("dfs-arch", "DFS over a family the layer stack does not support", "DFS layer stacks support llama, mistral, qwen2", edit=lambda c, e: c.update(space="dfs", dfs={"models": [str(e.models["gpt2"]), str(e.models["gpt2b"])]})),
+    Case("marker-param", "template marker on a parameter the method does not take", "models[1].parameters.weight: arcee_fusion has no parameter 'weight'", edit=lambda c, e: {
+        "merge_method": "arcee_fusion", "base_model": str(e.models["base"]), "models": [{"model": str(e.models["base"])}, {"model": str(e.models["a"]), "parameters": {"weight": {"evolve": [0, 1]}}}],
+        "fitness": c["fitness"]}),
+    Case("migrate-refused", "a mergekit-evolve option we have no equivalent of", "--vllm: ", args=lambda env: ["run", str(env.root / "cfg.yaml"), "--out", str(env.root / "out"), "--vllm"]),
 ]
 
 
@@ -122,6 +133,12 @@ def env(tmp_path_factory) -> Env:
         "qwen": make_random_model(root / "qwen", arch="qwen2", seed=4),
         "vocab": make_random_model(root / "vocab", seed=5, vocab_size=80),
         "wide": make_random_model(root / "wide", seed=6, hidden_size=48),
+        "notok0": make_random_model(root / "notok0", seed=7, tokenizer=False),
+        "notok1": make_random_model(root / "notok1", seed=8, tokenizer=False),
+        "gpt2": make_gpt2(root / "gpt2", seed=0),
+        "gpt2b": make_gpt2(root / "gpt2b", seed=1),
+        "llava": make_llava(root / "llava", seed=0),
+        "llava2": make_llava(root / "llava2", seed=1),
     }
     pickled = root / "pickled"
     import shutil

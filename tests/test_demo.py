@@ -5,20 +5,15 @@ from __future__ import annotations
 import json
 
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from mergekit_evolve.cli import main
 
 ROWS = ["source: base", "source: script", "source: math", "uniform merge (linear)", "TIES untuned",
         "DARE-TIES untuned", "frankenmerge (no search)", "Ours PS"]
 
 
-def test_demo_writes_the_table_with_every_row_and_seed(zoo, tmp_path):
-    out = tmp_path / "demo"
-    result = CliRunner().invoke(main, ["demo", "--space", "ps", "--max-evals", "6", "--seeds", "2", "--out", str(out),
-                                       "--device", "cpu", "--quiet"])
-    assert result.exit_code == 0, result.output
+def test_demo_writes_the_table_with_every_row_and_seed(zoo, demo_out):
+    out = demo_out  # `demo --space ps --max-evals 6 --seeds 2` (tests/conftest.py)
     report = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in report["rows"]] == ROWS
     ours = report["rows"][-1]

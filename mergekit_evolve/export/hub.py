@@ -179,6 +179,8 @@ def redact(text: str, token: Optional[str]) -> str:
 def load_results(path: Optional[Path], run_dir: Path) -> Optional[list[dict]]:
     """Rows for the card's comparison table: --results, else RUN_DIR/results.json, else the parent's
     results.json when it lists this run (``mergekit-evo demo`` writes DEMO_OUT/results.json)."""
+    from mergekit_evolve.export.model_card import row_runs
+
     root = Path(run_dir).absolute()
     if path is not None:
         return _read_results(Path(path))
@@ -187,19 +189,38 @@ def load_results(path: Optional[Path], run_dir: Path) -> Optional[list[dict]]:
     parent = root.parent / "results.json"
     if parent.is_file():
         rows = _read_results(parent)
-        if any(r.get("run_dir") and Path(r["run_dir"]).absolute() == root for r in rows):
+        if any(root in row_runs(r) for r in rows):
             return rows
     return None
 
 
 def _read_results(path: Path) -> list[dict]:
+    """Rows from any results file our commands write: the report of ``mergekit-evo demo`` and
+    ``bench/paper_table.py`` ({rows: [...]}, scores per seed), a run's summary.json, or a plain list of
+    rows {name, heldout: {task: score}, run_dir?}."""
     try:
-        rows = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise InputError(f"--results: cannot read {path} ({err}); pass the results.json written by mergekit-evo demo") from None
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and "name" in r for r in rows):
-        raise InputError(f"--results: {path} must be a JSON list of rows with 'name' and 'heldout' (as mergekit-evo demo writes)")
-    return rows
+    if isinstance(data, dict) and isinstance(data.get("rows"), list):
+        data = [_demo_row(row, path.parent) if isinstance(row, dict) else row for row in data["rows"]]
+    elif isinstance(data, dict) and isinstance(data.get("best"), dict):  # summary.json of a run
+        data = [{"name": f"{path.parent.name} (evolved)", "heldout": data["best"].get("heldout") or {}, "run_dir": str(path.parent)}]
+    if not isinstance(data, list) or not all(isinstance(r, dict) and "name" in r for r in data):
+        raise InputError(
+            f"--results: {path} is not a results file of mergekit-evo; pass the results.json of mergekit-evo demo "
+            "(or bench/paper_table.py), a run's summary.json, or a JSON list of rows with 'name' and 'heldout'"
+        )
+    return data
+
+
+def _demo_row(row: dict, folder: Path) -> dict:
+    """A demo row (one score per seed, run folders relative to the demo's folder) as a card row."""
+    heldout = {task: sum(v) / len(v) if isinstance(v, list) and v else v for task, v in (row.get("heldout") or {}).items()}
+    seeds = max((len(v) for v in (row.get("heldout") or {}).values() if isinstance(v, list)), default=1)
+    name = row["name"] + (f" (mean of {seeds} seeds)" if seeds > 1 else "") if "name" in row else None
+    runs = [str((folder / d).absolute()) for d in row.get("run_dirs") or []]
+    return {**row, "name": name, "heldout": heldout, "run_dirs": runs}
 
 
 def push_run(
@@ -221,7 +242,9 @@ def push_run(
 
     root = Path(run_dir).absolute()
     if not (final_stage(root) / "best.json").is_file():
-        raise InputError(f"RUN_DIR: {root} has no best.json; push a finished mergekit-evo run directory")
+        from mergekit_evolve.export.report import runs_inside
+
+        raise InputError(f"RUN_DIR: {root} has no best.json; push a finished mergekit-evo run directory{runs_inside(root)}")
     rows = load_results(results, root)
     with staged_upload(root, repo_id=repo_id, private=private, fmt=fmt, results=rows,
                        base_models=list(base_models or []) or None, device=device) as plan:

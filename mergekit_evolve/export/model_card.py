@@ -165,6 +165,12 @@ def _heldout_section(stages: list[Stage], root: Path, results: Optional[list[dic
     return "## Held-out scores\n\n" + note + "\n\n" + "\n".join(lines) + "\n"
 
 
+def row_runs(row: dict) -> set[Path]:
+    """The run folders a results row was measured on (``run_dir``, or a demo row's ``run_dirs``)."""
+    refs = [row["run_dir"]] if row.get("run_dir") else list(row.get("run_dirs") or [])
+    return {Path(ref).absolute() for ref in refs}
+
+
 def _result_rows(final: Stage, root: Path, results: Optional[list[dict]]) -> list[tuple[str, dict]]:
     rows: list[tuple[str, dict]] = []
     mine_found = False
@@ -172,7 +178,7 @@ def _result_rows(final: Stage, root: Path, results: Optional[list[dict]]) -> lis
         heldout = row.get("heldout") or {}
         if not heldout:
             continue
-        mine = row.get("run_dir") and Path(row["run_dir"]).absolute() == root
+        mine = row_runs(row) == {root}  # a mean over several seeds is not this model's own score
         mine_found = mine_found or bool(mine)
         rows.append((f"**{row.get('name', '?')} (this model)**" if mine else str(row.get("name", "?")), heldout))
     if not mine_found and final.heldout:

@@ -72,9 +72,15 @@ def load_stages(run_dir: str | Path) -> list[Stage]:
     """The stages of a run directory: ``[ps, dfs]`` for a ps+dfs run, else one stage."""
     root = Path(run_dir).absolute()
     if not (root / "config.yaml").is_file():
-        raise InputError(f"RUN_DIR: {root} has no config.yaml; pass the --out folder of a mergekit-evo run")
+        raise InputError(f"RUN_DIR: {root} has no config.yaml; pass the --out folder of a mergekit-evo run{runs_inside(root)}")
     stages = [_load_stage(root / name, name) for name in ("ps", "dfs") if (root / name / "config.yaml").is_file()]
     return stages or [_load_stage(root, _read_config(root / "config.yaml").space)]
+
+
+def runs_inside(folder: Path) -> str:
+    """``; its runs: A, B`` for a folder that holds runs (``mergekit-evo demo``'s --out), else ''."""
+    runs = sorted(p.parent for p in folder.glob("*/config.yaml"))
+    return f" (this folder holds {len(runs)}: {', '.join(str(p) for p in runs)})" if runs else ""
 
 
 def _load_stage(path: Path, name: str) -> Stage:

@@ -142,9 +142,21 @@ def _as_row(task: TaskConfig, field: str, value: Any, where: str) -> Row:
 # ---- per-kind row checks ---------------------------------------------------------------------
 
 
+def is_token_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+
+
+def token_id_rows(task: TaskConfig, rows: list[Row]) -> bool:
+    """True for a perplexity task whose rows hold token ids (lists of ints): it needs no tokenizer."""
+    return task.kind == "perplexity" and bool(rows) and all(isinstance(r.values.get(task.answer_field), list) for r in rows)
+
+
 def check_row(task: TaskConfig, field: str, row: Row) -> None:
     if task.kind == "callable":
         return  # the function decides what its rows mean
+    if task.kind == "perplexity" and isinstance(row.values.get(task.answer_field), list):
+        _check_token_id_row(task, field, row)
+        return
     if task.prompt_field is not None:
         _text(task, field, row, task.prompt_field, "prompt_field", allow_empty=True)
     if task.kind == "generate":
@@ -156,6 +168,19 @@ def check_row(task: TaskConfig, field: str, row: Row) -> None:
     elif task.kind == "choice":
         choices = _choices(task, field, row)
         _label(task, field, row, len(choices))
+
+
+def _check_token_id_row(task: TaskConfig, field: str, row: Row) -> None:
+    """Perplexity on token ids: ``answer`` (and ``prompt``, if present) are lists of token ids."""
+    answer = row.values[task.answer_field]
+    prompt = row.values.get(task.prompt_field) if task.prompt_field is not None else None
+    for name, value in ((task.answer_field, answer), (task.prompt_field, prompt)):
+        if value is not None and not is_token_ids(value):
+            raise task.field_error(field, f"{row.where}: field {name!r} is a list but not of token ids", "write non-negative integers, or text")
+    if len(answer) + len(prompt or []) < 2 or not answer:
+        raise task.field_error(field, f"{row.where}: {task.answer_field!r} has no token to predict from another", "give at least two token ids in all")
+    if task.num_fewshot or task.apply_chat_template:
+        raise task.field_error(field, f"{row.where}: token-id rows cannot take few-shot examples or a chat template", "use text rows, or set num_fewshot: 0 and apply_chat_template: false")
 
 
 def _require(task: TaskConfig, field: str, row: Row, name: str, setting: str) -> Any:

@@ -21,7 +21,8 @@ from pydantic import BaseModel
 
 from mergekit_evolve.fitness.callable_task import FitnessFunction, evaluate_callable, load_function
 from mergekit_evolve.fitness.choice import evaluate_choice, prepare_choice
-from mergekit_evolve.fitness.data import Row, load_task_rows
+from mergekit_evolve.errors import TokenizerRequired
+from mergekit_evolve.fitness.data import Row, load_task_rows, token_id_rows
 from mergekit_evolve.fitness.generate import evaluate_generate, prepare_generate
 from mergekit_evolve.fitness.outcome import Outcome
 from mergekit_evolve.fitness.perplexity import evaluate_perplexity, prepare_perplexity
@@ -85,6 +86,8 @@ class Fitness:
         if task.kind == "callable":
             prepared.function = load_function(task, self.base_dir)
             return prepared
+        if self.tokenizer is None and not token_id_rows(task, loaded.fitness):
+            raise TokenizerRequired(f"tasks.{task.name} (kind {task.kind})")
         check_chat_template(task, self.tokenizer)
         for split, split_rows in rows.items():
             prepared.examples[split] = PREPARE[task.kind](task, split_rows, loaded.fewshot, self.tokenizer)

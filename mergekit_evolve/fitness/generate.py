@@ -31,12 +31,19 @@ class GenerateExamples:
 
 
 def prepare_generate(task: TaskConfig, rows: list[Row], fewshot: list[Row], tokenizer: Any) -> GenerateExamples:
-    prompt_ids = encode(task, tokenizer, context_texts(task, rows, fewshot, tokenizer))
-    for ids, row in zip(prompt_ids, rows):
+    texts = context_texts(task, rows, fewshot, tokenizer)
+    prompt_ids = encode(task, tokenizer, texts)
+    for ids, text, row in zip(prompt_ids, texts, rows):
         if not ids:
-            raise task.field_error("data", f"{row.where}: the prompt is empty and the tokenizer adds no BOS token", "give every row a prompt")
+            raise task.field_error("data", _no_prompt_tokens(text, row), "give every row a prompt the tokenizer encodes (or use a tokenizer that knows its characters)")
     references = [reference(answer_text(task, row.values), task.extract) for row in rows]
     return GenerateExamples(prompt_ids=prompt_ids, references=references)
+
+
+def _no_prompt_tokens(text: str, row: Row) -> str:
+    if not text:
+        return f"{row.where}: the prompt is empty and the tokenizer adds no BOS token"
+    return f"{row.where}: the tokenizer produced no tokens for the prompt {text[:40]!r} (and adds no BOS token)"
 
 
 def evaluate_generate(runner: ModelRunner, task: TaskConfig, examples: GenerateExamples, tokenizer: Any, batch_size: int) -> Outcome:

@@ -3,8 +3,8 @@
 Each sequence is ``context + continuation`` minus its last token (nothing reads the logits after it),
 right-padded: with right padding the real tokens keep positions 0..n-1, so no position ids are needed.
 Longest sequences go first, so an out-of-memory batch size shows up in the first batch.
-Log-softmax runs in float32 on the continuation positions only, not on the whole (batch, length, vocab)
-block.
+Log-softmax runs on the continuation positions only, not on the whole (batch, length, vocab) block: in
+float32 for the built-in evaluators; in the logits' own dtype for lm-eval requests, as lm-eval's HFLM does.
 """
 
 from __future__ import annotations
@@ -22,13 +22,32 @@ def continuation_logprobs(
     batch_size: int,
 ) -> tuple[list[torch.Tensor], int]:
     """Per pair, the log-probability of each continuation token; and the tokens fed to the model."""
+    logprobs, _, tokens = _all_logprobs(runner, pairs, pad_id, batch_size, torch.float32)
+    return logprobs, tokens
+
+
+def continuation_loglikelihoods(
+    runner: ModelRunner,
+    pairs: list[tuple[list[int], list[int]]],
+    pad_id: int,
+    batch_size: int,
+) -> tuple[list[tuple[float, bool]], int]:
+    """lm-eval's loglikelihood answers: per pair (summed log-probability of the continuation, whether
+    greedy decoding would produce it), log-softmax in the logits' dtype; and the tokens fed."""
+    logprobs, greedy, tokens = _all_logprobs(runner, pairs, pad_id, batch_size, None)
+    return [(float(lp.sum()), g) for lp, g in zip(logprobs, greedy)], tokens
+
+
+def _all_logprobs(runner, pairs, pad_id, batch_size, softmax_dtype) -> tuple[list[torch.Tensor], list[bool], int]:
     inputs = [ctx + cont[:-1] for ctx, cont in pairs]
     order = sorted(range(len(pairs)), key=lambda i: -len(inputs[i]))
-    result: list[torch.Tensor] = [torch.empty(0)] * len(pairs)
+    logprobs: list[torch.Tensor] = [torch.empty(0)] * len(pairs)
+    greedy = [False] * len(pairs)
     for batch in batches(order, batch_size):
-        for i, logprobs in zip(batch, _batch_logprobs(runner, [pairs[i] for i in batch], [inputs[i] for i in batch], pad_id)):
-            result[i] = logprobs
-    return result, sum(len(x) for x in inputs)
+        out = _batch_logprobs(runner, [pairs[i] for i in batch], [inputs[i] for i in batch], pad_id, softmax_dtype)
+        for i, (lp, g) in zip(batch, zip(*out)):
+            logprobs[i], greedy[i] = lp, g
+    return logprobs, greedy, sum(len(x) for x in inputs)
 
 
 def _batch_logprobs(
@@ -36,7 +55,8 @@ def _batch_logprobs(
     pairs: list[tuple[list[int], list[int]]],
     inputs: list[list[int]],
     pad_id: int,
-) -> list[torch.Tensor]:
+    softmax_dtype: torch.dtype | None,
+) -> tuple[list[torch.Tensor], list[bool]]:
     width = max(len(x) for x in inputs)
     input_ids = torch.full((len(inputs), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(inputs), width), dtype=torch.long)
@@ -50,8 +70,11 @@ def _batch_logprobs(
         targets += cont
     device = runner.device
     logits, _ = runner.forward(input_ids.to(device), attention_mask.to(device))
-    picked = logits[torch.tensor(rows, device=device), torch.tensor(positions, device=device)].float()
-    logprobs = picked.log_softmax(-1).gather(1, torch.tensor(targets, device=device)[:, None]).squeeze(1)
+    picked = logits[torch.tensor(rows, device=device), torch.tensor(positions, device=device)]
+    target_ids = torch.tensor(targets, device=device)
+    logprobs = picked.log_softmax(-1, dtype=softmax_dtype).gather(1, target_ids[:, None]).squeeze(1)
     if not torch.isfinite(logprobs).all():
         raise CandidateError("the model produced non-finite log-probabilities")
-    return list(logprobs.cpu().split([len(cont) for _, cont in pairs]))
+    sizes = [len(cont) for _, cont in pairs]
+    is_greedy = (picked.argmax(-1) == target_ids).cpu().split(sizes)
+    return list(logprobs.cpu().split(sizes)), [bool(g.all()) for g in is_greedy]

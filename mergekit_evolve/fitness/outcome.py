@@ -17,6 +17,8 @@ class Outcome:
 
 def pad_token_id(tokenizer: Any) -> int:
     """Any id works for padding (it is masked out); prefer the tokenizer's own."""
+    if tokenizer is None:  # token-id data scored without a tokenizer
+        return 0
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if candidate is not None:
             return int(candidate)

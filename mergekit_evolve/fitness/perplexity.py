@@ -14,7 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from mergekit_evolve.fitness.data import Row
+from mergekit_evolve.errors import TokenizerRequired
+from mergekit_evolve.fitness.data import Row, token_id_rows
 from mergekit_evolve.fitness.loglik import continuation_logprobs
 from mergekit_evolve.fitness.outcome import Outcome, pad_token_id
 from mergekit_evolve.fitness.prompts import context_texts, encode_continuations
@@ -28,6 +29,12 @@ class PerplexityExamples:
 
 
 def prepare_perplexity(task: TaskConfig, rows: list[Row], fewshot: list[Row], tokenizer: Any) -> PerplexityExamples:
+    if token_id_rows(task, rows):
+        return PerplexityExamples(pairs=[_token_id_pair(task, row) for row in rows])
+    if any(isinstance(row.values.get(task.answer_field), list) for row in rows):
+        raise task.field_error("data", "mixes token-id rows and text rows", "use one form for every row of a task")
+    if tokenizer is None:
+        raise TokenizerRequired(f"tasks.{task.name} (text rows)")
     contexts = context_texts(task, rows, fewshot, tokenizer)
     texts = [row.values[task.answer_field] for row in rows]
     pairs = encode_continuations(task, tokenizer, contexts, texts)
@@ -35,6 +42,15 @@ def prepare_perplexity(task: TaskConfig, rows: list[Row], fewshot: list[Row], to
         if not cont:
             raise task.field_error("data", f"{row.where}: {task.answer_field!r} is a single token with nothing before it to predict it from", "use longer texts or a prompt")
     return PerplexityExamples(pairs=pairs)
+
+
+def _token_id_pair(task: TaskConfig, row: Row) -> tuple[list[int], list[int]]:
+    """(context, continuation) of a token-id row; without a prompt the first id is the context."""
+    context = list(row.values.get(task.prompt_field) or []) if task.prompt_field is not None else []
+    continuation = list(row.values[task.answer_field])
+    if not context:
+        context, continuation = continuation[:1], continuation[1:]
+    return context, continuation
 
 
 def evaluate_perplexity(runner: ModelRunner, task: TaskConfig, examples: PerplexityExamples, tokenizer: Any, batch_size: int) -> Outcome:

@@ -24,6 +24,7 @@ from mergekit.options import MergeOptions
 from pydantic import BaseModel
 
 from mergekit_evolve.merge.inmemory import _fresh_loader_cache
+from mergekit_evolve.merge.quiet import mergekit_torch_dtype_quiet
 
 __all__ = ["merge_to_disk"]
 
@@ -60,7 +61,8 @@ def merge_to_disk(
     partial = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
         with _fresh_loader_cache(recipe.referenced_models()), _preserved_global_rngs():
-            run_merge(recipe, str(partial), options=options, config_source=recipe.to_yaml())
+            with mergekit_torch_dtype_quiet():
+                run_merge(recipe, str(partial), options=options, config_source=recipe.to_yaml())
         _replace_dir(partial, out_dir)
     finally:
         shutil.rmtree(partial, ignore_errors=True)

@@ -11,7 +11,11 @@ everything around the merge:
 * one transformers model is built once; each candidate's output tensors are copied into it by
   name (no model objects, no files per candidate);
 * random methods (DARE, DELLA) are re-seeded per candidate, the way ``mergekit-yaml
-  --random-seed S`` seeds a whole merge, so every candidate is reproducible on its own.
+  --random-seed S`` seeds a whole merge, so every candidate is reproducible on its own;
+* sparsifying methods (TIES, DARE, breadcrumbs, DELLA, SCE, and task arithmetic) run on
+  ``SparsifyingFastPath`` kernels (``mergekit_evolve/merge/fastpath.py``): what does not change
+  between candidates (magnitude order of each task vector, the seeded random draws) is computed
+  once, each candidate costs a few elementwise passes, and the tensors stay bitwise mergekit's.
 
 About mergekit's ``LoaderCache``: it is process-wide, keyed by model reference, and its loaders
 keep the last opened shard mapped, so a model rewritten in place in the same process could be
@@ -42,6 +46,8 @@ from mergekit.plan import MergePlanner
 from pydantic import BaseModel
 
 from mergekit_evolve.errors import CandidateError, InputError
+from mergekit_evolve.merge.fastpath import SparsifyingFastPath
+from mergekit_evolve.merge.quiet import mergekit_torch_dtype_quiet
 
 __all__ = ["InMemoryMerger", "MergeTimings"]
 
@@ -99,9 +105,10 @@ class PlannerRoute:
 
         self.options = options
         self.arch_info = get_architecture_info(template, options)
-        self._out_config = mergekit.merge._model_out_config(
-            template, self.arch_info, trust_remote_code=options.trust_remote_code
-        )
+        with mergekit_torch_dtype_quiet():
+            self._out_config = mergekit.merge._model_out_config(
+                template, self.arch_info, trust_remote_code=options.trust_remote_code
+            )
 
     def plan(self, config: MergeConfiguration) -> tuple[list[ReturnTensor], Optional[Task]]:
         """Return one ``ReturnTensor`` per output tensor, and the tokenizer task (or None)."""
@@ -157,8 +164,8 @@ class InMemoryMerger:
     accepts any config whose inputs are among the template's (same models, any parameter
     values, even another merge method) and returns ``self.model`` holding its tensors.
 
-    ``dtype`` is the resident model's dtype; by default the dtype mergekit would write
-    (``out_dtype``, else ``dtype`` of the template, else the donor config's). Tensors equal
+    ``dtype`` is the resident model's dtype; by default the dtype mergekit writes for the
+    template (asked of mergekit: see ``_model_dtype``). Tensors equal
     ``mergekit-yaml``'s bitwise when this dtype is the one mergekit writes.
     ``random_seed``: each candidate runs with torch's RNG seeded to it, as ``mergekit-yaml
     --random-seed`` does for a whole merge; the caller's RNG state is restored afterwards.
@@ -174,6 +181,12 @@ class InMemoryMerger:
     are ordered by graph insertion, which this path does not promise to match for random
     methods.) Only torch is seeded here, so a search loop's numpy/python RNGs are untouched.
 
+    ``fast_path`` (default on): sparsifying methods use precomputed per-source state
+    (``mergekit_evolve.merge.fastpath``; its docstring gives the bytes per method, at most about
+    2x the non-base sources, held for one method at a time and built by the first candidate
+    that needs it). ``fast_path=False`` runs mergekit's kernels for every candidate and holds no
+    extra memory; the tensors are the same either way.
+
     Not thread-safe; one merger per process or per worker.
     """
 
@@ -184,6 +197,7 @@ class InMemoryMerger:
         device: str = "cpu",
         dtype: Optional[str] = None,
         random_seed: Optional[int] = None,
+        fast_path: bool = True,
     ):
         self.template = template.model_copy(deep=True)
         self.device = torch.device(device)
@@ -203,17 +217,31 @@ class InMemoryMerger:
         tokenizer_info = self._inputs.get(tokenizer_task) if tokenizer_task else None
         self.tokenizer = _load_tokenizer(self.template, tokenizer_info, self.source_paths)
         out_config = self._route.output_config(tokenizer_info, self.template)
-        model_dtype = self._model_dtype(dtype, out_config)
+        model_dtype = self._model_dtype(dtype, out_config, targets)
         self.model = _build_resident_model(out_config, model_dtype, self.device)
         self._targets = self._resident_tensors(targets)
+        self.fast_path = (
+            SparsifyingFastPath(self._inputs, self.device, random_seed) if fast_path else None
+        )
         self.last_timings = MergeTimings()
 
     # ----------------------------------------------------------------- construction
 
-    def _model_dtype(self, dtype: Optional[str], out_config) -> torch.dtype:
-        name = dtype or self.template.out_dtype or self.template.dtype
-        if name:
-            return dtype_from_name(name)
+    def _model_dtype(self, dtype: Optional[str], out_config, targets: list[ReturnTensor]) -> torch.dtype:
+        """``dtype`` if given, else the dtype mergekit writes for the template.
+
+        That is asked of mergekit rather than copied from its rules: the first output tensor is
+        merged once (with the caller's RNG state kept) and its dtype taken, ``out_dtype`` cast
+        included. Some methods compute and return float32 whatever ``dtype`` says (arcee_fusion,
+        ramplus_tl with ``dtype: bfloat16``), and mergekit-yaml then writes float32.
+        """
+        if dtype:
+            return dtype_from_name(dtype)
+        probe = self._route.executor(targets[:1], self._inputs, self.device)
+        with _forked_rng(self.device), torch.no_grad():
+            written = [value for _, value in probe.run(quiet=True) if isinstance(value, torch.Tensor)]
+        if written and written[0].is_floating_point():
+            return written[0].dtype
         donor_dtype = getattr(out_config, "dtype", None) or torch.float32
         return dtype_from_name(donor_dtype) if isinstance(donor_dtype, str) else donor_dtype
 
@@ -281,6 +309,8 @@ class InMemoryMerger:
                 targets, _ = self._route.plan(config)
             except Exception as error:  # bad values of one candidate: record and go on
                 raise CandidateError(f"planning failed: {error}") from error
+            if self.fast_path is not None:
+                targets = self.fast_path.rewrite(targets)
             planned = time.perf_counter()
             executor = self._executor(targets)
             scheduled = time.perf_counter()
@@ -435,10 +465,15 @@ def _build_resident_model(config, dtype: torch.dtype, device: torch.device):
 
 
 def _load_tokenizer(config: MergeConfiguration, tokenizer_info, source_paths: tuple[Path, ...]):
-    """The merged model's tokenizer: mergekit's built one, else the donor model's."""
+    """The merged model's tokenizer: mergekit's built one, else the donor model's; None when the
+    donor folder has no tokenizer files (mergekit merges such models, and so does this merger)."""
+    from mergekit_evolve.space.models import has_tokenizer_files
+
     if tokenizer_info is not None:
         return tokenizer_info.tokenizer
     donor = config.base_model or config.referenced_models()[0]
+    if not has_tokenizer_files(donor.model.path):
+        return None
     try:
         return transformers.AutoTokenizer.from_pretrained(donor.model.path)
     except Exception as error:

@@ -19,6 +19,7 @@ from mergekit.config import MergeConfiguration
 
 from mergekit_evolve.config import ParameterSearch
 from mergekit_evolve.space.ps import PSSpace
+from mergekit_evolve.space.transforms import decimal
 
 Table = dict[tuple, float]  # (param, group, model|None, filter_set) -> value
 
@@ -170,7 +171,7 @@ def _keep_della_feasible(space: PSSpace, table: Table) -> None:
         if param != "epsilon":
             continue
         density = table.get(("density", group, model, fset), fixed_density)
-        table[key] = min(table[key], 0.99 * min(density, 1.0 - density))
+        table[key] = decimal(min(table[key], 0.99 * min(density, 1.0 - density)))
 
 
 def _drop_empty_parameters(recipe: dict[str, Any]) -> dict[str, Any]:

@@ -35,7 +35,15 @@ def dfs_models(config: EvolveConfig) -> list[str]:
 
 
 def check_dfs_collection(models: list[str], base_index: int, field: str = "dfs.models", allow_pickle: bool = False):
+    from mergekit_evolve.merge.layer_pool import SUPPORTED_ARCHITECTURES
+
     infos = inspect_models(models, field, allow_pickle=allow_pickle)
+    for i, info in enumerate(infos):
+        if info.model_type not in SUPPORTED_ARCHITECTURES:
+            raise InputError(
+                f"{field}[{i}]: {info.ref} is a {info.architecture} (model_type {info.model_type!r}); DFS layer "
+                f"stacks support {', '.join(SUPPORTED_ARCHITECTURES)}; choose models of those families, or space: ps"
+            )
     if base_index >= len(infos):
         raise InputError(f"dfs.base_index: {base_index} but only {len(infos)} models; use 0..{len(infos) - 1}")
     sizes = {i.hidden_size for i in infos}
@@ -79,9 +87,13 @@ class DFSProblem:
             )
         return self._pool
 
+    @property
+    def tokenizer_ref(self) -> str:
+        return self.models[self.base_index]
+
     @cached_property
     def tokenizer(self):
-        return load_tokenizer(self.models[self.base_index])
+        return load_tokenizer(self.tokenizer_ref)
 
     def x0(self, random: bool = False, seed: int = 0) -> np.ndarray:
         x0 = np.asarray(self.space.x0(), dtype=np.float64)

@@ -20,7 +20,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mergekit_evolve.config import OptimizerConfig
-from mergekit_evolve.errors import CandidateError
+from mergekit_evolve.errors import CandidateError, InputError
+from mergekit_evolve.progress import on_terminal
 from mergekit_evolve.search.racing import RacingConfig, is_complete, race
 from mergekit_evolve.search.rundir import RunDir
 
@@ -106,7 +107,8 @@ def run_search(
     on_record: Callable[[dict], None] | None = None,
     racing: Racing | None = None,
 ) -> SearchState:
-    """Run (or continue) CMA-ES until ``opt.max_evals`` candidates have been evaluated.
+    """Run (or continue) CMA-ES until exactly ``opt.max_evals`` candidates have been evaluated (the
+    last generation is cut short when a whole one would overshoot; a resumed run cuts it the same way).
 
     Candidates are decoded here (cheap, no weights); the executor builds and scores them, in this
     process or on Ray workers, and reports each as it finishes. Records are appended in completion
@@ -122,11 +124,18 @@ def run_search(
     stage_results = {(r["generation"], r["candidate"], r["stage"]): r["result"] for r in run_dir.read_stages()} if racing else {}
     max_failures = opt.max_failures if opt.max_failures is not None else max(3, opt.max_evals // 2)
 
-    bar = tqdm(total=opt.max_evals, initial=state.n_evals, disable=not progress, unit="eval", dynamic_ncols=True)
+    # A live bar only on a terminal: in a log it would be hundreds of carriage-return redraws.
+    bar = tqdm(total=opt.max_evals, initial=state.n_evals, disable=not (progress and on_terminal()), unit="eval",
+               dynamic_ncols=True)
     try:
         while state.n_evals < opt.max_evals:
             generation = state.generation + 1
             genomes = state.es.ask()
+            # The budget is a promise: a generation that would overshoot it becomes a last, smaller one
+            # (its first candidates, in CMA-ES's order). It is not told to CMA-ES: the search ends there.
+            left = opt.max_evals - state.n_evals
+            last_partial = len(genomes) > left
+            genomes = genomes[:left]
             bar.set_description(f"gen {generation}")
             records: dict[int, dict] = {}
 
@@ -139,11 +148,8 @@ def run_search(
                 _update_best(problem, record, state, run_dir)
                 if record.get("error"):
                     state.n_failures += 1
-                    if state.n_failures > max_failures:
-                        raise RunFailedError(
-                            f"{state.n_failures} candidates failed (max_failures={max_failures}); last error: "
-                            f"{record['error'].splitlines()[0]}; see {run_dir.evaluations}"
-                        )
+                    if state.n_failures > max_failures and generation > 1:  # generation 1: see below
+                        raise _too_many_failures(state, max_failures, record, run_dir)
                 bar.update(1)
                 bar.set_postfix(best=_fmt(state.best and state.best["fitness"]))
 
@@ -167,12 +173,16 @@ def run_search(
                 for twin in duplicates.pop(job.key, []):
                     result_twin = _cached_result(result) if result.get("error") is None else result
                     _append(run_dir, recorded, accept, twin, result_twin)
+            if generation == 1:
+                _check_first_generation(list(records.values()), state, max_failures, run_dir)
             losses = [FAILED_LOSS if records[j]["fitness"] is None else -records[j]["fitness"] for j in range(len(genomes))]
-            state.es.tell(genomes, losses)
+            if not last_partial:
+                state.es.tell(genomes, losses)
             state.generation = generation
             state.n_evals += len(genomes)
             state.history.append((generation, state.n_evals, state.best and state.best["fitness"]))
-            _maybe_restart(state, problem, opt)
+            if not last_partial:
+                _maybe_restart(state, problem, opt)
             run_dir.save_state(state)  # the generation is now complete and durable
             if progress:
                 gen_fit = [-v for v in losses if v != FAILED_LOSS]
@@ -261,6 +271,32 @@ def evaluate_candidate(problem: Problem, score: ScoreFn, genome: list, part: Opt
         _free_memory()
     result["seconds"] = round(time.perf_counter() - start, 4)
     return result
+
+
+def _error_line(record: dict) -> str:
+    return record["error"].splitlines()[0][:300]
+
+
+def _too_many_failures(state: SearchState, max_failures: int, record: dict, run_dir: RunDir) -> RunFailedError:
+    return RunFailedError(
+        f"{state.n_failures} candidates failed (max_failures={max_failures}); last error: "
+        f"{_error_line(record)}; see {run_dir.evaluations}"
+    )
+
+
+def _check_first_generation(records: list[dict], state: SearchState, max_failures: int, run_dir: RunDir) -> None:
+    """After the whole first generation: one error shared by every candidate is the input's fault
+    (a model our fitness cannot run, a fitness function that always raises), not bad luck of the
+    candidates, so it ends the run as an input error; else ``max_failures`` applies as usual."""
+    failed = [r for r in records if r.get("error")]
+    if failed and len(failed) == len(records) and len({_error_line(r) for r in failed}) == 1:
+        raise InputError(
+            f"every candidate of the first generation ({len(records)}) failed the same way: {_error_line(failed[0])}; "
+            f"this is a problem of the models, recipe or fitness, not of the candidates; fix it and run again "
+            f"(details in {run_dir.evaluations})"
+        )
+    if state.n_failures > max_failures:
+        raise _too_many_failures(state, max_failures, failed[-1], run_dir)
 
 
 def _decode_key(problem: Problem, job: Job) -> Optional[str]:

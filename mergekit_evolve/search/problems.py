@@ -18,7 +18,7 @@ from mergekit_evolve.config import EvolveConfig
 from mergekit_evolve.errors import InputError
 from mergekit_evolve.recipe.ps import ps_recipe, recipe_hash, recipe_yaml, to_merge_config
 from mergekit_evolve.search.rundir import RunDir, atomic_write
-from mergekit_evolve.space.models import check_same_shape, inspect_models
+from mergekit_evolve.space.models import check_causal_lm, check_same_shape, has_tokenizer_files, inspect_models
 from mergekit_evolve.space.ps import PSSpace
 
 
@@ -52,9 +52,31 @@ def default_dtype(config_dtype: str | None, source_dtype: str | None, device: st
 
 
 def load_tokenizer(ref: str):
+    """The tokenizer of model ``ref``, or None when its folder has no tokenizer files.
+
+    None is fine for a fitness that needs no tokenizer (callables, perplexity on token ids);
+    ``runner.make_fitness`` turns it into an input error naming the folder for every other one.
+    """
     import transformers
 
-    return transformers.AutoTokenizer.from_pretrained(ref)
+    if not has_tokenizer_files(ref):
+        return None
+    try:
+        return transformers.AutoTokenizer.from_pretrained(ref)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise InputError(
+            f"tokenizer: cannot load the tokenizer of {ref} ({first[:160]}); set tokenizer_source to a model "
+            "folder with a working tokenizer, or fix the tokenizer files there"
+        ) from None
+
+
+def tokenizer_donor(tokenizer_source: str | None, base_model: str | None, models: list[str]) -> str:
+    """The model whose tokenizer the fitness uses: ``tokenizer_source`` if it names a model, else the
+    base model, else the first model (mergekit's ``base``/``union`` keep the base's tokens)."""
+    if tokenizer_source and tokenizer_source not in ("base", "union"):
+        return tokenizer_source
+    return base_model or models[0]
 
 
 def io_weight_names(ref: str) -> tuple[list[str], list[str]]:
@@ -73,6 +95,7 @@ class PSProblem:
         refs = list(dict.fromkeys([*genome.models, *([genome.base_model] if genome.base_model else [])]))
         infos = inspect_models(refs, "genome.models", allow_pickle=config.allow_pickle_weights)
         check_same_shape(infos, "genome.models")
+        check_causal_lm(infos[0], "genome.models")
         self.config = config
         self.device = device
         self.dtype = default_dtype(config.dtype, infos[0].dtype, device)
@@ -86,16 +109,22 @@ class PSProblem:
         if self._merger is None:  # loading sources is the expensive part: only when first needed
             from mergekit_evolve.merge import InMemoryMerger
 
-            # Any candidate names the same models; the initial one serves as the template.
+            # Any candidate names the same models; the initial one serves as the template. The
+            # recipes name self.dtype; the merger's model takes the dtype mergekit writes for them.
             template = to_merge_config(self.decode(self.x0()).recipe)
             self._merger = InMemoryMerger(
-                template, device=self.device, dtype=self.dtype, random_seed=self.config.merge_seed
+                template, device=self.device, random_seed=self.config.merge_seed, fast_path=self.config.merge_fast_path
             )
         return self._merger
 
+    @property
+    def tokenizer_ref(self) -> str:
+        g = self.config.genome
+        return tokenizer_donor(g.tokenizer_source, g.base_model, g.models)
+
     @cached_property
     def tokenizer(self):
-        return load_tokenizer(self.config.genome.tokenizer_source or self.config.genome.base_model or self.config.genome.models[0])
+        return load_tokenizer(self.tokenizer_ref)
 
     def x0(self, random: bool = False, seed: int = 0) -> np.ndarray:
         return self.space.x0(random=random, seed=seed)
@@ -144,6 +173,7 @@ class TemplateProblem(PSProblem):
         refs = self.space.referenced_models()
         infos = inspect_models(refs, "template models", allow_pickle=config.allow_pickle_weights)
         check_same_shape(infos, "template models")
+        check_causal_lm(infos[0], "template models")
         self.dtype = default_dtype(config.template.get("dtype"), infos[0].dtype, device)
         # The recipe must say the dtype it was evaluated in when that is not the sources' own
         # (bf16 by default on CUDA), so mergekit-yaml rebuilds exactly the model that was scored.
@@ -156,13 +186,11 @@ class TemplateProblem(PSProblem):
             first = str(err).splitlines()[0]
             raise InputError(f"template: not a valid mergekit recipe once filled in ({first}); fix the YAML") from None
 
-    @cached_property
-    def tokenizer(self):
+    @property
+    def tokenizer_ref(self) -> str:
         t = self.config.template
         source = t.get("tokenizer_source")
-        if not isinstance(source, str) or source in ("base", "union"):
-            source = t.get("base_model") or self.space.referenced_models()[0]
-        return load_tokenizer(source)
+        return tokenizer_donor(source if isinstance(source, str) else None, t.get("base_model"), self.space.referenced_models())
 
     def decode(self, genome: np.ndarray) -> PSCandidate:
         recipe = self.space.fill(np.asarray(genome)[: self.dim])

@@ -28,13 +28,11 @@ from mergekit_evolve.errors import InputError
 
 def check_racing(racing: RacingConfig, fitness) -> None:
     """Racing needs accuracy tasks with at least one row in every part."""
-    if not hasattr(fitness, "raceable"):
-        raise InputError("optimizer.racing: works with built-in fitness tasks, not lm-eval tasks; remove racing")
     bad = fitness.raceable()
     if bad:
         raise InputError(
-            f"optimizer.racing: task {bad[0]!r} is not an accuracy task (racing needs kind generate or choice); "
-            "remove racing or the task"
+            f"optimizer.racing: task {bad[0]!r} is not an accuracy task (racing needs kind generate or choice, "
+            "or an lm-eval task whose metric is a mean over documents); remove racing or the task"
         )
     for name, n in fitness.num_rows("fitness").items():
         bounds = [round(f * n) for f in [0.0, *racing.stages]]

@@ -45,7 +45,7 @@ class _Worker:
             torch.set_num_threads(threads)
         config = parse_config(yaml.safe_load(config_yaml))
         self.problem = make_problem(config, device)
-        self.score = make_score(make_fitness(config, self.problem.tokenizer))
+        self.score = make_score(make_fitness(config, self.problem.tokenizer, self.problem.tokenizer_ref))
 
     def evaluate(self, genome: list, part: Optional[tuple] = None) -> dict:
         from mergekit_evolve.search.loop import evaluate_candidate

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from mergekit_evolve.config import EvolveConfig, load_config, parse_config, source_models
-from mergekit_evolve.errors import InputError
+from mergekit_evolve.errors import InputError, TokenizerRequired
+from mergekit_evolve.progress import step
 from mergekit_evolve.search.loop import LocalExecutor, Racing, run_search
 from mergekit_evolve.search.problems import make_problem, resolve_device
 from mergekit_evolve.search.rundir import RunDir, atomic_write
@@ -35,20 +36,23 @@ def start(
 ) -> dict[str, Any]:
     run_dir = RunDir(out)
     device = resolve_device(device)
-    validate(config, device)  # every input problem surfaces here, before anything is written
+    # every input problem surfaces here, before anything is written
+    fitness = validate(config, device, progress=progress)
     run_dir.prepare(fresh=True, force=force)
     try:
         # run.json first: config.yaml is what makes the folder a resumable run, so a resume never
         # sees a run without its settings.
         run_dir.write_json(run_dir.path / "run.json", {"device": device, "save_model": save_model, "version": _version()})
         atomic_write(run_dir.config, config.to_yaml())
-        return _execute(config, run_dir, device, save_model, progress)
+        return _execute(config, run_dir, device, save_model, progress, fitness)
     finally:
         run_dir.unlock()
 
 
-def validate(config: EvolveConfig, device: str = "cpu") -> None:
-    """Read model configs, build the search space and load the fitness data; load no weights."""
+def validate(config: EvolveConfig, device: str = "cpu", progress: bool = False):
+    """Read model configs, build the search space and load the fitness data; load no weights.
+
+    Returns the fitness, so a run that follows need not load its data (or lm-eval's tasks) again."""
     _check_fitness_available(config)
     from mergekit_evolve.fitness.guard import check_selection_tasks
 
@@ -58,11 +62,12 @@ def validate(config: EvolveConfig, device: str = "cpu") -> None:
         from mergekit_evolve.search.dfs_problem import check_dfs_collection
 
         check_dfs_collection(list(config.dfs.models or source_models(config)), 0)
-    fitness = make_fitness(config, problem.tokenizer)
+    fitness = make_fitness(config, problem.tokenizer, problem.tokenizer_ref, progress)
     if config.optimizer.racing is not None:
         from mergekit_evolve.search.racing import check_racing
 
         check_racing(config.optimizer.racing, fitness)
+    return fitness
 
 
 def resume(out: str | Path, *, device: str | None = None, progress: bool = True) -> dict[str, Any]:
@@ -79,13 +84,13 @@ def resume(out: str | Path, *, device: str | None = None, progress: bool = True)
         run_dir.unlock()
 
 
-def _execute(config: EvolveConfig, run_dir: RunDir, device: str, save_model: bool, progress: bool) -> dict[str, Any]:
+def _execute(config: EvolveConfig, run_dir: RunDir, device: str, save_model: bool, progress: bool, fitness=None) -> dict[str, Any]:
     if config.space in ("ps", "dfs"):
-        return run_stage(make_problem(config, device), config, run_dir, save_model, progress)
-    return _run_ps_then_dfs(config, run_dir, device, save_model, progress)
+        return run_stage(make_problem(config, device), config, run_dir, save_model, progress, fitness)
+    return _run_ps_then_dfs(config, run_dir, device, save_model, progress, fitness)
 
 
-def _run_ps_then_dfs(config, run_dir: RunDir, device, save_model, progress) -> dict[str, Any]:
+def _run_ps_then_dfs(config, run_dir: RunDir, device, save_model, progress, fitness=None) -> dict[str, Any]:
     from mergekit_evolve.search.dfs_problem import DFSProblem
 
     ps_dir, dfs_dir = RunDir(run_dir.path / "ps"), RunDir(run_dir.path / "dfs")
@@ -95,7 +100,7 @@ def _run_ps_then_dfs(config, run_dir: RunDir, device, save_model, progress) -> d
     if ps_summary is None:
         ps_config = config.model_copy(update={"space": "ps"})
         atomic_write(ps_dir.config, ps_config.to_yaml())
-        ps_summary = run_stage(make_problem(ps_config, device), ps_config, ps_dir, True, progress)
+        ps_summary = run_stage(make_problem(ps_config, device), ps_config, ps_dir, True, progress, fitness)
     collection = [str(ps_dir.model), *(config.dfs.models or source_models(config))]
     dfs_budget = config.dfs.max_evals or config.optimizer.max_evals
     dfs_config = config.model_copy(
@@ -118,10 +123,12 @@ def _summary_if_done(run_dir: RunDir) -> dict | None:
     return None
 
 
-def run_stage(problem, config: EvolveConfig, run_dir: RunDir, save_model: bool, progress: bool) -> dict[str, Any]:
-    """Search, then score the winner on the held-out split and save it."""
+def run_stage(problem, config: EvolveConfig, run_dir: RunDir, save_model: bool, progress: bool, fitness=None) -> dict[str, Any]:
+    """Search, then score the winner on the held-out split and save it (``fitness``: one already
+    built for this config and the problem's tokenizer, e.g. by ``validate``)."""
     started = time.time()
-    fitness = make_fitness(config, problem.tokenizer)
+    if fitness is None:
+        fitness = make_fitness(config, problem.tokenizer, problem.tokenizer_ref, progress)
     executor = make_executor(config, problem, make_score(fitness))
     logger = _wandb_logger(config, run_dir)
     try:
@@ -134,8 +141,8 @@ def run_stage(problem, config: EvolveConfig, run_dir: RunDir, save_model: bool, 
     if state.best is None:
         raise InputError(f"{run_dir.path}: every candidate failed; see evaluations.jsonl for the errors")
     best = problem.decode(np.asarray(state.best["genome"]))
-    model = problem.build(best)
-    heldout = fitness.score(model, "heldout")
+    with step("scoring the best candidate on the held-out split", progress):
+        heldout = fitness.score(problem.build(best), "heldout")
     summary = {
         "space": config.space,
         "best": {**state.best, "heldout": heldout, "heldout_total": fitness.total(heldout) if heldout else None},
@@ -147,7 +154,8 @@ def run_stage(problem, config: EvolveConfig, run_dir: RunDir, save_model: bool, 
         "history": state.history,
     }
     if save_model and not run_dir.model.exists():
-        problem.save_model(best, run_dir.model)
+        with step(f"saving the best model to {run_dir.model}", progress):
+            problem.save_model(best, run_dir.model)
     run_dir.write_json(run_dir.summary, summary)
     if logger:
         logger.log_summary(summary)
@@ -159,9 +167,6 @@ def make_score(fitness):
     """The executor's score function: (model, part=None) -> fitness, per-task scores, tokens spent."""
 
     def score(model, part=None) -> dict:
-        if not hasattr(fitness, "evaluate"):  # lm-eval tasks: scores only
-            scores = fitness.score(model, "fitness")
-            return {"fitness": fitness.total(scores), "scores": scores}
         results = fitness.evaluate(model, "fitness", part)
         scores = {name: r.score for name, r in results.items()}
         out = {"fitness": fitness.total(scores), "scores": scores, "tokens": sum(r.tokens for r in results.values())}
@@ -197,14 +202,26 @@ def make_executor(config: EvolveConfig, problem, score):
     return LocalExecutor(problem, score)
 
 
-def make_fitness(config: EvolveConfig, tokenizer):
-    if config.fitness is not None:
-        from mergekit_evolve.fitness import Fitness
+def make_fitness(config: EvolveConfig, tokenizer, tokenizer_ref: str | None = None, progress: bool = False):
+    """The fitness of a config. ``tokenizer`` is None when the model ``tokenizer_ref`` has no tokenizer
+    files: fine for callables and perplexity on token ids, an input error naming the folder otherwise."""
+    try:
+        if config.fitness is not None:
+            from mergekit_evolve.fitness import Fitness
 
-        return Fitness(config.fitness, tokenizer)
-    from mergekit_evolve.fitness.lm_eval_tasks import LmEvalFitness
+            return Fitness(config.fitness, tokenizer)
+        if tokenizer is None:
+            raise TokenizerRequired("tasks (lm-eval)")
+        from mergekit_evolve.fitness.lm_eval_tasks import LmEvalFitness
 
-    return LmEvalFitness(config, tokenizer)
+        return LmEvalFitness(config, tokenizer, progress=progress)
+    except TokenizerRequired as err:
+        folder = tokenizer_ref or "the model"
+        raise InputError(
+            f"{err.what} needs a tokenizer, but {folder} has no tokenizer files (tokenizer.json, "
+            f"tokenizer_config.json, ...); set tokenizer_source to a model folder that has them, or copy them "
+            f"into {folder}"
+        ) from None
 
 
 def _check_fitness_available(config: EvolveConfig) -> None:

@@ -10,6 +10,24 @@ import transformers
 from mergekit_evolve.errors import InputError
 
 
+# What transformers' tokenizers are loaded from; a folder with none of these has no tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def has_tokenizer_files(ref: str) -> bool:
+    """False for a local model folder without tokenizer files (as mergekit's own tests build models).
+
+    Checked before loading: from such a folder transformers either fails with a hint about
+    sentencepiece/tiktoken or, for GPT-2, silently builds a tokenizer that knows one token.
+    Hub IDs are taken to have one.
+    """
+    path = Path(ref)
+    if not path.is_dir():
+        return True
+    return any((path / name).is_file() for name in TOKENIZER_FILES) or any(path.glob("*.tiktoken"))
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     ref: str
@@ -42,7 +60,7 @@ def inspect_model(ref: str, where: str, trust_remote_code: bool = False, allow_p
             "or check the hub ID and your network"
         ) from None
     text = getattr(config, "get_text_config", lambda: config)()
-    dtype = getattr(text, "dtype", None) or getattr(config, "torch_dtype", None)
+    dtype = getattr(text, "dtype", None) or getattr(config, "dtype", None)
     return ModelInfo(
         ref=ref,
         architecture=(config.architectures or [type(config).__name__])[0],
@@ -79,3 +97,25 @@ def check_same_shape(infos: list[ModelInfo], field: str) -> None:
             f"{field}: vocabulary sizes differ ({sorted(vocab)}); merge models that share a tokenizer "
             "(or align them first with mergekit-tokensurgeon)"
         )
+
+
+def causal_lm_types() -> list[str]:
+    """Model types transformers' AutoModelForCausalLM builds (what every candidate becomes)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def check_causal_lm(info: ModelInfo, field: str) -> None:
+    """Candidates are built and scored as transformers causal LMs; other families (LLaVA, encoders)
+    are refused here, before the first candidate, instead of failing every candidate alike."""
+    supported = causal_lm_types()
+    if info.model_type in supported:
+        return
+    examples = ", ".join(t for t in ("llama", "mistral", "qwen2", "gemma2", "phi3", "gpt2") if t in supported)
+    raise InputError(
+        f"{field}: {info.ref} is a {info.architecture} (model_type {info.model_type!r}), which transformers cannot "
+        f"build as a causal language model (AutoModelForCausalLM), and every candidate is scored as one; supported "
+        f"are the {len(supported)} model types of AutoModelForCausalLM ({examples}, ...); evolve a text-only model "
+        "of such a family"
+    )

@@ -22,7 +22,7 @@ from mergekit.merge_methods.base import BasePolicy, ParameterScope
 
 from mergekit_evolve.config import GenomeConfig, ParameterSearch
 from mergekit_evolve.errors import InputError
-from mergekit_evolve.space.transforms import to_range, unfold
+from mergekit_evolve.space.transforms import decimal, to_range, unfold
 
 # Parameters evolved when ``genome.search`` is not given. Others can be added to ``search`` with bounds.
 DEFAULT_SEARCH: dict[str, tuple[str, ...]] = {
@@ -244,7 +244,7 @@ class PSSpace:
         genome = np.asarray(genome, dtype=np.float64)
         if genome.shape != (self.dim,):
             raise InputError(f"genome: expected {self.dim} numbers for this search space, got {genome.size}")
-        return [float(to_range(u, g.lo, g.hi)) for u, g in zip(genome, self.genes)]
+        return [decimal(to_range(u, g.lo, g.hi)) for u, g in zip(genome, self.genes)]
 
     def describe(self) -> str:
         return (

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
 from mergekit_evolve.errors import InputError
-from mergekit_evolve.space.transforms import to_range, unfold
+from mergekit_evolve.space.transforms import decimal, to_range, unfold
 
 MARKER_KEYS = {"evolve", "init"}
 
@@ -95,6 +95,50 @@ def find_markers(node: Any, path: tuple = (), in_parameters: bool = False) -> li
     return found
 
 
+def marked_parameter(marker: Marker) -> str:
+    """The merge parameter a marker stands for: the key right after its last ``parameters``."""
+    path = marker.path
+    last = max(i for i, part in enumerate(path) if part == "parameters")
+    return str(path[last + 1])
+
+
+def marked_model(template: dict[str, Any], marker: Marker) -> Any:
+    """The model entry a marker belongs to (``models[i]`` or a slice source), or None if global."""
+    node, owner = template, None
+    for part in marker.path:
+        if part == "parameters":
+            break
+        node = node[part]
+        if isinstance(node, dict) and "model" in node:
+            owner = node["model"]
+    return owner
+
+
+def check_marked_parameters(template: dict[str, Any], markers: list[Marker]) -> None:
+    """Every marker must stand for a float parameter the method reads, as genome configs must
+    (``space/ps.py``): a marker mergekit ignores would evolve a number that changes nothing."""
+    from mergekit.merge_methods import get as get_merge_method
+    from mergekit.merge_methods.base import ParameterScope
+
+    name = template.get("merge_method")
+    try:
+        method = get_merge_method(name)
+    except Exception:
+        return  # an unknown method is reported when the filled recipe is validated
+    specs = {p.name: p for p in method.spec.parameters}
+    floats = sorted(n for n, p in specs.items() if p.value_type in (float, Optional[float]))
+    for marker in markers:
+        param = marked_parameter(marker)
+        if param not in specs:
+            detail = f"its float parameters are {floats}" if floats else "it has no parameter to evolve"
+            raise InputError(f"{marker.where}: {name} has no parameter {param!r}; {detail}; remove the marker")
+        if param not in floats:
+            raise InputError(f"{marker.where}: {name}.{param} is not a number and cannot be evolved; give it a fixed value")
+        base = template.get("base_model")
+        if specs[param].scope == ParameterScope.NON_BASE and base is not None and marked_model(template, marker) == base:
+            raise InputError(f"{marker.where}: {name} ignores {param} of the base model; mark it on the other models only")
+
+
 class TemplateSpace:
     """A mergekit YAML with markers; genomes fill the markers in."""
 
@@ -106,6 +150,7 @@ class TemplateSpace:
                 "template: no numbers are marked to evolve; mark at least one parameter, "
                 "e.g. weight: {evolve: [0.0, 1.0]}"
             )
+        check_marked_parameters(template, self.markers)
         self.dim = len(self.markers)
 
     def x0(self, random: bool = False, seed: int = 0) -> np.ndarray:
@@ -117,7 +162,7 @@ class TemplateSpace:
         genome = np.asarray(genome, dtype=np.float64)
         if genome.shape != (self.dim,):
             raise InputError(f"genome: expected {self.dim} numbers for this template, got {genome.size}")
-        return [float(to_range(u, m.lo, m.hi)) for u, m in zip(genome, self.markers)]
+        return [decimal(to_range(u, m.lo, m.hi)) for u, m in zip(genome, self.markers)]
 
     def fill(self, genome: np.ndarray) -> dict[str, Any]:
         """The template with every marker replaced by its value: a plain mergekit recipe."""

@@ -10,6 +10,10 @@ where ``fold`` is the triangle wave with period 2 that is the identity on [0, 1]
 regions outside the box (where CMA-ES would drift with no signal), every ``u`` maps to a valid value,
 and the map is continuous. ``sigma0 = 1/6`` (the paper's setting) is therefore one sixth of each
 parameter's range. ``unfold`` gives the ``u`` in [0, 1] for a value (used for initial genomes).
+
+Values are rounded to 12 significant digits (``decimal``) before a recipe is built from them, so the
+recipe that is merged, scored and written is the same one, and an ``init: 0.33`` prints as 0.33 rather
+than the 0.32999999999999996 the float arithmetic above gives back.
 """
 
 from __future__ import annotations
@@ -32,3 +36,11 @@ def unfold(value: float, lo: float, hi: float) -> float:
     if hi == lo:
         return 0.0
     return float(np.clip((value - lo) / (hi - lo), 0.0, 1.0))
+
+
+SIGNIFICANT_DIGITS = 12  # far below any effect on merged weights (float32 has ~7 digits)
+
+
+def decimal(value: float) -> float:
+    """``value`` rounded to 12 significant digits: its repr (and YAML) is the short decimal."""
+    return float(f"{float(value):.{SIGNIFICANT_DIGITS}g}")

@@ -52,9 +52,12 @@ def make_random_model(
     arch: str = "llama",
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    tokenizer: bool = True,
     **config_kwargs,
 ) -> Path:
-    """Write a seeded random checkpoint (safetensors + zoo tokenizer) to ``out_dir``."""
+    """Write a seeded random checkpoint (safetensors + zoo tokenizer) to ``out_dir``.
+
+    ``tokenizer=False`` leaves the tokenizer out, as mergekit's own tests build their models."""
     out_dir = Path(out_dir).absolute()
     _, model_cls = ARCHITECTURES[arch]
     config = random_config(arch, **config_kwargs)
@@ -67,5 +70,6 @@ def make_random_model(
             if "norm" in name or name.endswith(".bias"):
                 param.add_(0.1 * torch.randn_like(param))
     model.to(dtype).save_pretrained(str(out_dir), safe_serialization=True)
-    save_tokenizer(out_dir)
+    if tokenizer:
+        save_tokenizer(out_dir)
     return out_dir

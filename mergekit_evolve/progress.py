@@ -1,0 +1,29 @@
+"""What a person watching a run sees: step lines on stderr, and a live bar only on a terminal.
+
+Every step that can take more than a few seconds announces itself (zoo build, baselines, held-out
+scoring, model save). When stderr is not a terminal (a log file, CI), there is no bar: the search
+prints one line per generation instead of carriage-return redraws.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+
+def on_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+@contextmanager
+def step(message: str, enabled: bool = True) -> Iterator[None]:
+    """``[mergekit-evo] message ...`` before a slow step and ``done in N s`` after it."""
+    if not enabled:
+        yield
+        return
+    print(f"[mergekit-evo] {message} ...", file=sys.stderr, flush=True)
+    started = time.time()
+    yield
+    print(f"[mergekit-evo] {message}: done in {time.time() - started:.1f} s", file=sys.stderr, flush=True)

@@ -1,0 +1,250 @@
+"""The sparsifying fast path equals mergekit bit for bit: its kernels and run_merge.
+
+Two module-scoped families of tiny random Llamas (fp32: base + 3 experts with odd widths;
+bf16: base + 2 experts, where equal magnitudes are everywhere). Each method gets several random
+candidates (per-layer gradients, per-filter values, densities of exactly 1 and 0, rescale /
+normalize / lambda / int8_mask); the fast merger's tensors must have the same bit patterns as
+a merger running mergekit's kernels in the same Executor (``fast_path=False``), and one
+candidate per method must equal ``run_merge`` with the same seed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mergekit.config import MergeConfiguration
+from safetensors.torch import load_file
+
+from conftest import make_family
+from mergekit_evolve.merge import InMemoryMerger, merge_to_disk
+from mergekit_evolve.merge.fastpath import FastMergeTask, UniformStream
+
+SEED = 4321
+SPARSIFYING = (
+    "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
+    "della", "della_linear", "sce", "task_arithmetic",
+)
+SHAPES = {
+    "fp32": dict(n_experts=3, num_layers=2, hidden_size=24, intermediate_size=40, num_heads=4),
+    "bf16": dict(n_experts=2, num_layers=2, hidden_size=32, intermediate_size=48, num_heads=4,
+                 dtype=torch.bfloat16),
+}
+FILTERS = ("self_attn", "mlp")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one torch thread is faster here (mergekit's DELLA row min/max waits ~20 ms
+    per call for a second thread on a busy machine). Exactness holds at any thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory) -> dict[str, dict[str, Path]]:
+    return {name: make_family(tmp_path_factory.mktemp(name), **shape) for name, shape in SHAPES.items()}
+
+
+def _value(rng: np.random.Generator, low: float, high: float, exact: tuple = ()):
+    """A parameter value as a recipe writes it: scalar, layer gradient or per-filter list."""
+    draw = lambda: float(exact[rng.integers(len(exact))]) if exact and rng.random() < 0.25 else float(rng.uniform(low, high))  # noqa: E731
+    form = rng.integers(3)
+    if form == 0:
+        return draw()
+    if form == 1:
+        return [draw(), draw()]
+    return [{"filter": FILTERS[rng.integers(2)], "value": draw()}, {"value": draw()}]
+
+
+def _candidate(method: str, family: dict[str, Path], dtype: str, rng: np.random.Generator) -> MergeConfiguration:
+    experts = [str(p) for name, p in family.items() if name != "base"]
+    shared: dict = {}
+    per_model = []
+    for _ in experts:
+        params: dict = {}
+        if method != "sce":
+            params["weight"] = _value(rng, -0.3, 1.2)
+        if method.startswith("della"):
+            params["density"] = _value(rng, 0.2, 0.8, exact=(1.0,))
+            params["epsilon"] = float(rng.uniform(0.01, 0.15))
+        elif method not in ("sce", "task_arithmetic"):
+            params["density"] = _value(rng, 0.02, 0.98, exact=(1.0, 0.0))
+        if method.startswith("breadcrumbs"):
+            params["gamma"] = _value(rng, 0.0, 0.1)
+        per_model.append(params)
+    if method == "sce":
+        shared = {"select_topk": _value(rng, 0.05, 0.95, exact=(1.0,)), "int8_mask": bool(rng.random() < 0.5)}
+    else:
+        shared = {"normalize": bool(rng.random() < 0.5), "rescale": bool(rng.random() < 0.5),
+                  "int8_mask": bool(rng.random() < 0.5)}
+        if rng.random() < 0.5:
+            shared["lambda"] = float(rng.uniform(0.6, 1.4))
+    return MergeConfiguration.model_validate({
+        "merge_method": method,
+        "base_model": str(family["base"]),
+        "models": [{"model": str(family["base"])}]
+        + [{"model": e, "parameters": p} for e, p in zip(experts, per_model)],
+        "parameters": shared,
+        "dtype": dtype,
+    })
+
+
+def _template(family: dict[str, Path], dtype: str) -> MergeConfiguration:
+    return _candidate("dare_ties", family, dtype, np.random.default_rng(0))
+
+
+@pytest.fixture(scope="module")
+def mergers(families) -> dict[str, tuple[InMemoryMerger, InMemoryMerger]]:
+    """(fast, mergekit kernels) per family, both seeded alike."""
+    built = {}
+    for name, family in families.items():
+        dtype = "float32" if name == "fp32" else "bfloat16"
+        template = _template(family, dtype)
+        built[name] = (
+            InMemoryMerger(template, random_seed=SEED),
+            InMemoryMerger(template, random_seed=SEED, fast_path=False),
+        )
+    return built
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The bit pattern (so -0.0 and 0.0, or two NaNs, are told apart)."""
+    return tensor.detach().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()])
+
+
+def _assert_bitwise(model: torch.nn.Module, expected: dict[str, torch.Tensor], what: str) -> None:
+    state = model.state_dict()
+    different = [n for n, t in expected.items() if not torch.equal(_bits(state[n]), _bits(t))]
+    assert not different, f"{what}: {len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: t.clone() for name, t in model.state_dict().items()}
+
+
+def _fast_tasks(merger: InMemoryMerger, config: MergeConfiguration) -> int:
+    """How many of the candidate's planned tensors the fast path takes."""
+    targets, _ = merger._route.plan(config)
+    return sum(isinstance(t.tensor_task, FastMergeTask) for t in merger.fast_path.rewrite(targets))
+
+
+@pytest.mark.parametrize("family_name", list(SHAPES))
+@pytest.mark.parametrize("method", SPARSIFYING)
+def test_candidates_bitwise_equal_to_mergekit_kernels(method, family_name, families, mergers):
+    fast, reference = mergers[family_name]
+    dtype = "float32" if family_name == "fp32" else "bfloat16"
+    rng = np.random.default_rng(abs(hash((method, family_name))) % 2**32)
+    for index in range(2):
+        config = _candidate(method, families[family_name], dtype, rng)
+        expected = _state(reference.merge(config))
+        _assert_bitwise(fast.merge(config), expected, f"{method} {family_name} candidate {index}")
+        assert fast.fast_path.last_fast_tasks == len(expected)  # every tensor took the fast path
+
+
+@pytest.mark.parametrize(
+    "method,family_name",
+    [(m, "fp32") for m in ("ties", "dare_ties", "breadcrumbs_ties", "della", "sce")]
+    + [("ties", "bf16"), ("dare_ties", "bf16")],
+)
+def test_equal_to_run_merge(method, family_name, families, mergers, tmp_path):
+    fast, _ = mergers[family_name]
+    dtype = "float32" if family_name == "fp32" else "bfloat16"
+    config = _candidate(method, families[family_name], dtype, np.random.default_rng(7))
+    out = merge_to_disk(config, tmp_path / method, random_seed=SEED, write_model_card=False)
+    _assert_bitwise(fast.merge(config), load_file(out / "model.safetensors"), f"{method} vs run_merge")
+
+
+def test_uniform_stream_is_what_bernoulli_draws():
+    """torch.bernoulli(p) on CPU after manual_seed(s) keeps u < p for the uniforms torch.rand
+    gives a generator seeded with s: the premise of reproducing DARE/DELLA draws."""
+    sizes, densities = (1000, 37, 4097, 5), (0.3, 0.9, 0.55, 0.01)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        masks = [
+            torch.bernoulli(torch.full((n,), d, dtype=dtype))
+            for n, d, dtype in zip(sizes, densities, (torch.float32, torch.bfloat16) * 2)
+        ]
+        della = torch.bernoulli(torch.linspace(0.1, 0.9, 300).reshape(10, 30))
+    stream = UniformStream(SEED)
+    stream.begin()
+    for mask, n, d, dtype in zip(masks, sizes, densities, (torch.float32, torch.bfloat16) * 2):
+        p = torch.full((1,), d, dtype=dtype).item()
+        assert torch.equal(mask, (stream.take(n) < p).to(dtype))
+    probs = torch.linspace(0.1, 0.9, 300).reshape(10, 30)
+    assert torch.equal(della, (stream.take(300).view(10, 30) < probs).float())
+
+
+def test_state_is_one_method_at_a_time(families, tmp_path):
+    family = families["fp32"]
+    merger = InMemoryMerger(_template(family, "float32"), random_seed=SEED)
+    expert_elements = sum(
+        t.numel() for name, p in family.items() if name != "base"
+        for t in load_file(p / "model.safetensors").values()
+    )
+    rng = np.random.default_rng(3)
+    ties = _candidate("ties", family, "float32", rng)
+    ties.models[1].parameters["density"] = 0.5  # at least one expert sparsified
+    merger.merge(ties)
+    assert merger.fast_path.nbytes()["rank_desc"] == 4 * expert_elements  # int32 per element
+    linear = MergeConfiguration.model_validate(
+        {"merge_method": "linear", "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in family.values()],
+         "dtype": "float32"}
+    )
+    merger.merge(linear)  # needs no state: keeps what is there
+    assert "rank_desc" in merger.fast_path.nbytes()
+    merger.merge(_candidate("dare_ties", family, "float32", rng))
+    sizes = merger.fast_path.nbytes()
+    assert "rank_desc" not in sizes and sizes["stream"] == 4 * expert_elements
+
+
+def test_unseeded_random_methods_keep_mergekit_kernels(families):
+    family = families["fp32"]
+    merger = InMemoryMerger(_template(family, "float32"))  # random_seed=None
+    rng = np.random.default_rng(5)
+    assert _fast_tasks(merger, _candidate("dare_ties", family, "float32", rng)) == 0
+    assert _fast_tasks(merger, _candidate("ties", family, "float32", rng)) > 0
+    assert InMemoryMerger(_template(family, "float32"), fast_path=False).fast_path is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_sum_entries_is_torch_sum(dtype):
+    """The two-entry shortcut equals torch's dim-0 sum bitwise, signed zeros and wide exponent
+    ranges included; three entries go to torch.sum itself."""
+    from mergekit_evolve.merge.fastpath import _sum_entries
+
+    generator = torch.Generator().manual_seed(0)
+    for entries in (2, 3):
+        rows = torch.randn(entries, 5000, generator=generator) * torch.logspace(-6, 4, 5000)
+        rows = rows.to(dtype)
+        rows[:, ::7] = -0.0
+        rows[0, ::3] = 0.0
+        rows[1, ::11] = -rows[0, ::11]  # exact cancellations
+        assert torch.equal(_bits(_sum_entries(rows)), _bits(rows.sum(dim=0)))
+
+
+def test_config_key_turns_the_fast_path_off(family, tmp_path):
+    """``merge_fast_path: false`` reaches the merger; both settings give the same tensors."""
+    from mergekit_evolve.config import parse_config
+    from mergekit_evolve.search.problems import PSProblem
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    models = {}
+    for fast in (True, False):
+        config = parse_config({
+            "genome": {"models": [str(family["expert0"]), str(family["expert1"])], "merge_method": "dare_ties",
+                       "base_model": str(family["base"]), "layer_granularity": 2},
+            "fitness": {"tasks": [{"name": "t", "data": str(data)}]},
+            "dtype": "float32",
+            "merge_fast_path": fast,
+        })
+        problem = PSProblem(config)
+        assert (problem.merger.fast_path is not None) is fast
+        models[fast] = _state(problem.build(problem.decode(problem.x0(random=True, seed=1))))
+    assert problem.merger.fast_path is None
+    assert all(torch.equal(_bits(models[True][n]), _bits(models[False][n])) for n in models[False])
