@@ -127,3 +127,15 @@ def test_new_user_dfs_on_the_shipped_zoo_composes_the_experts(zoo, tmp_path):
     assert summary["best"]["fitness"] > best_source
     best_path = json.loads((tmp_path / "run" / "best.json").read_text())["path"]
     assert best_path["base_index"] == 0 and any(m == 1 for m, _ in best_path["hops"])  # A's embeddings, B's layers
+
+
+def test_budget_in_whole_generations_as_the_paper(tmp_path):
+    from mergekit_evolve.errors import InputError
+
+    base = {"genome": {"models": ["a", "b"]}, "fitness": {"tasks": [{"name": "t", "data": "d.jsonl"}]}}
+    config = parse_config({**base, "optimizer": {"popsize": 128, "generations": 100}}, base_dir=tmp_path)
+    assert config.optimizer.max_evals == 12_800  # the paper's DFS budget
+    with pytest.raises(InputError, match="contradicts popsize x generations = 12800"):
+        parse_config({**base, "optimizer": {"popsize": 128, "generations": 100, "max_evals": 500}}, base_dir=tmp_path)
+    with pytest.raises(InputError, match="generations needs popsize"):
+        parse_config({**base, "optimizer": {"generations": 100}}, base_dir=tmp_path)
