@@ -36,6 +36,7 @@ BENCHES = {
     "torture": ([], "SIGKILL torture: kills, resumes, equality with an uninterrupted run"),
     "time_to_quality": (["--seeds", "3"], "time to quality: forward tokens and held-out per optimizer.economy mode (zoo PS, DFS)"),
     "torture_economy": (["--economy", "auto"], "SIGKILL torture with optimizer.economy: auto (zoo models and task)"),
+    "dfs_search": ([], "DFS search variants: distinct paths, best fitness and held-out per budget (zoo, 3 seeds)"),
 }
 SCRIPTS = {"torture_economy": "torture"}  # entries that run another benchmark's script with other arguments
 

@@ -67,6 +67,9 @@ class GenomeConfig(Strict):
     # native additions
     parameters: dict[str, Union[ParameterSearch, Scalar]] = Field(default_factory=dict)
     search: Optional[list[str]] = None
+    # The paper tunes the embeddings, the final norm and lm_head too: give them parameters of their own
+    # (one extra gene per searched parameter and model) instead of those of the first / last layer group.
+    tune_embeddings: bool = False
 
     @field_validator("models", "base_model", mode="before")
     @classmethod
@@ -121,6 +124,15 @@ class DFSConfig(Strict):
     repeats: int = Field(default=3, ge=1)
     scales: Literal["matrix", "network"] = "matrix"
     network_hidden: int = Field(default=16, ge=1)
+    # How the search explores paths (search/dfs_search.py). prescan: generations of block paths (runs of
+    # consecutive layers, scales 1) evaluated before CMA-ES, which starts from the best of them; 0 = start
+    # from model A's own path. indicator_flips: slots a CMA-ES sample flips on average at the start (the
+    # indicators' own step; null = the scales' sigma0, as before). indicator_init: |indicator| of x0.
+    prescan: int = Field(default=4, ge=0)
+    indicator_flips: Optional[float] = Field(default=1.5, gt=0)
+    indicator_init: float = Field(default=0.5, gt=0)
+    # space ps+dfs: the DFS stage's budget (default optimizer.max_evals, as the PS stage)
+    max_evals: Optional[int] = Field(default=None, ge=1)
 
 
 class RacingConfig(Strict):
@@ -166,11 +178,27 @@ class OptimizerConfig(Strict):
                 "with racing; remove racing or use economy: stop"
             )
         return self
+    # The budget in whole generations: max_evals = popsize * generations (the paper's DFS: 128 x 100).
+    generations: Optional[int] = Field(default=None, ge=1)
 
     @field_validator("racing", mode="before")
     @classmethod
     def _racing_shorthand(cls, value: Any) -> Any:
         return {} if value is True else None if value is False else value
+
+    @model_validator(mode="after")
+    def _budget_in_generations(self) -> OptimizerConfig:
+        if self.generations is None:
+            return self
+        if self.popsize is None:
+            raise ValueError("generations needs popsize too (the budget is popsize x generations); e.g. popsize: 128, generations: 100")
+        budget = self.popsize * self.generations
+        if "max_evals" in self.model_fields_set and self.max_evals != budget:
+            raise ValueError(
+                f"max_evals {self.max_evals} contradicts popsize x generations = {budget}; give one of the two"
+            )
+        self.max_evals = budget
+        return self
 
 
 class ExecutorConfig(Strict):

@@ -18,7 +18,11 @@ from mergekit_evolve.config import parse_config
 from mergekit_evolve.progress import step
 from mergekit_evolve.search.rundir import atomic_write
 
-DEFAULT_EVALS = {"ps": 300, "dfs": 300, "ps+dfs": 200}
+# Whole generations of cma's default population (4 + 3 ln n): PS 28 x 11 (12 genes); DFS 18 x 17 (80 genes:
+# 4 generations of block paths, then CMA-ES). PS+DFS builds on the PS row's search (same budget and seed, so
+# the same PS model, as the paper's PS+DFS builds on its PS model), then DFS 11 x 19 (168 genes).
+DEFAULT_EVALS = {"ps": 308, "dfs": 306, "ps+dfs": 308}
+PS_DFS_DFS_EVALS = 209
 
 
 def demo_config(zoo, space: str, max_evals: int, seed: int) -> dict[str, Any]:
@@ -32,6 +36,9 @@ def demo_config(zoo, space: str, max_evals: int, seed: int) -> dict[str, Any]:
             "merge_method": "dare_ties",
             "base_model": str(zoo.models[zoo.base]),
             "layer_granularity": 2,
+            # As the paper: embeddings, final norm and lm_head tuned as their own group; density starts at 0.5.
+            "tune_embeddings": True,
+            "parameters": {"density": {"bounds": [0.0, 1.0], "init": 0.5}},
         },
         "fitness": {
             "tasks": [
@@ -49,11 +56,20 @@ def demo_config(zoo, space: str, max_evals: int, seed: int) -> dict[str, Any]:
     }
     if space in ("dfs", "ps+dfs"):
         config["dfs"] = {"repeats": 2}
+    if space == "ps+dfs":
+        config["dfs"]["max_evals"] = min(PS_DFS_DFS_EVALS, max_evals)  # a smaller --max-evals caps both stages
     return config
 
 
-def evaluate_all(model, fitness_all) -> dict[str, dict[str, float]]:
-    return {"fitness": fitness_all.score(model, "fitness"), "heldout": fitness_all.score(model, "heldout")}
+def evaluate_all(model, fitness_all) -> dict[str, dict]:
+    """Scores per split and task, and under "items" each task's per-item results (a string of 0/1 in
+    row order: compact in results.json), from which the tables draw bootstrap intervals."""
+    out: dict[str, dict] = {"items": {}}
+    for split in ("fitness", "heldout"):
+        results = fitness_all.evaluate(model, split)
+        out[split] = {task: r.score for task, r in results.items()}
+        out["items"][split] = {task: "".join(str(int(v)) for v in r.correct) for task, r in results.items()}
+    return out
 
 
 def baseline_rows(zoo, fitness_all, out: Path, dtype: str = "float32") -> list[dict[str, Any]]:
@@ -115,8 +131,18 @@ def frankenmerge_recipe(zoo, dtype: str) -> dict:
 
 
 def _row(name: str, scores: dict, **extra) -> dict[str, Any]:
-    """A table row; scores are lists (one value per seed) so searched and fixed rows look alike."""
-    return {"name": name, **{split: {t: [v] for t, v in values.items()} for split, values in scores.items()}, **extra}
+    """A table row; scores (and items) are lists, one entry per seed, so searched and fixed rows look alike."""
+    row: dict[str, Any] = {"name": name, "fitness": {}, "heldout": {}, "items": {"fitness": {}, "heldout": {}}, **extra}
+    _add_seed(row, scores)
+    return row
+
+
+def _add_seed(row: dict, scores: dict) -> None:
+    for split in ("fitness", "heldout"):
+        for task, value in scores[split].items():
+            row[split].setdefault(task, []).append(value)
+        for task, items in scores["items"][split].items():
+            row["items"][split].setdefault(task, []).append(items)
 
 
 def run_demo(out: Path, *, space: str = "ps", max_evals: int | None = None, seed: int = 0, device: str = "auto",
@@ -135,7 +161,9 @@ def run_demo(out: Path, *, space: str = "ps", max_evals: int | None = None, seed
     spaces = ["ps", "dfs", "ps+dfs"] if space == "all" else [space]
     for sp in spaces:
         budget = max_evals or DEFAULT_EVALS.get(sp, 120)
-        row = {"name": LABELS[sp], "fitness": {}, "heldout": {}, "evaluations": budget, "wall_seconds": [], "run_dirs": []}
+        evaluations = f"{budget} + {min(PS_DFS_DFS_EVALS, budget)}" if sp == "ps+dfs" else budget
+        row = {"name": LABELS[sp], "fitness": {}, "heldout": {}, "items": {"fitness": {}, "heldout": {}},
+               "evaluations": evaluations, "wall_seconds": [], "run_dirs": [], "distinct": []}
         for s in range(seed, seed + seeds):
             run_dir = out / _run_name(sp, s, seeds)
             config = parse_config(demo_config(zoo, sp, budget, s))
@@ -144,11 +172,9 @@ def run_demo(out: Path, *, space: str = "ps", max_evals: int | None = None, seed
                     click.echo(f"[mergekit-evo] {LABELS[sp]} search, seed {s}: {budget} evaluations into {run_dir}", err=True)
                 runner.start(config, run_dir, device=device, force=True, progress=progress)
             with step(f"scoring the {LABELS[sp]} winner (seed {s}) on every task", progress):
-                scores = evaluate_all(_load_best(run_dir, sp), fitness_all)
-            for split, values in scores.items():
-                for task, value in values.items():
-                    row[split].setdefault(task, []).append(value)
+                _add_seed(row, evaluate_all(_load_best(run_dir, sp), fitness_all))
             row["wall_seconds"].append(_search_seconds(run_dir))
+            row["distinct"].append(_distinct_candidates(run_dir, sp))
             row["run_dirs"].append(run_dir.name)
         rows.append(row)
     final_best = out / _run_name(spaces[-1], seed, seeds) / "best.yaml"
@@ -180,6 +206,22 @@ def _search_seconds(run_dir: Path) -> float:
     summary = json.loads((run_dir / "summary.json").read_text())
     stages = summary.get("stages", {"": summary})
     return round(sum(stage["wall_seconds"] for stage in stages.values()), 1)
+
+
+def _distinct_candidates(run_dir: Path, space: str) -> int:
+    """Distinct candidates the search scored: DFS counts paths (hop sequences, whatever the scales),
+    PS counts recipes."""
+    from mergekit_evolve.config import load_config
+    from mergekit_evolve.search.rundir import RunDir
+
+    stage = run_dir / "dfs" if space == "ps+dfs" else run_dir
+    records = RunDir(stage).read_evaluations()
+    if space == "ps":
+        return len({r["key"] for r in records})
+    from mergekit_evolve.search.dfs_problem import DFSProblem
+
+    space = DFSProblem(load_config(stage / "config.yaml")).space
+    return len({space.decode(r["genome"]).hops for r in records})
 
 
 def _finished(run_dir: Path, config) -> bool:
@@ -219,13 +261,76 @@ def _cell(values: list[float]) -> str:
     return f"{_mean(values):.3f} ({min(values):.2f}-{max(values):.2f})"
 
 
+def _count_cell(counts: list[int]) -> str:
+    return str(counts[0]) if len(counts) == 1 else f"{_mean(counts):.0f} ({min(counts)}-{max(counts)})"
+
+
+# -- intervals: bootstrap over items -----------------------------------------------------------------
+BOOTSTRAP_SAMPLES = 10_000
+
+
+def item_scores(row: dict, split: str, task: str):
+    """Per-item score of a row, averaged over its seeds (the row's value is the mean of this)."""
+    import numpy as np
+
+    return np.mean([[float(c) for c in items] for items in row["items"][split][task]], axis=0)
+
+
+def bootstrap_interval(per_item, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of the mean when the items are resampled (the test set is a sample of the
+    task; seeds are averaged first, so this is the items' share of the uncertainty, not the seeds')."""
+    import numpy as np
+
+    per_item = np.asarray(per_item, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = per_item[rng.integers(0, len(per_item), (BOOTSTRAP_SAMPLES, len(per_item)))].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def difference(a: dict, b: dict, task: str, split: str = "heldout") -> dict[str, float]:
+    """Row a minus row b on the same items: mean and paired 95% bootstrap interval."""
+    d = item_scores(a, split, task) - item_scores(b, split, task)
+    low, high = bootstrap_interval(d)
+    return {"difference": float(d.mean()), "low": low, "high": high}
+
+
+def _interval(row: dict, split: str, task: str) -> str:
+    low, high = bootstrap_interval(item_scores(row, split, task))
+    return f"[{low:.2f}, {high:.2f}]"
+
+
+def comparisons(rows: list[dict[str, Any]], target: str) -> list[tuple[str, dict[str, float]]]:
+    """The differences the tables discuss: each searched row against the best source and the plain
+    frankenmerge (held-out), and PS+DFS against PS."""
+    by_name = {r["name"]: r for r in rows}
+    sources = [r for r in rows if r["name"].startswith("source:")]
+    best_source = max(sources, key=lambda r: _mean(r["heldout"][target]))
+    out = []
+    for row in (r for r in rows if r["name"].startswith("Ours")):
+        out.append((f"{row['name']} - {best_source['name']}", difference(row, best_source, target)))
+        if "frankenmerge (no search)" in by_name:
+            out.append((f"{row['name']} - frankenmerge", difference(row, by_name["frankenmerge (no search)"], target)))
+    if "Ours PS+DFS" in by_name and "Ours PS" in by_name:
+        out.append(("Ours PS+DFS - Ours PS", difference(by_name["Ours PS+DFS"], by_name["Ours PS"], target)))
+    return out
+
+
+def resolved(diff: dict[str, float]) -> bool:
+    """The 95% interval of the difference excludes zero."""
+    return diff["low"] > 0 or diff["high"] < 0
+
+
+# -- tables ------------------------------------------------------------------------------------------
 def format_table(rows: list[dict[str, Any]], zoo) -> str:
     tasks = [zoo.target, *[t for t in zoo.tasks if t != zoo.target]]
-    header = f"{'model':26s} {'target(fit)':>11s} " + " ".join(f"{t + '(ho)':>14s}" for t in tasks)
+    header = f"{'model':26s} {'target(fit)':>11s} {'target(ho) 95% int.':>20s} " + " ".join(f"{t + '(ho)':>14s}" for t in tasks[1:])
     lines = [header, "-" * len(header)]
     for row in rows:
-        cells = " ".join(f"{_mean(row['heldout'][t]):14.3f}" for t in tasks)
-        lines.append(f"{row['name']:26s} {_mean(row['fitness'][zoo.target]):11.3f} {cells}")
+        cells = " ".join(f"{_mean(row['heldout'][t]):14.3f}" for t in tasks[1:])
+        target_cell = f"{_mean(row['heldout'][zoo.target]):.3f} {_interval(row, 'heldout', zoo.target)}"
+        lines.append(f"{row['name']:26s} {_mean(row['fitness'][zoo.target]):11.3f} {target_cell:>20s} {cells}")
     return "\n".join(lines)
 
 
@@ -234,18 +339,30 @@ def markdown_table(report: dict) -> str:
     others = [t for t in report["tasks"] if t != target]
     seeds = report["seeds"]
     lines = [
-        f"| model | {target} fitness split | {target} held-out | " + " | ".join(f"{t} held-out" for t in others)
-        + " | CMA-ES evaluations | wall s per run |",
-        "|---" * (5 + len(others)) + "|",
+        f"| model | {target} fitness split | {target} held-out | held-out 95% interval | "
+        + " | ".join(f"{t} held-out" for t in others) + " | CMA-ES evaluations | distinct candidates | wall s per run |",
+        "|---" * (7 + len(others)) + "|",
     ]
     for row in rows:
-        cells = [_cell(row["fitness"][target]), _cell(row["heldout"][target]), *(_cell(row["heldout"][t]) for t in others)]
+        cells = [_cell(row["fitness"][target]), _cell(row["heldout"][target]), _interval(row, "heldout", target),
+                 *(_cell(row["heldout"][t]) for t in others)]
         budget = str(row.get("evaluations", "-"))
+        distinct = _count_cell(row["distinct"]) if row.get("distinct") else "-"
         wall = f"{_mean(row['wall_seconds']):.0f}" if row.get("wall_seconds") else "-"
-        lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {budget} | {wall} |")
+        lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {budget} | {distinct} | {wall} |")
+    n_items = len(rows[0]["items"]["heldout"][target][0])
     note = (f"Exact-match accuracy; searched rows: mean over seeds {seeds} with (min-max); fixed rows do not depend "
-            f"on the seed. Total wall time {report['wall_seconds']:.0f} s.")
-    return "\n".join(lines) + "\n\n" + note + "\n"
+            f"on the seed. Held-out 95% interval: bootstrap over the {n_items} held-out items of {target} (seeds "
+            "averaged first). Distinct candidates: DFS paths (hop sequences) or PS recipes the search scored. "
+            f"Total wall time {report['wall_seconds']:.0f} s.")
+    diff_lines = [
+        "", f"Differences on held-out {target} (paired bootstrap over items, 95%):", "",
+        "| comparison | difference | 95% interval | beyond the interval? |", "|---|---|---|---|",
+    ]
+    for name, diff in comparisons(rows, target):
+        word = "yes" if resolved(diff) else "no (not resolved)"
+        diff_lines.append(f"| {name} | {diff['difference']:+.3f} | [{diff['low']:+.3f}, {diff['high']:+.3f}] | {word} |")
+    return "\n".join(lines) + "\n\n" + note + "\n" + "\n".join(diff_lines) + "\n"
 
 
 def verdict(rows: list[dict[str, Any]], target: str) -> str:
@@ -256,9 +373,16 @@ def verdict(rows: list[dict[str, Any]], target: str) -> str:
     lines = []
     for row in ours:
         value = _mean(row["heldout"][target])
-        word = "beats" if value > best_value else "does NOT beat"
+        diff = difference(row, best_other, target)
+        if value <= best_value:
+            word = "does NOT beat"
+        elif resolved(diff):
+            word = "beats"
+        else:
+            word = "is above (within the 95% interval, not resolved)"
         lines.append(
-            f"{row['name']} {word} every source and baseline on held-out {target}: "
-            f"{value:.3f} vs best other {best_value:.3f} ({best_other['name']})"
+            f"{row['name']} {word} every source and baseline on held-out {target}: {value:.3f} vs best other "
+            f"{best_value:.3f} ({best_other['name']}); difference {diff['difference']:+.3f}, 95% interval "
+            f"[{diff['low']:+.3f}, {diff['high']:+.3f}]"
         )
     return "\n".join(lines)

@@ -27,8 +27,25 @@ def test_demo_writes_the_table_with_every_row_and_seed(zoo, demo_out):
     assert by_name["source: math"]["heldout"]["math"][0] > 0.3 > by_name["source: script"]["heldout"]["math"][0]
     table = (out / "RESULTS.md").read_text()
     assert all(f"| {name} |" in table for name in ROWS)
+    # Intervals come from the per-item results: 155 held-out items of the target, one string per seed.
+    assert [len(items) for items in ours["items"]["heldout"]["script_math"]] == [155, 155]
+    assert "held-out 95% interval" in table and "| Ours PS - source: math |" in table
     # The frankenmerge stacks 3 + 3 layers of the two 4-layer experts.
     franken = load_file(out / "frankenmerge" / "model.safetensors")
     assert sum(k.endswith("self_attn.q_proj.weight") for k in franken) == 6
     script = load_file(zoo.models["script"] / "model.safetensors")
     assert torch.equal(franken["model.layers.0.self_attn.q_proj.weight"], script["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_bootstrap_intervals_cover_the_mean_and_pair_the_items():
+    from mergekit_evolve.demo import bootstrap_interval, difference, resolved
+
+    items = [1.0] * 30 + [0.0] * 120  # accuracy 0.2 on 150 items: standard error ~0.033
+    low, high = bootstrap_interval(items)
+    assert 0.13 < low < 0.2 < high < 0.27
+    a = {"items": {"heldout": {"t": ["1" * 30 + "0" * 120]}}}
+    same = difference(a, a, "t")
+    assert same == {"difference": 0.0, "low": 0.0, "high": 0.0} and not resolved(same)
+    better = {"items": {"heldout": {"t": ["1" * 45 + "0" * 105]}}}  # 15 more items right, none lost
+    diff = difference(better, a, "t")
+    assert diff["difference"] == 0.1 and resolved(diff) and diff["low"] > 0.04

@@ -260,11 +260,11 @@ def ps_parameter_table(genome_config, num_layers: int, genome: list[float]) -> l
                 "shared": gene.model is None,
                 "lo": gene.lo,
                 "hi": gene.hi,
-                "values": np.full((rows, space.n_groups), np.nan),
+                "values": np.full((rows, space.n_groups + (space.io_group is not None)), np.nan),
             }
         panel["values"][0 if gene.model is None else gene.model, gene.group] = value
     for panel in panels.values():
-        panel["groups"] = [_group_label(space, g) for g in range(space.n_groups)]
+        panel["groups"] = [_group_label(space, g) for g in range(panel["values"].shape[1])]
     return list(panels.values())
 
 
@@ -275,6 +275,8 @@ def _filter_label(filters: list[str], index: int, n_sets: int) -> Optional[str]:
 
 
 def _group_label(space, group: int) -> str:
+    if group == space.io_group:
+        return "embeddings, norm, lm_head"
     if space.n_groups == 1:
         return f"all {space.num_layers} layers"
     if space.genome.smooth:
@@ -382,7 +384,7 @@ def plot_dfs_path(path: dict, out: Path, title: str = "Best data-flow path", mod
         if not hops:
             top.text(0.5, 0.5, "empty path (no layer is used)", transform=top.transAxes, ha="center", va="center")
         else:
-            _draw_hops(top, x, hops, names)
+            _draw_hops(top, x, hops, names, base=int(path.get("base_index", 0)))
             _draw_scales(bottom, x, hops, scales)
         top.set_title(title)
         top.set_ylabel("layer index in its model")
@@ -393,11 +395,13 @@ def plot_dfs_path(path: dict, out: Path, title: str = "Best data-flow path", mod
         return _save(fig, out)
 
 
-def _draw_hops(ax, x: list[int], hops: list[tuple], names: list[str]) -> None:
+def _draw_hops(ax, x: list[int], hops: list[tuple], names: list[str], base: int = 0) -> None:
     ax.plot(x, [layer for _, layer in hops], color="#999999", linewidth=1, zorder=1)
     for m in range(max(len(names), 1 + max(m for m, _ in hops))):
         idx = [i for i, (mm, _) in enumerate(hops) if mm == m]
-        label = f"{chr(65 + m)}: {names[m] if m < len(names) else m}" + ("" if idx else " (not on the path)")
+        # model A always gives the embeddings, final norm and lm_head, even when none of its layers is used
+        unused = " (embeddings and head only)" if m == base else " (not on the path)"
+        label = f"{chr(65 + m)}: {names[m] if m < len(names) else m}" + ("" if idx else unused)
         ax.scatter([x[i] for i in idx], [hops[i][1] for i in idx], s=70, color=MODEL_COLOURS[m % len(MODEL_COLOURS)],
                    edgecolors="black", zorder=3, label=label)
     if len(hops) <= 48:  # the hop's name as in DFSPath.summary: model letter + layer

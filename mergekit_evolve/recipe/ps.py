@@ -34,11 +34,12 @@ def ps_recipe(space: PSSpace, genome: np.ndarray, dtype: str | None = None) -> d
     if g.base_model:
         recipe["base_model"] = g.base_model
     if space.n_groups == 1 or g.smooth:
+        io = _io_names(space, first=True, last=True)
         recipe["models"] = [
-            {"model": m, "parameters": _model_parameters(space, table, i, groups=range(space.n_groups))}
+            {"model": m, "parameters": _with_io(space, table, _model_parameters(space, table, i, groups=range(space.n_groups)), i, io)}
             for i, m in enumerate(g.models)
         ]
-        shared = _shared_parameters(space, table, groups=range(space.n_groups))
+        shared = _with_io(space, table, _shared_parameters(space, table, groups=range(space.n_groups)), None, io)
     else:
         recipe["slices"] = [_slice(space, table, group) for group in range(space.n_groups)]
         shared = {}
@@ -108,17 +109,41 @@ def _shared_parameters(space: PSSpace, table: Table, groups) -> dict[str, Any]:
     return out
 
 
+def _io_names(space: PSSpace, first: bool, last: bool) -> list[str]:
+    """Tensors that take the embedding group's values: mergekit plans the embeddings with the first
+    slice's parameters and the final norm / lm_head with the last slice's."""
+    if space.io_group is None:
+        return []
+    if space.io_weights is None:
+        raise ValueError("internal: genome.tune_embeddings needs the architecture's io_weights in PSSpace")
+    pre, post = space.io_weights
+    return [*(pre if first else []), *(post if last else [])]
+
+
+def _with_io(space: PSSpace, table: Table, parameters: dict[str, Any], model, names: list[str]) -> dict[str, Any]:
+    """Give the embedding/norm/lm_head tensors their own values: filter entries placed before the rest."""
+    for param in space.search:
+        key = (param, space.io_group, model, 0)
+        if not names or key not in table:
+            continue
+        current = parameters[param]
+        rest = current if isinstance(current, list) and current and isinstance(current[0], dict) else [{"value": current}]
+        parameters[param] = [{"filter": name, "value": table[key]} for name in names] + rest
+    return parameters
+
+
 def _slice(space: PSSpace, table: Table, group: int) -> dict[str, Any]:
     g = space.genome
     layer_range = [group * space.group_size, (group + 1) * space.group_size]
+    io = _io_names(space, first=group == 0, last=group == space.n_groups - 1)
     sources = [
-        {"model": m, "layer_range": layer_range, "parameters": _model_parameters(space, table, i, groups=[group])}
+        {"model": m, "layer_range": layer_range, "parameters": _with_io(space, table, _model_parameters(space, table, i, groups=[group]), i, io)}
         for i, m in enumerate(g.models)
     ]
     if g.base_model and g.base_model not in g.models:
         sources.append({"model": g.base_model, "layer_range": layer_range})
     out: dict[str, Any] = {"sources": sources}
-    shared = _shared_parameters(space, table, groups=[group])
+    shared = _with_io(space, table, _shared_parameters(space, table, groups=[group]), None, io)
     if shared:
         out["parameters"] = shared
     return out

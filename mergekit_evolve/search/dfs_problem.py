@@ -8,7 +8,7 @@ the architecture folds exactly; ``best.json`` always holds the path itself.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,7 @@ class DFSProblem:
             repeats=config.dfs.repeats,
             scale_param=config.dfs.scales,
             network_hidden=config.dfs.network_hidden,
+            indicator_init=config.dfs.indicator_init,
         )
         self.dim = self.space.dim
         self._pool = None
@@ -99,6 +100,18 @@ class DFSProblem:
         if random:
             return x0 + np.random.default_rng(seed).normal(0.0, 1.0, x0.shape)
         return x0
+
+    def new_optimizer(self, x0: np.ndarray, opt, restart: int = 0):
+        """The pre-scan of block paths, then CMA-ES with the indicators' own step (search/dfs_search.py);
+        an IPOP restart starts CMA-ES again without a pre-scan."""
+        from mergekit_evolve.search.dfs_search import DFSStrategy, block_paths, indicator_stds
+        from mergekit_evolve.search.loop import new_es
+
+        stds = indicator_stds(self.space, opt.sigma0, self.config.dfs.indicator_flips)
+        make_cma = partial(new_es, opt=opt, restart=restart, extra_options={"CMA_stds": stds} if stds else None)
+        if restart or not self.config.dfs.prescan:
+            return make_cma(x0)
+        return DFSStrategy(make_cma, x0, self.config.dfs.prescan, partial(block_paths, self.space, seed=opt.seed))
 
     def decode(self, genome: np.ndarray) -> DFSCandidate:
         path = self.space.decode(np.asarray(genome)[: self.dim])

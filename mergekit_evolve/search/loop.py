@@ -76,7 +76,7 @@ class Racing:
     total_rows: dict[str, int]
 
 
-def new_es(x0: np.ndarray, opt: OptimizerConfig, restart: int = 0) -> cma.CMAEvolutionStrategy:
+def new_es(x0: np.ndarray, opt: OptimizerConfig, restart: int = 0, extra_options: dict | None = None) -> cma.CMAEvolutionStrategy:
     popsize = opt.popsize or (4 + int(3 * math.log(len(x0))))
     options = {
         # cma treats seed 0 as "use the clock": shift by one so every user seed is reproducible.
@@ -93,6 +93,7 @@ def new_es(x0: np.ndarray, opt: OptimizerConfig, restart: int = 0) -> cma.CMAEvo
     }
     if opt.diagonal:
         options["CMA_diagonal"] = True
+    options.update(extra_options or {})
     if len(x0) == 1:
         # cma needs >= 2 dimensions; a constant dummy coordinate keeps the 1-D case working.
         raise ValueError("internal: pad 1-D genomes before calling new_es")
@@ -121,7 +122,7 @@ def run_search(
     """
     state: SearchState | None = run_dir.load_state()
     if state is None:
-        state = SearchState(es=new_es(_pad(problem.x0(opt.init == "random", opt.seed)), opt))
+        state = SearchState(es=_new_optimizer(problem, _pad(problem.x0(opt.init == "random", opt.seed)), opt))
     if economy is not None and state.economy is None:
         state.economy = economy.initial_state()
     recorded = {(r["generation"], r["candidate"]): r for r in run_dir.read_evaluations()}
@@ -376,7 +377,13 @@ def _maybe_restart(state: SearchState, problem, opt: OptimizerConfig) -> None:
     if stop and state.restarts_done < opt.restarts:
         state.restarts_done += 1
         x0 = problem.x0(True, opt.seed + state.restarts_done)
-        state.es = new_es(_pad(x0), opt, restart=state.restarts_done)
+        state.es = _new_optimizer(problem, _pad(x0), opt, restart=state.restarts_done)
+
+
+def _new_optimizer(problem, x0: np.ndarray, opt: OptimizerConfig, restart: int = 0):
+    """CMA-ES, or the problem's own strategy with the same ask/tell surface (DFS: search/dfs_search.py)."""
+    make = getattr(problem, "new_optimizer", None)
+    return make(x0, opt, restart) if make else new_es(x0, opt, restart)
 
 
 def _check_same_genome(record, x, generation, j) -> None:

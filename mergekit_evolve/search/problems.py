@@ -79,6 +79,16 @@ def tokenizer_donor(tokenizer_source: str | None, base_model: str | None, models
     return base_model or models[0]
 
 
+def io_weight_names(ref: str) -> tuple[list[str], list[str]]:
+    """mergekit's names of the tensors before the layers (embeddings) and after them (final norm, lm_head)."""
+    import transformers
+    from mergekit.architecture import arch_info_for_config
+
+    config = transformers.AutoConfig.from_pretrained(ref)
+    module = next(iter(arch_info_for_config(config).modules.values())).architecture
+    return [w.name for w in module.pre_weights(config)], [w.name for w in module.post_weights(config)]
+
+
 class PSProblem:
     def __init__(self, config: EvolveConfig, device: str = "cpu"):
         genome = config.genome
@@ -89,7 +99,8 @@ class PSProblem:
         self.config = config
         self.device = device
         self.dtype = default_dtype(config.dtype, infos[0].dtype, device)
-        self.space = PSSpace(genome, infos[0].num_layers)
+        io = io_weight_names(refs[0]) if genome.tune_embeddings else None
+        self.space = PSSpace(genome, infos[0].num_layers, io_weights=io)
         self.dim = self.space.dim
         self._merger = None
 

@@ -108,8 +108,10 @@ def _run_ps_then_dfs(config, run_dir: RunDir, device, save_model, progress, fitn
         atomic_write(ps_dir.config, ps_config.to_yaml())
         ps_summary = run_stage(make_problem(ps_config, device), ps_config, ps_dir, True, progress, fitness)
     collection = [str(ps_dir.model), *(config.dfs.models or source_models(config))]
+    dfs_budget = config.dfs.max_evals or config.optimizer.max_evals
     dfs_config = config.model_copy(
-        update={"space": "dfs", "dfs": config.dfs.model_copy(update={"models": collection, "base_index": 0})}
+        update={"space": "dfs", "dfs": config.dfs.model_copy(update={"models": collection, "base_index": 0}),
+                "optimizer": config.optimizer.model_copy(update={"max_evals": dfs_budget})}
     )
     atomic_write(dfs_dir.config, dfs_config.to_yaml())
     dfs_summary = run_stage(DFSProblem(dfs_config, device), dfs_config, dfs_dir, save_model, progress)

@@ -80,9 +80,12 @@ class Gene:
 class PSSpace:
     """Maps a flat genome to per-gene parameter values (and, via ``recipe.ps``, to a mergekit recipe)."""
 
-    def __init__(self, genome: GenomeConfig, num_layers: int):
+    def __init__(self, genome: GenomeConfig, num_layers: int, io_weights: tuple[list[str], list[str]] | None = None):
+        """``io_weights``: mergekit's names of the tensors before and after the layers (embeddings; final
+        norm, lm_head); the recipe needs them when ``genome.tune_embeddings`` is on."""
         self.genome = genome
         self.num_layers = num_layers
+        self.io_weights = io_weights
         self.method = _merge_method(genome.merge_method)
         self._check_structure()
         self.search = self._searched_parameters()
@@ -213,7 +216,19 @@ class PSSpace:
             for fset in range(n_sets):
                 for param in shared:
                     genes.append(Gene(param, group, None, fset, *self.bounds(param), self.initial_value(param)))
+        if self.genome.tune_embeddings:  # group index n_groups: embeddings, final norm and lm_head
+            for model in range(len(self.genome.models)):
+                for param in per_model:
+                    if not (self.scope(param) == ParameterScope.NON_BASE and model == self.base_index):
+                        genes.append(Gene(param, self.n_groups, model, 0, *self.bounds(param), self.initial_value(param)))
+            for param in shared:
+                genes.append(Gene(param, self.n_groups, None, 0, *self.bounds(param), self.initial_value(param)))
         return genes
+
+    @property
+    def io_group(self) -> Optional[int]:
+        """The gene group of the embeddings, final norm and lm_head (None: they follow the layer groups)."""
+        return self.n_groups if self.genome.tune_embeddings else None
 
     @property
     def dim(self) -> int:
