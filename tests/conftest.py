@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import os
-import shutil
-from pathlib import Path
 
-import pytest
-import torch
-from safetensors.torch import load_file, save_file
-
-from mergekit_evolve.zoo.random_models import make_random_model
-
+# No hub at test time. huggingface_hub reads these once, when it is first imported (below, through
+# transformers), so they must be set before any import that pulls it in.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from mergekit_evolve.zoo.random_models import make_random_model  # noqa: E402
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

@@ -23,6 +23,7 @@ def zoo_config(zoo, mode: str, max_evals: int = 12) -> dict:
     script = zoo.tasks["script"]  # 150 rows, accuracies spread over the space: candidates disagree
     config["genome"]["merge_method"] = "linear"  # the cheapest merge: this test is about the search
     del config["genome"]["base_model"]
+    del config["genome"]["parameters"]  # the demo's density range: linear has no density
     config["fitness"]["tasks"] = [{"name": "script", "data": str(script.fitness), "limit": 40, "max_new_tokens": 8}]
     config["optimizer"].update(popsize=4, sigma0=0.3, economy=mode)
     return config

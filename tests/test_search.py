@@ -137,18 +137,25 @@ def cli(*args, cwd=None) -> subprocess.CompletedProcess:
     )
 
 
-def test_cli_run_then_recipe_for_the_best_genome(family, tmp_path):
+def test_cli_run_then_recipe_for_the_best_genome(family, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from mergekit_evolve.cli import main
+
     cfg = tmp_path / "evo.yaml"
     cfg.write_text(yaml.safe_dump(config_dict(family, write_rows(tmp_path / "rows.jsonl"))))
+    # The run in its own process, as a user starts it; the follow-up commands in this one (same code,
+    # without paying the ~8 s import of torch/transformers/mergekit again).
     done = cli("run", str(cfg), "--out", str(tmp_path / "out"), "--max-evals", "6", "--no-save-model", "--quiet", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "best fitness" in done.stdout and not (tmp_path / "out" / "model").exists()
-    printed = cli("recipe", str(cfg), "--genome", str(tmp_path / "out" / "best.json"), cwd=tmp_path)
-    assert printed.returncode == 0, printed.stderr
+    monkeypatch.chdir(tmp_path)
+    printed = CliRunner().invoke(main, ["recipe", str(cfg), "--genome", str(tmp_path / "out" / "best.json")])
+    assert printed.exit_code == 0, printed.output
     best = yaml.safe_load((tmp_path / "out" / "best.yaml").read_text())
     assert yaml.safe_load(printed.stdout) == best
-    again = cli("run", str(cfg), "--out", str(tmp_path / "out"), cwd=tmp_path)
-    assert again.returncode == 2 and "not empty" in again.stderr and "resume" in again.stderr
+    again = CliRunner().invoke(main, ["run", str(cfg), "--out", str(tmp_path / "out")])
+    assert again.exit_code == 2 and "not empty" in again.stderr and "resume" in again.stderr
 
 
 def test_mergekit_evolve_config_format_is_accepted_unchanged(family, tmp_path):
