@@ -14,6 +14,7 @@ import click
 
 from mergekit_evolve.errors import InputError
 from mergekit_evolve.migration import mergekit_evolve_options, translate
+from mergekit_evolve.progress import quiet_library_bars_off_terminal
 
 EXIT_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -42,6 +43,7 @@ def friendly_errors(fn):
 @click.version_option(package_name="mergekit-evolve")
 def main():
     """Evolutionary model merging for mergekit (parameter space and data-flow space)."""
+    quiet_library_bars_off_terminal()
 
 
 device_option = click.option(

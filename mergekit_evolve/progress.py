@@ -27,3 +27,13 @@ def step(message: str, enabled: bool = True) -> Iterator[None]:
     started = time.time()
     yield
     print(f"[mergekit-evo] {message}: done in {time.time() - started:.1f} s", file=sys.stderr, flush=True)
+
+
+def quiet_library_bars_off_terminal() -> None:
+    """Turn off huggingface_hub's and transformers' bars ("Loading weights ...") when stderr is not a
+    terminal: in a log each is a run of carriage-return redraws. Call before transformers is imported,
+    which copies the setting once."""
+    if not on_terminal():
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()

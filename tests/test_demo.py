@@ -37,6 +37,21 @@ def test_demo_writes_the_table_with_every_row_and_seed(zoo, demo_out):
     assert torch.equal(franken["model.layers.0.self_attn.q_proj.weight"], script["model.layers.0.self_attn.q_proj.weight"])
 
 
+def test_fixed_rows_equal_the_published_table(demo_out):
+    """On the shipped zoo the sources and baselines are what docs/results.json publishes, item by item
+    (greedy decoding on the same weights): a new user's demo prints the README's fixed rows."""
+    from pathlib import Path
+
+    published = json.loads((Path(__file__).parent.parent / "docs" / "results.json").read_text())
+    ours = json.loads((demo_out / "results.json").read_text())
+    fixed = [r["name"] for r in ours["rows"] if not r["name"].startswith("Ours")]
+    by_name = {r["name"]: r for r in published["rows"]}
+    for row in ours["rows"]:
+        if row["name"] in fixed:
+            for key in ("fitness", "heldout", "items"):
+                assert row[key] == by_name[row["name"]][key], (row["name"], key)
+
+
 def test_bootstrap_intervals_cover_the_mean_and_pair_the_items():
     from mergekit_evolve.demo import bootstrap_interval, difference, resolved
 
