@@ -17,6 +17,8 @@ from mergekit_evolve.search.loop import LocalExecutor, evaluate_candidate, run_s
 from mergekit_evolve.search.problems import make_problem
 from mergekit_evolve.search.rundir import RunDir
 
+from interrupting import StopAfter
+
 
 def zoo_config(zoo, mode: str, max_evals: int = 12) -> dict:
     config = demo_config(zoo, "ps", max_evals, seed=2)
@@ -31,21 +33,6 @@ def zoo_config(zoo, mode: str, max_evals: int = 12) -> dict:
 
 def read(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-class StopAfter(LocalExecutor):
-    """Our local executor, interrupted (as by Ctrl-C or a kill) after ``n`` evaluations."""
-
-    def __init__(self, problem, score, n):
-        super().__init__(problem, score)
-        self.left = n
-
-    def map(self, jobs):
-        for item in super().map(jobs):
-            if self.left == 0:
-                raise KeyboardInterrupt
-            self.left -= 1
-            yield item
 
 
 def test_interrupted_economy_run_resumes_to_identical_records(zoo, tmp_path, monkeypatch):

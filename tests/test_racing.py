@@ -15,6 +15,8 @@ from mergekit_evolve.search.loop import LocalExecutor, run_search
 from mergekit_evolve.search.problems import make_problem
 from mergekit_evolve.search.rundir import RunDir
 
+from interrupting import StopAfter
+
 
 def zoo_config(zoo, racing, max_evals=8, **optimizer) -> dict:
     config = demo_config(zoo, "ps", max_evals, seed=1)
@@ -58,21 +60,6 @@ def test_stopped_candidates_save_tokens_and_never_include_the_best(full_and_race
     assert sum(r["tokens"] for r in raced) < sum(r["tokens"] for r in full)
     true_top = sorted(full, key=lambda r: (-r["fitness"], r["candidate"]))[:4]
     assert all(raced[r["candidate"]]["racing"]["stopped_at"] is None for r in true_top)
-
-
-class StopAfter(LocalExecutor):
-    """Our local executor, interrupted (as by Ctrl-C) after ``n`` stage evaluations."""
-
-    def __init__(self, problem, score, n):
-        super().__init__(problem, score)
-        self.left = n
-
-    def map(self, jobs):
-        for item in super().map(jobs):
-            if self.left == 0:
-                raise KeyboardInterrupt
-            self.left -= 1
-            yield item
 
 
 def test_interrupted_racing_run_resumes_to_the_same_result(zoo, tmp_path):
