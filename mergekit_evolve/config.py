@@ -313,7 +313,7 @@ ZOO_PREFIX = "zoo:"
 def _resolve_zoo(ref: str, field: str) -> str:
     """``zoo:NAME`` -> a zoo model; ``zoo:TASK/fitness`` or ``zoo:TASK/heldout`` -> a zoo data split.
 
-    The zoo is built on first use (about 2 minutes on 2 cores) and cached.
+    The seed-0 zoo ships with the package (mergekit_evolve/zoo/shipped): nothing is built.
     """
     from mergekit_evolve.zoo import build_zoo
 

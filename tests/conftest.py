@@ -1,4 +1,4 @@
-"""Shared fixtures: a seeded family of random tiny models, and the embedded zoo (built once, cached)."""
+"""Shared fixtures: a seeded family of random tiny models, and the embedded zoo (shipped with the package)."""
 
 from __future__ import annotations
 
