@@ -156,7 +156,7 @@ def run_demo(out: Path, *, space: str = "ps", max_evals: int | None = None, seed
     started = time.time()
     zoo = build_zoo(seed=0)
     fitness_all = _fitness_of_every_task(zoo)
-    with step(f"scoring the 3 sources and 4 baselines on {len(zoo.tasks)} tasks (fitness and held-out)", progress):
+    with step(f"scoring the sources and baselines on {len(zoo.tasks)} tasks (fitness and held-out)", progress):
         rows = baseline_rows(zoo, fitness_all, out)
     spaces = ["ps", "dfs", "ps+dfs"] if space == "all" else [space]
     for sp in spaces:
