@@ -31,7 +31,7 @@ import torch
 
 from mergekit_evolve.config import load_config, parse_config
 from mergekit_evolve.demo import demo_config
-from mergekit_evolve.search import runner
+from mergekit_evolve import runner
 from mergekit_evolve.zoo import build_zoo
 
 MODES = ("off", "stop", "subsample", "auto")
@@ -62,7 +62,7 @@ def heldout_items(zoo, run_dir: Path) -> list[bool]:
 
 
 def _tokenizer(zoo):
-    from mergekit_evolve.search.problems import load_tokenizer
+    from mergekit_evolve.resources import load_tokenizer
 
     return load_tokenizer(str(zoo.models[zoo.base]))
 

@@ -62,7 +62,8 @@ def _emit(phase):
 _emit("startup: imports")
 import functools
 from pathlib import Path
-from mergekit_evolve.search import loop, problems, rundir, runner
+from mergekit_evolve import runner
+from mergekit_evolve.search import executors, rundir
 _stage = ["startup"]
 def _write_label(path):
     name = Path(path).name
@@ -98,15 +99,12 @@ def _traced_score(score):
         _emit("evaluating: candidate")
         return score(*args, **kwargs)
     return traced
-_orig_evaluate = loop.evaluate_candidate
+_orig_evaluate = executors.evaluate_candidate
 def _evaluate(problem, score, *args, **kwargs):
     return _orig_evaluate(_Traced(problem), _traced_score(score), *args, **kwargs)
-loop.evaluate_candidate = _evaluate
+executors.evaluate_candidate = _evaluate
 _hook(rundir.RunDir, "append_evaluation", lambda self, record: _write_label(self.evaluations))
-_hook(rundir.RunDir, "save_state", lambda self, state: _write_label(self.state))
-_hook(rundir.RunDir, "write_json", lambda self, path, data: _write_label(path))
-_hook(problems, "atomic_write", lambda path, data: _write_label(path))
-_hook(runner, "atomic_write", lambda path, data: _write_label(path))
+_hook(rundir, "atomic_write", lambda path, data: _write_label(path))  # every other run file
 _hook(runner, "start", lambda *a, **k: "startup: checking the config and models")
 _hook(runner, "resume", lambda *a, **k: "startup: reading config.yaml")
 _hook(runner, "_execute", lambda *a, **k: "startup: loading model configs, tokenizer, fitness data")

@@ -101,7 +101,7 @@ def interleaved_fitness(paths: dict[str, Path], repeats: int) -> dict:
     import transformers
 
     from mergekit_evolve.config import load_config
-    from mergekit_evolve.search.runner import make_fitness
+    from mergekit_evolve.fitness.factory import make_fitness
     from mergekit_evolve.zoo import build_zoo
 
     model_path = build_zoo().models["math"]
@@ -167,7 +167,7 @@ def main() -> None:
             return
     # A throwaway process first: the first process to import torch, transformers, mergekit and lm-eval
     # reads them from disk; without this, whichever run goes first pays that in its start-up.
-    subprocess.run([sys.executable, "-c", "import mergekit_evolve.search.runner, lm_eval.tasks"], cwd=HERE.parent,
+    subprocess.run([sys.executable, "-c", "import mergekit_evolve.runner, lm_eval.tasks"], cwd=HERE.parent,
                    capture_output=True)
     runs: dict[str, dict] = {}
     runs["ours, lm-eval task"] = run_ours(paths["ours_lm_eval"], root / "lm", args.max_evals, args.seed)

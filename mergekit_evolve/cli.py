@@ -12,12 +12,14 @@ from pathlib import Path
 
 import click
 
-from mergekit_evolve.errors import InputError
+from mergekit_evolve.errors import InputError, RunFailedError
 from mergekit_evolve.migration import mergekit_evolve_options, translate
 from mergekit_evolve.progress import quiet_library_bars_off_terminal
 
+EXIT_FAILED = 1
 EXIT_INPUT = 2
 EXIT_INTERRUPTED = 130
+RUN_FOLDER_OPTION = {"run": "out", "resume": "run_dir"}  # commands that leave a resumable run when interrupted
 
 
 def friendly_errors(fn):
@@ -30,8 +32,11 @@ def friendly_errors(fn):
         except InputError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(EXIT_INPUT)
+        except RunFailedError as err:  # the run directory keeps every record: the message says where
+            click.echo(f"error: {err}", err=True)
+            sys.exit(EXIT_FAILED)
         except KeyboardInterrupt:
-            out = kwargs.get("out") or kwargs.get("run_dir")
+            out = kwargs.get(RUN_FOLDER_OPTION.get(fn.__name__, ""))
             hint = f"; continue with: mergekit-evo resume {out}" if out else ""
             click.echo(f"\ninterrupted{hint}", err=True)
             sys.exit(EXIT_INTERRUPTED)
@@ -72,7 +77,7 @@ def run(config_file, out, max_evals, seed, device, executor, workers, allow_benc
     mergekit-evolve's options are accepted with the same meaning (--storage-path, --max-fevals,
     --random-seed, --num-gpus, --task-search-path, ...), or refused naming what to use instead.
     """
-    from mergekit_evolve.search import runner
+    from mergekit_evolve import runner
 
     m = translate(migrated, out=out, max_evals=max_evals, workers=workers, executor=executor)
     out, max_evals, workers, executor = m.out, m.max_evals, m.workers, m.executor
@@ -104,7 +109,7 @@ def run(config_file, out, max_evals, seed, device, executor, workers, allow_benc
 @friendly_errors
 def resume(run_dir, device, quiet):
     """Continue an interrupted run from its last completed generation."""
-    from mergekit_evolve.search import runner
+    from mergekit_evolve import runner
 
     summary = runner.resume(run_dir, device=device, progress=not quiet)
     _print_summary(summary, run_dir)
@@ -123,8 +128,9 @@ def recipe(config_file, genome_file):
     """Print the mergekit YAML recipe a genome decodes to."""
     import numpy as np
 
+    from mergekit_evolve import runner
+    from mergekit_evolve.export.artifacts import recipe_of
     from mergekit_evolve.recipe.ps import recipe_yaml
-    from mergekit_evolve.search import runner
     from mergekit_evolve.search.problems import make_problem
 
     config = runner.load_any_config(config_file, {})
@@ -133,7 +139,7 @@ def recipe(config_file, genome_file):
     if len(genome) != problem.dim:
         raise InputError(f"--genome: {genome_file} has {len(genome)} numbers; this config's space has {problem.dim}")
     candidate = problem.decode(np.asarray(genome, dtype=float))
-    click.echo(recipe_yaml(problem.recipe_dict(candidate)), nl=False)
+    click.echo(recipe_yaml(recipe_of(problem, candidate)), nl=False)
 
 
 def _read_genome(path: Path) -> list[float]:
@@ -214,24 +220,58 @@ def export(run_dir, fmt, out, force, device):
     click.echo(f"wrote {path}")
 
 
-def _print_summary(summary: dict, out) -> None:
-    best = summary["best"]
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for report.md and the PNGs (default: RUN_DIR/report).")
+@friendly_errors
+def report(run_dir: Path, out: Path | None) -> None:
+    """Plot a run (fitness, evolved parameters or DFS path) and write report.md."""
+    from mergekit_evolve.export.report import write_report
+
+    path = write_report(run_dir, out)
+    click.echo(f"wrote {path} and {len(list(path.parent.glob('*.png')))} plot(s)")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--repo", "repo_id", required=True, help="Hub repository, user/name or org/name (created if missing).")
+@click.option("--private", is_flag=True, help="Create the repository as private.")
+@click.option("--format", "fmt", type=click.Choice(["standard", "custom"]), default="standard", show_default=True,
+              help="standard: plain checkpoint; custom: DFS layer-stack model with its code (trust_remote_code).")
+@click.option("--dry-run", "dry_run", type=click.Path(file_okay=False, path_type=Path),
+              help="Write the folder that would be uploaded to DIR (and DIR.push.json); contact nothing.")
+@click.option("--endpoint", default=None, help="Hub URL (default: $HF_ENDPOINT or https://huggingface.co).")
+@click.option("--results", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="results.json of `mergekit-evo demo` for the card's held-out comparison table.")
+@click.option("--base-model", "base_models", multiple=True,
+              help="Hub ID for the card's base_model list (repeat it; default: the source models' names).")
+@click.option("--device", default="cpu", show_default=True, help="Device for building a custom-code checkpoint.")
+@friendly_errors
+def push(run_dir, repo_id, private, fmt, dry_run, endpoint, results, base_models, device) -> None:
+    """Upload the evolved model of RUN_DIR with a model card and the report's plots."""
+    from mergekit_evolve.export.hub import push_run
+
+    done = push_run(run_dir, repo_id=repo_id, private=private, fmt=fmt, dry_run=dry_run, endpoint=endpoint,
+                    results=results, base_models=base_models, device=device)
+    if "dry_run" in done:
+        click.echo(f"dry run: wrote {len(done['files'])} files to {done['dry_run']} and {done['description']}; "
+                   "nothing was uploaded")
+    else:
+        click.echo(f"pushed {len(done['files'])} files to {done['url']} (commit {done['commit'][:12]})")
+
+
+def _print_summary(summary, out) -> None:
+    best = summary.best
     click.echo(
-        f"best fitness {best['fitness']:.4f} (evaluation {best['index']}), held-out "
-        f"{_fmt(best.get('heldout_total'))} after {summary['evaluations']} evaluations; "
+        f"best fitness {best.fitness:.4f} (evaluation {best.index}), held-out "
+        f"{_fmt(best.heldout_total)} after {summary.evaluations} evaluations; "
         f"recipe: {Path(out) / 'best.yaml'}"
     )
 
 
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.4f}"
-
-
-from mergekit_evolve.export.hub import push_command  # noqa: E402
-from mergekit_evolve.export.report import report_command  # noqa: E402
-
-main.add_command(report_command)
-main.add_command(push_command)
 
 
 if __name__ == "__main__":

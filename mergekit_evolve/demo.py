@@ -16,7 +16,8 @@ import click
 
 from mergekit_evolve.config import parse_config
 from mergekit_evolve.progress import step
-from mergekit_evolve.search.rundir import atomic_write
+from mergekit_evolve.atomic import atomic_write
+from mergekit_evolve.search.rundir import RunDir
 
 # Whole generations of cma's default population (4 + 3 ln n): PS 28 x 11 (12 genes); DFS 18 x 17 (80 genes:
 # 4 generations of block paths, then CMA-ES). PS+DFS builds on the PS row's search (same budget and seed, so
@@ -148,7 +149,7 @@ def _add_seed(row: dict, scores: dict) -> None:
 def run_demo(out: Path, *, space: str = "ps", max_evals: int | None = None, seed: int = 0, device: str = "auto",
              progress: bool = True, seeds: int = 1) -> list[dict[str, Any]]:
     """Baselines, then each search space once per seed; writes results.json and RESULTS.md in ``out``."""
-    from mergekit_evolve.search import runner
+    from mergekit_evolve import runner
     from mergekit_evolve.zoo import build_zoo
 
     out = Path(out).absolute()
@@ -177,9 +178,9 @@ def run_demo(out: Path, *, space: str = "ps", max_evals: int | None = None, seed
             row["distinct"].append(_distinct_candidates(run_dir, sp))
             row["run_dirs"].append(run_dir.name)
         rows.append(row)
-    final_best = out / _run_name(spaces[-1], seed, seeds) / "best.yaml"
-    if final_best.exists():
-        atomic_write(out / "best.yaml", final_best.read_text())
+    final_best = RunDir(out / _run_name(spaces[-1], seed, seeds)).read_best_yaml()
+    if final_best is not None:
+        atomic_write(out / "best.yaml", final_best)
     report = {"rows": rows, "seeds": list(range(seed, seed + seeds)), "target": zoo.target, "tasks": list(zoo.tasks),
               "wall_seconds": round(time.time() - started, 1)}
     atomic_write(out / "results.json", _portable(json.dumps(report, indent=2), zoo) + "\n")
@@ -203,31 +204,30 @@ def _run_name(space: str, seed: int, seeds: int) -> str:
 
 def _search_seconds(run_dir: Path) -> float:
     """Wall time of the search(es), from the run's summary (both stages for PS+DFS)."""
-    summary = json.loads((run_dir / "summary.json").read_text())
-    stages = summary.get("stages", {"": summary})
-    return round(sum(stage["wall_seconds"] for stage in stages.values()), 1)
+    summary = RunDir(run_dir).read_summary()
+    stages = summary.stages or {"": summary}
+    return round(sum(stage.wall_seconds for stage in stages.values()), 1)
 
 
 def _distinct_candidates(run_dir: Path, space: str) -> int:
     """Distinct candidates the search scored: DFS counts paths (hop sequences, whatever the scales),
     PS counts recipes."""
     from mergekit_evolve.config import load_config
-    from mergekit_evolve.search.rundir import RunDir
 
-    stage = run_dir / "dfs" if space == "ps+dfs" else run_dir
-    records = RunDir(stage).read_evaluations()
+    stage = RunDir(run_dir).final_stage()
+    records = stage.read_evaluations()
     if space == "ps":
-        return len({r["key"] for r in records})
+        return len({r.key for r in records})
     from mergekit_evolve.search.dfs_problem import DFSProblem
 
-    space = DFSProblem(load_config(stage / "config.yaml")).space
-    return len({space.decode(r["genome"]).hops for r in records})
+    space = DFSProblem(load_config(stage.config)).space
+    return len({space.decode(r.genome).hops for r in records})
 
 
 def _finished(run_dir: Path, config) -> bool:
     """The same search already ran to the end in ``run_dir``."""
-    done = run_dir / "summary.json"
-    return done.exists() and (run_dir / "config.yaml").read_text() == config.to_yaml()
+    run = RunDir(run_dir)
+    return run.summary.exists() and run.config.read_text() == config.to_yaml()
 
 
 LABELS = {"ps": "Ours PS", "dfs": "Ours DFS", "ps+dfs": "Ours PS+DFS"}
@@ -235,7 +235,7 @@ LABELS = {"ps": "Ours PS", "dfs": "Ours DFS", "ps+dfs": "Ours PS+DFS"}
 
 def _fitness_of_every_task(zoo):
     from mergekit_evolve.fitness import Fitness, FitnessConfig
-    from mergekit_evolve.search.problems import load_tokenizer
+    from mergekit_evolve.resources import load_tokenizer
 
     tasks = [{"name": t.name, "data": str(t.fitness), "heldout": str(t.heldout), "max_new_tokens": t.max_new_tokens}
              for t in zoo.tasks.values()]
@@ -246,7 +246,7 @@ def _load_best(run_dir: Path, space: str):
     """The winner as saved on disk (what users get), loaded with plain transformers when possible."""
     import transformers
 
-    model_dir = run_dir / "dfs" / "model" if space == "ps+dfs" else run_dir / "model"
+    model_dir = RunDir(run_dir).final_stage().model
     return transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="float32", trust_remote_code=False).eval()
 
 

@@ -18,7 +18,7 @@ class InputError(Exception):
 class TokenizerRequired(InputError):
     """A fitness task needs a tokenizer and the models have none; ``what`` names the task.
 
-    ``runner.make_fitness`` turns it into one line naming the model folder and the fix.
+    ``fitness.factory.make_fitness`` turns it into one line naming the model folder and the fix.
     """
 
     def __init__(self, what: str):
@@ -31,3 +31,7 @@ class CandidateError(Exception):
 
     Recorded with the worst fitness; the run goes on.
     """
+
+
+class RunFailedError(RuntimeError):
+    """Too many candidates failed (``optimizer.max_failures``); the CLI prints it on one line (exit 1)."""

@@ -8,6 +8,9 @@ import os
 # transformers), so they must be set before any import that pulls it in.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Child processes (CLI runs, Ray workers) import this checkout's code, whatever is installed.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ["PYTHONPATH"] = os.pathsep.join([_ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])
 
 import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mergekit_evolve.search.loop import LocalExecutor
+from mergekit_evolve.search.executors import LocalExecutor
 
 
 class StopAfter(LocalExecutor):

@@ -22,7 +22,7 @@ import yaml
 
 from mergekit_evolve.config import parse_config
 from mergekit_evolve.errors import InputError
-from mergekit_evolve.search import runner
+from mergekit_evolve import runner
 from mergekit_evolve.zoo.random_models import make_random_model
 
 TOKEN = "hf_AUDITfakeTOKENdoNotLeak0123456789zz"
@@ -118,7 +118,7 @@ def test_source_models_with_auto_map_code_never_run_it(tmp_path):
     config = parse_config(small_config(models, tmp_path))
     # a known architecture (llama): the search merges plain weights, the custom code is ignored
     summary = runner.start(config, tmp_path / "out", device="cpu", progress=False)
-    assert summary["evaluations"] == 4 and summary["best"]["fitness"] is not None
+    assert summary.evaluations == 4 and summary.best.fitness is not None
     assert (tmp_path / "out" / "model" / "config.json").is_file()
     assert not any((tmp_path / "out" / "model").glob("evil_*.py"))
     assert not marker.exists(), marker.read_text()

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from mergekit_evolve.config import parse_config
 from mergekit_evolve.export.final import export_run
-from mergekit_evolve.search import runner
+from mergekit_evolve import runner
 
 TESTS = Path(__file__).parent
 
@@ -80,7 +80,7 @@ def test_standard_model_scores_what_the_search_scored(dfs_run):
     model = transformers.AutoModelForCausalLM.from_pretrained(out / "model", dtype="float32").eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(out / "model")
     data = [json.loads(line) for line in (out.parent / "rows.jsonl").read_text().splitlines()]
-    assert fitness_fns.loglik(model, tokenizer, data, "fitness") == pytest.approx(summary["best"]["fitness"], rel=1e-4)
+    assert fitness_fns.loglik(model, tokenizer, data, "fitness") == pytest.approx(summary.best.fitness, rel=1e-4)
 
 
 def test_custom_export_reloads_with_remote_code_and_generates_the_same_tokens(dfs_run, tmp_path):
@@ -107,8 +107,8 @@ def test_ps_then_dfs_runs_both_stages_and_resumes_the_second(family, tmp_path, m
     assert (tmp_path / "cut" / "ps" / "model").is_dir() and (tmp_path / "cut" / "dfs" / "evaluations.jsonl").exists()
     monkeypatch.delenv("MKE_INTERRUPT_AT")
     resumed = runner.resume(tmp_path / "cut", progress=False)
-    assert resumed["stages"]["ps"]["best"]["fitness"] == reference["stages"]["ps"]["best"]["fitness"]
-    assert resumed["best"]["fitness"] == reference["best"]["fitness"]
+    assert resumed.stages["ps"].best.fitness == reference.stages["ps"].best.fitness
+    assert resumed.best.fitness == reference.best.fitness
     dfs_path = json.loads((tmp_path / "cut" / "best.json").read_text())["path"]
     assert dfs_path["models"][0] == str(tmp_path / "cut" / "ps" / "model")  # the PS model is model A
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from mergekit_evolve.config import OptimizerConfig, parse_config
-from mergekit_evolve.search import runner
+from mergekit_evolve import runner
 from mergekit_evolve.search.dfs_search import block_paths, indicator_stds
-from mergekit_evolve.search.loop import new_es
+from mergekit_evolve.search.cmaes import new_es
 from mergekit_evolve.space.dfs import DFSSpace
 
 TESTS = Path(__file__).parent
@@ -92,7 +92,7 @@ def test_run_interrupted_in_the_prescan_resumes_to_the_same_result(family, tmp_p
     resumed = runner.resume(tmp_path / "cut", progress=False)
     cut = [json.loads(line) for line in (tmp_path / "cut" / "evaluations.jsonl").read_text().splitlines()]
     assert [r["genome"] for r in cut] == [r["genome"] for r in ref]  # nothing lost, nothing twice
-    assert resumed["best"]["genome"] == reference["best"]["genome"]
+    assert resumed.best.genome == reference.best.genome
 
 
 def test_new_user_dfs_on_the_shipped_zoo_composes_the_experts(zoo, tmp_path):
@@ -103,7 +103,7 @@ def test_new_user_dfs_on_the_shipped_zoo_composes_the_experts(zoo, tmp_path):
     import transformers
 
     from mergekit_evolve.demo import demo_config
-    from mergekit_evolve.search.runner import make_fitness
+    from mergekit_evolve.fitness.factory import make_fitness
 
     data = demo_config(zoo, "dfs", 50, 0)
     data["optimizer"]["popsize"] = 10
@@ -124,7 +124,7 @@ def test_new_user_dfs_on_the_shipped_zoo_composes_the_experts(zoo, tmp_path):
 
     mixing = [r for r in records if models_of_layers(r) == {0, 1}]
     assert max(r["fitness"] for r in mixing) > best_source
-    assert summary["best"]["fitness"] > best_source
+    assert summary.best.fitness > best_source
     best_path = json.loads((tmp_path / "run" / "best.json").read_text())["path"]
     assert best_path["base_index"] == 0 and any(m == 1 for m, _ in best_path["hops"])  # A's embeddings, B's layers
 

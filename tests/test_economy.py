@@ -12,8 +12,11 @@ import pytest
 
 from mergekit_evolve.config import parse_config
 from mergekit_evolve.demo import demo_config
-from mergekit_evolve.search import economy, runner
-from mergekit_evolve.search.loop import LocalExecutor, evaluate_candidate, run_search
+from mergekit_evolve import runner
+from mergekit_evolve.search import economy
+from mergekit_evolve.search.executors import LocalExecutor, evaluate_candidate
+from mergekit_evolve.search.loop import run_search
+from mergekit_evolve.search.records import Best
 from mergekit_evolve.search.problems import make_problem
 from mergekit_evolve.search.rundir import RunDir
 
@@ -67,15 +70,15 @@ def test_interrupted_economy_run_resumes_to_identical_records(zoo, tmp_path, mon
     assert sorted(map(strip, cut_evals), key=key) == sorted(map(strip, ref_evals), key=key)
     assert sorted(map(strip, cut_rescored), key=key) == sorted(map(strip, ref_rescored), key=key)
     assert len(ref_rescored) == economy.FINALISTS
-    assert resumed.best == {k: summary["best"][k] for k in resumed.best}
-    assert resumed.economy.stop_reason == summary["stop_reason"]
+    assert resumed.best == Best(**{k: getattr(summary.best, k) for k in Best.model_fields})
+    assert resumed.economy.stop_reason == summary.stop_reason
     assert (tmp_path / "cut" / "best.yaml").read_text() == (tmp_path / "ref" / "best.yaml").read_text()
 
     # The search stopped itself, said why and how its numbers were obtained.
-    assert summary["stop_reason"].startswith("no better candidate in 1 generations")
-    assert summary["evaluations"] == 16  # of 20
-    assert summary["fitness_source"] == {"best.fitness": "full", "best.heldout": "no held-out split"}
-    assert summary["tokens"] == sum(r["tokens"] for r in ref_evals + ref_rescored)
+    assert summary.stop_reason.startswith("no better candidate in 1 generations")
+    assert summary.evaluations == 16  # of 20
+    assert summary.fitness_source == {"best.fitness": "full", "best.heldout": "no held-out split"}
+    assert summary.tokens == sum(r["tokens"] for r in ref_evals + ref_rescored)
     # One subsample per generation, smaller than the split; the best's fitness is a full evaluation.
     by_generation: dict[int, set] = {}
     for r in ref_evals:
@@ -83,8 +86,8 @@ def test_interrupted_economy_run_resumes_to_identical_records(zoo, tmp_path, mon
         by_generation.setdefault(r["generation"], set()).add(tuple(r["subsample"]["items"]["script"]["rows"]))
     assert all(len(rows) == 1 for rows in by_generation.values())
     assert len(next(iter(by_generation[1]))) == 12  # 20% of 40, at least 12, to start
-    full = evaluate_candidate(problem, score, summary["best"]["genome"])
-    assert summary["best"]["fitness"] == full["fitness"] == max(r["fitness"] for r in ref_rescored)
+    full = evaluate_candidate(problem, score, summary.best.genome)
+    assert summary.best.fitness == full.fitness == max(r["fitness"] for r in ref_rescored)
     assert "subsample" not in full
 
 

@@ -23,7 +23,7 @@ import yaml
 from mergekit_evolve.config import parse_config
 from mergekit_evolve.errors import InputError
 from mergekit_evolve.export.hub import UploadPlan, push_run, upload
-from mergekit_evolve.search import runner
+from mergekit_evolve import runner
 
 TESTS = Path(__file__).parent
 TOKEN = "hf_testSECRETtoken0123456789abcdef"
@@ -139,7 +139,7 @@ def runs(family, tmp_path_factory):
 
 
 def cli(*args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
-    base = {"PATH": os.environ["PATH"], "HOME": str(cwd), "HF_HOME": str(cwd / "hf-home"), "NO_PROXY": "127.0.0.1",
+    base = {"PATH": os.environ["PATH"], "PYTHONPATH": os.environ["PYTHONPATH"], "HOME": str(cwd), "HF_HOME": str(cwd / "hf-home"), "NO_PROXY": "127.0.0.1",
             "HF_HUB_DISABLE_TELEMETRY": "1"}
     return subprocess.run([sys.executable, "-m", "mergekit_evolve.cli", *args], capture_output=True, text=True,
                           cwd=cwd, env={**base, **env}, timeout=300)

@@ -18,7 +18,7 @@ from mergekit_evolve.cli import main  # noqa: E402
 from mergekit_evolve.config import parse_config  # noqa: E402
 from mergekit_evolve.errors import InputError  # noqa: E402
 from mergekit_evolve.fitness.lm_eval_tasks import LmEvalFitness  # noqa: E402
-from mergekit_evolve.search import runner  # noqa: E402
+from mergekit_evolve import runner  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +72,8 @@ def test_score_on_the_resident_model_equals_the_lm_eval_cli(family, task_dir, tm
 def test_a_search_with_lm_eval_tasks_runs_in_memory(family, task_dir, tmp_path):
     summary = runner.start(parse_config(lm_eval_config(family, task_dir)), tmp_path / "out", device="cpu",
                            progress=False, save_model=False)
-    assert summary["evaluations"] >= 4 and 0.0 <= summary["best"]["fitness"] <= 1.0
-    assert summary["selected_on"] == [{"lm_eval_task": "tiny_sums", "metric": "acc,none", "limit": None}]
+    assert summary.evaluations >= 4 and 0.0 <= summary.best.fitness <= 1.0
+    assert summary.selected_on == [{"lm_eval_task": "tiny_sums", "metric": "acc,none", "limit": None}]
 
 
 def test_unknown_lm_eval_task_is_a_clear_error(family, task_dir):
@@ -295,4 +295,4 @@ def test_a_racing_search_runs_with_lm_eval_tasks(zoo, kinds_dir, tmp_path):
                            "optimizer": {"max_evals": 8, "popsize": 4, "racing": True}, "dtype": "float32"})
     summary = runner.start(config, tmp_path / "run", device="cpu", progress=False, save_model=False)
     stages = [json.loads(line) for line in (tmp_path / "run" / "racing.jsonl").read_text().splitlines()]
-    assert summary["evaluations"] == 8 and len(stages) >= 8  # every candidate raced its first part at least
+    assert summary.evaluations == 8 and len(stages) >= 8  # every candidate raced its first part at least

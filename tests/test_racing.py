@@ -10,8 +10,9 @@ import pytest
 
 from mergekit_evolve.config import parse_config
 from mergekit_evolve.demo import demo_config
-from mergekit_evolve.search import runner
-from mergekit_evolve.search.loop import LocalExecutor, run_search
+from mergekit_evolve import runner
+from mergekit_evolve.search.executors import LocalExecutor
+from mergekit_evolve.search.loop import run_search
 from mergekit_evolve.search.problems import make_problem
 from mergekit_evolve.search.rundir import RunDir
 

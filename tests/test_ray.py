@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from mergekit_evolve.config import parse_config  # noqa: E402
-from mergekit_evolve.search import runner  # noqa: E402
+from mergekit_evolve import runner  # noqa: E402
 
 TESTS = Path(__file__).parent
 
@@ -19,7 +20,7 @@ TESTS = Path(__file__).parent
 def ray_cluster(tmp_path_factory):
     """A real local Ray cluster; workers see the test fitness module and a 'die once' flag path."""
     flag = tmp_path_factory.mktemp("ray") / "died"
-    env = {"PYTHONPATH": str(TESTS), "MKE_DIE_FLAG": str(flag)}
+    env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ["PYTHONPATH"]]), "MKE_DIE_FLAG": str(flag)}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env},
              _node_ip_address="127.0.0.1")  # loopback only: no interface lookup in sandboxes
     yield flag
@@ -57,5 +58,5 @@ def test_ray_workers_give_the_local_results(family, tmp_path, ray_cluster, monke
     assert [r["fitness"] for r in ours] == [r["fitness"] for r in theirs]
     assert all(r["error"] is None for r in theirs)
     assert len({r["worker"] for r in theirs if "worker" in r}) >= 2  # both workers did work
-    assert distributed["best"]["fitness"] == local["best"]["fitness"]
+    assert distributed.best.fitness == local.best.fitness
     assert (tmp_path / "ray" / "best.yaml").read_text() == (tmp_path / "local" / "best.yaml").read_text()

@@ -31,4 +31,6 @@ def test_zoo_recipe_decodes_to_a_mergekit_recipe(path, zoo):
     if config.space == "dfs":
         assert candidate.path.hops  # model A's own path
     else:
-        MergeConfiguration.model_validate(problem.recipe_dict(candidate))
+        from mergekit_evolve.export.artifacts import recipe_of
+
+        MergeConfiguration.model_validate(recipe_of(problem, candidate))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from mergekit.config import MergeConfiguration
 from safetensors.torch import load_file
 
 from mergekit_evolve.config import load_config, parse_config
-from mergekit_evolve.search import runner
+from mergekit_evolve import runner
 
 TESTS = Path(__file__).parent
 
@@ -60,23 +61,23 @@ def read_evals(out: Path) -> list[dict]:
 def test_run_directory_holds_every_artifact(finished_run):
     out, summary = finished_run
     evals = read_evals(out)
-    assert len(evals) == summary["evaluations"] >= 16
+    assert len(evals) == summary.evaluations >= 16
     assert {"genome", "key", "fitness", "scores", "seconds", "generation"} <= set(evals[0])
     best_fitness = max(e["fitness"] for e in evals if e["fitness"] is not None)
-    assert summary["best"]["fitness"] == best_fitness
+    assert summary.best.fitness == best_fitness
     # config.yaml is accepted by `run` as is
     assert load_config(out / "config.yaml").optimizer.max_evals == 16
     # best.yaml is a plain mergekit recipe
     MergeConfiguration.model_validate(yaml.safe_load((out / "best.yaml").read_text()))
     assert (out / "optimizer.pkl").is_file() and (out / "model" / "config.json").is_file()
-    assert summary["best"]["heldout"]["ll"] == pytest.approx(summary["best"]["scores"]["ll"])
+    assert summary.best.heldout["ll"] == pytest.approx(summary.best.scores["ll"])
 
 
 def test_fitness_improves_over_the_initial_genome(finished_run):
     out, summary = finished_run
     evals = read_evals(out)
     first_generation = [e["fitness"] for e in evals if e["generation"] == 1]
-    assert summary["best"]["fitness"] > sum(first_generation) / len(first_generation)
+    assert summary.best.fitness > sum(first_generation) / len(first_generation)
 
 
 def test_mergekit_yaml_on_best_yaml_reproduces_the_saved_model(finished_run, tmp_path):
@@ -107,7 +108,7 @@ def test_interrupted_run_resumes_to_the_same_result(family, tmp_path, monkeypatc
     ref_evals, cut_evals = read_evals(tmp_path / "ref"), read_evals(tmp_path / "cut")
     assert [e["genome"] for e in cut_evals] == [e["genome"] for e in ref_evals]  # nothing lost, nothing twice
     assert [e["fitness"] for e in cut_evals] == [e["fitness"] for e in ref_evals]
-    assert resumed["best"]["fitness"] == reference["best"]["fitness"]
+    assert resumed.best.fitness == reference.best.fitness
     assert (tmp_path / "cut" / "best.yaml").read_text() == (tmp_path / "ref" / "best.yaml").read_text()
 
 
@@ -117,11 +118,11 @@ def test_failing_candidates_are_recorded_and_the_run_goes_on(family, tmp_path):
     evals = read_evals(tmp_path / "out")
     failed = [e for e in evals if e["error"]]
     assert failed and all(e["fitness"] is None and "injected" in e["error"] for e in failed)
-    assert summary["failures"] == len(failed) and summary["best"]["fitness"] is not None
+    assert summary.failures == len(failed) and summary.best.fitness is not None
 
 
 def test_too_many_failures_end_the_run_with_a_clear_message(family, tmp_path):
-    from mergekit_evolve.search.loop import RunFailedError
+    from mergekit_evolve.errors import RunFailedError
 
     config = parse_config(
         config_dict(family, write_rows(tmp_path / "r.jsonl"), function="fitness_fns:flaky", max_failures=0)
@@ -131,7 +132,7 @@ def test_too_many_failures_end_the_run_with_a_clear_message(family, tmp_path):
 
 
 def cli(*args, cwd=None) -> subprocess.CompletedProcess:
-    env = {"PYTHONPATH": str(TESTS), "PATH": __import__("os").environ["PATH"], "HF_HUB_OFFLINE": "1", "HOME": str(cwd or TESTS)}
+    env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ["PYTHONPATH"]]), "PATH": __import__("os").environ["PATH"], "HF_HUB_OFFLINE": "1", "HOME": str(cwd or TESTS)}
     return subprocess.run(
         [sys.executable, "-m", "mergekit_evolve.cli", *args], capture_output=True, text=True, cwd=cwd, env=env
     )

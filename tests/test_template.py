@@ -12,7 +12,7 @@ from mergekit.config import MergeConfiguration
 
 from mergekit_evolve.config import load_config, parse_config
 from mergekit_evolve.errors import InputError
-from mergekit_evolve.search import runner
+from mergekit_evolve import runner
 from mergekit_evolve.space.template import TemplateSpace
 
 TESTS = Path(__file__).parent
@@ -106,7 +106,7 @@ def test_run_on_a_template_fills_in_the_same_yaml(family, tmp_path, monkeypatch)
     summary = runner.start(config, tmp_path / "out", device="cpu", progress=False, save_model=False)
     best = yaml.safe_load((tmp_path / "out" / "best.yaml").read_text())
     space = TemplateSpace(config.template)  # markers in the file's document order
-    assert best == space.fill(np.asarray(summary["best"]["genome"]))
+    assert best == space.fill(np.asarray(summary.best.genome))
     # the same YAML: markers replaced by numbers within their ranges, nothing else changed
     assert best["models"][1]["parameters"]["weight"][1] == 0.3 and best["parameters"] == {"normalize": True}
     assert 0.1 <= best["models"][0]["parameters"]["density"] <= 1.0

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from mergekit_evolve.cli import main
 from mergekit_evolve.config import parse_config
 from mergekit_evolve.errors import InputError
-from mergekit_evolve.search import runner
+from mergekit_evolve import runner
 
 TESTS = Path(__file__).parent
 
@@ -83,7 +83,7 @@ def test_max_evals_8_evaluates_8_also_after_resume(family, tmp_path, monkeypatch
     assert len(read_evals(tmp_path / "b")) == 7
     monkeypatch.delenv("MKE_INTERRUPT_AT")
     resumed = runner.resume(tmp_path / "b", progress=False)
-    assert resumed["evaluations"] == 8
+    assert resumed.evaluations == 8
     assert [e["genome"] for e in read_evals(tmp_path / "b")] == [e["genome"] for e in whole]
 
 
@@ -110,7 +110,7 @@ def id_rows(path: Path, key: str) -> Path:
 def test_models_without_tokenizer_files_run_with_a_callable_fitness(bare, tmp_path):
     config = callable_config(bare, id_rows(tmp_path / "ids.jsonl", "ids"), "fitness_fns:ids_loglik")
     summary = runner.start(parse_config(config), tmp_path / "out", device="cpu", progress=False)
-    assert summary["evaluations"] == 4 and summary["failures"] == 0 and summary["best"]["fitness"] < 0
+    assert summary.evaluations == 4 and summary.failures == 0 and summary.best.fitness < 0
     assert not (tmp_path / "out" / "model" / "tokenizer.json").exists()  # mergekit copies none: there is none
 
 
@@ -119,7 +119,7 @@ def test_perplexity_on_token_ids_needs_no_tokenizer(bare, tmp_path):
     config["fitness"] = {"tasks": [{"name": "ppl", "kind": "perplexity", "prompt_field": None,
                                     "data": str(id_rows(tmp_path / "ids.jsonl", "answer"))}]}
     summary = runner.start(parse_config(config), tmp_path / "out", device="cpu", progress=False, save_model=False)
-    assert summary["failures"] == 0 and 0 < summary["best"]["fitness"] < 1  # 1 / perplexity
+    assert summary.failures == 0 and 0 < summary.best.fitness < 1  # 1 / perplexity
 
 
 # -- 2. one failure for every candidate; an honest empty-prompt message ----------------------------

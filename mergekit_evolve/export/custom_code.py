@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ import torch
 from torch import nn
 
 from mergekit_evolve import modeling
+from mergekit_evolve.atomic import staged_folder
 from mergekit_evolve.errors import InputError
 from mergekit_evolve.modeling import LayerStackConfig, LayerStackForCausalLM
 from mergekit_evolve.modeling.modeling_layerstack import build_source_config
@@ -65,31 +64,15 @@ def custom_checkpoint_config(pool, path: DFSPath) -> tuple[LayerStackConfig, lis
     return config, layers
 
 
-def _staging_dir(out_dir: Path, overwrite: bool) -> Path:
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise InputError(f"out_dir: {out_dir} exists and is not empty; choose a new directory or pass overwrite")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-
-
-def _publish(staging: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(staging, out_dir)
-
-
 @contextlib.contextmanager
 def _staged_checkpoint(out_dir: Path, overwrite: bool, tokenizer):
-    """Yield a hidden sibling folder to write into; on success add the tokenizer and rename it into place."""
-    staging = _staging_dir(out_dir, overwrite)
-    try:
+    """Yield a hidden folder to write into; on success add the tokenizer and swap it in at ``out_dir``."""
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise InputError(f"out_dir: {out_dir} exists and is not empty; choose a new directory or pass overwrite")
+    with staged_folder(out_dir) as staging:
         yield staging
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
-        _publish(staging, out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
 
 
 def save_custom_checkpoint(

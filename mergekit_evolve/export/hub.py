@@ -24,10 +24,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-import click
 from pydantic import BaseModel
 
+from mergekit_evolve.atomic import atomic_write, staged_folder
 from mergekit_evolve.errors import InputError
+from mergekit_evolve.progress import step
+from mergekit_evolve.search.rundir import RunDir
 
 MAX_ERROR_CHARS = 400
 
@@ -81,7 +83,6 @@ def staged_upload(
     device: str = "cpu",
 ) -> Iterator[UploadPlan]:
     """Build everything to upload in a temporary folder (the run directory is only read)."""
-    from mergekit_evolve.export.final import final_stage
     from mergekit_evolve.export.model_card import build_card
     from mergekit_evolve.export.report import render_report
 
@@ -93,7 +94,7 @@ def staged_upload(
         card = build_card(root, repo_id=repo_id, fmt=fmt, results=results, base_models=base_models,
                           images=[(caption, f"report/{p.name}") for caption, p in images])
         (work / "README.md").write_text(card)
-        model_dir = _model_folder(root, final_stage(root) / "model", fmt, work / "model", device)
+        model_dir = _model_folder(root, RunDir(root).final_stage().model, fmt, work / "model", device)
         files = {**_model_files(model_dir), "README.md": work / "README.md", **image_files}
         yield UploadPlan(repo_id=repo_id, private=private, fmt=fmt, files=files)
 
@@ -104,8 +105,8 @@ def _model_folder(root: Path, saved: Path, fmt: str, scratch: Path, device: str)
     if fmt == "standard" and (saved / "config.json").is_file():
         return saved
     # custom form, or a run saved without its model (--no-save-model): build it from the run's best
-    click.echo(f"building the {fmt} checkpoint from {root / 'best.json'} ...", err=True)
-    return export_run(root, fmt=fmt, out=scratch, device=device)
+    with step(f"building the {fmt} checkpoint from {root / 'best.json'}"):
+        return export_run(root, fmt=fmt, out=scratch, device=device)
 
 
 def _model_files(model_dir: Path) -> dict[str, Path]:
@@ -123,19 +124,13 @@ def write_dry_run(plan: UploadPlan, dest: str | Path, endpoint: Optional[str] = 
     dest = Path(dest).absolute()
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise InputError(f"--dry-run: {dest} exists and is not an empty folder; choose a new folder")
-    staging = dest.with_name(f".{dest.name}.partial{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    for rel, src in plan.files.items():
-        (staging / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, staging / rel)
-    if dest.exists():
-        dest.rmdir()
-    os.replace(staging, dest)
+    with staged_folder(dest) as staging:
+        for rel, src in plan.files.items():
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, staging / rel)
     info = dest.with_name(f"{dest.name}.push.json")
     description = {"repo_id": plan.repo_id, "private": plan.private, "format": plan.fmt,
                    "endpoint": endpoint or _default_endpoint(), "files": sorted(plan.files)}
-    from mergekit_evolve.search.rundir import atomic_write
-
     atomic_write(info, json.dumps(description, indent=2) + "\n")
     return dest, info
 
@@ -238,10 +233,8 @@ def push_run(
     """Publish a run (or, with ``dry_run``, write what would be published)."""
     check_repo_id(repo_id)
     token = None if dry_run is not None else resolve_token()  # fail fast, before any heavy import
-    from mergekit_evolve.export.final import final_stage
-
     root = Path(run_dir).absolute()
-    if not (final_stage(root) / "best.json").is_file():
+    if not RunDir(root).final_stage().best_json.is_file():
         from mergekit_evolve.export.report import runs_inside
 
         raise InputError(f"RUN_DIR: {root} has no best.json; push a finished mergekit-evo run directory{runs_inside(root)}")
@@ -252,29 +245,3 @@ def push_run(
             folder, info = write_dry_run(plan, dry_run, endpoint)
             return {"dry_run": str(folder), "description": str(info), "files": sorted(plan.files)}
         return upload(plan, token=token, endpoint=endpoint)
-
-
-@click.command("push")
-@click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
-@click.option("--repo", "repo_id", required=True, help="Hub repository, user/name or org/name (created if missing).")
-@click.option("--private", is_flag=True, help="Create the repository as private.")
-@click.option("--format", "fmt", type=click.Choice(["standard", "custom"]), default="standard", show_default=True,
-              help="standard: plain checkpoint; custom: DFS layer-stack model with its code (trust_remote_code).")
-@click.option("--dry-run", "dry_run", type=click.Path(file_okay=False, path_type=Path),
-              help="Write the folder that would be uploaded to DIR (and DIR.push.json); contact nothing.")
-@click.option("--endpoint", default=None, help="Hub URL (default: $HF_ENDPOINT or https://huggingface.co).")
-@click.option("--results", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="results.json of `mergekit-evo demo` for the card's held-out comparison table.")
-@click.option("--base-model", "base_models", multiple=True,
-              help="Hub ID for the card's base_model list (repeat it; default: the source models' names).")
-@click.option("--device", default="cpu", show_default=True, help="Device for building a custom-code checkpoint.")
-def push_command(run_dir, repo_id, private, fmt, dry_run, endpoint, results, base_models, device) -> None:
-    """Upload the evolved model of RUN_DIR with a model card and the report's plots."""
-    from mergekit_evolve.cli import friendly_errors  # lazy: cli imports this module
-
-    done = friendly_errors(push_run)(run_dir, repo_id=repo_id, private=private, fmt=fmt, dry_run=dry_run,
-                                     endpoint=endpoint, results=results, base_models=base_models, device=device)
-    if "dry_run" in done:
-        click.echo(f"dry run: wrote {len(done['files'])} files to {done['dry_run']} and {done['description']}; nothing was uploaded")
-    else:
-        click.echo(f"pushed {len(done['files'])} files to {done['url']} (commit {done['commit'][:12]})")

@@ -16,7 +16,14 @@ from typing import Any, Optional
 
 import yaml
 
-from mergekit_evolve.export.report import Stage, _fmt, _is_local, load_stages, selection_text, summary_rows
+from mergekit_evolve.export.report import (
+    Stage,
+    format_score,
+    is_local_path,
+    load_stages,
+    selection_text,
+    summary_rows,
+)
 
 PAPER = "[arXiv:2403.13187](https://arxiv.org/abs/2403.13187)"
 TAGS = ["merge", "mergekit", "evolutionary-merge"]
@@ -26,7 +33,7 @@ PS_STAGE_NAME = "ps-stage-merge"  # how the PS model of a ps+dfs run appears in 
 def hub_name(ref: str) -> str:
     """A model reference as it may appear on the Hub: hub IDs as they are; a local path becomes
     ``org/name`` when it lies in the Hugging Face cache, else its folder name."""
-    if not _is_local(ref):
+    if not is_local_path(ref):
         return ref
     cached = re.search(r"models--([^/]+?)--([^/]+)/snapshots/", ref)
     if cached:
@@ -40,7 +47,7 @@ def source_refs(stages: list[Stage], root: Path) -> list[str]:
     for stage in stages:
         config = stage.config
         if stage.name == "dfs":
-            path = (stage.best or {}).get("path") or {}
+            path = (stage.best and stage.best.path) or {}
             refs += list(path.get("models") or config.dfs.models or [])
         if config.genome is not None:
             refs += list(config.genome.models) + ([config.genome.base_model] if config.genome.base_model else [])
@@ -137,7 +144,7 @@ def _default_search(method: str) -> list[str]:
 
 
 def _dfs_sentence(stage: Stage, fmt: str) -> str:
-    path = (stage.best or {}).get("path") or {}
+    path = (stage.best and stage.best.path) or {}
     n_models = len(path.get("models") or [])
     repeats = stage.config.dfs.repeats
     form = (
@@ -160,7 +167,7 @@ def _heldout_section(stages: list[Stage], root: Path, results: Optional[list[dic
     tasks = list(dict.fromkeys(t for _, scores in rows for t in scores))
     lines = ["| model | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     for name, scores in rows:
-        lines.append(f"| {name} | " + " | ".join(_fmt(scores.get(t)) for t in tasks) + " |")
+        lines.append(f"| {name} | " + " | ".join(format_score(scores.get(t)) for t in tasks) + " |")
     note = "Scores on the held-out split of each task (higher is better); it was never used to select the recipe."
     return "## Held-out scores\n\n" + note + "\n\n" + "\n".join(lines) + "\n"
 
@@ -193,11 +200,10 @@ def _recipe_section(stages: list[Stage], root: Path, fmt: str) -> str:
         label = {"ps": "Parameter-space merge", "dfs": "Data-flow path"}.get(stage.name, stage.name)
         if len(stages) > 1:
             parts.append(f"### {label}\n")
-        best = stage.best or {}
-        if "path" in best:
+        path = stage.best.path if stage.best is not None else None
+        if path is not None:
             from mergekit_evolve.space.dfs import DFSPath
 
-            path = best["path"]
             letters = ", ".join(f"{chr(65 + i)} = `{renames.get(m, m)}`" for i, m in enumerate(path["models"]))
             summary = DFSPath(hops=path["hops"], scales=path["scales"]).summary()
             parts.append(f"Path ({letters}; model letter + layer index, `*scale` where not 1):\n\n```\n{summary}\n```\n")
@@ -206,7 +212,7 @@ def _recipe_section(stages: list[Stage], root: Path, fmt: str) -> str:
             what = "the folded passthrough recipe" if stage.name == "dfs" else "the merge recipe"
             parts.append(f"mergekit YAML ({what}; `mergekit-yaml` builds the weights from it):\n\n"
                          f"```yaml\n{_yaml(recipe).rstrip()}\n```\n")
-    notes = ["Local model paths are shown as folder names."] if any(_is_local(r) for r in renames) else []
+    notes = ["Local model paths are shown as folder names."] if any(is_local_path(r) for r in renames) else []
     if len(stages) > 1:
         notes.append(f"`{PS_STAGE_NAME}` is the parameter-space merge above.")
     if notes:
@@ -276,7 +282,7 @@ def _popsize(stage: Stage) -> str:
         return str(popsize)
     if stage.best is None:
         return "default"
-    n = max(2, len(stage.best["genome"]))  # 1-gene genomes are padded to 2 for cma
+    n = max(2, len(stage.best.genome))  # 1-gene genomes are padded to 2 for cma
     return f"{4 + int(3 * math.log(n))} (4 + 3 ln {n})"
 
 

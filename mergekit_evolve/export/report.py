@@ -22,10 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import click
 import yaml
 
+from mergekit_evolve.atomic import atomic_write
 from mergekit_evolve.errors import InputError
+from mergekit_evolve.search.records import BestFile, Evaluation, Summary
+from mergekit_evolve.search.rundir import RunDir
 
 MODEL_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 STAGE_TITLES = {"ps": "parameter space (PS)", "dfs": "data-flow space (DFS)"}
@@ -39,25 +41,25 @@ class Stage:
     name: str  # "ps" or "dfs"
     path: Path
     config: Any  # EvolveConfig
-    evaluations: list[dict] = field(default_factory=list)
-    best: Optional[dict] = None  # best.json (PS: + recipe; DFS: + path)
-    summary: Optional[dict] = None  # summary.json (absent while the run is going on)
+    evaluations: list[Evaluation] = field(default_factory=list)  # in CMA-ES order (by index)
+    best: Optional[BestFile] = None  # best.json (PS: + recipe; DFS: + path)
+    summary: Optional[Summary] = None  # summary.json (absent while the run is going on)
     best_yaml: Optional[str] = None
 
     @property
     def failures(self) -> int:
-        return sum(1 for e in self.evaluations if e.get("fitness") is None)
+        return sum(1 for e in self.evaluations if e.fitness is None)
 
     @property
     def cached(self) -> int:
-        return sum(1 for e in self.evaluations if e.get("cached"))
+        return sum(1 for e in self.evaluations if e.cached)
 
     @property
     def wall_seconds(self) -> Optional[float]:
         """From summary.json; for a running search, the span of the recorded evaluations."""
-        if self.summary and self.summary.get("wall_seconds") is not None:
-            return float(self.summary["wall_seconds"])
-        times = [(e["time"], e.get("seconds") or 0.0) for e in self.evaluations if e.get("time")]
+        if self.summary:
+            return float(self.summary.wall_seconds)
+        times = [(e.time, e.seconds) for e in self.evaluations if e.time]
         if not times:
             return None
         start = min(t for t, _ in times)
@@ -65,16 +67,16 @@ class Stage:
 
     @property
     def heldout(self) -> dict[str, float]:
-        return ((self.summary or {}).get("best") or {}).get("heldout") or {}
+        return (self.summary.best.heldout if self.summary else None) or {}
 
 
 def load_stages(run_dir: str | Path) -> list[Stage]:
     """The stages of a run directory: ``[ps, dfs]`` for a ps+dfs run, else one stage."""
-    root = Path(run_dir).absolute()
-    if not (root / "config.yaml").is_file():
-        raise InputError(f"RUN_DIR: {root} has no config.yaml; pass the --out folder of a mergekit-evo run{runs_inside(root)}")
-    stages = [_load_stage(root / name, name) for name in ("ps", "dfs") if (root / name / "config.yaml").is_file()]
-    return stages or [_load_stage(root, _read_config(root / "config.yaml").space)]
+    run = RunDir(run_dir)
+    if not run.is_run():
+        raise InputError(f"RUN_DIR: {run.path} has no config.yaml; pass the --out folder of a mergekit-evo run{runs_inside(run.path)}")
+    stages = [_load_stage(stage, stage.path.name) for stage in run.staged()]
+    return stages or [_load_stage(run, _read_config(run.config).space)]
 
 
 def runs_inside(folder: Path) -> str:
@@ -83,16 +85,15 @@ def runs_inside(folder: Path) -> str:
     return f" (this folder holds {len(runs)}: {', '.join(str(p) for p in runs)})" if runs else ""
 
 
-def _load_stage(path: Path, name: str) -> Stage:
-    config = _read_config(path / "config.yaml")
+def _load_stage(run: RunDir, name: str) -> Stage:
     return Stage(
         name=name,
-        path=path,
-        config=config,
-        evaluations=_read_jsonl(path / "evaluations.jsonl"),
-        best=_read_json(path / "best.json"),
-        summary=_read_json(path / "summary.json"),
-        best_yaml=(path / "best.yaml").read_text() if (path / "best.yaml").is_file() else None,
+        path=run.path,
+        config=_read_config(run.config),
+        evaluations=sorted(run.read_evaluations(), key=lambda r: r.index),
+        best=run.read_best(),
+        summary=run.read_summary(),
+        best_yaml=run.read_best_yaml(),
     )
 
 
@@ -110,33 +111,17 @@ def _read_config(path: Path):
         raise InputError(f"{path}: not a config written by mergekit-evo ({first}); pass a run directory") from None
 
 
-def _read_json(path: Path) -> Optional[dict]:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # torn last line of a killed run
-    return sorted(records, key=lambda r: r.get("index", 0))
-
-
 def display_names(refs: list[str], run_root: Path | None = None) -> list[str]:
     """Short labels for models: folder names of local paths (made unique), hub IDs as they are."""
     names = [_short_name(r, run_root) for r in refs]
     for i, name in enumerate(names):
-        if names.count(name) > 1 and _is_local(refs[i]):
+        if names.count(name) > 1 and is_local_path(refs[i]):
             names[i] = "/".join(Path(refs[i]).parts[-2:])
     return names
 
 
 def _short_name(ref: str, run_root: Path | None) -> str:
-    if not _is_local(ref):
+    if not is_local_path(ref):
         return ref
     path = Path(ref)
     if run_root is not None and path == run_root / "ps" / "model":
@@ -144,7 +129,7 @@ def _short_name(ref: str, run_root: Path | None) -> str:
     return path.name or ref
 
 
-def _is_local(ref: str) -> bool:
+def is_local_path(ref: str) -> bool:
     return ref.startswith(("/", ".", "~")) or Path(ref).exists()
 
 
@@ -175,15 +160,15 @@ def plot_fitness(evaluations: list[dict], out: Path, title: str = "Fitness of ev
     with _style():
         fig = _figure(9, 4.8)
         ax = fig.add_subplot()
-        ok = [e for e in evaluations if e.get("fitness") is not None]
-        fresh = [e for e in ok if not e.get("cached")]
-        cached = [e for e in ok if e.get("cached")]
-        failed = [e for e in evaluations if e.get("fitness") is None]
+        ok = [e for e in evaluations if e.fitness is not None]
+        fresh = [e for e in ok if not e.cached]
+        cached = [e for e in ok if e.cached]
+        failed = [e for e in evaluations if e.fitness is None]
         if fresh:
             ax.scatter([e["index"] for e in fresh], [e["fitness"] for e in fresh], s=22, color="#1f77b4", alpha=0.75,
                        label=f"evaluated candidate ({len(fresh)})", zorder=3)
         if cached:
-            ax.scatter([e["index"] for e in cached], [e["fitness"] for e in cached], s=30, facecolors="none",
+            ax.scatter([e.index for e in cached], [e.fitness for e in cached], s=30, facecolors="none",
                        edgecolors="#7f7f7f", label=f"repeat of an earlier recipe, not re-evaluated ({len(cached)})", zorder=3)
         _plot_best_so_far(ax, evaluations)
         _plot_failures(ax, ok, failed)
@@ -205,14 +190,14 @@ def plot_fitness(evaluations: list[dict], out: Path, title: str = "Fitness of ev
 def _plot_best_so_far(ax, evaluations: list[dict]) -> None:
     xs, ys, best = [], [], None
     for e in evaluations:
-        if e.get("fitness") is not None and (best is None or e["fitness"] > best):
-            best = e["fitness"]
+        if e.fitness is not None and (best is None or e.fitness > best):
+            best = e.fitness
         if best is not None:
-            xs.append(e["index"])
+            xs.append(e.index)
             ys.append(best)
     if xs:
         ax.step(xs, ys, where="post", color="#ff7f0e", linewidth=2.2, label=f"best so far (final {ys[-1]:.4g})", zorder=4)
-        top = max((e for e in evaluations if e.get("fitness") == ys[-1]), key=lambda e: -e["index"])
+        top = max((e for e in evaluations if e.fitness == ys[-1]), key=lambda e: -e.index)
         ax.scatter([top["index"]], [top["fitness"]], marker="*", s=220, color="#ff7f0e", edgecolors="black",
                    zorder=5, label=f"best candidate (evaluation {top['index']})")
 
@@ -221,7 +206,7 @@ def _plot_failures(ax, ok: list[dict], failed: list[dict]) -> None:
     """Failed candidates have no fitness: draw them on a band just below the lowest real one."""
     if not failed:
         return
-    values = [e["fitness"] for e in ok] or [0.0]
+    values = [e.fitness for e in ok] or [0.0]
     lo, hi = min(values), max(values)
     y = lo - 0.08 * ((hi - lo) or 1.0)
     ax.scatter([e["index"] for e in failed], [y] * len(failed), marker="x", s=40, color="#d62728", linewidths=2,
@@ -231,7 +216,7 @@ def _plot_failures(ax, ok: list[dict], failed: list[dict]) -> None:
 def _mark_generations(ax, evaluations: list[dict]) -> None:
     starts = {}
     for e in evaluations:
-        starts.setdefault(e.get("generation"), e["index"])
+        starts.setdefault(e.generation, e.index)
     if 1 < len(starts) <= 60:  # beyond that the lines would hide the points
         later = [x for gen, x in starts.items() if gen != 1]
         for i, x in enumerate(later):
@@ -434,8 +419,6 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
 def render_report(run_dir: str | Path, out: str | Path | None = None) -> tuple[Path, list[tuple[str, Path]]]:
     """Write the plots and ``report.md``; returns report.md and the (caption, path) of every plot."""
-    from mergekit_evolve.search.rundir import atomic_write
-
     root = Path(run_dir).absolute()
     stages = load_stages(root)
     out = Path(out).absolute() if out else root / "report"
@@ -458,15 +441,15 @@ def stage_images(stage: Stage, out: Path, root: Path, prefix: str = "") -> list[
         stage.evaluations, out / f"{prefix}fitness.png", f"Fitness during the search: {STAGE_TITLES.get(stage.name, stage.name)}"))]
     if stage.best is None:
         return images
-    headline = f"best: evaluation {stage.best['index']}, fitness {stage.best['fitness']:.4g}"
-    if "path" in stage.best:
-        path = stage.best["path"]
+    headline = f"best: evaluation {stage.best.index}, fitness {stage.best.fitness:.4g}"
+    if stage.best.path is not None:
+        path = stage.best.path
         images.append(("Best data-flow path", plot_dfs_path(
             path, out / "dfs_path.png", f"Best DFS path: {len(path['hops'])} hops ({headline})",
             display_names(list(path["models"]), root))))
     elif stage.config.genome is not None:
         num_layers = _num_layers(stage)
-        panels = ps_parameter_table(stage.config.genome, num_layers, stage.best["genome"])
+        panels = ps_parameter_table(stage.config.genome, num_layers, stage.best.genome)
         names = display_names(list(stage.config.genome.models), root)
         images.append(("Evolved merge parameters", plot_ps_parameters(
             panels, names, out / "ps_parameters.png",
@@ -476,7 +459,7 @@ def stage_images(stage: Stage, out: Path, root: Path, prefix: str = "") -> list[
 
         space = TemplateSpace(stage.config.template)
         images.append(("Evolved template values", plot_template_values(
-            space.markers, space.values(stage.best["genome"][: space.dim]), out / "ps_template.png",
+            space.markers, space.values(stage.best.genome[: space.dim]), out / "ps_template.png",
             f"Best values of the template's marked numbers\n({headline})",
             template_labels(stage.config.template, space.markers, root))))
     return images
@@ -492,7 +475,7 @@ def _num_layers(stage: Stage) -> int:
             n = data.get("num_hidden_layers") or (data.get("text_config") or {}).get("num_hidden_layers")
             if n:
                 return int(n)
-    slices = (stage.best or {}).get("recipe", {}).get("slices") or []
+    slices = ((stage.best and stage.best.recipe) or {}).get("slices") or []
     ends = [s.get("layer_range", [0, 0])[1] for sl in slices for s in sl.get("sources", [])]
     if ends:
         return int(max(ends))
@@ -516,10 +499,10 @@ def _stage_section(stage: Stage, out: Path, images: list[tuple[str, Path]], stag
     parts.append(summary_table(stage) + "\n")
     for caption, image in images:
         parts.append(f"### {caption}\n\n![{caption}]({os.path.relpath(image, out)})\n")
-    if "path" in (stage.best or {}):
+    if stage.best is not None and stage.best.path is not None:
         from mergekit_evolve.space.dfs import DFSPath
 
-        path = stage.best["path"]
+        path = stage.best.path
         line = DFSPath(hops=path["hops"], scales=path["scales"]).summary()
         parts.append(f"Path (model letter + layer, `*scale` where not 1): `{line}`\n")
     parts.append(_recipe_section(stage))
@@ -529,7 +512,7 @@ def _stage_section(stage: Stage, out: Path, images: list[tuple[str, Path]], stag
 def _recipe_section(stage: Stage) -> str:
     if stage.best_yaml:
         return f"### Best recipe (`best.yaml`, plain mergekit YAML)\n\n```yaml\n{stage.best_yaml.rstrip()}\n```\n"
-    if stage.best is not None and "path" in stage.best:
+    if stage.best is not None and stage.best.path is not None:
         return ("### Best recipe\n\nThis path does not fold into a standard checkpoint; export it with "
                 "`mergekit-evo export RUN_DIR --format custom`.\n")
     return "### Best recipe\n\nNo successful candidate yet.\n"
@@ -540,18 +523,17 @@ def summary_rows(stage: Stage) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     best = stage.best
     if best is not None:
-        rows.append(("best fitness (selection data)", f"{best['fitness']:.4f} (evaluation {best['index']}, generation {best['generation']})"))
-        if len(best.get("scores") or {}) > 1:
-            rows.append(("fitness per task", _scores(best["scores"])))
+        rows.append(("best fitness (selection data)", f"{best.fitness:.4f} (evaluation {best.index}, generation {best.generation})"))
+        if len(best.scores) > 1:
+            rows.append(("fitness per task", _scores(best.scores)))
     else:
         rows.append(("best fitness (selection data)", "none yet"))
-    summary_best = (stage.summary or {}).get("best") or {}
     if stage.heldout:
-        rows.append(("held-out score (total)", _fmt(summary_best.get("heldout_total"))))
+        rows.append(("held-out score (total)", format_score(stage.summary.best.heldout_total)))
         rows.append(("held-out score per task", _scores(stage.heldout)))
     elif stage.summary is None:
         rows.append(("held-out score", "not yet (scored when the search finishes)"))
-    generations = len({e.get("generation") for e in stage.evaluations})
+    generations = len({e.generation for e in stage.evaluations})
     rows.append(("evaluations", f"{len(stage.evaluations)} in {generations} generation(s)"))
     rows.append(("failed evaluations", str(stage.failures)))
     rows.append(("repeated recipes (not re-evaluated)", str(stage.cached)))
@@ -577,10 +559,10 @@ def selection_text(stage: Stage) -> str:
 
 
 def _scores(scores: dict[str, float]) -> str:
-    return ", ".join(f"{k} {_fmt(v)}" for k, v in scores.items())
+    return ", ".join(f"{k} {format_score(v)}" for k, v in scores.items())
 
 
-def _fmt(value) -> str:
+def format_score(value) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
@@ -592,14 +574,3 @@ def _duration(seconds: Optional[float]) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.2f} h"
-
-
-@click.command("report")
-@click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Folder for report.md and the PNGs (default: RUN_DIR/report).")
-def report_command(run_dir: Path, out: Optional[Path]) -> None:
-    """Plot a run (fitness, evolved parameters or DFS path) and write report.md."""
-    from mergekit_evolve.cli import friendly_errors  # lazy: cli imports this module
-
-    path = friendly_errors(write_report)(run_dir, out)  # positional: no "resume" hint on Ctrl-C
-    click.echo(f"wrote {path} and {len(list(path.parent.glob('*.png')))} plot(s)")

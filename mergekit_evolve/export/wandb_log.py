@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from mergekit_evolve.errors import InputError
+from mergekit_evolve.search.records import Evaluation, Summary
 
 
 def require_wandb():
@@ -32,33 +33,31 @@ class WandbLogger:
         self.run = wandb.init(project=project, name=name, entity=entity, config=config or {}, mode=mode)
         self.best: Optional[float] = None
 
-    def log_evaluation(self, record: dict[str, Any]) -> None:
-        fitness = record.get("fitness")
+    def log_evaluation(self, record: Evaluation) -> None:
+        fitness = record.fitness
         if fitness is not None and (self.best is None or fitness > self.best):
             self.best = fitness
         data: dict[str, Any] = {
-            "generation": record.get("generation"),
+            "generation": record.generation,
             "failed": fitness is None,
-            "cached": bool(record.get("cached")),
-            "seconds": record.get("seconds"),
-            "merge_seconds": record.get("merge_seconds"),
+            "cached": record.cached,
+            "seconds": record.seconds,
+            "merge_seconds": record.merge_seconds,
+            "fitness": fitness,
+            "best_fitness": self.best,
         }
-        if fitness is not None:
-            data["fitness"] = fitness
-        if self.best is not None:
-            data["best_fitness"] = self.best
-        data.update({f"score/{task}": value for task, value in (record.get("scores") or {}).items()})
-        self.run.log({k: v for k, v in data.items() if v is not None}, step=int(record.get("index", 0)))
+        data.update({f"score/{task}": value for task, value in record.scores.items()})
+        self.run.log({k: v for k, v in data.items() if v is not None}, step=record.index)
 
-    def log_summary(self, summary: dict[str, Any]) -> None:
-        best = summary.get("best") or {}
+    def log_summary(self, summary: Summary) -> None:
+        best = summary.best
         self.run.summary.update({
-            "best_fitness": best.get("fitness"),
-            "heldout_total": best.get("heldout_total"),
-            **{f"heldout/{k}": v for k, v in (best.get("heldout") or {}).items()},
-            "evaluations": summary.get("evaluations"),
-            "failures": summary.get("failures"),
-            "wall_seconds": summary.get("wall_seconds"),
+            "best_fitness": best.fitness,
+            "heldout_total": best.heldout_total,
+            **{f"heldout/{k}": v for k, v in (best.heldout or {}).items()},
+            "evaluations": summary.evaluations,
+            "failures": summary.failures,
+            "wall_seconds": summary.wall_seconds,
         })
 
     def finish(self) -> None:

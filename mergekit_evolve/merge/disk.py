@@ -8,10 +8,7 @@ folder; a killed one leaves only that hidden ``.<name>.partial-*`` folder, never
 from __future__ import annotations
 
 import contextlib
-import os
 import random
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -23,7 +20,8 @@ from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 from pydantic import BaseModel
 
-from mergekit_evolve.merge.inmemory import _fresh_loader_cache
+from mergekit_evolve.atomic import staged_folder
+from mergekit_evolve.merge.inmemory import fresh_loader_cache
 from mergekit_evolve.merge.quiet import mergekit_torch_dtype_quiet
 
 __all__ = ["merge_to_disk"]
@@ -57,31 +55,11 @@ def merge_to_disk(
         write_model_card=write_model_card,
         quiet=True,
     )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
-    try:
-        with _fresh_loader_cache(recipe.referenced_models()), _preserved_global_rngs():
+    with staged_folder(out_dir) as partial:
+        with fresh_loader_cache(recipe.referenced_models()), _preserved_global_rngs():
             with mergekit_torch_dtype_quiet():
                 run_merge(recipe, str(partial), options=options, config_source=recipe.to_yaml())
-        _replace_dir(partial, out_dir)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
     return out_dir
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an old ``target`` is removed only once ``new`` is in place."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(target, old)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager

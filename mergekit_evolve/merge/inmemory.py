@@ -21,7 +21,7 @@ About mergekit's ``LoaderCache``: it is process-wide, keyed by model reference, 
 keep the last opened shard mapped, so a model rewritten in place in the same process could be
 served stale. This module loads the source tensors itself, once, through mergekit's own
 ``LoadTensor`` tasks, and drops the cache entries of its source models right before and right
-after that load (``_fresh_loader_cache``): the load always reads the files as they are, and no
+after that load (``fresh_loader_cache``): the load always reads the files as they are, and no
 mapped shard is left behind for a later merge in the process to trip over. Candidates only ask the
 cache for tensor *names* (mergekit's scheduler uses them to order tasks), never for data.
 """
@@ -261,7 +261,7 @@ class InMemoryMerger:
         loads = [h for h in handles if isinstance(h.task(), LoadTensor)]
         others = [h for h in handles if not isinstance(h.task(), LoadTensor)]
         device = self.device
-        with _fresh_loader_cache(self.template.referenced_models()), torch.no_grad():
+        with fresh_loader_cache(self.template.referenced_models()), torch.no_grad():
             load_run = Executor(loads, math_device=device, storage_device=device).run(quiet=True)
             values = {task: _owned(value) for task, value in load_run}
             cached = {handle: values[handle.task()] for handle in loads}
@@ -395,7 +395,7 @@ def _seeded_torch_rng(seed: int, device: torch.device) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _fresh_loader_cache(models: list[ModelReference]) -> Iterator[None]:
+def fresh_loader_cache(models: list[ModelReference]) -> Iterator[None]:
     """Make mergekit's process-wide LoaderCache read ``models`` anew, and forget them after."""
     cache = LoaderCache()
 

@@ -64,16 +64,23 @@ _LAYER_SHAPE_FIELDS = (
 
 def check_foldable(config: PretrainedConfig | dict[str, Any]) -> None:
     """Raise ``InputError`` unless DFS scales fold exactly into this architecture's weights."""
+    reason = architecture_blocker(config)
+    if reason:
+        raise InputError(reason)
+
+
+def architecture_blocker(config: PretrainedConfig | dict[str, Any]) -> str | None:
+    """Why DFS scales do not fold exactly into this architecture's weights; None when they do."""
     model_type = config.get("model_type") if isinstance(config, dict) else config.model_type
     if model_type in FOLDABLE_ARCHITECTURES:
-        return
+        return None
     if model_type in _POST_NORM:
         why = "is post-norm (the norm follows the residual add), so input scales cannot move into weights"
     elif model_type in _BRANCH_ENDS_IN_NORM:
         why = "has residual branches that end in a norm, which cancels a scaled o_proj/down_proj"
     else:
         why = f"has no verified fold of DFS scales (verified: {', '.join(FOLDABLE_ARCHITECTURES)})"
-    raise InputError(f"model_type: {model_type!r} {why}; export the layer stack with --format custom instead")
+    return f"model_type: {model_type!r} {why}; export the layer stack with --format custom instead"
 
 
 def fold_factors(scales: Sequence[float]) -> list[float]:
@@ -105,24 +112,23 @@ def _runs(path: DFSPath) -> list[_Run]:
     return runs
 
 
-def _check_path_foldable(path: DFSPath, configs: Sequence[PretrainedConfig], names: Sequence[str], base: int) -> None:
+def _path_blocker(path: DFSPath, configs: Sequence[PretrainedConfig], names: Sequence[str], base: int) -> str | None:
     if not path.hops:
-        raise InputError(
-            "path: uses no layer (every indicator <= 0); a zero-layer model has no standard checkpoint; "
-            "export it with --format custom or pick a candidate that uses layers"
-        )
+        return ("path: uses no layer (every indicator <= 0); a zero-layer model has no standard checkpoint; "
+                "export it with --format custom or pick a candidate that uses layers")
     bad = [s for s in path.scales if not s > 0]
     if bad:
-        raise InputError(f"path.scales: {bad[0]} is not > 0; only positive scales fold into weights")
+        return f"path.scales: {bad[0]} is not > 0; only positive scales fold into weights"
     for model in sorted({base, *(m for m, _ in path.hops)}):
-        check_foldable(configs[model])
+        reason = architecture_blocker(configs[model])
+        if reason:
+            return reason
         for field in _LAYER_SHAPE_FIELDS:
             ours, theirs = getattr(configs[model], field, None), getattr(configs[base], field, None)
             if ours != theirs:
-                raise InputError(
-                    f"sources[{model}]: {names[model]} differs from model A in {field} ({ours!r} vs {theirs!r}); "
-                    "a standard checkpoint has one config for all layers; export with --format custom"
-                )
+                return (f"sources[{model}]: {names[model]} differs from model A in {field} ({ours!r} vs {theirs!r}); "
+                        "a standard checkpoint has one config for all layers; export with --format custom")
+    return None
 
 
 def _checkpoint_tensor_names(checkpoint: Path) -> set[str] | None:
@@ -139,7 +145,7 @@ def _checkpoint_tensor_names(checkpoint: Path) -> set[str] | None:
     return names
 
 
-def _check_mergekit_carries_all_tensors(index: int, checkpoint: str, config: PretrainedConfig) -> None:
+def _dropped_tensors_blocker(index: int, checkpoint: str, config: PretrainedConfig) -> str | None:
     """mergekit writes only the tensors its architecture definition lists: refuse recipes that would drop some.
 
     (mergekit 0.1.5's ``llama`` definition, for one, has no bias tensors: a Llama with ``attention_bias`` or
@@ -148,17 +154,18 @@ def _check_mergekit_carries_all_tensors(index: int, checkpoint: str, config: Pre
     arch = arch_info_for_config(config)
     present = _checkpoint_tensor_names(Path(checkpoint))
     if arch is None or present is None:
-        return
+        return None
     known: set[str] = set()
     for weight in arch.all_weights(config):
         known.update([weight.name, *(weight.aliases or ()), *(weight.tied_names or ())])
     dropped = sorted(present - known)
-    if dropped:
-        raise InputError(
-            f"sources[{index}]: {checkpoint} has tensors mergekit's {config.architectures[0]} definition does not "
-            f"carry ({', '.join(dropped[:3])}{', ...' if len(dropped) > 3 else ''}); a mergekit recipe would "
-            "drop them; export with --format custom"
-        )
+    if not dropped:
+        return None
+    return (
+        f"sources[{index}]: {checkpoint} has tensors mergekit's {config.architectures[0]} definition does not "
+        f"carry ({', '.join(dropped[:3])}{', ...' if len(dropped) > 3 else ''}); a mergekit recipe would "
+        "drop them; export with --format custom"
+    )
 
 
 def _slice(model_path: str, start: int, end: int, factor: float | None) -> dict[str, Any]:
@@ -169,20 +176,28 @@ def _slice(model_path: str, start: int, end: int, factor: float | None) -> dict[
     return {"sources": [source]}
 
 
+def why_not_foldable(source_paths: Sequence[str | Path], path: DFSPath, base_index: int = 0) -> str | None:
+    """Why ``path`` has no exact standard checkpoint (one line, with the way out); None when it folds."""
+    paths = [str(Path(p).absolute()) for p in source_paths]
+    if not 0 <= base_index < len(paths):
+        return f"base_index: {base_index} is not a source index; use 0..{len(paths) - 1}"
+    configs = [AutoConfig.from_pretrained(p) for p in paths]
+    reasons = (_dropped_tensors_blocker(m, paths[m], configs[m]) for m in sorted({base_index, *(m for m, _ in path.hops)}))
+    return _path_blocker(path, configs, paths, base_index) or next((r for r in reasons if r), None)
+
+
 def fold_recipe(
     source_paths: Sequence[str | Path],
     path: DFSPath,
     base_index: int = 0,
     dtype: str = "float32",
 ) -> dict[str, Any]:
-    """A plain mergekit ``passthrough`` recipe (as a dict) equal to the scaled path."""
+    """A plain mergekit ``passthrough`` recipe (as a dict) equal to the scaled path; an ``InputError``
+    saying why when there is none (:func:`why_not_foldable`)."""
     paths = [str(Path(p).absolute()) for p in source_paths]
-    if not 0 <= base_index < len(paths):
-        raise InputError(f"base_index: {base_index} is not a source index; use 0..{len(paths) - 1}")
-    configs = [AutoConfig.from_pretrained(p) for p in paths]
-    _check_path_foldable(path, configs, paths, base_index)
-    for model in sorted({base_index, *(m for m, _ in path.hops)}):
-        _check_mergekit_carries_all_tensors(model, paths[model], configs[model])
+    reason = why_not_foldable(paths, path, base_index)
+    if reason:
+        raise InputError(reason)
     runs = _runs(path)
     slices = [_slice(paths[r.model], r.start, r.end, r.factor) for r in runs]
     base = paths[base_index]
@@ -205,7 +220,9 @@ def folded_config(pool, path: DFSPath) -> PretrainedConfig:
 
 def fold_state_dict(pool, path: DFSPath, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """State dict of the folded standard model (model A's tensor names); every tensor is a fresh copy."""
-    _check_path_foldable(path, pool.configs, pool.sources, pool.base_index)
+    reason = _path_blocker(path, pool.configs, pool.sources, pool.base_index)
+    if reason:
+        raise InputError(reason)
     state: dict[str, torch.Tensor] = {}
     for name, tensor in pool.embed_tokens.state_dict().items():
         state[f"model.embed_tokens.{name}"] = tensor.to(dtype=dtype, copy=True)
@@ -241,10 +258,12 @@ def fold_model(pool, path: DFSPath, dtype: torch.dtype = torch.float32) -> PreTr
 __all__ = [
     "BRANCH_OUTPUT_FILTERS",
     "FOLDABLE_ARCHITECTURES",
+    "architecture_blocker",
     "check_foldable",
     "fold_factors",
     "fold_model",
     "fold_recipe",
+    "why_not_foldable",
     "fold_state_dict",
     "folded_config",
 ]

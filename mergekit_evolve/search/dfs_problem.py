@@ -1,36 +1,34 @@
 """The data-flow-space problem: genome -> layer path -> layer-stack model over a shared pool.
 
 The pool is loaded once; a candidate only re-points the stack at other layers with other scales.
-``best.yaml`` is the folded ``passthrough`` recipe (an ordinary checkpoint, no custom code) when
-the architecture folds exactly; ``best.json`` always holds the path itself.
+How the genome is searched (block-path pre-scan, indicator step) is search/dfs_search.py; what the best
+path becomes on disk (the folded passthrough recipe, a standard or custom-code checkpoint) is export's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property, partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mergekit_evolve.config import EvolveConfig
+from mergekit_evolve.config import EvolveConfig, source_models
 from mergekit_evolve.errors import InputError
-from mergekit_evolve.recipe.ps import recipe_yaml
-from mergekit_evolve.search.problems import default_dtype, load_tokenizer
-from mergekit_evolve.search.rundir import RunDir, atomic_write
+from mergekit_evolve.resources import default_dtype, load_tokenizer
+from mergekit_evolve.search.cmaes import new_es
 from mergekit_evolve.space.models import inspect_models
 
 
-@dataclass
+@dataclass(frozen=True)
 class DFSCandidate:
+    """A DFS genome decoded: the layer path (hops and their input scales) and its hash."""
+
     path: Any  # mergekit_evolve.space.dfs.DFSPath
     key: str
 
 
 def dfs_models(config: EvolveConfig) -> list[str]:
-    from mergekit_evolve.config import source_models
-
     return list(config.dfs.models or source_models(config))
 
 
@@ -105,7 +103,6 @@ class DFSProblem:
         """The pre-scan of block paths, then CMA-ES with the indicators' own step (search/dfs_search.py);
         an IPOP restart starts CMA-ES again without a pre-scan."""
         from mergekit_evolve.search.dfs_search import DFSStrategy, block_paths, indicator_stds
-        from mergekit_evolve.search.loop import new_es
 
         stds = indicator_stds(self.space, opt.sigma0, self.config.dfs.indicator_flips)
         make_cma = partial(new_es, opt=opt, restart=restart, extra_options={"CMA_stds": stds} if stds else None)
@@ -120,44 +117,5 @@ class DFSProblem:
     def build(self, candidate: DFSCandidate):
         return self.pool.model(candidate.path)
 
-    def path_dict(self, candidate: DFSCandidate) -> dict[str, Any]:
-        return {
-            "models": self.models,
-            "base_index": self.base_index,
-            "hops": [list(h) for h in candidate.path.hops],
-            "scales": list(candidate.path.scales),
-        }
-
-    def recipe_dict(self, candidate: DFSCandidate) -> dict[str, Any]:
-        """The folded passthrough recipe (raises InputError where folding is not exact)."""
-        from mergekit_evolve.recipe.fold import fold_recipe
-
-        return fold_recipe(self.models, candidate.path, base_index=self.base_index, dtype=self.dtype)
-
-    def write_best(self, candidate: DFSCandidate, run_dir: RunDir, info: dict) -> None:
-        run_dir.write_json(run_dir.best_json, {**info, "path": self.path_dict(candidate)})
-        try:
-            recipe = self.recipe_dict(candidate)
-        except InputError:
-            return  # not foldable (or empty path): best.json still has the path; export --format custom
-        header = (
-            f"Evolved by mergekit-evo (DFS): fitness {info['fitness']:.4f} at evaluation {info['index']}.\n"
-            f"{len(candidate.path.hops)} hops; data-flow scales folded into o_proj/down_proj.\n"
-            "Build the standard checkpoint: mergekit-yaml best.yaml OUT"
-        )
-        atomic_write(run_dir.best_yaml, recipe_yaml(recipe, header))
-
-    def save_model(self, candidate: DFSCandidate, out_dir: Path) -> Path:
-        """Standard checkpoint when the fold is exact, else the custom-code checkpoint.
-
-        The folded checkpoint is written from the pool directly; it equals what ``mergekit-yaml
-        best.yaml`` writes tensor for tensor (tested), and also works for Qwen2, whose depth-changing
-        passthrough merges mergekit 0.1.5 cannot save (it leaves ``layer_types`` at the old length).
-        """
-        from mergekit_evolve.export.custom_code import save_custom_checkpoint, save_folded_checkpoint
-
-        try:
-            self.recipe_dict(candidate)
-        except InputError:
-            return save_custom_checkpoint(self.pool, candidate.path, out_dir)
-        return save_folded_checkpoint(self.pool, candidate.path, out_dir)
+    def close(self) -> None:
+        self._pool = None

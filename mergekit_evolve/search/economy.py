@@ -36,6 +36,7 @@ import numpy as np
 
 from mergekit_evolve.errors import InputError
 from mergekit_evolve.fitness.evaluator import Subsample
+from mergekit_evolve.search.records import Evaluation, RowResults, SubsampleResults
 
 START_FRACTION = 0.2  # of the fitness rows, in the first generation
 MIN_ROWS = 12  # per task: fewer cannot rank anything
@@ -69,20 +70,20 @@ class Economy:
         return EconomyState(fraction=min(1.0, max(START_FRACTION, MIN_ROWS / smallest)))
 
     # -- during the search ------------------------------------------------------------------------
-    def part(self, state: EconomyState, generation: int, records: Iterable[dict]) -> Optional[Subsample]:
+    def part(self, state: EconomyState, generation: int, records: Iterable[Evaluation]) -> Optional[Subsample]:
         """The rows of this generation (None: all of them), from the earlier generations' records only
         (a resumed generation must choose what the interrupted one chose)."""
         if state.fraction >= 1.0:
             return None
-        earlier = sorted((r for r in records if r["generation"] < generation and r.get("fitness") is not None),
-                         key=lambda r: r["index"])
-        last = [i for i, r in enumerate(earlier) if r["generation"] == generation - 1]
+        earlier = sorted((r for r in records if r.generation < generation and r.fitness is not None),
+                         key=lambda r: r.index)
+        last = [i for i, r in enumerate(earlier) if r.generation == generation - 1]
         rng = random.Random(self.seed * 100_003 + generation)
         chosen = []
         for task, n in self.num_rows.items():
             k = min(n, max(MIN_ROWS, round(state.fraction * n)))
             informative: list[int] = []
-            if last and any(r.get("subsample") for r in earlier):
+            if last and any(r.subsample for r in earlier):
                 theta, b = fit_rasch(earlier, task, n)
                 p = _sigmoid(theta[last][:, None] - b[None, :])
                 information = (p * (1 - p)).mean(axis=0)
@@ -95,7 +96,8 @@ class Economy:
     def should_stop(self, state: EconomyState) -> bool:
         return state.stop_reason is not None
 
-    def after_generation(self, state: EconomyState, generation: int, generation_records: list[dict], all_records: Iterable[dict]) -> None:
+    def after_generation(self, state: EconomyState, generation: int, generation_records: list[Evaluation],
+                         all_records: Iterable[Evaluation]) -> None:
         """Grow the subsample and check for stagnation, from the records only."""
         state.fractions.append(state.fraction)
         # The first generation's rows are a random draw, mostly rows nobody answers yet: its few split
@@ -107,82 +109,82 @@ class Economy:
                 state.fraction = min(1.0, state.fraction * growth)
         if self.stops:
             best = self.ranked(all_records)
-            if best and generation - best[0]["generation"] >= PATIENCE:
+            if best and generation - best[0].generation >= PATIENCE:
                 state.stop_reason = (
-                    f"no better candidate in {PATIENCE} generations (best from generation {best[0]['generation']})"
+                    f"no better candidate in {PATIENCE} generations (best from generation {best[0].generation})"
                 )
 
     # -- estimates ----------------------------------------------------------------------------------
-    def ranked(self, records: Iterable[dict]) -> list[dict]:
+    def ranked(self, records: Iterable[Evaluation]) -> list[Evaluation]:
         """Scored records, best first by estimated full-split fitness (ties: earlier candidate), each
         with ``estimate`` and ``estimate_source`` added."""
-        scored = sorted((r for r in records if r.get("fitness") is not None), key=lambda r: r["index"])
+        scored = sorted((r for r in records if r.fitness is not None), key=lambda r: r.index)
         if not scored:
             return []
-        out = [{**record, "estimate": value, "estimate_source": source}
+        out = [record.model_copy(update={"estimate": value, "estimate_source": source})
                for record, (value, source) in zip(scored, self.estimates(scored))]
-        return sorted(out, key=lambda r: (-r["estimate"], r["index"]))
+        return sorted(out, key=lambda r: (-r.estimate, r.index))
 
-    def estimates(self, records: list[dict]) -> list[tuple[float, str]]:
-        if not any(r.get("subsample") for r in records):
-            return [(r["fitness"], "full") for r in records]
+    def estimates(self, records: list[Evaluation]) -> list[tuple[float, str]]:
+        if not any(r.subsample for r in records):
+            return [(r.fitness, "full") for r in records]
         per_task = {task: rasch_accuracy(records, task, n) for task, n in self.num_rows.items()}
         weight_sum = sum(self.weights[t] for t in per_task)
         out = []
         for i, record in enumerate(records):
-            if not record.get("subsample"):
-                out.append((record["fitness"], "full"))
+            if not record.subsample:
+                out.append((record.fitness, "full"))
                 continue
             value = sum(self.weights[t] * per_task[t][i] for t in per_task) / weight_sum
             out.append((float(value), "estimate (Rasch, " + subsample_label(record) + ")"))
         return out
 
-    def finalists(self, records: Iterable[dict]) -> list[dict]:
+    def finalists(self, records: Iterable[Evaluation]) -> list[Evaluation]:
         """The ``FINALISTS`` best distinct candidates by estimate (None when nothing was subsampled)."""
         records = list(records)
-        if not any(r.get("subsample") for r in records):
+        if not any(r.subsample for r in records):
             return []
         chosen, keys = [], set()
         for record in self.ranked(records):
-            if record.get("error") is None and record["key"] not in keys:
+            if not record.failed and record.key not in keys:
                 chosen.append(record)
-                keys.add(record["key"])
+                keys.add(record.key)
             if len(chosen) == FINALISTS:
                 break
         return chosen
 
 
-def split_rows(records: list[dict]) -> int:
+def split_rows(records: list[Evaluation]) -> int:
     """Rows (over all tasks) on which the generation's candidates did not all answer alike."""
     answers: dict[tuple[str, int], set] = {}
     for record in records:
-        for task, items in (record.get("subsample") or {}).get("items", {}).items():
-            for row, correct in zip(items["rows"], items["correct"]):
+        for task, items in (record.subsample.items if record.subsample else {}).items():
+            for row, correct in zip(items.rows, items.correct):
                 answers.setdefault((task, row), set()).add(correct)
     return sum(len(seen) > 1 for seen in answers.values())
 
 
-def subsample_label(record: dict) -> str:
-    items = record["subsample"]["items"]
-    return "subsample " + ", ".join(f"{len(v['rows'])} of {record['subsample']['of'][t]}" for t, v in items.items())
+def subsample_label(record: Evaluation) -> str:
+    sample = record.subsample
+    return "subsample " + ", ".join(f"{len(v.rows)} of {sample.of[t]}" for t, v in sample.items.items())
 
 
-def item_results(sample: Subsample, num_rows: dict[str, int], correct: dict[str, list[bool]]) -> dict:
+def item_results(sample: Subsample, num_rows: dict[str, int], correct: dict[str, list[bool]]) -> SubsampleResults:
     """What a subsampled evaluation records: which rows it saw and which it got right ("1"/"0")."""
-    return {
-        "of": dict(num_rows),
-        "items": {task: {"rows": list(sample.of(task)), "correct": "".join("1" if c else "0" for c in values)}
-                  for task, values in correct.items()},
-    }
+    return SubsampleResults(
+        of=dict(num_rows),
+        items={task: RowResults(rows=list(sample.of(task)), correct="".join("1" if c else "0" for c in values))
+               for task, values in correct.items()},
+    )
 
 
-def rasch_accuracy(records: list[dict], task: str, n_rows: int) -> list[float]:
+def rasch_accuracy(records: list[Evaluation], task: str, n_rows: int) -> list[float]:
     """Predicted accuracy on all ``n_rows`` rows of ``task`` for every record."""
     theta, b = fit_rasch(records, task, n_rows)
     return list(_sigmoid(theta[:, None] - b[None, :]).mean(axis=1))
 
 
-def fit_rasch(records: list[dict], task: str, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+def fit_rasch(records: list[Evaluation], task: str, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
     """MAP Rasch fit: one ability per record, one difficulty per row of ``task``.
 
     Records scored in full enter with every row; subsampled ones with the rows they saw.
@@ -190,14 +192,14 @@ def fit_rasch(records: list[dict], task: str, n_rows: int) -> tuple[np.ndarray, 
     y = np.zeros((len(records), n_rows))
     seen = np.zeros((len(records), n_rows))
     for i, record in enumerate(records):
-        items = (record.get("subsample") or {}).get("items", {}).get(task)
+        items = record.subsample.items.get(task) if record.subsample else None
         if items is not None:
-            rows = np.asarray(items["rows"], dtype=int)
-            y[i, rows] = [c == "1" for c in items["correct"]]
+            rows = np.asarray(items.rows, dtype=int)
+            y[i, rows] = [c == "1" for c in items.correct]
             seen[i, rows] = 1.0
-        elif record.get("subsample") is None and task in record.get("scores", {}):
+        elif record.subsample is None and task in record.scores:
             # A full score without per-row results: spread it evenly (the rows' mean is what counts).
-            y[i, :] = record["scores"][task]
+            y[i, :] = record.scores[task]
             seen[i, :] = 1.0
     return _fit_rasch(y, seen)
 
@@ -220,17 +222,17 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def describe(record: dict) -> str:
+def describe(record: Evaluation) -> str:
     """How a record's fitness was obtained, for summaries."""
-    if record.get("subsample"):
+    if record.subsample:
         return subsample_label(record)
-    if record.get("racing") and record["racing"].get("stopped_at") is not None:
-        return f"racing estimate ({record['racing']['fraction']:.3g} of the rows)"
+    if record.racing and record.racing.stopped_at is not None:
+        return f"racing estimate ({record.racing.fraction:.3g} of the rows)"
     return "full"
 
 
-def tokens_of(records: Iterable[dict]) -> int:
-    return int(sum(r.get("tokens") or 0 for r in records))
+def tokens_of(records: Iterable[Evaluation]) -> int:
+    return int(sum(r.tokens for r in records))
 
 
 def check_economy(mode: str, fitness) -> None:

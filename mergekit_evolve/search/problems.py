@@ -1,92 +1,55 @@
 """Search problems: a search space bound to the engine that turns its genomes into models.
 
 ``PSProblem``: genome -> mergekit recipe -> in-memory merge (one resident model).
-``DFSProblem``: genome -> layer path -> layer-stack model over a shared pool (no weight copies).
-Both write ``best.yaml`` as a plain mergekit recipe (DFS: the folded passthrough recipe).
+``TemplateProblem``: the same, for a mergekit YAML with ``{evolve: [lo, hi]}`` markers.
+``DFSProblem`` (search/dfs_problem.py): genome -> layer path -> layer-stack model over a shared pool.
+``make_problem`` picks one from ``PROBLEMS`` by the config. What a best candidate becomes on disk
+(best.yaml, the merged model) is export's job: ``export/artifacts.py``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from mergekit_evolve.config import EvolveConfig
+from mergekit_evolve.config import EvolveConfig, OptimizerConfig
 from mergekit_evolve.errors import InputError
-from mergekit_evolve.recipe.ps import ps_recipe, recipe_hash, recipe_yaml, to_merge_config
-from mergekit_evolve.search.rundir import RunDir, atomic_write
-from mergekit_evolve.space.models import check_causal_lm, check_same_shape, has_tokenizer_files, inspect_models
+from mergekit_evolve.recipe.ps import ps_recipe, recipe_hash, to_merge_config
+from mergekit_evolve.resources import default_dtype, load_tokenizer, tokenizer_donor
+from mergekit_evolve.search.cmaes import new_es
+from mergekit_evolve.space.models import check_causal_lm, check_same_shape, inspect_models, io_weight_names
 from mergekit_evolve.space.ps import PSSpace
 
 
-@dataclass
+@dataclass(frozen=True)
 class PSCandidate:
+    """A PS genome decoded: the mergekit recipe (a dict of mergekit's YAML) and its hash."""
+
     recipe: dict[str, Any]
     key: str
 
 
-def resolve_device(device: str) -> str:
-    import torch
+class Problem(Protocol):
+    """A search space bound to the engine that turns its genomes into models (PS: mergekit, DFS: a
+    layer stack). It only searches: what the best candidate becomes on disk is export's job."""
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        from mergekit_evolve.errors import InputError
+    dim: int
+    device: str
+    dtype: str
+    config: EvolveConfig
 
-        raise InputError(f"--device: {device} requested but no CUDA GPU is visible; use --device cpu or auto")
-    return device
-
-
-def default_dtype(config_dtype: str | None, source_dtype: str | None, device: str) -> str:
-    """The dtype a problem merges and evaluates in: the config's if it names one; else bfloat16 on a
-    CUDA device (half the memory and traffic of float32, the dtype GPU kernels are fastest in); else the
-    sources' dtype (on CPU bfloat16 matmuls are slow and rounding would change the CPU results)."""
-    if config_dtype:
-        return config_dtype
-    if str(device).split(":")[0] == "cuda":
-        return "bfloat16"
-    return source_dtype or "float32"
-
-
-def load_tokenizer(ref: str):
-    """The tokenizer of model ``ref``, or None when its folder has no tokenizer files.
-
-    None is fine for a fitness that needs no tokenizer (callables, perplexity on token ids);
-    ``runner.make_fitness`` turns it into an input error naming the folder for every other one.
-    """
-    import transformers
-
-    if not has_tokenizer_files(ref):
-        return None
-    try:
-        return transformers.AutoTokenizer.from_pretrained(ref)
-    except Exception as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise InputError(
-            f"tokenizer: cannot load the tokenizer of {ref} ({first[:160]}); set tokenizer_source to a model "
-            "folder with a working tokenizer, or fix the tokenizer files there"
-        ) from None
-
-
-def tokenizer_donor(tokenizer_source: str | None, base_model: str | None, models: list[str]) -> str:
-    """The model whose tokenizer the fitness uses: ``tokenizer_source`` if it names a model, else the
-    base model, else the first model (mergekit's ``base``/``union`` keep the base's tokens)."""
-    if tokenizer_source and tokenizer_source not in ("base", "union"):
-        return tokenizer_source
-    return base_model or models[0]
-
-
-def io_weight_names(ref: str) -> tuple[list[str], list[str]]:
-    """mergekit's names of the tensors before the layers (embeddings) and after them (final norm, lm_head)."""
-    import transformers
-    from mergekit.architecture import arch_info_for_config
-
-    config = transformers.AutoConfig.from_pretrained(ref)
-    module = next(iter(arch_info_for_config(config).modules.values())).architecture
-    return [w.name for w in module.pre_weights(config)], [w.name for w in module.post_weights(config)]
+    @property
+    def tokenizer_ref(self) -> str: ...  # the model whose tokenizer the fitness uses
+    @property
+    def tokenizer(self) -> Any: ...  # that tokenizer, or None when the folder has no tokenizer files
+    def x0(self, random: bool = False, seed: int = 0) -> np.ndarray: ...
+    def new_optimizer(self, x0: np.ndarray, opt: OptimizerConfig, restart: int = 0) -> Any: ...  # ask/tell
+    def decode(self, genome: np.ndarray) -> Any: ...  # a candidate with a ``key``: equal keys score equally
+    def build(self, candidate: Any) -> Any: ...  # a model ready for the fitness
+    def close(self) -> None: ...
 
 
 class PSProblem:
@@ -133,29 +96,11 @@ class PSProblem:
         recipe = ps_recipe(self.space, np.asarray(genome)[: self.dim], self.dtype)
         return PSCandidate(recipe=recipe, key=recipe_hash(recipe))
 
-    def recipe_dict(self, candidate: PSCandidate) -> dict[str, Any]:
-        return candidate.recipe
+    def new_optimizer(self, x0: np.ndarray, opt: OptimizerConfig, restart: int = 0):
+        return new_es(x0, opt, restart)
 
     def build(self, candidate: PSCandidate):
         return self.merger.merge(to_merge_config(candidate.recipe))
-
-    def recipe_header(self, info: dict) -> str:
-        return (
-            f"Evolved by mergekit-evo (PS, {self.space.genome.merge_method}): fitness {info['fitness']:.4f} "
-            f"at evaluation {info['index']} (generation {info['generation']}).\n"
-            f"Reproduce the weights: mergekit-yaml best.yaml OUT --random-seed {self.config.merge_seed}"
-        )
-
-    def write_best(self, candidate: PSCandidate, run_dir: RunDir, info: dict) -> None:
-        atomic_write(run_dir.best_yaml, recipe_yaml(candidate.recipe, self.recipe_header(info)))
-        run_dir.write_json(run_dir.best_json, {**info, "recipe": candidate.recipe})
-
-    def save_model(self, candidate: PSCandidate, out_dir: Path) -> Path:
-        from mergekit_evolve.merge import merge_to_disk
-
-        return merge_to_disk(
-            to_merge_config(candidate.recipe), out_dir, device=self.device, random_seed=self.config.merge_seed
-        )
 
     def close(self) -> None:
         self._merger = None
@@ -198,19 +143,27 @@ class TemplateProblem(PSProblem):
             recipe["dtype"] = self._fill_dtype
         return PSCandidate(recipe=recipe, key=recipe_hash(recipe))
 
-    def recipe_header(self, info: dict) -> str:
-        return (
-            f"Evolved by mergekit-evo from a template: fitness {info['fitness']:.4f} at evaluation {info['index']}.\n"
-            f"Reproduce the weights: mergekit-yaml best.yaml OUT --random-seed {self.config.merge_seed}"
-        )
+
+def _dfs_problem(config: EvolveConfig, device: str) -> Problem:
+    from mergekit_evolve.search.dfs_problem import DFSProblem  # loads the layer-stack code only for DFS
+
+    return DFSProblem(config, device)
 
 
-def make_problem(config: EvolveConfig, device: str = "cpu"):
-    """The problem for a config's (first) stage."""
+PROBLEMS: dict[str, Callable[[EvolveConfig, str], Problem]] = {
+    "ps": PSProblem,
+    "template": TemplateProblem,
+    "dfs": _dfs_problem,
+}
+
+
+def problem_kind(config: EvolveConfig) -> str:
+    """Which problem searches a config's (first) stage: ``dfs``, ``template`` or ``ps``."""
     if config.space == "dfs":
-        from mergekit_evolve.search.dfs_problem import DFSProblem
+        return "dfs"
+    return "template" if config.template is not None else "ps"
 
-        return DFSProblem(config, device)
-    if config.template is not None:
-        return TemplateProblem(config, device)
-    return PSProblem(config, device)
+
+def make_problem(config: EvolveConfig, device: str = "cpu") -> Problem:
+    """The problem for a config's (first) stage."""
+    return PROBLEMS[problem_kind(config)](config, device)

@@ -24,6 +24,7 @@ from typing import Callable, Iterator, Optional
 
 from mergekit_evolve.config import RacingConfig
 from mergekit_evolve.errors import InputError
+from mergekit_evolve.search.records import Outcome, RacingProgress
 
 
 def check_racing(racing: RacingConfig, fitness) -> None:
@@ -54,13 +55,13 @@ class Tally:
     merge_seconds: float = 0.0
     stages: int = 0
 
-    def add(self, result: dict) -> None:
-        for task, n in result["rows"].items():
-            self.correct[task] = self.correct.get(task, 0.0) + result["scores"][task] * n
+    def add(self, result: Outcome) -> None:
+        for task, n in (result.rows or {}).items():
+            self.correct[task] = self.correct.get(task, 0.0) + result.scores[task] * n
             self.rows[task] = self.rows.get(task, 0) + n
-        self.tokens += result.get("tokens", 0)
-        self.seconds += result.get("seconds", 0.0)
-        self.merge_seconds += result.get("merge_seconds", 0.0)
+        self.tokens += result.tokens
+        self.seconds += result.seconds
+        self.merge_seconds += result.merge_seconds or 0.0
         self.stages += 1
 
     def scores(self) -> dict[str, float]:
@@ -81,7 +82,7 @@ class Tally:
         return z * math.sqrt(variance)
 
 
-Evaluate = Callable[[list], Iterator[tuple]]  # jobs (with .part) -> (job, result) as they finish
+Evaluate = Callable[[list], Iterator[tuple]]  # jobs (with .part) -> (job, Outcome) as they finish
 
 
 def race(
@@ -102,9 +103,9 @@ def race(
         staged = [replace(job, part=(lo, hi), stage=stage) for job in alive]
         failed = set()
         for job, result in evaluate(staged):
-            if result.get("error") is not None:
+            if result.failed:
                 failed.add(job.candidate)
-                yield job, {**result, "racing": _progress(tallies[job.candidate], total_rows, stage)}
+                yield job, result.model_copy(update={"racing": _progress(tallies[job.candidate], total_rows, stage)})
             else:
                 tallies[job.candidate].add(result)
         alive = [job for job in alive if job.candidate not in failed]
@@ -132,28 +133,18 @@ def _stopped(alive, tallies, keep, weights, total_rows, z) -> set[int]:
     return {c for c, (_, upper) in bounds.items() if upper < threshold}
 
 
-def _progress(tally: Tally, total_rows: dict[str, int], stopped_at: Optional[int]) -> dict:
+def _progress(tally: Tally, total_rows: dict[str, int], stopped_at: Optional[int]) -> RacingProgress:
     fraction = sum(tally.rows.values()) / sum(total_rows.values())
-    return {"fraction": round(fraction, 6), "stopped_at": stopped_at, "stages": tally.stages}
+    return RacingProgress(fraction=round(fraction, 6), stopped_at=stopped_at, stages=tally.stages)
 
 
-def _final(tally: Tally, weights, total_rows, stopped_at: Optional[int]) -> dict:
-    return {
-        "fitness": tally.estimate(weights),
-        "scores": tally.scores(),
-        "time": time.time(),
-        "cached": False,
-        "error": None,
-        "tokens": tally.tokens,
-        "seconds": round(tally.seconds, 4),
-        "merge_seconds": round(tally.merge_seconds, 4),
-        "racing": _progress(tally, total_rows, stopped_at),
-    }
-
-
-def is_complete(record: dict) -> bool:
-    """Scored on every fitness row (not stopped early by racing, not on an economy subsample): safe to
-    reuse for equal recipes and to become the best."""
-    if record.get("subsample") is not None:
-        return False
-    return record.get("racing") is None or record["racing"]["stopped_at"] is None
+def _final(tally: Tally, weights, total_rows, stopped_at: Optional[int]) -> Outcome:
+    return Outcome(
+        fitness=tally.estimate(weights),
+        scores=tally.scores(),
+        time=time.time(),
+        tokens=tally.tokens,
+        seconds=round(tally.seconds, 4),
+        merge_seconds=round(tally.merge_seconds, 4),
+        racing=_progress(tally, total_rows, stopped_at),
+    )

@@ -1,17 +1,24 @@
 """The run directory: the single source of truth of a run, safe to kill at any instant.
 
     config.yaml          resolved config (``mergekit-evo run`` accepts it as is)
+    run.json             how the run was started (device, whether to save the model)
     evaluations.jsonl    one line per evaluated candidate, appended and fsynced
     racing.jsonl         racing only: one line per candidate and stage (a resumed generation skips them)
     rescored.jsonl       economy only: the finalists' full-split scores (search/economy.py)
     optimizer.pkl        CMA-ES state + counters after the last completed generation
     best.yaml / best.json   best recipe so far (plain mergekit YAML) and its numbers
+    summary.json         the finished search
     model/               the merged best model (at the end)
     .lock                held (flock) by the process that runs the search
 
-Every file except evaluations.jsonl is written to a temporary name and renamed into place, so a
-reader (or a resumed run) sees either the old or the new version, never half of one. A torn last
-line of a .jsonl file (killed mid-append) is dropped on load.
+A ``ps+dfs`` run keeps each stage as a complete run directory of its own in ``ps/`` and ``dfs/``; the
+DFS stage's best is the run's result (``final_stage``), and best.yaml / best.json / summary.json are
+copied up to the top.
+
+Every file except the .jsonl files is written to a temporary name and renamed into place, so a reader
+(or a resumed run) sees either the old or the new version, never half of one. A torn last line of a
+.jsonl file (killed mid-append) is ignored by every reader and cut off by the process that takes the
+lock, before it appends again. Records are the typed values of ``search.records``.
 """
 
 from __future__ import annotations
@@ -20,21 +27,18 @@ import fcntl
 import json
 import os
 import pickle
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, TypeVar
 
+from pydantic import BaseModel
+
+from mergekit_evolve.atomic import atomic_write
 from mergekit_evolve.errors import InputError
+from mergekit_evolve.search.records import BestFile, Evaluation, Record, RunInfo, StageResult, Summary
 
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    mode = "wb" if isinstance(data, bytes) else "w"
-    with open(tmp, mode) as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+STAGES = ("ps", "dfs")  # the stages of a ps+dfs run, in order
+R = TypeVar("R", bound=BaseModel)
 
 
 class RunDir:
@@ -44,14 +48,44 @@ class RunDir:
 
     # -- layout ----------------------------------------------------------------------------------
     config = property(lambda self: self.path / "config.yaml")
+    info = property(lambda self: self.path / "run.json")
     evaluations = property(lambda self: self.path / "evaluations.jsonl")
-    stages = property(lambda self: self.path / "racing.jsonl")
+    racing = property(lambda self: self.path / "racing.jsonl")
     rescored = property(lambda self: self.path / "rescored.jsonl")
     state = property(lambda self: self.path / "optimizer.pkl")
     best_yaml = property(lambda self: self.path / "best.yaml")
     best_json = property(lambda self: self.path / "best.json")
     model = property(lambda self: self.path / "model")
     summary = property(lambda self: self.path / "summary.json")
+
+    def is_run(self) -> bool:
+        return self.config.is_file()
+
+    # -- the stages of a ps+dfs run ----------------------------------------------------------------
+    def stage(self, name: str) -> RunDir:
+        """The run directory of one stage of a ps+dfs run (created on first use)."""
+        if name not in STAGES:
+            raise ValueError(f"internal: unknown stage {name!r}")
+        stage = RunDir(self.path / name)
+        stage.path.mkdir(exist_ok=True)
+        return stage
+
+    def staged(self) -> list[RunDir]:
+        """The stages this folder holds (``[ps, dfs]`` for a ps+dfs run), or none."""
+        return [RunDir(self.path / name) for name in STAGES if (self.path / name / "config.yaml").is_file()]
+
+    def final_stage(self) -> RunDir:
+        """The run directory whose best is the run's result (``dfs/`` of a ps+dfs run, else this one)."""
+        stages = self.staged()
+        return stages[-1] if stages else self
+
+    def publish_final(self, summary: Summary) -> None:
+        """A ps+dfs run: copy the final stage's best files up and write the combined summary."""
+        final = self.final_stage()
+        for name in ("best.yaml", "best.json"):
+            if (final.path / name).exists():
+                shutil.copyfile(final.path / name, self.path / name)
+        self.write_summary(summary)
 
     # -- creation and locking ----------------------------------------------------------------------
     def prepare(self, *, fresh: bool, force: bool = False) -> None:
@@ -93,6 +127,15 @@ class RunDir:
         self._lock_fd = fd
         for stale in [*self.path.glob(".*.tmp*"), *self.path.glob(".write-test*")]:  # left by a killed process
             stale.unlink(missing_ok=True)
+        self.repair()
+
+    def repair(self) -> None:
+        """Cut a torn last line (a process killed mid-append) off every run file, before appending."""
+        for path in (self.evaluations, self.racing, self.rescored):
+            good = _complete_prefix(path)
+            if good is not None:
+                with open(path, "r+b") as f:
+                    f.truncate(good)
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
@@ -101,31 +144,57 @@ class RunDir:
             self._lock_fd = None
 
     def clear(self) -> None:
-        import shutil
-
         for child in self.path.iterdir():
             if child.name == ".lock":
                 continue
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
 
-    # -- evaluations ---------------------------------------------------------------------------
-    def append_evaluation(self, record: dict[str, Any]) -> None:
+    # -- records -----------------------------------------------------------------------------------
+    def append_evaluation(self, record: Evaluation) -> None:
         _append_jsonl(self.evaluations, record)
 
-    def read_evaluations(self) -> list[dict[str, Any]]:
-        return _read_jsonl(self.evaluations)
+    def read_evaluations(self) -> list[Evaluation]:
+        """In the order they were recorded (completion order); ``index`` gives the CMA-ES order."""
+        return read_jsonl(self.evaluations, Evaluation)
 
-    def append_stage(self, record: dict[str, Any]) -> None:
-        _append_jsonl(self.stages, record)
+    def append_stage(self, record: StageResult) -> None:
+        _append_jsonl(self.racing, record)
 
-    def read_stages(self) -> list[dict[str, Any]]:
-        return _read_jsonl(self.stages)
+    def read_stages(self) -> list[StageResult]:
+        return read_jsonl(self.racing, StageResult)
 
-    def append_rescored(self, record: dict[str, Any]) -> None:
+    def append_rescored(self, record: Evaluation) -> None:
         _append_jsonl(self.rescored, record)
 
-    def read_rescored(self) -> list[dict[str, Any]]:
-        return _read_jsonl(self.rescored)
+    def read_rescored(self) -> list[Evaluation]:
+        return read_jsonl(self.rescored, Evaluation)
+
+    def write_best(self, best: BestFile, recipe_yaml: Optional[str]) -> None:
+        """best.json, and best.yaml when the best has a mergekit recipe (a DFS path that does not fold has none)."""
+        self._write_record(self.best_json, best)
+        if recipe_yaml is not None:
+            atomic_write(self.best_yaml, recipe_yaml)
+
+    def read_best(self) -> Optional[BestFile]:
+        return _read_record(self.best_json, BestFile)
+
+    def read_best_yaml(self) -> Optional[str]:
+        return self.best_yaml.read_text() if self.best_yaml.is_file() else None
+
+    def write_summary(self, summary: Summary) -> None:
+        self._write_record(self.summary, summary)
+
+    def read_summary(self) -> Optional[Summary]:
+        return _read_record(self.summary, Summary)
+
+    def write_info(self, info: RunInfo) -> None:
+        self._write_record(self.info, info)
+
+    def read_info(self) -> RunInfo:
+        return _read_record(self.info, RunInfo) or RunInfo()
+
+    def write_config(self, config_yaml: str) -> None:
+        atomic_write(self.config, config_yaml)
 
     # -- optimiser state ---------------------------------------------------------------------------
     def save_state(self, state: Any) -> None:
@@ -136,8 +205,8 @@ class RunDir:
             return None
         return pickle.loads(self.state.read_bytes())
 
-    def write_json(self, path: Path, data: Any) -> None:
-        atomic_write(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    def _write_record(self, path: Path, record: Record) -> None:
+        atomic_write(path, json.dumps(record.to_json(), indent=2, sort_keys=True) + "\n")
 
 
 def _ours_to_ignore(name: str) -> bool:
@@ -145,29 +214,45 @@ def _ours_to_ignore(name: str) -> bool:
     return name == ".lock" or name.startswith(".write-test")
 
 
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    line = json.dumps(record, sort_keys=True) + "\n"
+def _append_jsonl(path: Path, record: Record) -> None:
+    line = json.dumps(record.to_json(), sort_keys=True) + "\n"
     with open(path, "a") as f:
         f.write(line)
         f.flush()
         os.fsync(f.fileno())
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """All complete records; a torn last line (killed mid-write) is cut off the file."""
-    if not path.exists():
-        return []
-    raw = path.read_bytes()
-    records, good_bytes = [], 0
+def _complete_lines(raw: bytes) -> tuple[list[bytes], int]:
+    """The complete JSON lines at the start of ``raw`` and their length in bytes."""
+    lines, good = [], 0
     for line in raw.splitlines(keepends=True):
         if not line.endswith(b"\n"):
             break
         try:
-            records.append(json.loads(line))
+            json.loads(line)
         except json.JSONDecodeError:
             break
-        good_bytes += len(line)
-    if good_bytes != len(raw):
-        with open(path, "r+b") as f:
-            f.truncate(good_bytes)
-    return records
+        lines.append(line)
+        good += len(line)
+    return lines, good
+
+
+def _complete_prefix(path: Path) -> Optional[int]:
+    """Bytes to keep when ``path`` ends in a torn line; None when there is nothing to cut."""
+    if not path.exists():
+        return None
+    raw = path.read_bytes()
+    good = _complete_lines(raw)[1]
+    return good if good != len(raw) else None
+
+
+def read_jsonl(path: Path, kind: type[R]) -> list[R]:
+    """Every complete record of a run file, typed; a torn last line (killed mid-write) is left out."""
+    if not path.exists():
+        return []
+    lines = _complete_lines(path.read_bytes())[0]
+    return [kind.model_validate_json(line) for line in lines]
+
+
+def _read_record(path: Path, kind: type[R]) -> Optional[R]:
+    return kind.model_validate_json(path.read_bytes()) if path.is_file() else None

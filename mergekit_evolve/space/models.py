@@ -119,3 +119,12 @@ def check_causal_lm(info: ModelInfo, field: str) -> None:
         f"are the {len(supported)} model types of AutoModelForCausalLM ({examples}, ...); evolve a text-only model "
         "of such a family"
     )
+
+
+def io_weight_names(ref: str) -> tuple[list[str], list[str]]:
+    """mergekit's names of the tensors before the layers (embeddings) and after them (final norm, lm_head)."""
+    from mergekit.architecture import arch_info_for_config
+
+    config = transformers.AutoConfig.from_pretrained(ref)
+    module = next(iter(arch_info_for_config(config).modules.values())).architecture
+    return [w.name for w in module.pre_weights(config)], [w.name for w in module.post_weights(config)]

@@ -22,7 +22,7 @@ from mergekit.merge_methods.base import BasePolicy, ParameterScope
 
 from mergekit_evolve.config import GenomeConfig, ParameterSearch
 from mergekit_evolve.errors import InputError
-from mergekit_evolve.space.transforms import decimal, to_range, unfold
+from mergekit_evolve.space.transforms import BoundedGene, gene_values, initial_genome
 
 # Parameters evolved when ``genome.search`` is not given. Others can be added to ``search`` with bounds.
 DEFAULT_SEARCH: dict[str, tuple[str, ...]] = {
@@ -64,17 +64,14 @@ DEFAULT_BOUNDS: dict[str, tuple[float, float]] = {
 }
 
 
-@dataclass(frozen=True)
-class Gene:
+@dataclass(frozen=True, kw_only=True)
+class Gene(BoundedGene):
     """One evolved number. ``model`` is an index into genome.models, None for shared parameters."""
 
     param: str
     group: int
     model: Optional[int]
     filter_set: int  # index into filters; len(filters) means "everything else"
-    lo: float
-    hi: float
-    init: float  # in parameter units
 
 
 class PSSpace:
@@ -211,19 +208,23 @@ class PSSpace:
                     for param in per_model:
                         if self.scope(param) == ParameterScope.NON_BASE and model == self.base_index:
                             continue
-                        genes.append(Gene(param, group, model, fset, *self.bounds(param), self.initial_value(param)))
+                        genes.append(self._gene(param, group, model, fset))
         for group in range(self.n_groups):
             for fset in range(n_sets):
                 for param in shared:
-                    genes.append(Gene(param, group, None, fset, *self.bounds(param), self.initial_value(param)))
+                    genes.append(self._gene(param, group, None, fset))
         if self.genome.tune_embeddings:  # group index n_groups: embeddings, final norm and lm_head
             for model in range(len(self.genome.models)):
                 for param in per_model:
                     if not (self.scope(param) == ParameterScope.NON_BASE and model == self.base_index):
-                        genes.append(Gene(param, self.n_groups, model, 0, *self.bounds(param), self.initial_value(param)))
+                        genes.append(self._gene(param, self.n_groups, model, 0))
             for param in shared:
-                genes.append(Gene(param, self.n_groups, None, 0, *self.bounds(param), self.initial_value(param)))
+                genes.append(self._gene(param, self.n_groups, None, 0))
         return genes
+
+    def _gene(self, param: str, group: int, model: Optional[int], filter_set: int) -> Gene:
+        lo, hi = self.bounds(param)
+        return Gene(lo, hi, self.initial_value(param), param=param, group=group, model=model, filter_set=filter_set)
 
     @property
     def io_group(self) -> Optional[int]:
@@ -235,16 +236,11 @@ class PSSpace:
         return len(self.genes)
 
     def x0(self, random: bool = False, seed: int = 0) -> np.ndarray:
-        if random:
-            return np.random.default_rng(seed).uniform(0.0, 1.0, self.dim)
-        return np.array([unfold(g.init, g.lo, g.hi) for g in self.genes])
+        return initial_genome(self.genes, random, seed)
 
     def values(self, genome: np.ndarray) -> list[float]:
         """Parameter values of each gene for a genome (same order as ``genes``)."""
-        genome = np.asarray(genome, dtype=np.float64)
-        if genome.shape != (self.dim,):
-            raise InputError(f"genome: expected {self.dim} numbers for this search space, got {genome.size}")
-        return [decimal(to_range(u, g.lo, g.hi)) for u, g in zip(genome, self.genes)]
+        return gene_values(self.genes, genome, "this search space")
 
     def describe(self) -> str:
         return (

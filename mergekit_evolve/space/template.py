@@ -28,17 +28,16 @@ from typing import Any, Optional
 import numpy as np
 
 from mergekit_evolve.errors import InputError
-from mergekit_evolve.space.transforms import decimal, to_range, unfold
+from mergekit_evolve.space.transforms import BoundedGene, gene_values, initial_genome
 
 MARKER_KEYS = {"evolve", "init"}
 
 
-@dataclass(frozen=True)
-class Marker:
+@dataclass(frozen=True, kw_only=True)
+class Marker(BoundedGene):
+    """One marked number of a template: where it stands in the YAML tree and its range."""
+
     path: tuple  # keys/indices from the template root to the marker
-    lo: float
-    hi: float
-    init: float
 
     @property
     def where(self) -> str:
@@ -74,7 +73,7 @@ def parse_marker(node: dict, path: tuple) -> Marker:
     init = node.get("init", (lo + hi) / 2)
     if not isinstance(init, (int, float)) or isinstance(init, bool) or not lo <= init <= hi:
         raise InputError(f"{where}: init {init!r} must be a number within evolve [{bounds[0]}, {bounds[1]}]")
-    return Marker(path, lo, hi, float(init))
+    return Marker(lo, hi, float(init), path=path)
 
 
 def find_markers(node: Any, path: tuple = (), in_parameters: bool = False) -> list[Marker]:
@@ -154,15 +153,10 @@ class TemplateSpace:
         self.dim = len(self.markers)
 
     def x0(self, random: bool = False, seed: int = 0) -> np.ndarray:
-        if random:
-            return np.random.default_rng(seed).uniform(0.0, 1.0, self.dim)
-        return np.array([unfold(m.init, m.lo, m.hi) for m in self.markers])
+        return initial_genome(self.markers, random, seed)
 
     def values(self, genome: np.ndarray) -> list[float]:
-        genome = np.asarray(genome, dtype=np.float64)
-        if genome.shape != (self.dim,):
-            raise InputError(f"genome: expected {self.dim} numbers for this template, got {genome.size}")
-        return [decimal(to_range(u, m.lo, m.hi)) for u, m in zip(genome, self.markers)]
+        return gene_values(self.markers, genome, "this template")
 
     def fill(self, genome: np.ndarray) -> dict[str, Any]:
         """The template with every marker replaced by its value: a plain mergekit recipe."""

@@ -18,6 +18,9 @@ than the 0.32999999999999996 the float arithmetic above gives back.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import numpy as np
 
 
@@ -44,3 +47,29 @@ SIGNIFICANT_DIGITS = 12  # far below any effect on merged weights (float32 has ~
 def decimal(value: float) -> float:
     """``value`` rounded to 12 significant digits: its repr (and YAML) is the short decimal."""
     return float(f"{float(value):.{SIGNIFICANT_DIGITS}g}")
+
+
+@dataclass(frozen=True)
+class BoundedGene:
+    """One evolved number: its range ``[lo, hi]`` and its initial value (PS genes, template markers)."""
+
+    lo: float
+    hi: float
+    init: float
+
+
+def initial_genome(genes: Sequence[BoundedGene], random: bool = False, seed: int = 0) -> np.ndarray:
+    """Every gene at its initial value, or (``random``) seeded uniform coordinates in [0, 1]."""
+    if random:
+        return np.random.default_rng(seed).uniform(0.0, 1.0, len(genes))
+    return np.array([unfold(g.init, g.lo, g.hi) for g in genes])
+
+
+def gene_values(genes: Sequence[BoundedGene], genome: np.ndarray, space: str) -> list[float]:
+    """The value of each gene for a genome (an input error naming ``space`` when the length is wrong)."""
+    from mergekit_evolve.errors import InputError
+
+    genome = np.asarray(genome, dtype=np.float64)
+    if genome.shape != (len(genes),):
+        raise InputError(f"genome: expected {len(genes)} numbers for {space}, got {genome.size}")
+    return [decimal(to_range(u, g.lo, g.hi)) for u, g in zip(genome, genes)]

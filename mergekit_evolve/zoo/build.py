@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 from pydantic import BaseModel
 
+from mergekit_evolve.atomic import staged_folder
 from mergekit_evolve.zoo.data import Skills
 from mergekit_evolve.zoo.tokenizer import save_tokenizer
 from mergekit_evolve.zoo.train import mixed, new_model, train
@@ -90,20 +91,12 @@ def build_zoo(out: str | Path | None = None, seed: int = 0, force: bool = False)
         zoo = Zoo.load(root)
         if zoo.seed == seed:
             return zoo
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.building{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     started = time.time()
-    _build_into(tmp, seed)
-    data = json.loads((tmp / "zoo.json").read_text())
-    data["build_seconds"] = round(time.time() - started, 1)
-    (tmp / "zoo.json").write_text(json.dumps(data, indent=2))
-    if force:
-        shutil.rmtree(root, ignore_errors=True)
-    try:
-        os.rename(tmp, root)  # atomic; if another process won the race, use its zoo
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with staged_folder(root) as tmp:
+        _build_into(tmp, seed)
+        data = json.loads((tmp / "zoo.json").read_text())
+        data["build_seconds"] = round(time.time() - started, 1)
+        (tmp / "zoo.json").write_text(json.dumps(data, indent=2))
     return Zoo.load(root)
 
 
@@ -127,20 +120,12 @@ def compare_with_shipped(zoo: Zoo) -> list[str]:
 
 def ship(zoo: Zoo) -> Path:
     """Maintainers: make ``zoo`` the package's shipped zoo (files copied, manifest rewritten)."""
-    tmp = SHIPPED_DIR.parent / ".shipped.new"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for sub in ("models", "data"):
-        shutil.copytree(zoo.root / sub, tmp / sub)
-    shutil.copy2(zoo.root / "zoo.json", tmp / "zoo.json")
-    digests = file_digests(tmp)
-    (tmp / MANIFEST).write_text("".join(f"{d}  {p}\n" for p, d in digests.items()))
-    old = SHIPPED_DIR.parent / ".shipped.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if SHIPPED_DIR.exists():
-        os.rename(SHIPPED_DIR, old)
-    os.rename(tmp, SHIPPED_DIR)
-    shutil.rmtree(old, ignore_errors=True)
+    with staged_folder(SHIPPED_DIR) as tmp:
+        for sub in ("models", "data"):
+            shutil.copytree(zoo.root / sub, tmp / sub)
+        shutil.copy2(zoo.root / "zoo.json", tmp / "zoo.json")
+        digests = file_digests(tmp)
+        (tmp / MANIFEST).write_text("".join(f"{d}  {p}\n" for p, d in digests.items()))
     return SHIPPED_DIR
 
 
@@ -150,13 +135,16 @@ def _log(msg: str) -> None:
 
 @contextlib.contextmanager
 def _deterministic_torch():
-    """Deterministic kernels while training; the caller's global torch setting comes back after."""
-    previous = torch.are_deterministic_algorithms_enabled()
+    """Deterministic kernels and seeded RNGs while training; the caller's global torch settings (the
+    deterministic flag, the RNG state, the thread count) come back after."""
+    previous, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     torch.use_deterministic_algorithms(True)
     try:
-        yield
+        with torch.random.fork_rng(devices=[]):
+            yield
     finally:
         torch.use_deterministic_algorithms(previous)
+        torch.set_num_threads(threads)
 
 
 def _build_into(root: Path, seed: int) -> None:
@@ -166,7 +154,7 @@ def _build_into(root: Path, seed: int) -> None:
 
 def _train_and_save(root: Path, seed: int) -> None:
     skills = Skills(seed)
-    root.mkdir(parents=True)
+    root.mkdir(parents=True, exist_ok=True)
     for name, model in _train_models(skills, seed).items():
         model.save_pretrained(str(root / "models" / name), safe_serialization=True)
         save_tokenizer(root / "models" / name)

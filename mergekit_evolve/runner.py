@@ -1,16 +1,15 @@
-"""A whole run: config -> problem + fitness -> CMA-ES -> held-out scores, best recipe, final model.
+"""A whole run: config -> problem + fitness -> search -> held-out scores -> best recipe and model.
 
-``start`` creates the run directory and writes ``config.yaml`` (overrides applied) and ``run.json``;
-``resume`` reads them back, so a resumed run is the same run. ``space: ps+dfs`` runs two stages in
-``DIR/ps`` and ``DIR/dfs`` (each a complete, resumable run directory); the PS model joins the DFS
-collection as model A.
+The one place where the pipeline's stages meet: ``search/`` finds the best candidate, ``fitness/`` scores
+it, ``export/`` writes what it becomes. ``start`` creates the run directory and writes ``config.yaml``
+(overrides applied) and ``run.json``; ``resume`` reads them back, so a resumed run is the same run.
+``space: ps+dfs`` runs two stages (each a complete, resumable run directory: ``RunDir.stage``); the PS
+model joins the DFS collection as model A.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -18,13 +17,17 @@ from typing import Any
 import numpy as np
 
 from mergekit_evolve.config import EvolveConfig, load_config, parse_config, source_models
-from mergekit_evolve.errors import InputError, TokenizerRequired
-from mergekit_evolve.fitness.evaluator import Subsample
+from mergekit_evolve.errors import InputError
+from mergekit_evolve.export.artifacts import best_writer, save_model as save_best_model
+from mergekit_evolve.fitness.factory import make_fitness
 from mergekit_evolve.progress import step
-from mergekit_evolve.search.economy import Economy, describe, item_results, tokens_of
-from mergekit_evolve.search.loop import LocalExecutor, Racing, run_search
-from mergekit_evolve.search.problems import make_problem, resolve_device
-from mergekit_evolve.search.rundir import RunDir, atomic_write
+from mergekit_evolve.resources import resolve_device
+from mergekit_evolve.search.economy import Economy, tokens_of
+from mergekit_evolve.search.executors import make_executor, make_score
+from mergekit_evolve.search.loop import Racing, SearchState, run_search
+from mergekit_evolve.search.problems import make_problem
+from mergekit_evolve.search.records import BestResult, RunInfo, Summary
+from mergekit_evolve.search.rundir import RunDir
 
 
 def start(
@@ -35,7 +38,7 @@ def start(
     force: bool = False,
     save_model: bool = True,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> Summary:
     run_dir = RunDir(out)
     device = resolve_device(device)
     # every input problem surfaces here, before anything is written
@@ -44,8 +47,8 @@ def start(
     try:
         # run.json first: config.yaml is what makes the folder a resumable run, so a resume never
         # sees a run without its settings.
-        run_dir.write_json(run_dir.path / "run.json", {"device": device, "save_model": save_model, "version": _version()})
-        atomic_write(run_dir.config, config.to_yaml())
+        run_dir.write_info(RunInfo(device=device, save_model=save_model, version=_version()))
+        run_dir.write_config(config.to_yaml())
         return _execute(config, run_dir, device, save_model, progress, fitness)
     finally:
         run_dir.unlock()
@@ -76,115 +79,96 @@ def validate(config: EvolveConfig, device: str = "cpu", progress: bool = False):
     return fitness
 
 
-def resume(out: str | Path, *, device: str | None = None, progress: bool = True) -> dict[str, Any]:
+def resume(out: str | Path, *, device: str | None = None, progress: bool = True) -> Summary:
     run_dir = RunDir(out)
-    if not run_dir.config.is_file():
+    if not run_dir.is_run():
         raise InputError(f"{run_dir.path}: not a mergekit-evo run directory (no config.yaml); start it with mergekit-evo run")
     config = load_config(run_dir.config)
-    meta = json.loads((run_dir.path / "run.json").read_text()) if (run_dir.path / "run.json").exists() else {}
-    device = resolve_device(device or meta.get("device", "auto"))
+    info = run_dir.read_info()
+    device = resolve_device(device or info.device)
     run_dir.prepare(fresh=False)
     try:
-        return _execute(config, run_dir, device, meta.get("save_model", True), progress)
+        return _execute(config, run_dir, device, info.save_model, progress)
     finally:
         run_dir.unlock()
 
 
-def _execute(config: EvolveConfig, run_dir: RunDir, device: str, save_model: bool, progress: bool, fitness=None) -> dict[str, Any]:
+def _execute(config: EvolveConfig, run_dir: RunDir, device: str, save_model: bool, progress: bool, fitness=None) -> Summary:
     if config.space in ("ps", "dfs"):
         return run_stage(make_problem(config, device), config, run_dir, save_model, progress, fitness)
     return _run_ps_then_dfs(config, run_dir, device, save_model, progress, fitness)
 
 
-def _run_ps_then_dfs(config, run_dir: RunDir, device, save_model, progress, fitness=None) -> dict[str, Any]:
-    from mergekit_evolve.search.dfs_problem import DFSProblem
-
-    ps_dir, dfs_dir = RunDir(run_dir.path / "ps"), RunDir(run_dir.path / "dfs")
-    ps_dir.path.mkdir(exist_ok=True)
-    dfs_dir.path.mkdir(exist_ok=True)
-    ps_summary = _summary_if_done(ps_dir)
+def _run_ps_then_dfs(config, run_dir: RunDir, device, save_model, progress, fitness=None) -> Summary:
+    ps_dir, dfs_dir = run_dir.stage("ps"), run_dir.stage("dfs")
+    ps_summary = ps_dir.read_summary() if ps_dir.model.exists() else None
     if ps_summary is None:
         ps_config = config.model_copy(update={"space": "ps"})
-        atomic_write(ps_dir.config, ps_config.to_yaml())
+        ps_dir.write_config(ps_config.to_yaml())
         ps_summary = run_stage(make_problem(ps_config, device), ps_config, ps_dir, True, progress, fitness)
-    collection = [str(ps_dir.model), *(config.dfs.models or source_models(config))]
-    dfs_budget = config.dfs.max_evals or config.optimizer.max_evals
-    dfs_config = config.model_copy(
-        update={"space": "dfs", "dfs": config.dfs.model_copy(update={"models": collection, "base_index": 0}),
-                "optimizer": config.optimizer.model_copy(update={"max_evals": dfs_budget})}
-    )
-    atomic_write(dfs_dir.config, dfs_config.to_yaml())
-    dfs_summary = run_stage(DFSProblem(dfs_config, device), dfs_config, dfs_dir, save_model, progress)
-    for name in ("best.yaml", "best.json"):
-        if (dfs_dir.path / name).exists():
-            shutil.copyfile(dfs_dir.path / name, run_dir.path / name)
-    summary = {**dfs_summary, "stages": {"ps": ps_summary, "dfs": dfs_summary}}
-    run_dir.write_json(run_dir.summary, summary)
+    dfs_config = dfs_stage_config(config, ps_dir.model)
+    dfs_dir.write_config(dfs_config.to_yaml())
+    dfs_summary = run_stage(make_problem(dfs_config, device), dfs_config, dfs_dir, save_model, progress)
+    summary = dfs_summary.model_copy(update={"stages": {"ps": ps_summary, "dfs": dfs_summary}})
+    run_dir.publish_final(summary)
     return summary
 
 
-def _summary_if_done(run_dir: RunDir) -> dict | None:
-    if run_dir.summary.exists() and run_dir.model.exists():
-        return json.loads(run_dir.summary.read_text())
-    return None
+def dfs_stage_config(config: EvolveConfig, ps_model: Path) -> EvolveConfig:
+    """The DFS stage of a ps+dfs run: the PS model as model A, then the sources; its own budget."""
+    collection = [str(ps_model), *(config.dfs.models or source_models(config))]
+    budget = config.dfs.max_evals or config.optimizer.max_evals
+    return config.model_copy(
+        update={"space": "dfs", "dfs": config.dfs.model_copy(update={"models": collection, "base_index": 0}),
+                "optimizer": config.optimizer.model_copy(update={"max_evals": budget})}
+    )
 
 
-def run_stage(problem, config: EvolveConfig, run_dir: RunDir, save_model: bool, progress: bool, fitness=None) -> dict[str, Any]:
+def run_stage(problem, config: EvolveConfig, run_dir: RunDir, save_model: bool, progress: bool, fitness=None) -> Summary:
     """Search, then score the winner on the held-out split and save it (``fitness``: one already
     built for this config and the problem's tokenizer, e.g. by ``validate``)."""
     started = time.time()
     if fitness is None:
         fitness = make_fitness(config, problem.tokenizer, problem.tokenizer_ref, progress)
-    executor = make_executor(config, problem, make_score(fitness))
     logger = _wandb_logger(config, run_dir)
-    try:
-        state = run_search(
-            problem, executor, run_dir, config.optimizer, progress=progress,
-            on_record=logger.log_evaluation if logger else None, racing=make_racing(config, fitness),
-            economy=make_economy(config, fitness),
-        )
-    finally:
-        executor.close()
-    if state.best is None:
-        raise InputError(f"{run_dir.path}: every candidate failed; see evaluations.jsonl for the errors")
-    best = problem.decode(np.asarray(state.best["genome"]))
+    state = _search(problem, config, run_dir, fitness, progress, logger)
+    best = problem.decode(np.asarray(state.best.genome))
     with step("scoring the best candidate on the held-out split", progress):
         heldout = fitness.score(problem.build(best), "heldout")
-    summary = {
-        "space": config.space,
-        "best": {**state.best, "heldout": heldout, "heldout_total": fitness.total(heldout) if heldout else None},
-        "evaluations": state.n_evals,
-        "generations": state.generation,
-        "failures": state.n_failures,
-        "wall_seconds": round(time.time() - started, 2),
-        "selected_on": selection_data(config),
-        "history": state.history,
+    summary = Summary(
+        space=config.space,
+        best=BestResult(**dict(state.best), heldout=heldout, heldout_total=fitness.total(heldout) if heldout else None),
+        evaluations=state.n_evals,
+        generations=state.generation,
+        failures=state.n_failures,
+        wall_seconds=round(time.time() - started, 2),
+        selected_on=selection_data(config),
+        history=state.history,
         **economy_summary(config, run_dir, state, has_heldout=bool(heldout)),
-    }
+    )
     if save_model and not run_dir.model.exists():
         with step(f"saving the best model to {run_dir.model}", progress):
-            problem.save_model(best, run_dir.model)
-    run_dir.write_json(run_dir.summary, summary)
+            save_best_model(problem, best, run_dir.model, fmt="auto")
+    run_dir.write_summary(summary)
     if logger:
         logger.log_summary(summary)
         logger.finish()
     return summary
 
 
-def make_score(fitness):
-    """The executor's score function: (model, part=None) -> fitness, per-task scores, tokens spent."""
-
-    def score(model, part=None) -> dict:
-        results = fitness.evaluate(model, "fitness", part)
-        scores = {name: r.score for name, r in results.items()}
-        out = {"fitness": fitness.total(scores), "scores": scores, "tokens": sum(r.tokens for r in results.values())}
-        if isinstance(part, Subsample):
-            out["subsample"] = item_results(part, fitness.num_rows("fitness"), {n: r.correct for n, r in results.items()})
-        elif part is not None:
-            out["rows"] = {name: r.rows for name, r in results.items()}
-        return out
-
-    return score
+def _search(problem, config: EvolveConfig, run_dir: RunDir, fitness, progress: bool, logger) -> SearchState:
+    executor = make_executor(config, problem, make_score(fitness))
+    try:
+        state = run_search(
+            problem, executor, run_dir, config.optimizer, progress=progress,
+            on_record=logger.log_evaluation if logger else None, on_best=best_writer(problem, run_dir),
+            racing=make_racing(config, fitness), economy=make_economy(config, fitness),
+        )
+    finally:
+        executor.close()
+    if state.best is None:
+        raise InputError(f"{run_dir.path}: every candidate failed; see evaluations.jsonl for the errors")
+    return state
 
 
 def make_racing(config: EvolveConfig, fitness) -> Racing | None:
@@ -205,7 +189,7 @@ def economy_summary(config: EvolveConfig, run_dir: RunDir, state, has_heldout: b
     evaluations, rescored = run_dir.read_evaluations(), run_dir.read_rescored()
     spent = tokens_of(evaluations) + tokens_of(rescored)
     out: dict[str, Any] = {
-        "fitness_source": {"best.fitness": describe(state.best),
+        "fitness_source": {"best.fitness": "full",  # the best is always one scored on the whole split
                            "best.heldout": "full held-out split" if has_heldout else "no held-out split"},
         "tokens": spent,
         "stop_reason": "max_evals",
@@ -215,8 +199,8 @@ def economy_summary(config: EvolveConfig, run_dir: RunDir, state, has_heldout: b
         out["economy"] = {
             "mode": config.optimizer.economy,
             "fractions": state.economy.fractions,
-            "finalists": [{"index": r["index"], "fitness": r["fitness"], "source": "full",
-                           "estimate": r.get("estimate"), "estimate_source": r.get("estimate_source")} for r in rescored],
+            "finalists": [{"index": r.index, "fitness": r.fitness, "source": "full",
+                           "estimate": r.estimate, "estimate_source": r.estimate_source} for r in rescored],
             "rescored_tokens": tokens_of(rescored),
         }
     return out
@@ -232,44 +216,13 @@ def _wandb_logger(config: EvolveConfig, run_dir: RunDir):
                        config=config.model_dump(mode="json"))
 
 
-def make_executor(config: EvolveConfig, problem, score):
-    if config.executor.kind == "ray":
-        from mergekit_evolve.search.ray_executor import RayExecutor
-
-        ex = config.executor
-        return RayExecutor(config, problem.device, workers=ex.workers, address=ex.address, threads_per_worker=ex.threads_per_worker)
-    return LocalExecutor(problem, score)
-
-
-def make_fitness(config: EvolveConfig, tokenizer, tokenizer_ref: str | None = None, progress: bool = False):
-    """The fitness of a config. ``tokenizer`` is None when the model ``tokenizer_ref`` has no tokenizer
-    files: fine for callables and perplexity on token ids, an input error naming the folder otherwise."""
-    try:
-        if config.fitness is not None:
-            from mergekit_evolve.fitness import Fitness
-
-            return Fitness(config.fitness, tokenizer)
-        if tokenizer is None:
-            raise TokenizerRequired("tasks (lm-eval)")
-        from mergekit_evolve.fitness.lm_eval_tasks import LmEvalFitness
-
-        return LmEvalFitness(config, tokenizer, progress=progress)
-    except TokenizerRequired as err:
-        folder = tokenizer_ref or "the model"
-        raise InputError(
-            f"{err.what} needs a tokenizer, but {folder} has no tokenizer files (tokenizer.json, "
-            f"tokenizer_config.json, ...); set tokenizer_source to a model folder that has them, or copy them "
-            f"into {folder}"
-        ) from None
-
-
 def _check_fitness_available(config: EvolveConfig) -> None:
     if config.wandb is not None:
         from mergekit_evolve.export.wandb_log import require_wandb
 
         require_wandb()
     if config.executor.kind == "ray":
-        from mergekit_evolve.search.ray_executor import import_ray
+        from mergekit_evolve.search.executors import import_ray
 
         import_ray()
     if config.fitness is None:

@@ -1,0 +1,233 @@
+"""Where candidates are built and scored: in this process (``LocalExecutor``) or on Ray workers (``RayExecutor``).
+
+Both take a generation's jobs and yield ``(job, Outcome)`` as each finishes; a failing candidate becomes an
+``Outcome`` with an ``error`` (the run goes on). The loop never depends on the completion order.
+
+Ray workers build the problem and fitness from the run's config themselves (loading the source models
+from their local path or hub ID once, keeping one resident model), so no shared filesystem is needed.
+A worker that dies loses only its in-flight candidate, which goes to another worker; a replacement
+worker is started. Ray is an optional extra (``pip install 'mergekit-evolve[ray]'``), imported only here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import traceback
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Protocol
+
+import numpy as np
+
+from mergekit_evolve.errors import CandidateError, InputError
+from mergekit_evolve.search.records import Outcome, Position
+
+ScoreFn = Callable[..., dict]  # (model, part=None) -> {"fitness": float, "scores": {task: float}, "tokens": int, ...}
+MAX_RETRIES = 3  # per candidate, across dead Ray workers
+
+
+@dataclass(frozen=True)
+class Job:
+    """One candidate to evaluate: where it sits in the run, its genome and recipe key, and (racing,
+    economy) which part of the fitness rows to score at which stage."""
+
+    generation: int
+    candidate: int
+    index: int
+    genome: list
+    key: Optional[str] = None
+    part: Any = None  # None: all rows; (lo, hi): a racing part; a fitness Subsample: economy
+    stage: Optional[int] = None
+
+    @property
+    def position(self) -> Position:
+        return Position(index=self.index, generation=self.generation, candidate=self.candidate,
+                        genome=self.genome, key=self.key)
+
+
+class Executor(Protocol):
+    def map(self, jobs: list[Job]) -> Iterator[tuple[Job, Outcome]]: ...
+    def close(self) -> None: ...
+
+
+def make_score(fitness) -> ScoreFn:
+    """The executors' score function: (model, part=None) -> fitness, per-task scores, tokens spent."""
+    from mergekit_evolve.fitness.evaluator import Subsample
+    from mergekit_evolve.search.economy import item_results
+
+    def score(model, part=None) -> dict:
+        results = fitness.evaluate(model, "fitness", part)
+        scores = {name: r.score for name, r in results.items()}
+        out = {"fitness": fitness.total(scores), "scores": scores, "tokens": sum(r.tokens for r in results.values())}
+        if isinstance(part, Subsample):
+            out["subsample"] = item_results(part, fitness.num_rows("fitness"), {n: r.correct for n, r in results.items()})
+        elif part is not None:
+            out["rows"] = {name: r.rows for name, r in results.items()}
+        return out
+
+    return score
+
+
+def evaluate_candidate(problem, score: ScoreFn, genome: list, part: Any = None) -> Outcome:
+    """Build and score one candidate (on a ``part`` of the fitness rows when racing or subsampling);
+    any failure becomes an ``error`` (the run goes on)."""
+    started_at, start = time.time(), time.perf_counter()
+    merge_seconds = None
+    try:
+        model = problem.build(problem.decode(np.asarray(genome)))
+        merge_seconds = round(time.perf_counter() - start, 4)
+        scored = score(model) if part is None else score(model, part)
+        if not math.isfinite(scored["fitness"]):
+            raise CandidateError(f"fitness is {scored['fitness']}")
+        return Outcome(**{**scored, "fitness": float(scored["fitness"])}, time=started_at, merge_seconds=merge_seconds,
+                       seconds=round(time.perf_counter() - start, 4))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as err:  # a failing candidate never kills the run
+        kind = "out of memory" if _is_oom(err) else type(err).__name__
+        _free_memory()
+        return Outcome.failure(f"{kind}: {err}\n{traceback.format_exc(limit=3)}", time=started_at,
+                               merge_seconds=merge_seconds, seconds=round(time.perf_counter() - start, 4))
+
+
+class LocalExecutor:
+    """Evaluates candidates one after another in this process (the default)."""
+
+    def __init__(self, problem, score: ScoreFn):
+        self.problem, self.score = problem, score
+
+    def map(self, jobs: list[Job]) -> Iterator[tuple[Job, Outcome]]:
+        for job in jobs:
+            yield job, evaluate_candidate(self.problem, self.score, job.genome, job.part)
+
+    def close(self) -> None:
+        pass
+
+
+def make_executor(config, problem, score: ScoreFn) -> Executor:
+    if config.executor.kind == "ray":
+        ex = config.executor
+        return RayExecutor(config, problem.device, workers=ex.workers, address=ex.address,
+                           threads_per_worker=ex.threads_per_worker)
+    return LocalExecutor(problem, score)
+
+
+# -- Ray ------------------------------------------------------------------------------------------------
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise InputError(
+            "executor: ray is not installed; run pip install 'mergekit-evolve[ray]' or use executor: local"
+        ) from None
+    return ray
+
+
+class _Worker:
+    """Ray actor body: a problem + fitness built once, then one candidate per call."""
+
+    def __init__(self, config_yaml: str, device: str, threads: Optional[int]):
+        import torch
+        import yaml
+
+        from mergekit_evolve.config import parse_config
+        from mergekit_evolve.fitness.factory import make_fitness
+        from mergekit_evolve.search.problems import make_problem
+
+        if threads:
+            torch.set_num_threads(threads)
+        config = parse_config(yaml.safe_load(config_yaml))
+        self.problem = make_problem(config, device)
+        self.score = make_score(make_fitness(config, self.problem.tokenizer, self.problem.tokenizer_ref))
+
+    def evaluate(self, genome: list, part: Any = None) -> Outcome:
+        return evaluate_candidate(self.problem, self.score, genome, part).model_copy(update={"worker": os.getpid()})
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class RayExecutor:
+    """One long-lived worker actor per GPU (or CPU slot); candidates go to idle workers."""
+
+    def __init__(self, config, device: str, workers: Optional[int] = None, address: Optional[str] = None,
+                 threads_per_worker: Optional[int] = None):
+        ray = import_ray()
+        self.ray = ray
+        if not ray.is_initialized():
+            address = address or os.environ.get("RAY_ADDRESS")
+            kwargs = {"address": address} if address else {
+                "num_cpus": max(2, workers or 2), "include_dashboard": False, "_node_ip_address": "127.0.0.1"}
+            ray.init(ignore_reinit_error=True, log_to_driver=False, configure_logging=False, **kwargs)
+        self.gpu = device.startswith("cuda")
+        self.n_workers = workers or self._default_workers()
+        self.config_yaml = config.to_yaml()
+        self.device = "cuda" if self.gpu else device
+        self.threads = threads_per_worker
+        self.actor_cls = ray.remote(num_gpus=1 if self.gpu else 0, num_cpus=1, max_restarts=0)(_Worker)
+        self.workers = [self._start_worker() for _ in range(self.n_workers)]
+
+    def _default_workers(self) -> int:
+        resources = self.ray.cluster_resources()
+        return max(1, int(resources.get("GPU", 0)) if self.gpu else int(resources.get("CPU", 1)))
+
+    def _start_worker(self):
+        return self.actor_cls.remote(self.config_yaml, self.device, self.threads)
+
+    def map(self, jobs: list[Job]) -> Iterator[tuple[Job, Outcome]]:
+        queue = deque((job, 0) for job in jobs)
+        idle = deque(self.workers)
+        running: dict = {}  # object ref -> (worker, job, attempts)
+        while queue or running:
+            while queue and idle:
+                job, attempts = queue.popleft()
+                worker = idle.popleft()
+                running[worker.evaluate.remote(job.genome, job.part)] = (worker, job, attempts)
+            done, _ = self.ray.wait(list(running), num_returns=1)
+            worker, job, attempts = running.pop(done[0])
+            try:
+                outcome = self.ray.get(done[0])
+            except (self.ray.exceptions.RayActorError, self.ray.exceptions.WorkerCrashedError) as err:
+                idle.append(self._replace(worker))
+                if attempts + 1 >= MAX_RETRIES:
+                    yield job, _worker_lost(err, attempts + 1)
+                else:
+                    queue.append((job, attempts + 1))  # retried on another worker
+                continue
+            idle.append(worker)
+            yield job, outcome
+
+    def _replace(self, dead):
+        self.workers = [w for w in self.workers if w is not dead]
+        self.workers.append(self._start_worker())
+        return self.workers[-1]
+
+    def close(self) -> None:
+        for worker in self.workers:
+            try:
+                self.ray.kill(worker)
+            except Exception:
+                pass
+        self.workers = []
+
+
+def _worker_lost(err: Exception, attempts: int) -> Outcome:
+    return Outcome.failure(f"WorkerLost: the candidate's worker died {attempts} times ({type(err).__name__})",
+                           time=time.time())
+
+
+def _is_oom(err: Exception) -> bool:
+    return isinstance(err, MemoryError) or "out of memory" in str(err).lower()
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,176 @@
+"""The records of a run, as typed, frozen values: what one line of a run file or one JSON file holds.
+
+    Outcome       scoring one candidate: fitness and per-task scores, or the error it failed with
+    Evaluation    one line of evaluations.jsonl (and rescored.jsonl): where the candidate sits + its outcome
+    StageResult   racing only: one line of racing.jsonl (a candidate's score on one part of the rows)
+    Best          the best candidate so far (best.json adds the recipe or path it decodes to)
+    Summary       summary.json: the finished search, its held-out scores and how they were obtained
+
+Only ``search.rundir.RunDir`` reads and writes them; the JSON on disk is ``model_dump`` of these types, so
+older run directories load as long as they hold these keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Optional
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    always_written: ClassVar[tuple[str, ...]] = ()  # fields written even when None (readers test them)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON on disk: fields that are None are left out at the top level (not inside nested values)."""
+        data = self.model_dump(mode="json")
+        return {k: v for k, v in data.items() if v is not None or k in self.always_written}
+
+
+class RacingProgress(Record):
+    """How far racing scored a candidate: the fraction of the rows, and the stage it was stopped at."""
+
+    fraction: float
+    stopped_at: Optional[int] = None
+    stages: int = 0
+
+
+class RowResults(Record):
+    """A subsampled evaluation's rows of one task and whether each was answered right ("1"/"0")."""
+
+    rows: list[int]
+    correct: str  # one character per row
+
+
+class SubsampleResults(Record):
+    """Economy subsampling: per task, the rows scored and their results; ``of``: the task's row count."""
+
+    items: dict[str, RowResults]
+    of: dict[str, int]
+
+
+class Outcome(Record):
+    """What building and scoring one candidate gave; ``fitness`` is None when it failed (``error``)."""
+
+    fitness: Optional[float] = None
+    scores: dict[str, float] = {}
+    error: Optional[str] = None
+    cached: bool = False  # an equal recipe was scored before: its result, not a new evaluation
+    time: Optional[float] = None  # unix time the evaluation started
+    seconds: float = 0.0
+    merge_seconds: Optional[float] = None
+    tokens: int = 0  # forward tokens spent
+    racing: Optional[RacingProgress] = None
+    subsample: Optional[SubsampleResults] = None
+    rows: Optional[dict[str, int]] = None  # racing stages: rows scored per task in this part
+    worker: Optional[int] = None  # Ray: the worker's process id
+    always_written: ClassVar[tuple[str, ...]] = ("fitness", "error")
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    @property
+    def complete(self) -> bool:
+        """Scored on every fitness row (not stopped early by racing, not on an economy subsample): safe
+        to reuse for equal recipes and to become the best."""
+        if self.subsample is not None:
+            return False
+        return self.racing is None or self.racing.stopped_at is None
+
+    @classmethod
+    def failure(cls, error: str, **fields: Any) -> Outcome:
+        return cls(fitness=None, error=error, **fields)
+
+
+class Position(Record):
+    """Where a candidate sits in the run: its number, generation and place in it, genome and recipe key."""
+
+    index: int
+    generation: int
+    candidate: int
+    genome: list[float]
+    key: Optional[str] = None  # hash of the decoded recipe/path: equal keys score equally
+
+
+class Evaluation(Outcome, Position):
+    """One evaluated candidate (a line of evaluations.jsonl; rescored.jsonl adds the economy estimate)."""
+
+    estimate: Optional[float] = None
+    estimate_source: Optional[str] = None
+
+    @classmethod
+    def of(cls, position: Position, outcome: Outcome, **extra: Any) -> Evaluation:
+        return cls(**dict(position), **dict(outcome), **extra)
+
+    @property
+    def position(self) -> Position:
+        return Position(**{name: getattr(self, name) for name in Position.model_fields})
+
+    @property
+    def outcome(self) -> Outcome:
+        return Outcome(**{name: getattr(self, name) for name in Outcome.model_fields})
+
+    def beats(self, best: Optional[Best]) -> bool:
+        """Better than ``best``; ties go to the earlier candidate, whatever order workers finished in."""
+        if self.fitness is None or not self.complete:  # a raced-out estimate never becomes the best
+            return False
+        return best is None or (self.fitness, -self.index) > (best.fitness, -best.index)
+
+
+class StageResult(Record):
+    """Racing: one candidate's result on one stage (part of the rows), so a resumed generation skips it."""
+
+    generation: int
+    candidate: int
+    stage: int
+    result: Outcome
+
+
+class Best(Position):
+    fitness: float
+    scores: dict[str, float] = {}
+
+    @classmethod
+    def of(cls, evaluation: Evaluation) -> Best:
+        return cls(**dict(evaluation.position), fitness=evaluation.fitness, scores=evaluation.scores)
+
+
+class BestResult(Best):
+    """The search's best with its held-out scores (in summary.json)."""
+
+    heldout: Optional[dict[str, float]] = None
+    heldout_total: Optional[float] = None
+
+
+class Summary(Record):
+    """summary.json: a finished search (a ps+dfs run: the DFS stage's, with both stages in ``stages``)."""
+
+    space: str
+    best: BestResult
+    evaluations: int
+    generations: int
+    failures: int
+    wall_seconds: float
+    selected_on: list[dict[str, Any]] = []
+    history: list[tuple[int, int, Optional[float]]] = []  # (generation, evaluations, best fitness)
+    fitness_source: dict[str, str] = {}
+    tokens: int = 0
+    stop_reason: str = "max_evals"
+    economy: Optional[dict[str, Any]] = None
+    stages: Optional[dict[str, Summary]] = None
+
+
+class BestFile(Best):
+    """best.json: the best candidate and what it decodes to (PS: the recipe; DFS: the path)."""
+
+    recipe: Optional[dict[str, Any]] = None
+    path: Optional[dict[str, Any]] = None
+
+
+class RunInfo(Record):
+    """run.json: how the run was started, so ``resume`` continues it the same way."""
+
+    device: str = "auto"
+    save_model: bool = True
+    version: Optional[str] = None
