@@ -49,13 +49,13 @@ def run_variant(zoo, settings: dict, budget: int, seed: int, out: Path) -> list[
     return RunDir(out).read_evaluations()
 
 
-def best_until(records: list[dict], budget: int) -> dict:
-    ok = [r for r in records if r["index"] < budget and r["fitness"] is not None]
-    return max(ok, key=lambda r: (r["fitness"], -r["index"]))
+def best_until(records: list, budget: int):
+    ok = [r for r in records if r.index < budget and r.fitness is not None]
+    return max(ok, key=lambda r: (r.fitness, -r.index))
 
 
-def distinct_paths(problem, records: list[dict], budget: int) -> int:
-    return len({tuple(problem.decode(r["genome"]).path.hops) for r in records if r["index"] < budget})
+def distinct_paths(problem, records: list, budget: int) -> int:
+    return len({tuple(problem.decode(r.genome).path.hops) for r in records if r.index < budget})
 
 
 def main() -> None:
@@ -82,8 +82,8 @@ def main() -> None:
     fitness = make_fitness(parse_config(demo_config(zoo, "dfs", 1, 0)), problem.tokenizer)
     heldout_cache: dict[str, float] = {}
 
-    def heldout(record: dict) -> float:
-        candidate = problem.decode(np.asarray(record["genome"]))
+    def heldout(record) -> float:
+        candidate = problem.decode(np.asarray(record.genome))
         if candidate.key not in heldout_cache:
             heldout_cache[candidate.key] = fitness.total(fitness.score(problem.build(candidate), "heldout"))
         return heldout_cache[candidate.key]
@@ -102,9 +102,9 @@ def main() -> None:
                 best = best_until(records, b)
                 cell = per_budget[b]
                 cell["distinct"].append(distinct_paths(problem, records, b))
-                cell["fitness"].append(best["fitness"])
+                cell["fitness"].append(best.fitness)
                 cell["heldout"].append(heldout(best))
-                cell["paths"].append(problem.decode(np.asarray(best["genome"])).path.summary())
+                cell["paths"].append(problem.decode(np.asarray(best.genome)).path.summary())
         table.append({"variant": name, "budgets": per_budget, "seconds": seconds})
     report = {"seeds": args.seeds, "budgets": budgets, "table": table, "wall_seconds": round(time.time() - started)}
     if args.json:

@@ -39,6 +39,7 @@ from mergekit_evolve.fitness import Fitness
 from mergekit_evolve.fitness.runtime import ModelRunner, evaluation_mode
 from mergekit_evolve.search.cmaes import new_es
 from mergekit_evolve.search.executors import Job, evaluate_candidate
+from mergekit_evolve.search.records import Outcome
 from mergekit_evolve.search.problems import PSProblem
 from mergekit_evolve.search.racing import race
 from mergekit_evolve.search.executors import make_score
@@ -87,7 +88,7 @@ def cma_generations(problem, config, scorer, n: int, popsize: int) -> tuple[list
     while len(genomes) < n:
         asked = es.ask()
         results = [scorer(g) for g in asked]
-        es.tell(asked, [-r["fitness"] for r in results])
+        es.tell(asked, [-r.fitness for r in results])
         genomes += [np.asarray(g) for g in asked]
         full += results
     return genomes[:n], full[:n]
@@ -104,22 +105,22 @@ class Scorer:
     def __init__(self, problem, fitness):
         self.problem, self.score = problem, make_score(fitness)
 
-    def __call__(self, genome, part=None) -> dict:
+    def __call__(self, genome, part=None) -> Outcome:
         result = evaluate_candidate(self.problem, self.score, list(genome), part)
-        if result["error"]:
-            raise RuntimeError(result["error"])
+        if result.error:
+            raise RuntimeError(result.error)
         return result
 
 
 def evaluate_set(scorer: Scorer, fitness, genomes: list, popsize: int, full: list | None = None) -> dict:
     full = full or [scorer(g) for g in genomes]
-    ref = [r["fitness"] for r in full]
-    full_tokens = sum(r["tokens"] for r in full)
+    ref = [r.fitness for r in full]
+    full_tokens = sum(r.tokens for r in full)
     rows = {"full": {"tokens": full_tokens, "saving": 1.0, "rho": 1.0}}
     for fraction in SUBSAMPLES:
         sub = [scorer(g, (0.0, fraction)) for g in genomes]
-        est = [fitness.total(r["scores"]) for r in sub]
-        tokens = sum(r["tokens"] for r in sub)
+        est = [fitness.total(r.scores) for r in sub]
+        tokens = sum(r.tokens for r in sub)
         rows[f"subsample {fraction:g}"] = {"tokens": tokens, "saving": full_tokens / tokens, "rho": _rho(ref, est)}
     for name, racing in RACINGS.items():
         rows[name] = racing_row(scorer, fitness, genomes, popsize, ref, full_tokens, racing)
@@ -137,8 +138,8 @@ def racing_row(scorer, fitness, genomes, popsize, ref, full_tokens, racing: Raci
                 yield job, scorer(job.genome, job.part)
 
         for job, result in race(jobs, evaluate, racing, mu, fitness.weights(), fitness.num_rows()):
-            est[job.candidate] = result["fitness"]
-            tokens += result["tokens"]
+            est[job.candidate] = result.fitness
+            tokens += result.tokens
         true_top = sorted(range(start, start + len(jobs)), key=lambda i: -ref[i])[:mu]
         exact_top.append(all(abs(est[i] - ref[i]) < 1e-12 for i in true_top))
     return {"tokens": tokens, "saving": full_tokens / tokens, "rho": _rho(ref, est),

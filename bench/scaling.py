@@ -94,11 +94,11 @@ def timed_run(name: str, args, root: Path) -> dict:
         executor.close()
         run_dir.unlock()
     wall = time.perf_counter() - warm
-    records = sorted(run_dir.read_evaluations(), key=lambda r: r["index"])
+    records = sorted(run_dir.read_evaluations(), key=lambda r: r.index)
     return {"evals": state.n_evals, "search_s": wall, "evals_per_hour": 3600 * state.n_evals / wall,
             "s_per_candidate": wall / state.n_evals, "ready_s": ready - started, "warm_up_s": warm - ready,
-            "worker_s_per_candidate": statistics.mean(r["seconds"] for r in records), "best": state.best["fitness"],
-            "fitness": [r["fitness"] for r in records]}
+            "worker_s_per_candidate": statistics.mean(r.seconds for r in records), "best": state.best.fitness,
+            "fitness": [r.fitness for r in records]}
 
 
 def summarise(rounds: list[dict], ray_init_s: float, args) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from mergekit_evolve.errors import InputError, RunFailedError
-from mergekit_evolve.migration import mergekit_evolve_options, translate
+from mergekit_evolve.migration import translate
 from mergekit_evolve.progress import quiet_library_bars_off_terminal
 
 EXIT_FAILED = 1
@@ -49,6 +49,44 @@ def friendly_errors(fn):
 def main():
     """Evolutionary model merging for mergekit (parameter space and data-flow space)."""
     quiet_library_bars_off_terminal()
+
+
+# mergekit-evolve's options, accepted by ``run`` with the same meaning or refused in one line
+# (``migration.translate``).
+MERGEKIT_EVOLVE_OPTIONS = [
+    click.option("--storage-path", type=click.Path(file_okay=False, path_type=Path), help="mergekit-evolve's name for --out."),
+    click.option("--max-fevals", type=int, help="mergekit-evolve's name for --max-evals."),
+    click.option("--random-seed", type=int, help="Seed of random merge methods (merge_seed), as in mergekit-evolve."),
+    click.option("--num-gpus", type=int, help="mergekit-evolve: GPUs to use; here --executor ray --workers N (1: local)."),
+    click.option("--task-search-path", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+                 help="Folder of local lm-eval task YAMLs (repeatable; adds to task_search_path)."),
+    click.option("--sigma0", type=float, help="CMA-ES initial step size (optimizer.sigma0)."),
+    click.option("--force-population-size", type=int, help="CMA-ES population size (optimizer.popsize)."),
+    click.option("--batch-size", type=int, help="Evaluation batch size (fitness.batch_size)."),
+    click.option("--save-final-model/--no-save-final-model", default=None, help="mergekit-evolve's spelling of --no-save-model."),
+    click.option("--i-understand-the-depths-of-the-evils-i-am-unleashing", "evils", is_flag=True, default=False,
+                 help="mergekit-evolve's spelling of --allow-benchmark-tasks."),
+    click.option("--wandb/--no-wandb", "use_wandb", default=None, help="Log to Weights & Biases (the wandb: section)."),
+    click.option("--wandb-project", help="wandb project (default mergekit-evolve, as there)."),
+    click.option("--wandb-entity", help="wandb entity."),
+    click.option("--in-memory/--no-in-memory", default=None, hidden=True),
+    click.option("--reshard/--no-reshard", default=None, hidden=True),
+    click.option("--vllm/--no-vllm", default=None, hidden=True),
+    click.option("--strategy", "-s", default=None, hidden=True),
+    click.option("--merge-cuda/--no-merge-cuda", default=None, hidden=True),
+    click.option("--trust-remote-code/--no-trust-remote-code", default=None, hidden=True),
+    click.option("--allow-crimes/--no-allow-crimes", default=None, hidden=True),
+    click.option("--timeout", type=float, default=None, hidden=True),
+    click.option("--load-in-8bit", is_flag=True, default=None, hidden=True),
+    click.option("--load-in-4bit", is_flag=True, default=None, hidden=True),
+]
+
+
+def mergekit_evolve_options(fn):
+    """Add mergekit-evolve's options to a click command (they arrive as keyword arguments)."""
+    for option in reversed(MERGEKIT_EVOLVE_OPTIONS):
+        fn = option(fn)
+    return fn
 
 
 device_option = click.option(

@@ -16,7 +16,8 @@ from mergekit_evolve import runner
 from mergekit_evolve.search import economy
 from mergekit_evolve.search.executors import LocalExecutor, evaluate_candidate
 from mergekit_evolve.search.loop import run_search
-from mergekit_evolve.search.records import Best
+from mergekit_evolve.export.artifacts import best_writer
+from mergekit_evolve.search.records import Best, Evaluation
 from mergekit_evolve.search.problems import make_problem
 from mergekit_evolve.search.rundir import RunDir
 
@@ -51,7 +52,7 @@ def test_interrupted_economy_run_resumes_to_identical_records(zoo, tmp_path, mon
         run_dir.prepare(fresh=not out.exists())
         try:
             return run_search(problem, executor, run_dir, config.optimizer, progress=False,
-                              economy=runner.make_economy(config, fitness))
+                              on_best=best_writer(problem, run_dir), economy=runner.make_economy(config, fitness))
         finally:
             run_dir.unlock()
 
@@ -88,7 +89,7 @@ def test_interrupted_economy_run_resumes_to_identical_records(zoo, tmp_path, mon
     assert len(next(iter(by_generation[1]))) == 12  # 20% of 40, at least 12, to start
     full = evaluate_candidate(problem, score, summary.best.genome)
     assert summary.best.fitness == full.fitness == max(r["fitness"] for r in ref_rescored)
-    assert "subsample" not in full
+    assert full.subsample is None
 
 
 def test_rasch_estimate_ranks_full_candidates_like_their_accuracy_and_shrinks_small_samples():
@@ -97,10 +98,13 @@ def test_rasch_estimate_ranks_full_candidates_like_their_accuracy_and_shrinks_sm
     difficulty = rng.normal(0, 1, 40)
     truth = 1 / (1 + np.exp(-(ability[:, None] - difficulty[None, :])))
     answers = rng.random(truth.shape) < truth
-    records = [{"index": i, "subsample": {"of": {"t": 40}, "items": {"t": {"rows": list(range(40)),
-                "correct": "".join("1" if a else "0" for a in row)}}}} for i, row in enumerate(answers)]
+    def record(index: int, rows: list[int], correct: str) -> Evaluation:
+        sample = {"of": {"t": 40}, "items": {"t": {"rows": rows, "correct": correct}}}
+        return Evaluation(index=index, generation=1, candidate=index, genome=[0.5], fitness=0.0, subsample=sample)
+
+    records = [record(i, list(range(40)), "".join("1" if a else "0" for a in row)) for i, row in enumerate(answers)]
     # A candidate that answered its 3 rows right: a lucky small sample, not the best.
-    records.append({"index": 6, "subsample": {"of": {"t": 40}, "items": {"t": {"rows": [0, 1, 2], "correct": "111"}}}})
+    records.append(record(6, [0, 1, 2], "111"))
     predicted = economy.rasch_accuracy(records, "t", 40)
     observed = answers.mean(axis=1)
     assert np.argsort(predicted[:6]).tolist() == np.argsort(observed, kind="stable").tolist()

@@ -93,5 +93,5 @@ def test_interrupted_racing_run_resumes_to_the_same_result(zoo, tmp_path):
         assert cut_by[k]["fitness"] == r["fitness"]
         assert cut_by[k]["racing"] == r["racing"]
     stages = RunDir(tmp_path / "cut").read_stages()
-    assert len({(s["generation"], s["candidate"], s["stage"]) for s in stages}) == len(stages)
+    assert len({(s.generation, s.candidate, s.stage) for s in stages}) == len(stages)
     assert len(stages) == len(RunDir(tmp_path / "ref").read_stages())

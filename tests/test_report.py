@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from mergekit_evolve.cli import main
 from mergekit_evolve.config import GenomeConfig, parse_config
 from mergekit_evolve.errors import InputError
+from mergekit_evolve.search.records import Evaluation
 from mergekit_evolve.export.report import plot_dfs_path, plot_fitness, ps_parameter_table, write_report
 from mergekit_evolve import runner
 
@@ -125,7 +126,7 @@ def test_dfs_path_diagram_from_a_hand_made_path(tmp_path):
 
 
 def test_fitness_plot_copes_with_all_failed_and_empty_runs(tmp_path):
-    failed = [{"index": i, "generation": 1, "fitness": None, "cached": False} for i in range(5)]
+    failed = [Evaluation(index=i, generation=1, candidate=i, genome=[0.5], error="boom") for i in range(5)]
     png_size(plot_fitness(failed, tmp_path / "failed.png"))
     png_size(plot_fitness([], tmp_path / "empty.png"))
 

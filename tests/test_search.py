@@ -131,6 +131,20 @@ def test_too_many_failures_end_the_run_with_a_clear_message(family, tmp_path):
         runner.start(config, tmp_path / "out", device="cpu", progress=False, save_model=False)
 
 
+def test_too_many_failures_reach_cli_users_as_one_line_and_exit_code_1(family, tmp_path):
+    from click.testing import CliRunner
+
+    from mergekit_evolve.cli import main
+
+    cfg = tmp_path / "evo.yaml"
+    data = config_dict(family, write_rows(tmp_path / "r.jsonl"), function="fitness_fns:flaky", max_failures=0)
+    cfg.write_text(yaml.safe_dump(data))
+    done = CliRunner().invoke(main, ["run", str(cfg), "--out", str(tmp_path / "out"), "--quiet", "--no-save-model"])
+    assert done.exit_code == 1, done.output
+    assert done.output.startswith("error: ") and done.output.count("\n") == 1 and "Traceback" not in done.output
+    assert "max_failures=0" in done.output and (tmp_path / "out" / "evaluations.jsonl").is_file()
+
+
 def cli(*args, cwd=None) -> subprocess.CompletedProcess:
     env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ["PYTHONPATH"]]), "PATH": __import__("os").environ["PATH"], "HF_HUB_OFFLINE": "1", "HOME": str(cwd or TESTS)}
     return subprocess.run(

@@ -155,7 +155,7 @@ def _style():
     return matplotlib.rc_context({"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 10})
 
 
-def plot_fitness(evaluations: list[dict], out: Path, title: str = "Fitness of every evaluation") -> Path:
+def plot_fitness(evaluations: list[Evaluation], out: Path, title: str = "Fitness of every evaluation") -> Path:
     """Fitness per evaluation index, the best so far as a step line; failed candidates as red crosses."""
     with _style():
         fig = _figure(9, 4.8)
@@ -165,7 +165,7 @@ def plot_fitness(evaluations: list[dict], out: Path, title: str = "Fitness of ev
         cached = [e for e in ok if e.cached]
         failed = [e for e in evaluations if e.fitness is None]
         if fresh:
-            ax.scatter([e["index"] for e in fresh], [e["fitness"] for e in fresh], s=22, color="#1f77b4", alpha=0.75,
+            ax.scatter([e.index for e in fresh], [e.fitness for e in fresh], s=22, color="#1f77b4", alpha=0.75,
                        label=f"evaluated candidate ({len(fresh)})", zorder=3)
         if cached:
             ax.scatter([e.index for e in cached], [e.fitness for e in cached], s=30, facecolors="none",
@@ -187,7 +187,7 @@ def plot_fitness(evaluations: list[dict], out: Path, title: str = "Fitness of ev
         return _save(fig, out)
 
 
-def _plot_best_so_far(ax, evaluations: list[dict]) -> None:
+def _plot_best_so_far(ax, evaluations: list[Evaluation]) -> None:
     xs, ys, best = [], [], None
     for e in evaluations:
         if e.fitness is not None and (best is None or e.fitness > best):
@@ -198,22 +198,22 @@ def _plot_best_so_far(ax, evaluations: list[dict]) -> None:
     if xs:
         ax.step(xs, ys, where="post", color="#ff7f0e", linewidth=2.2, label=f"best so far (final {ys[-1]:.4g})", zorder=4)
         top = max((e for e in evaluations if e.fitness == ys[-1]), key=lambda e: -e.index)
-        ax.scatter([top["index"]], [top["fitness"]], marker="*", s=220, color="#ff7f0e", edgecolors="black",
-                   zorder=5, label=f"best candidate (evaluation {top['index']})")
+        ax.scatter([top.index], [top.fitness], marker="*", s=220, color="#ff7f0e", edgecolors="black",
+                   zorder=5, label=f"best candidate (evaluation {top.index})")
 
 
-def _plot_failures(ax, ok: list[dict], failed: list[dict]) -> None:
+def _plot_failures(ax, ok: list[Evaluation], failed: list[Evaluation]) -> None:
     """Failed candidates have no fitness: draw them on a band just below the lowest real one."""
     if not failed:
         return
     values = [e.fitness for e in ok] or [0.0]
     lo, hi = min(values), max(values)
     y = lo - 0.08 * ((hi - lo) or 1.0)
-    ax.scatter([e["index"] for e in failed], [y] * len(failed), marker="x", s=40, color="#d62728", linewidths=2,
+    ax.scatter([e.index for e in failed], [y] * len(failed), marker="x", s=40, color="#d62728", linewidths=2,
                label=f"failed, no fitness ({len(failed)})", zorder=3)
 
 
-def _mark_generations(ax, evaluations: list[dict]) -> None:
+def _mark_generations(ax, evaluations: list[Evaluation]) -> None:
     starts = {}
     for e in evaluations:
         starts.setdefault(e.generation, e.index)
