@@ -40,12 +40,13 @@ class _Worker:
         from mergekit_evolve.config import parse_config
         from mergekit_evolve.search.problems import make_problem
         from mergekit_evolve.search.runner import make_fitness, make_score
+        from mergekit_evolve.search.validation import fitness_for_search
 
         if threads:
             torch.set_num_threads(threads)
         config = parse_config(yaml.safe_load(config_yaml))
         self.problem = make_problem(config, device)
-        self.score = make_score(make_fitness(config, self.problem.tokenizer, self.problem.tokenizer_ref))
+        self.score = make_score(fitness_for_search(config, make_fitness(config, self.problem.tokenizer, self.problem.tokenizer_ref)))
 
     def evaluate(self, genome: list, part: Optional[tuple] = None) -> dict:
         from mergekit_evolve.search.loop import evaluate_candidate

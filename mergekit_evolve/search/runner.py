@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import click
 import numpy as np
 
 from mergekit_evolve.config import EvolveConfig, load_config, parse_config, source_models
@@ -25,6 +26,7 @@ from mergekit_evolve.search.economy import Economy, describe, item_results, toke
 from mergekit_evolve.search.loop import LocalExecutor, Racing, run_search
 from mergekit_evolve.search.problems import make_problem, resolve_device
 from mergekit_evolve.search.rundir import RunDir, atomic_write
+from mergekit_evolve.search.validation import describe_decision, make_validation_gate, ps_dfs_validation
 
 
 def start(
@@ -109,8 +111,9 @@ def _run_ps_then_dfs(config, run_dir: RunDir, device, save_model, progress, fitn
         ps_summary = run_stage(make_problem(ps_config, device), ps_config, ps_dir, True, progress, fitness)
     collection = [str(ps_dir.model), *(config.dfs.models or source_models(config))]
     dfs_budget = config.dfs.max_evals or config.optimizer.max_evals
+    dfs_settings = {"models": collection, "base_index": 0, "validation": ps_dfs_validation(config)}
     dfs_config = config.model_copy(
-        update={"space": "dfs", "dfs": config.dfs.model_copy(update={"models": collection, "base_index": 0}),
+        update={"space": "dfs", "dfs": config.dfs.model_copy(update=dfs_settings),
                 "optimizer": config.optimizer.model_copy(update={"max_evals": dfs_budget})}
     )
     atomic_write(dfs_dir.config, dfs_config.to_yaml())
@@ -135,6 +138,9 @@ def run_stage(problem, config: EvolveConfig, run_dir: RunDir, save_model: bool, 
     started = time.time()
     if fitness is None:
         fitness = make_fitness(config, problem.tokenizer, problem.tokenizer_ref, progress)
+    gate = make_validation_gate(config)  # dfs.validation: rows held back from the search
+    if gate is not None:
+        fitness = gate.search_fitness(fitness)
     executor = make_executor(config, problem, make_score(fitness))
     logger = _wandb_logger(config, run_dir)
     try:
@@ -147,6 +153,9 @@ def run_stage(problem, config: EvolveConfig, run_dir: RunDir, save_model: bool, 
         executor.close()
     if state.best is None:
         raise InputError(f"{run_dir.path}: every candidate failed; see evaluations.jsonl for the errors")
+    validation = gate.confirm(problem, fitness, run_dir, state) if gate is not None else None
+    if validation is not None and progress:
+        click.echo(f"[mergekit-evo] {describe_decision(validation)}", err=True)
     best = problem.decode(np.asarray(state.best["genome"]))
     with step("scoring the best candidate on the held-out split", progress):
         heldout = fitness.score(problem.build(best), "heldout")
@@ -160,6 +169,7 @@ def run_stage(problem, config: EvolveConfig, run_dir: RunDir, save_model: bool, 
         "selected_on": selection_data(config),
         "history": state.history,
         **economy_summary(config, run_dir, state, has_heldout=bool(heldout)),
+        **({"validation": validation} if validation is not None else {}),
     }
     if save_model and not run_dir.model.exists():
         with step(f"saving the best model to {run_dir.model}", progress):
