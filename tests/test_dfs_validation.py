@@ -133,6 +133,18 @@ def test_ps_dfs_holds_back_rows_by_default_and_keeps_the_ps_model_without_eviden
     assert make_validation_gate(parse_config(demo_config(zoo, "dfs", 20, 0))) is None
 
 
+def test_a_resumed_ps_dfs_stage_keeps_the_rows_it_started_with(zoo, tmp_path):
+    from mergekit_evolve.search.validation import ps_dfs_validation
+
+    config = parse_config(demo_config(zoo, "ps+dfs", 20, 0))
+    stage = tmp_path / "config.yaml"
+    assert ps_dfs_validation(config, stage) == 0.3  # a new stage: the default
+    stage.write_text("space: dfs\ndfs: {repeats: 2, validation: 0.5}\n")
+    assert ps_dfs_validation(config, stage) == 0.5
+    stage.write_text("space: dfs\ndfs: {repeats: 2}\n")  # written before dfs.validation existed
+    assert ps_dfs_validation(config, stage) == 0.0
+
+
 def test_validation_needs_accuracy_tasks(tmp_path):
     base = {"space": "dfs", "genome": {"models": ["a", "b"]}, "dfs": {"validation": 0.3},
             "fitness": {"tasks": [{"name": "t", "kind": "perplexity", "data": "d.jsonl"}]}}

@@ -111,7 +111,7 @@ def _run_ps_then_dfs(config, run_dir: RunDir, device, save_model, progress, fitn
         ps_summary = run_stage(make_problem(ps_config, device), ps_config, ps_dir, True, progress, fitness)
     collection = [str(ps_dir.model), *(config.dfs.models or source_models(config))]
     dfs_budget = config.dfs.max_evals or config.optimizer.max_evals
-    dfs_settings = {"models": collection, "base_index": 0, "validation": ps_dfs_validation(config)}
+    dfs_settings = {"models": collection, "base_index": 0, "validation": ps_dfs_validation(config, dfs_dir.config)}
     dfs_config = config.model_copy(
         update={"space": "dfs", "dfs": config.dfs.model_copy(update=dfs_settings),
                 "optimizer": config.optimizer.model_copy(update={"max_evals": dfs_budget})}

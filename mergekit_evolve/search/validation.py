@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from mergekit_evolve.errors import InputError
 from mergekit_evolve.search.rundir import RunDir, _append_jsonl, _read_jsonl
@@ -128,10 +130,14 @@ def fitness_for_search(config, fitness):
     return fitness if gate is None else gate.search_fitness(fitness)
 
 
-def ps_dfs_validation(config) -> float:
-    """``dfs.validation`` for the DFS stage of ps+dfs: as given, else the default where it applies."""
+def ps_dfs_validation(config, stage_config: Path | None = None) -> float:
+    """``dfs.validation`` for the DFS stage of ps+dfs: as given, else the default where it applies. A
+    resumed stage keeps the value it started with (``stage_config``, its config.yaml; a stage written
+    before this option existed searched on every row: 0), so its records stay comparable."""
     from mergekit_evolve.config import accuracy_fitness
 
+    if stage_config is not None and stage_config.exists():
+        return (yaml.safe_load(stage_config.read_text()).get("dfs") or {}).get("validation") or 0.0
     if config.dfs.validation is not None:
         return config.dfs.validation
     return DEFAULT_PS_DFS_FRACTION if accuracy_fitness(config) else 0.0
@@ -140,7 +146,7 @@ def ps_dfs_validation(config) -> float:
 def describe_decision(decision: dict[str, Any]) -> str:
     """One line for logs and tables."""
     rows = ", ".join(f"{n} {t} rows" for t, n in decision["rows"].items())
-    verdict = "replaces the start path" if decision["kept"] == "search_best" else "kept the start path"
+    verdict = "replaced the start path" if decision["kept"] == "search_best" else "kept the start path"
     return (f"validation on {rows}: search's best {decision['search_best']['validation']:.3f} vs start path "
             f"{decision['start']['validation']:.3f} (difference {decision['difference']:+.3f}, needed > "
             f"{decision['z']:g} x {decision['standard_error']:.3f}): {verdict}")
