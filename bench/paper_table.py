@@ -57,13 +57,31 @@ def dfs_paths(out: Path, seeds: int) -> str:
         names = NAMES[space]
         for seed in range(seeds):
             run = out / _run_name(space, seed, seeds)
-            best = json.loads(((run / "dfs") if space == "ps+dfs" else run).joinpath("best.json").read_text())
+            stage = (run / "dfs") if space == "ps+dfs" else run
+            best = json.loads(stage.joinpath("best.json").read_text())
             path = DFSPath(hops=best["path"]["hops"], scales=best["path"]["scales"])
-            lines.append(f"- {space}, seed {seed} (A = {names[0]}): `{path.summary(names)}` "
-                         f"(fitness {best['fitness']:.2f}, evaluation {best['index']})")
+            line = (f"- {space}, seed {seed} (A = {names[0]}): `{path.summary(names)}` "
+                    f"(fitness {best['fitness']:.2f}, evaluation {best['index']})")
+            validation = json.loads(stage.joinpath("summary.json").read_text()).get("validation")
+            lines.append(line + (f"; {validation_note(stage, validation, names)}" if validation else ""))
     best = json.loads((out / _run_name("dfs", 0, seeds) / "best.json").read_text())
     plot_dfs_path(best["path"], ROOT / "docs" / "dfs_path.png", "DFS alone, seed 0: best path", model_names=NAMES["dfs"])
     return "\n".join(lines) + "\n\n![DFS path, seed 0](dfs_path.png)\n"
+
+
+def validation_note(stage: Path, decision: dict, names: list[str]) -> str:
+    """What ``dfs.validation`` decided: the search's best against the start path on the held-back rows."""
+    from mergekit_evolve.config import load_config
+    from mergekit_evolve.search.dfs_problem import DFSProblem
+
+    searched = decision["search_best"]["record"]
+    path = DFSProblem(load_config(stage / "config.yaml")).space.decode(searched["genome"])
+    rows = sum(decision["rows"].values())
+    verdict = "replaced the start path" if decision["kept"] == "search_best" else "kept the start path"
+    return (f"validation {verdict}: the search's best `{path.summary(names)}` (fitness {searched['fitness']:.2f} on "
+            f"the search rows) scored {decision['search_best']['validation']:.3f} vs {decision['start']['validation']:.3f} "
+            f"on the {rows} validation rows (difference {decision['difference']:+.3f}; needed > {decision['z']:g} x "
+            f"{decision['standard_error']:.3f})")
 
 
 if __name__ == "__main__":

@@ -133,6 +133,13 @@ class DFSConfig(Strict):
     indicator_init: float = Field(default=0.5, gt=0)
     # space ps+dfs: the DFS stage's budget (default optimizer.max_evals, as the PS stage)
     max_evals: Optional[int] = Field(default=None, ge=1)
+    # Confirm the result on rows the search never selected on (search/validation.py). validation: the
+    # fraction of each fitness task's rows held back from the DFS search; its best path replaces the start
+    # path (model A's own layers: in ps+dfs the PS model) only when it beats it on those rows by more than
+    # validation_z paired standard errors (1.645: one-sided 95%). null: 0.3 for the DFS stage of ps+dfs
+    # when every fitness task scores accuracy (kind generate or choice), else 0 (off).
+    validation: Optional[float] = Field(default=None, ge=0, lt=1)
+    validation_z: float = Field(default=1.645, ge=0)
 
 
 class RacingConfig(Strict):
@@ -262,11 +269,23 @@ class EvolveConfig(Strict):
             )
         if self.random_init:
             self.optimizer.init = "random"
+        if self.space != "ps" and self.dfs.validation and not accuracy_fitness(self):
+            raise InputError(
+                f"dfs.validation: {self.dfs.validation} confirms the DFS result row by row, which needs built-in "
+                "accuracy tasks (fitness.tasks of kind generate or choice); set dfs.validation: 0"
+            )
         return self
 
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", exclude_defaults=False)
         return yaml.safe_dump(data, sort_keys=False)
+
+
+def accuracy_fitness(config: EvolveConfig) -> bool:
+    """Built-in fitness tasks that all score accuracy row by row (what ``dfs.validation`` compares)."""
+    from mergekit_evolve.fitness.evaluator import RACING_KINDS
+
+    return config.fitness is not None and all(task.kind in RACING_KINDS for task in config.fitness.tasks)
 
 
 def _format_validation_error(err: ValidationError) -> str:

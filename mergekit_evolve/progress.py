@@ -29,6 +29,12 @@ def step(message: str, enabled: bool = True) -> Iterator[None]:
     print(f"[mergekit-evo] {message}: done in {time.time() - started:.1f} s", file=sys.stderr, flush=True)
 
 
+def note(message: str, enabled: bool = True) -> None:
+    """``[mergekit-evo] message``: a one-line note between steps."""
+    if enabled:
+        print(f"[mergekit-evo] {message}", file=sys.stderr, flush=True)
+
+
 def quiet_library_bars_off_terminal() -> None:
     """Turn off huggingface_hub's and transformers' bars ("Loading weights ...") when stderr is not a
     terminal: in a log each is a run of carriage-return redraws. Call before transformers is imported,

@@ -20,7 +20,7 @@ from mergekit_evolve.config import EvolveConfig, load_config, parse_config, sour
 from mergekit_evolve.errors import InputError
 from mergekit_evolve.export.artifacts import best_writer, save_model as save_best_model
 from mergekit_evolve.fitness.factory import make_fitness
-from mergekit_evolve.progress import step
+from mergekit_evolve.progress import note, step
 from mergekit_evolve.resources import resolve_device
 from mergekit_evolve.search.economy import Economy, tokens_of
 from mergekit_evolve.search.executors import make_executor, make_score
@@ -28,6 +28,7 @@ from mergekit_evolve.search.loop import Racing, SearchState, run_search
 from mergekit_evolve.search.problems import make_problem
 from mergekit_evolve.search.records import BestResult, RunInfo, Summary
 from mergekit_evolve.search.rundir import RunDir
+from mergekit_evolve.search.validation import describe_decision, make_validation_gate, ps_dfs_validation
 
 
 def start(
@@ -106,7 +107,7 @@ def _run_ps_then_dfs(config, run_dir: RunDir, device, save_model, progress, fitn
         ps_config = config.model_copy(update={"space": "ps"})
         ps_dir.write_config(ps_config.to_yaml())
         ps_summary = run_stage(make_problem(ps_config, device), ps_config, ps_dir, True, progress, fitness)
-    dfs_config = dfs_stage_config(config, ps_dir.model)
+    dfs_config = dfs_stage_config(config, ps_dir.model, dfs_dir.config)
     dfs_dir.write_config(dfs_config.to_yaml())
     dfs_summary = run_stage(make_problem(dfs_config, device), dfs_config, dfs_dir, save_model, progress)
     summary = dfs_summary.model_copy(update={"stages": {"ps": ps_summary, "dfs": dfs_summary}})
@@ -114,12 +115,14 @@ def _run_ps_then_dfs(config, run_dir: RunDir, device, save_model, progress, fitn
     return summary
 
 
-def dfs_stage_config(config: EvolveConfig, ps_model: Path) -> EvolveConfig:
-    """The DFS stage of a ps+dfs run: the PS model as model A, then the sources; its own budget."""
+def dfs_stage_config(config: EvolveConfig, ps_model: Path, stage_config: Path) -> EvolveConfig:
+    """The DFS stage of a ps+dfs run: the PS model as model A, then the sources; its own budget; rows held
+    back to confirm the result (``dfs.validation``; a resumed stage keeps what its ``stage_config`` says)."""
     collection = [str(ps_model), *(config.dfs.models or source_models(config))]
     budget = config.dfs.max_evals or config.optimizer.max_evals
+    dfs = {"models": collection, "base_index": 0, "validation": ps_dfs_validation(config, stage_config)}
     return config.model_copy(
-        update={"space": "dfs", "dfs": config.dfs.model_copy(update={"models": collection, "base_index": 0}),
+        update={"space": "dfs", "dfs": config.dfs.model_copy(update=dfs),
                 "optimizer": config.optimizer.model_copy(update={"max_evals": budget})}
     )
 
@@ -130,8 +133,14 @@ def run_stage(problem, config: EvolveConfig, run_dir: RunDir, save_model: bool, 
     started = time.time()
     if fitness is None:
         fitness = make_fitness(config, problem.tokenizer, problem.tokenizer_ref, progress)
+    gate = make_validation_gate(config)  # dfs.validation: rows held back from the search
+    if gate is not None:
+        fitness = gate.search_fitness(fitness)
     logger = _wandb_logger(config, run_dir)
     state = _search(problem, config, run_dir, fitness, progress, logger)
+    validation = gate.confirm(problem, fitness, run_dir, state, best_writer(problem, run_dir)) if gate else None
+    if validation is not None:
+        note(describe_decision(validation), progress)
     best = problem.decode(np.asarray(state.best.genome))
     with step("scoring the best candidate on the held-out split", progress):
         heldout = fitness.score(problem.build(best), "heldout")
@@ -144,6 +153,7 @@ def run_stage(problem, config: EvolveConfig, run_dir: RunDir, save_model: bool, 
         wall_seconds=round(time.time() - started, 2),
         selected_on=selection_data(config),
         history=state.history,
+        validation=validation,
         **economy_summary(config, run_dir, state, has_heldout=bool(heldout)),
     )
     if save_model and not run_dir.model.exists():

@@ -15,6 +15,7 @@ that saw different rows.
 
 from __future__ import annotations
 
+import copy
 import random
 import time
 from dataclasses import dataclass, field
@@ -34,8 +35,9 @@ from mergekit_evolve.fitness.prompts import check_chat_template
 from mergekit_evolve.fitness.runtime import ModelRunner, evaluation_mode
 from mergekit_evolve.fitness.tasks import FitnessConfig, TaskConfig, load_fitness_config
 
-Split = Literal["fitness", "heldout"]
-SPLITS: tuple[Split, ...] = ("fitness", "heldout")
+# "validation": fitness rows held back from a search to confirm its result (``Fitness.hold_back``)
+Split = Literal["fitness", "heldout", "validation"]
+SPLITS: tuple[Split, ...] = ("fitness", "heldout", "validation")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class Subsample:
 Part = tuple[float, float] | Subsample  # (lo, hi): fractions of the fitness rows, 0 <= lo < hi <= 1
 RACING_KINDS = ("generate", "choice")  # accuracy tasks: a part's score times its rows adds up exactly
 PART_SHUFFLE_SEED = 20240313
+VALIDATION_SHUFFLE_SEED = 20240314
 
 PREPARE = {"generate": prepare_generate, "choice": prepare_choice, "perplexity": prepare_perplexity}
 EVALUATE = {"generate": evaluate_generate, "choice": evaluate_choice, "perplexity": evaluate_perplexity}
@@ -109,6 +112,27 @@ class Fitness:
         for split, split_rows in rows.items():
             prepared.examples[split] = PREPARE[task.kind](task, split_rows, loaded.fewshot, self.tokenizer)
         return prepared
+
+    def hold_back(self, fraction: float, seed: int) -> "Fitness":
+        """A copy whose ``validation`` split holds ``fraction`` of each task's fitness rows (a seeded draw,
+        at least one row) and whose ``fitness`` split keeps the others: rows a search never selects on,
+        on which its result can be confirmed without touching the held-out split."""
+        held = copy.copy(self)
+        held._tasks = [self._held_back(task, fraction, seed) for task in self._tasks]
+        return held
+
+    def _held_back(self, task: _Task, fraction: float, seed: int) -> _Task:
+        rows = task.rows["fitness"]
+        count = min(len(rows) - 1, max(1, round(fraction * len(rows))))
+        chosen = set(random.Random(VALIDATION_SHUFFLE_SEED + seed).sample(range(len(rows)), count))
+        split = {"fitness": [r for i, r in enumerate(rows) if i not in chosen],
+                 "validation": [r for i, r in enumerate(rows) if i in chosen]}
+        held = _Task(config=task.config, rows={**task.rows, **split}, examples=dict(task.examples),
+                     function=task.function, fewshot=task.fewshot)
+        if task.function is None:
+            for name, part in split.items():
+                held.examples[name] = PREPARE[task.config.kind](task.config, part, task.fewshot, self.tokenizer)
+        return held
 
     def num_rows(self, split: Split = "fitness") -> dict[str, int]:
         """Rows each task scores on ``split`` (tasks without that split are absent)."""

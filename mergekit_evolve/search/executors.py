@@ -136,12 +136,14 @@ class _Worker:
         from mergekit_evolve.config import parse_config
         from mergekit_evolve.fitness.factory import make_fitness
         from mergekit_evolve.search.problems import make_problem
+        from mergekit_evolve.search.validation import fitness_for_search
 
         if threads:
             torch.set_num_threads(threads)
         config = parse_config(yaml.safe_load(config_yaml))
         self.problem = make_problem(config, device)
-        self.score = make_score(make_fitness(config, self.problem.tokenizer, self.problem.tokenizer_ref))
+        fitness = make_fitness(config, self.problem.tokenizer, self.problem.tokenizer_ref)
+        self.score = make_score(fitness_for_search(config, fitness))  # the rows the search sees
 
     def evaluate(self, genome: list, part: Any = None) -> Outcome:
         return evaluate_candidate(self.problem, self.score, genome, part).model_copy(update={"worker": os.getpid()})

@@ -3,6 +3,7 @@
     Outcome       scoring one candidate: fitness and per-task scores, or the error it failed with
     Evaluation    one line of evaluations.jsonl (and rescored.jsonl): where the candidate sits + its outcome
     StageResult   racing only: one line of racing.jsonl (a candidate's score on one part of the rows)
+    ValidationEntry  dfs.validation only: one line of validation.jsonl
     Best          the best candidate so far (best.json adds the recipe or path it decodes to)
     Summary       summary.json: the finished search, its held-out scores and how they were obtained
 
@@ -12,7 +13,7 @@ older run directories load as long as they hold these keys.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict
 
@@ -158,6 +159,7 @@ class Summary(Record):
     tokens: int = 0
     stop_reason: str = "max_evals"
     economy: Optional[dict[str, Any]] = None
+    validation: Optional[ValidationDecision] = None  # dfs.validation (search/validation.py)
     stages: Optional[dict[str, Summary]] = None
 
 
@@ -174,3 +176,34 @@ class RunInfo(Record):
     device: str = "auto"
     save_model: bool = True
     version: Optional[str] = None
+
+
+class Contender(Record):
+    """One side of the DFS validation comparison: its record and its score on the held-back rows."""
+
+    record: Best
+    validation: float
+
+
+class ValidationDecision(Record):
+    """dfs.validation: the search's best against the start path on rows the search never selected on."""
+
+    rows: dict[str, int]
+    start: Contender
+    search_best: Contender
+    difference: float
+    standard_error: float
+    z: float
+    kept: Literal["start", "search_best"]
+
+
+class ValidationEntry(Record):
+    """One line of validation.jsonl: a contender's per-row results ("1"/"0" per row), or the decision."""
+
+    role: Optional[Literal["start", "search_best"]] = None
+    record: Optional[Best] = None
+    correct: Optional[dict[str, str]] = None
+    decision: Optional[ValidationDecision] = None
+
+
+Summary.model_rebuild()  # its ``validation`` field names a type defined after it

@@ -5,6 +5,7 @@
     evaluations.jsonl    one line per evaluated candidate, appended and fsynced
     racing.jsonl         racing only: one line per candidate and stage (a resumed generation skips them)
     rescored.jsonl       economy only: the finalists' full-split scores (search/economy.py)
+    validation.jsonl     dfs.validation only: the start path and the search's best on held-back rows
     optimizer.pkl        CMA-ES state + counters after the last completed generation
     best.yaml / best.json   best recipe so far (plain mergekit YAML) and its numbers
     summary.json         the finished search
@@ -35,7 +36,15 @@ from pydantic import BaseModel
 
 from mergekit_evolve.atomic import atomic_write
 from mergekit_evolve.errors import InputError
-from mergekit_evolve.search.records import BestFile, Evaluation, Record, RunInfo, StageResult, Summary
+from mergekit_evolve.search.records import (
+    BestFile,
+    Evaluation,
+    Record,
+    RunInfo,
+    StageResult,
+    Summary,
+    ValidationEntry,
+)
 
 STAGES = ("ps", "dfs")  # the stages of a ps+dfs run, in order
 R = TypeVar("R", bound=BaseModel)
@@ -52,6 +61,7 @@ class RunDir:
     evaluations = property(lambda self: self.path / "evaluations.jsonl")
     racing = property(lambda self: self.path / "racing.jsonl")
     rescored = property(lambda self: self.path / "rescored.jsonl")
+    validation = property(lambda self: self.path / "validation.jsonl")
     state = property(lambda self: self.path / "optimizer.pkl")
     best_yaml = property(lambda self: self.path / "best.yaml")
     best_json = property(lambda self: self.path / "best.json")
@@ -131,7 +141,7 @@ class RunDir:
 
     def repair(self) -> None:
         """Cut a torn last line (a process killed mid-append) off every run file, before appending."""
-        for path in (self.evaluations, self.racing, self.rescored):
+        for path in (self.evaluations, self.racing, self.rescored, self.validation):
             good = _complete_prefix(path)
             if good is not None:
                 with open(path, "r+b") as f:
@@ -168,6 +178,12 @@ class RunDir:
 
     def read_rescored(self) -> list[Evaluation]:
         return read_jsonl(self.rescored, Evaluation)
+
+    def append_validation(self, entry: ValidationEntry) -> None:
+        _append_jsonl(self.validation, entry)
+
+    def read_validation(self) -> list[ValidationEntry]:
+        return read_jsonl(self.validation, ValidationEntry)
 
     def write_best(self, best: BestFile, recipe_yaml: Optional[str]) -> None:
         """best.json, and best.yaml when the best has a mergekit recipe (a DFS path that does not fold has none)."""
