@@ -130,6 +130,11 @@ def test_ps_dfs_holds_back_rows_by_default_and_keeps_the_ps_model_without_eviden
     path = json.loads((tmp_path / "run" / "best.json").read_text())["path"]
     assert path["hops"] == [[0, i] for i in range(4)] and set(path["scales"]) == {1.0}  # the PS model's layers
     assert summary.best.heldout == summary.stages["ps"].best.heldout
+    from mergekit_evolve.export.report import write_report
+
+    report = write_report(tmp_path / "run").read_text()  # the decision is in the report
+    assert "| DFS result confirmed on held-back rows | validation on 30 script_math rows" in report
+    assert "kept the start path" in report
     assert make_validation_gate(parse_config(demo_config(zoo, "dfs", 20, 0))) is None
 
 

@@ -62,8 +62,9 @@ def write_best(problem, candidate, run_dir: RunDir, best: Best) -> None:
     if fold_blocker(problem, candidate):
         run_dir.write_best(record, None)  # best.json keeps the path; export --format custom
         return
+    found = f"at evaluation {best.index}" if best.index >= 0 else "(model A's own path, kept by dfs.validation)"
     header = (
-        f"Evolved by mergekit-evo (DFS): fitness {best.fitness:.4f} at evaluation {best.index}.\n"
+        f"Evolved by mergekit-evo (DFS): fitness {best.fitness:.4f} {found}.\n"
         f"{len(candidate.path.hops)} hops; data-flow scales folded into o_proj/down_proj.\n"
         "Build the standard checkpoint: mergekit-yaml best.yaml OUT"
     )

@@ -542,6 +542,10 @@ def summary_rows(stage: Stage) -> list[tuple[str, str]]:
     if wall:
         rows.append(("evaluations per hour", f"{len(stage.evaluations) / wall * 3600:,.0f}"))
     rows.append(("selected on", selection_text(stage)))
+    if stage.summary is not None and stage.summary.validation is not None:
+        from mergekit_evolve.search.validation import describe_decision
+
+        rows.append(("DFS result confirmed on held-back rows", describe_decision(stage.summary.validation)))
     return rows
 
 
