@@ -24,17 +24,27 @@ OUT = HERE / "out"
 # name -> (arguments, what it measures). The order is the order of RESULTS.md.
 BENCHES = {
     # Linear and every sparsifying method; the script alone (no flag) runs every method.
-    "merge_speed": (["--sparsifying"],
-                    "in-memory candidate merge vs `mergekit-yaml` + reload (106M-param Llama, fp32)"),
-    "merge_scaling": ([], "per-candidate merge cost and peak RSS vs family size (10M-100M, bf16), ours vs "
-                          "`mergekit-yaml` + reload"),
+    "merge_speed": (
+        ["--sparsifying"],
+        "in-memory candidate merge vs `mergekit-yaml` + reload (106M-param Llama, fp32)",
+    ),
+    "merge_scaling": (
+        [],
+        "per-candidate merge cost and peak RSS vs family size (10M-100M, bf16), ours vs `mergekit-yaml` + reload",
+    ),
     "dfs_memory": ([], "layer-stack memory and path switch (2 x Llama 8 x 512, T = 3M hops)"),
     "fitness_cost": ([], "forward tokens vs rank agreement: full, subsample, racing; generation throughput"),
-    "vs_mergekit_evolve": ([], "ours (lm-eval task and built-in fitness) vs the real mergekit-evolve (zoo, one config, same budget)"),
+    "vs_mergekit_evolve": (
+        [],
+        "ours (lm-eval task and built-in fitness) vs the real mergekit-evolve (zoo, one config, same budget)",
+    ),
     "scaling": ([], "evaluations per hour: local vs Ray with 1 and 2 workers (zoo)"),
     "gpu": (["--small"], "GPU figures (7B-shaped pool); on a CPU-only machine: --small shapes, CPU"),
     "torture": ([], "SIGKILL torture: kills, resumes, equality with an uninterrupted run"),
-    "time_to_quality": (["--seeds", "3"], "time to quality: forward tokens and held-out per optimizer.economy mode (zoo PS, DFS)"),
+    "time_to_quality": (
+        ["--seeds", "3"],
+        "time to quality: forward tokens and held-out per optimizer.economy mode (zoo PS, DFS)",
+    ),
     "torture_economy": (["--economy", "auto"], "SIGKILL torture with optimizer.economy: auto (zoo models and task)"),
     "dfs_search": ([], "DFS search variants: distinct paths, best fitness and held-out per budget (zoo, 3 seeds)"),
 }
@@ -51,7 +61,9 @@ def run(name: str) -> None:
         command += ["--json", str(OUT / f"{name}.json")]
     done = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - started
-    text = _without_noise(done.stdout) + (f"\n[exit code {done.returncode}]\n{done.stderr[-2000:]}" if done.returncode else "")
+    text = _without_noise(done.stdout) + (
+        f"\n[exit code {done.returncode}]\n{done.stderr[-2000:]}" if done.returncode else ""
+    )
     header = f"$ python bench/{script}.py {' '.join(args)}   # {time.strftime('%Y-%m-%d')}, {wall:.0f} s\n"
     (OUT / f"{name}.txt").write_text(header + text)
     print(f"{name}: exit {done.returncode} in {wall:.0f} s")
@@ -65,22 +77,41 @@ def _without_noise(text: str) -> str:
 def summary_rows() -> list[tuple[str, str, str]]:
     """(figure, measured, target) from the benchmarks' JSON files that exist."""
     rows = []
-    figures = {name: json.loads((OUT / f"{name}.json").read_text()) for name in BENCHES if (OUT / f"{name}.json").exists()}
+    figures = {
+        name: json.loads((OUT / f"{name}.json").read_text()) for name in BENCHES if (OUT / f"{name}.json").exists()
+    }
     if "merge_speed" in figures:
         m = figures["merge_speed"]["methods"]
         for method, numbers in m.items():
             if "speedup" in numbers:
-                rows.append((f"{method} merge: in-memory vs mergekit-yaml + reload (106M)", f"{numbers['speedup']:.1f}x", ">= 20x"))
+                rows.append(
+                    (
+                        f"{method} merge: in-memory vs mergekit-yaml + reload (106M)",
+                        f"{numbers['speedup']:.1f}x",
+                        ">= 20x",
+                    )
+                )
         if "linear_x_bandwidth_bound" in figures["merge_speed"]:
-            rows.append(("linear merge vs memory-bandwidth bound", f"{figures['merge_speed']['linear_x_bandwidth_bound']:.1f}x", "<= 1.5x"))
+            rows.append(
+                (
+                    "linear merge vs memory-bandwidth bound",
+                    f"{figures['merge_speed']['linear_x_bandwidth_bound']:.1f}x",
+                    "<= 1.5x",
+                )
+            )
     if "merge_scaling" in figures:
         for rung, block in figures["merge_scaling"]["rungs"].items():
             ours = {method: numbers["ours"] for method, numbers in block["methods"].items()}
             linear = ours.get("linear", {}).get("candidate_s")
             for method in ("ties", "dare_ties"):
                 if linear and "candidate_s" in ours.get(method, {}):
-                    rows.append((f"{method} candidate vs linear candidate, {rung} bf16 family (fast path)",
-                                 f"{ours[method]['candidate_s'] / linear:.1f}x", "<= 3x (30M)"))
+                    rows.append(
+                        (
+                            f"{method} candidate vs linear candidate, {rung} bf16 family (fast path)",
+                            f"{ours[method]['candidate_s'] / linear:.1f}x",
+                            "<= 3x (30M)",
+                        )
+                    )
     if "dfs_memory" in figures:
         d = figures["dfs_memory"]
         rows.append((f"DFS layer stack RSS, T = {d['hops']} hops", f"{d['stack_rss_x_pool']:.2f}x pool", "~1x pool"))
@@ -89,17 +120,46 @@ def summary_rows() -> list[tuple[str, str, str]]:
         f = figures["fitness_cost"]
         for set_name, block in f["sets"].items():
             best = max((r for r in block["rows"].values() if r["rho"] >= 0.9), key=lambda r: r["saving"])
-            rows.append((f"fitness: largest token saving at rho >= 0.9 ({set_name} candidates)", f"{best['saving']:.1f}x", ">= 5x"))
+            rows.append(
+                (
+                    f"fitness: largest token saving at rho >= 0.9 ({set_name} candidates)",
+                    f"{best['saving']:.1f}x",
+                    ">= 5x",
+                )
+            )
         rows.append(("batched generation vs transformers generate", f"{f['generation']['ratio']:.2f}x", ">= 0.8x"))
     if "vs_mergekit_evolve" in figures:
         v = figures["vs_mergekit_evolve"]
         if "lm_eval_vs_builtin_per_candidate" in v:
-            rows.append(("lm-eval task vs built-in evaluator, time per candidate (zoo)", f"{v['lm_eval_vs_builtin_per_candidate']:.2f}x", "<= 1.5x"))
-            rows.append(("lm-eval task start-up minus built-in start-up", f"{v['lm_eval_startup_minus_builtin_s']:+.1f} s", "a few s"))
+            rows.append(
+                (
+                    "lm-eval task vs built-in evaluator, time per candidate (zoo)",
+                    f"{v['lm_eval_vs_builtin_per_candidate']:.2f}x",
+                    "<= 1.5x",
+                )
+            )
+            rows.append(
+                (
+                    "lm-eval task start-up minus built-in start-up",
+                    f"{v['lm_eval_startup_minus_builtin_s']:+.1f} s",
+                    "a few s",
+                )
+            )
         if v.get("interleaved"):
-            rows.append(("lm-eval task vs built-in, scoring alone, interleaved in one process", f"{v['interleaved']['ratio']:.2f}x", "<= 1.5x"))
-        rows.append(("evaluations/hour with lm-eval tasks vs mergekit-evolve (zoo)",
-                     f"{v['ratio']:.1f}x" if "ratio" in v else "not measured", ">= 10x"))
+            rows.append(
+                (
+                    "lm-eval task vs built-in, scoring alone, interleaved in one process",
+                    f"{v['interleaved']['ratio']:.2f}x",
+                    "<= 1.5x",
+                )
+            )
+        rows.append(
+            (
+                "evaluations/hour with lm-eval tasks vs mergekit-evolve (zoo)",
+                f"{v['ratio']:.1f}x" if "ratio" in v else "not measured",
+                ">= 10x",
+            )
+        )
     if "scaling" in figures:
         s = figures["scaling"]
         ratio = s.get("ratio_2_vs_1") or s.get("speedup_2_vs_1")
@@ -112,6 +172,7 @@ def summary_rows() -> list[tuple[str, str, str]]:
 
 def time_to_quality_rows(runs: list[dict]) -> list[tuple[str, str, str]]:
     """Per economy mode on PS: whole-run tokens against off's, and the held-out difference."""
+
     def mean(mode: str, key: str) -> float | None:
         values = [r[key] for r in runs if r["space"] == "ps" and r["mode"] == mode]
         return sum(values) / len(values) if values else None
@@ -119,9 +180,14 @@ def time_to_quality_rows(runs: list[dict]) -> list[tuple[str, str, str]]:
     rows = []
     for mode in ("stop", "subsample", "auto"):
         if mean(mode, "tokens_total") and mean("off", "tokens_total"):
-            rows.append((f"economy {mode} (PS): forward tokens vs off; held-out mode - off",
-                         f"1/{mean('off', 'tokens_total') / mean(mode, 'tokens_total'):.1f}; "
-                         f"{mean(mode, 'heldout') - mean('off', 'heldout'):+.3f}", "<= 1/5; not significantly < 0"))
+            rows.append(
+                (
+                    f"economy {mode} (PS): forward tokens vs off; held-out mode - off",
+                    f"1/{mean('off', 'tokens_total') / mean(mode, 'tokens_total'):.1f}; "
+                    f"{mean(mode, 'heldout') - mean('off', 'heldout'):+.3f}",
+                    "<= 1/5; not significantly < 0",
+                )
+            )
     return rows
 
 
@@ -131,7 +197,8 @@ def rebuild() -> None:
         "",
         "Regenerated by `python -m bench` from bench/out/ (each benchmark's printed report and JSON).",
         f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"CUDA: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}; other jobs may share the CPU.",
+        f"CUDA: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}; other jobs may share the "
+        "CPU.",
         "",
         "| figure | measured | target |",
         "|---|---|---|",

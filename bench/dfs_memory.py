@@ -134,10 +134,18 @@ def main() -> None:
     print(f"genome decode (T={space.num_slots}, dim {space.dim}): {decode_ms:.2f} ms")
     print(f"forward, 32 tokens through {len(long_path)} hops: {forward_s * 1e3:.0f} ms")
     if args.json:
-        args.json.write_text(json.dumps({
-            "hops": len(long_path), "stack_rss_x_pool": (pool_rss + stack_rss) / pool_rss,
-            "materialised_rss_x_pool": materialised_rss / pool_rss, "switch_us": switch_us, "decode_ms": decode_ms,
-        }, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "hops": len(long_path),
+                    "stack_rss_x_pool": (pool_rss + stack_rss) / pool_rss,
+                    "materialised_rss_x_pool": materialised_rss / pool_rss,
+                    "switch_us": switch_us,
+                    "decode_ms": decode_ms,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

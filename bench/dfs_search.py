@@ -72,7 +72,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--budgets", default="102,204,306")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names")
-    parser.add_argument("--runs", type=Path, default=Path("dfs-search-runs"), help="run directories (reused when finished)")
+    parser.add_argument(
+        "--runs", type=Path, default=Path("dfs-search-runs"), help="run directories (reused when finished)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args()
     budgets = [int(b) for b in args.budgets.split(",")]
@@ -133,8 +135,10 @@ def markdown(report: dict) -> str:
     for row in report["table"]:
         for b in report["budgets"]:
             cell = row["budgets"][str(b)] if str(b) in row["budgets"] else row["budgets"][b]
-            lines.append(f"| {row['variant']} | {b} | {_mean_range(cell['distinct'], 0)} | "
-                         f"{_mean_range(cell['fitness'])} | {_mean_range(cell['heldout'])} |")
+            lines.append(
+                f"| {row['variant']} | {b} | {_mean_range(cell['distinct'], 0)} | "
+                f"{_mean_range(cell['fitness'])} | {_mean_range(cell['heldout'])} |"
+            )
     lines += ["", "Best paths at the largest budget (A = script expert, B = math expert; `*s` = input scale):", ""]
     for row in report["table"]:
         last = report["budgets"][-1]

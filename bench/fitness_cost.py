@@ -57,7 +57,9 @@ RACINGS = {
 def write_tasks(folder: Path) -> list[dict]:
     """script_math over all 255 facts + 745 script rows = 1,000 fitness rows."""
     skills = Skills(seed=0)
-    math_rows = [{"prompt": to_script(f"{a}{o}{b}", skills.map) + "=", "answer": str(value(a, o, b))} for a, o, b in all_facts()]
+    math_rows = [
+        {"prompt": to_script(f"{a}{o}{b}", skills.map) + "=", "answer": str(value(a, o, b))} for a, o, b in all_facts()
+    ]
     rng = random.Random(7)
     script_rows = []
     for _ in range(1000 - len(math_rows)):
@@ -74,8 +76,12 @@ def write_tasks(folder: Path) -> list[dict]:
 def make_config(zoo, tasks: list[dict]) -> dict:
     return {
         "space": "ps",
-        "genome": {"models": [str(zoo.models[n]) for n in zoo.experts], "base_model": str(zoo.models[zoo.base]),
-                   "merge_method": "dare_ties", "layer_granularity": 2},
+        "genome": {
+            "models": [str(zoo.models[n]) for n in zoo.experts],
+            "base_model": str(zoo.models[zoo.base]),
+            "merge_method": "dare_ties",
+            "layer_granularity": 2,
+        },
         "fitness": {"tasks": tasks, "batch_size": 64},
         "dtype": "float32",
     }
@@ -131,7 +137,10 @@ def racing_row(scorer, fitness, genomes, popsize, ref, full_tokens, racing: Raci
     est, tokens, exact_top = [0.0] * len(genomes), 0, []
     mu = popsize // 2
     for start in range(0, len(genomes), popsize):
-        jobs = [Job(generation=0, candidate=i, index=i, genome=list(genomes[i])) for i in range(start, min(start + popsize, len(genomes)))]
+        jobs = [
+            Job(generation=0, candidate=i, index=i, genome=list(genomes[i]))
+            for i in range(start, min(start + popsize, len(genomes)))
+        ]
 
         def evaluate(staged):
             for job in staged:
@@ -142,8 +151,12 @@ def racing_row(scorer, fitness, genomes, popsize, ref, full_tokens, racing: Raci
             tokens += result.tokens
         true_top = sorted(range(start, start + len(jobs)), key=lambda i: -ref[i])[:mu]
         exact_top.append(all(abs(est[i] - ref[i]) < 1e-12 for i in true_top))
-    return {"tokens": tokens, "saving": full_tokens / tokens, "rho": _rho(ref, est),
-            "top_mu_exact": sum(exact_top) / len(exact_top)}
+    return {
+        "tokens": tokens,
+        "saving": full_tokens / tokens,
+        "rho": _rho(ref, est),
+        "top_mu_exact": sum(exact_top) / len(exact_top),
+    }
 
 
 def _rho(a, b) -> float:
@@ -170,8 +183,14 @@ def generation_throughput(problem, fitness, genome, batch: int = 64, new_tokens:
         hf_s = time.perf_counter() - start
     tokens = sum(len(p) + len(g) for p, g in zip(prompts, ours))
     same = sum(a == b for a, b in zip(ours, theirs)) / len(prompts)
-    return {"prompts": len(prompts), "batch": batch, "ours_tokens_per_s": tokens / ours_s,
-            "hf_tokens_per_s": tokens / hf_s, "ratio": hf_s / ours_s, "same_tokens": same}
+    return {
+        "prompts": len(prompts),
+        "batch": batch,
+        "ours_tokens_per_s": tokens / ours_s,
+        "hf_tokens_per_s": tokens / hf_s,
+        "ratio": hf_s / ours_s,
+        "same_tokens": same,
+    }
 
 
 def hf_generate(model, tokenizer, prompts, batch, new_tokens) -> list[list[int]]:
@@ -185,10 +204,16 @@ def hf_generate(model, tokenizer, prompts, batch, new_tokens) -> list[list[int]]
         ids = torch.full((len(idx), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for row, i in enumerate(idx):
-            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]):] = 1
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]) :] = 1
+        gen = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
         for row, i in enumerate(idx):
             tokens = gen[row, width:].tolist()
             if tokenizer.eos_token_id in tokens:
@@ -208,8 +233,10 @@ def print_report(report: dict) -> None:
             print(f"| {row_name} | {row['tokens']:,} | {row['saving']:.1f}x | {row['rho']:.3f} | {top} |")
     g = report["generation"]
     print(f"\n### batched greedy generation ({g['prompts']} prompts, batch {g['batch']})\n")
-    print(f"ours {g['ours_tokens_per_s']:,.0f} tok/s, transformers generate {g['hf_tokens_per_s']:,.0f} tok/s: "
-          f"ours is {g['ratio']:.2f}x its throughput (target >= 0.8x); same tokens on {g['same_tokens']:.0%} of prompts")
+    print(
+        f"ours {g['ours_tokens_per_s']:,.0f} tok/s, transformers generate {g['hf_tokens_per_s']:,.0f} tok/s: "
+        f"ours is {g['ratio']:.2f}x its throughput (target >= 0.8x); same tokens on {g['same_tokens']:.0%} of prompts"
+    )
 
 
 def main() -> None:
@@ -227,11 +254,17 @@ def main() -> None:
         scorer = Scorer(problem, fitness)
         started = time.perf_counter()
         cma_genomes, cma_full = cma_generations(problem, config, scorer, args.candidates, args.popsize)
-        sets = {"cma": evaluate_set(scorer, fitness, cma_genomes, args.popsize, cma_full),
-                "broad": evaluate_set(scorer, fitness, broad_candidates(problem, args.candidates), args.popsize)}
-        report = {"sets": sets,
-                  "generation": generation_throughput(problem, fitness, problem.x0()),
-                  "fitness_rows": fitness.num_rows(), "popsize": args.popsize, "racing": RacingConfig().model_dump()}
+        sets = {
+            "cma": evaluate_set(scorer, fitness, cma_genomes, args.popsize, cma_full),
+            "broad": evaluate_set(scorer, fitness, broad_candidates(problem, args.candidates), args.popsize),
+        }
+        report = {
+            "sets": sets,
+            "generation": generation_throughput(problem, fitness, problem.x0()),
+            "fitness_rows": fitness.num_rows(),
+            "popsize": args.popsize,
+            "racing": RacingConfig().model_dump(),
+        }
         report["seconds"] = round(time.perf_counter() - started, 1)
     print_report(report)
     if args.json:

@@ -141,8 +141,13 @@ def reset_peak(device: str) -> None:
 
 
 def search_config(pool: dict[str, Path], rows: Path, genome: dict, space: str = "ps") -> dict:
-    return {"space": space, "genome": genome, "dfs": {"repeats": 3},
-            "fitness": {"tasks": [{"name": "t", "data": str(rows)}]}, "optimizer": {"seed": 0}}
+    return {
+        "space": space,
+        "genome": genome,
+        "dfs": {"repeats": 3},
+        "fitness": {"tasks": [{"name": "t", "data": str(rows)}]},
+        "optimizer": {"seed": 0},
+    }
 
 
 def method_genome(method: str, pool: dict[str, Path], granularity: int) -> dict:
@@ -168,8 +173,10 @@ def candidates(problem, n: int, seed: int) -> list:
 def bench_ps(pool, rows, methods, args, device) -> tuple[dict, object, object]:
     """Time each method's candidates on one resident merger; returns the figures, merger, tokenizer."""
     granularity = max(1, args.layers // 4)
-    problems = {m: PSProblem(parse_config(search_config(pool, rows, method_genome(m, pool, granularity))), device)
-                for m in methods}
+    problems = {
+        m: PSProblem(parse_config(search_config(pool, rows, method_genome(m, pool, granularity))), device)
+        for m in methods
+    }
     loader = PSProblem(parse_config(search_config(pool, rows, method_genome("dare_ties", pool, granularity))), device)
     merger, setup_s = timed(lambda: loader.merger, device)  # loads base + both experts once, builds the model
     log(f"PS merger set up in {setup_s:.1f} s (sources resident on {device}, dtype {loader.dtype})")
@@ -199,8 +206,14 @@ def bench_generation(model, tokenizer, args, device) -> dict:
         times = [timed(run, device) for _ in range(args.gen_repeats)]
     (_, tokens), seconds = times[0][0], statistics.median(s for _, s in times)
     new = tokens - sum(lengths)
-    return {"batch": args.batch, "prompt_tokens": sum(lengths), "new_tokens": new, "seconds": seconds,
-            "tokens_per_s": tokens / seconds, "new_tokens_per_s": new / seconds}
+    return {
+        "batch": args.batch,
+        "prompt_tokens": sum(lengths),
+        "new_tokens": new,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "new_tokens_per_s": new / seconds,
+    }
 
 
 def bench_dfs(pool, rows, args, device) -> tuple[dict, object, object]:
@@ -213,9 +226,15 @@ def bench_dfs(pool, rows, args, device) -> tuple[dict, object, object]:
     problem.build(paths[0])  # the first build makes the resident stack
     _, switch_s = timed(lambda: [problem.build(paths[i % len(paths)]) for i in range(args.switches)], device)
     own = problem.decode(problem.x0())
-    out = {"dtype": problem.dtype, "pool_load_s": load_s, "switch_us": 1e6 * switch_s / args.switches,
-           "decode_ms": 1e3 * decode_s / len(drawn), "slots": problem.space.num_slots, "hops": len(own.path.hops),
-           "mean_candidate_hops": statistics.mean(len(c.path.hops) for c in paths)}
+    out = {
+        "dtype": problem.dtype,
+        "pool_load_s": load_s,
+        "switch_us": 1e6 * switch_s / args.switches,
+        "decode_ms": 1e3 * decode_s / len(drawn),
+        "slots": problem.space.num_slots,
+        "hops": len(own.path.hops),
+        "mean_candidate_hops": statistics.mean(len(c.path.hops) for c in paths),
+    }
     return out, problem.build(own), problem.tokenizer
 
 
@@ -223,18 +242,30 @@ def bench_dfs(pool, rows, args, device) -> tuple[dict, object, object]:
 def table(fig: dict) -> str:
     mem = lambda key: "n/a" if fig["peak_gb"][key] is None else f"{fig['peak_gb'][key]:.1f}"  # noqa: E731
     lines = ["| measure | value |", "|---|---|"]
-    lines += [f"| PS merge {m} (s/candidate; plan/sched/exec/copy) | {r['merge_s']:.3f} "
-              f"({r['plan_s']:.3f}/{r['schedule_s']:.3f}/{r['execute_s']:.3f}/{r['copy_s']:.3f}) |"
-              for m, r in fig["ps"]["methods"].items()]
-    for key, label in (("ps_generation", f"merged model ({fig['ps']['generation_model']})"), ("dfs_generation", "DFS layer stack")):
+    lines += [
+        f"| PS merge {m} (s/candidate; plan/sched/exec/copy) | {r['merge_s']:.3f} "
+        f"({r['plan_s']:.3f}/{r['schedule_s']:.3f}/{r['execute_s']:.3f}/{r['copy_s']:.3f}) |"
+        for m, r in fig["ps"]["methods"].items()
+    ]
+    for key, label in (
+        ("ps_generation", f"merged model ({fig['ps']['generation_model']})"),
+        ("dfs_generation", "DFS layer stack"),
+    ):
         g = fig[key]
-        lines.append(f"| fitness generate, {label}: tokens/s (new tokens/s), batch {g['batch']} | "
-                     f"{g['tokens_per_s']:,.0f} ({g['new_tokens_per_s']:,.0f}) |")
+        lines.append(
+            f"| fitness generate, {label}: tokens/s (new tokens/s), batch {g['batch']} | "
+            f"{g['tokens_per_s']:,.0f} ({g['new_tokens_per_s']:,.0f}) |"
+        )
     d = fig["dfs"]
-    lines += [f"| DFS path switch (us) / genome decode (ms), T = {d['slots']} slots | {d['switch_us']:.1f} / {d['decode_ms']:.2f} |",
-              f"| set-up: pool write / PS merger load / DFS pool load (s) | {fig['build_s']:.1f} / {fig['ps']['setup_s']:.1f} / {d['pool_load_s']:.1f} |",
-              f"| peak GPU GiB: PS merges / PS generation / DFS (pool + stack + generation) | {mem('ps')} / {mem('generation')} / {mem('dfs')} |",
-              f"| peak process RSS GiB | {fig['peak_rss_gb']:.1f} |"]
+    lines += [
+        f"| DFS path switch (us) / genome decode (ms), T = {d['slots']} slots | {d['switch_us']:.1f} / "
+        f"{d['decode_ms']:.2f} |",
+        f"| set-up: pool write / PS merger load / DFS pool load (s) | {fig['build_s']:.1f} / "
+        f"{fig['ps']['setup_s']:.1f} / {d['pool_load_s']:.1f} |",
+        f"| peak GPU GiB: PS merges / PS generation / DFS (pool + stack + generation) | {mem('ps')} / "
+        f"{mem('generation')} / {mem('dfs')} |",
+        f"| peak process RSS GiB | {fig['peak_rss_gb']:.1f} |",
+    ]
     return "\n".join(lines)
 
 
@@ -250,8 +281,12 @@ def parse_args(argv):
     parser.add_argument("--gen-repeats", type=int, help="timed generations, median (2; --small 1)")
     parser.add_argument("--switches", type=int, help="DFS path switches timed (2000; --small 500)")
     parser.add_argument("--shard-mb", type=int, default=2048)
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default 1 on a CPU device: OpenMP "
-                        "threads stall on a shared CPU; torch's default with CUDA)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default 1 on a CPU device: OpenMP "
+        "threads stall on a shared CPU; torch's default with CUDA)",
+    )
     parser.add_argument("--workdir", default=None, help="where the temp pool goes (needs ~44 GB without --small)")
     parser.add_argument("--json", default=None, help="write the figures here")
     args = parser.parse_args(argv)
@@ -290,17 +325,28 @@ def main(argv: list[str] | None = None) -> dict:
     if threads:
         torch.set_num_threads(threads)
     transformers.utils.logging.disable_progress_bar()
-    fig = {"device": device, "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
-           "shape": shape, "small": args.small, "torch_threads": torch.get_num_threads(), "peak_gb": {}}
+    fig = {
+        "device": device,
+        "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
+        "shape": shape,
+        "small": args.small,
+        "torch_threads": torch.get_num_threads(),
+        "peak_gb": {},
+    }
     with tempfile.TemporaryDirectory(prefix="mke-gpu-", dir=args.workdir) as tmp:
         run_phases(Path(tmp), shape, args, device, fig)
     fig["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     fig["wall_s"] = time.perf_counter() - STARTED
-    print(f"\n{fig['params'] / 1e6:,.1f}M parameters per model, dtype {fig['ps']['dtype']}, device {device}"
-          f"{' (' + fig['gpu'] + ')' if fig['gpu'] else ''}, torch threads {fig['torch_threads']}"
-          f"{', --small' if args.small else ''}, {fig['wall_s']:.0f} s after imports\n")
+    print(
+        f"\n{fig['params'] / 1e6:,.1f}M parameters per model, dtype {fig['ps']['dtype']}, device {device}"
+        f"{' (' + fig['gpu'] + ')' if fig['gpu'] else ''}, torch threads {fig['torch_threads']}"
+        f"{', --small' if args.small else ''}, {fig['wall_s']:.0f} s after imports\n"
+    )
     if not device.startswith("cuda"):
-        print(f"NOT GPU FIGURES: a {device.upper()} run{' of the --small shapes' if args.small else ''}; no GPU was used.\n")
+        print(
+            f"NOT GPU FIGURES: a {device.upper()} run{' of the --small shapes' if args.small else ''}; no GPU was "
+            "used.\n"
+        )
     print(table(fig))
     if args.json:
         Path(args.json).write_text(json.dumps(fig, indent=2))

@@ -52,10 +52,17 @@ def recipe(method: str, family: dict[str, str], dtype: str, variant: int) -> dic
     if method == "linear":
         for expert in experts:
             del expert["parameters"]["density"]
-        return {"merge_method": "linear", "models": [{"model": family["base"], "parameters": {"weight": 0.2}}] + experts,
-                "dtype": dtype}
-    return {"merge_method": method, "base_model": family["base"], "models": [{"model": family["base"]}] + experts,
-            "dtype": dtype}
+        return {
+            "merge_method": "linear",
+            "models": [{"model": family["base"], "parameters": {"weight": 0.2}}] + experts,
+            "dtype": dtype,
+        }
+    return {
+        "merge_method": method,
+        "base_model": family["base"],
+        "models": [{"model": family["base"]}] + experts,
+        "dtype": dtype,
+    }
 
 
 def peak_rss_gb(who: int = resource.RUSAGE_SELF) -> float:
@@ -83,8 +90,13 @@ def worker_in_memory(family: dict[str, str], method: str, dtype: str, repeats: i
         merger.merge(configs[(index + 1) % 2])
         times.append(time.perf_counter() - started)
     state = sum(merger.fast_path.nbytes().values()) if merger.fast_path else 0
-    return {"load_s": load_s, "first_s": first_s, "candidate_s": statistics.median(times),
-            "state_gb": state / 1e9, "peak_rss_gb": peak_rss_gb()}
+    return {
+        "load_s": load_s,
+        "first_s": first_s,
+        "candidate_s": statistics.median(times),
+        "state_gb": state / 1e9,
+        "peak_rss_gb": peak_rss_gb(),
+    }
 
 
 def worker_cli(family: dict[str, str], method: str, dtype: str, out: str) -> dict:
@@ -97,7 +109,8 @@ def worker_cli(family: dict[str, str], method: str, dtype: str, out: str) -> dic
     started = time.perf_counter()
     done = subprocess.run(
         ["mergekit-yaml", str(config_path), out, "--random-seed", str(SEED), "--quiet", "--no-write-model-card"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     if done.returncode:
         raise RuntimeError(f"mergekit-yaml failed:\n{done.stderr[-2000:]}")
@@ -105,8 +118,12 @@ def worker_cli(family: dict[str, str], method: str, dtype: str, out: str) -> dic
     model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=getattr(torch, dtype))
     loaded = time.perf_counter()
     del model
-    return {"merge_s": merged - started, "load_s": loaded - merged, "total_s": loaded - started,
-            "peak_rss_gb": max(peak_rss_gb(), peak_rss_gb(resource.RUSAGE_CHILDREN))}
+    return {
+        "merge_s": merged - started,
+        "load_s": loaded - merged,
+        "total_s": loaded - started,
+        "peak_rss_gb": max(peak_rss_gb(), peak_rss_gb(resource.RUSAGE_CHILDREN)),
+    }
 
 
 # ------------------------------------------------------------------ driver
@@ -138,8 +155,20 @@ def build_family(root: Path, shape: dict, dtype) -> dict[str, str]:
 
 
 def run_worker(kind: str, family: dict, method: str, dtype: str, extra: str) -> dict:
-    command = [sys.executable, __file__, "--worker", kind, "--family", json.dumps(family), "--method", method,
-               "--dtype", dtype, "--extra", extra]
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        kind,
+        "--family",
+        json.dumps(family),
+        "--method",
+        method,
+        "--dtype",
+        dtype,
+        "--extra",
+        extra,
+    ]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
@@ -173,10 +202,14 @@ def main(argv: list[str] | None = None) -> None:
 
     rungs = ["small"] if args.small else args.rungs.split(",")
     methods = args.methods.split(",")
-    print(f"dtype {args.dtype}; torch threads {torch.get_num_threads()}; base + 2 experts per rung; "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (a shared, loaded machine)")
-    header = (f"{'rung':<6}{'params':>8}{'method':>11}{'set-up s':>10}{'first s':>9}{'cand s':>9}"
-              f"{'x linear':>9}{'state GB':>9}{'RSS GB':>8}{'cli+load s':>11}{'cli RSS':>8}{'speed-up':>9}")
+    print(
+        f"dtype {args.dtype}; torch threads {torch.get_num_threads()}; base + 2 experts per rung; "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (a shared, loaded machine)"
+    )
+    header = (
+        f"{'rung':<6}{'params':>8}{'method':>11}{'set-up s':>10}{'first s':>9}{'cand s':>9}"
+        f"{'x linear':>9}{'state GB':>9}{'RSS GB':>8}{'cli+load s':>11}{'cli RSS':>8}{'speed-up':>9}"
+    )
     print(header + "\n" + "-" * len(header), flush=True)
     figures: dict = {"dtype": args.dtype, "rungs": {}}
     for rung in rungs:
@@ -189,7 +222,11 @@ def main(argv: list[str] | None = None) -> None:
             rows = figures["rungs"][rung] = {"params": params, "methods": {}}
             for method in methods:
                 ours = run_worker("memory", family, method, args.dtype, str(args.repeats))
-                cli = {} if args.no_cli else run_worker("cli", family, method, args.dtype, str(Path(tmp) / f"out-{method}"))
+                cli = (
+                    {}
+                    if args.no_cli
+                    else run_worker("cli", family, method, args.dtype, str(Path(tmp) / f"out-{method}"))
+                )
                 rows["methods"][method] = {"ours": ours, "cli": cli}
                 print(_row(rung, params, method, ours, cli, rows["methods"]), flush=True)
     _print_growth(figures, methods)
@@ -209,8 +246,10 @@ def _row(rung: str, params: int, method: str, ours: dict, cli: dict, done: dict)
         return f"{rung:<6}{params / 1e6:>7.0f}M{method:>11}  in-memory failed: {ours['error']}"
     linear = done.get("linear", {}).get("ours", {}).get("candidate_s")
     ratio = f"{ours['candidate_s'] / linear:>8.1f}x" if linear else f"{'-':>9}"
-    row = (f"{rung:<6}{params / 1e6:>7.0f}M{method:>11}{ours['load_s']:>10.1f}{ours['first_s']:>9.2f}"
-           f"{ours['candidate_s']:>9.3f}{ratio}{ours['state_gb']:>9.2f}{ours['peak_rss_gb']:>8.2f}")
+    row = (
+        f"{rung:<6}{params / 1e6:>7.0f}M{method:>11}{ours['load_s']:>10.1f}{ours['first_s']:>9.2f}"
+        f"{ours['candidate_s']:>9.3f}{ratio}{ours['state_gb']:>9.2f}{ours['peak_rss_gb']:>8.2f}"
+    )
     if cli.get("total_s"):
         row += f"{cli['total_s']:>11.1f}{cli['peak_rss_gb']:>8.2f}{cli['total_s'] / ours['candidate_s']:>8.1f}x"
     elif cli:

@@ -41,8 +41,15 @@ SEED = 17
 FULL_SHAPE = dict(num_layers=12, hidden_size=768, intermediate_size=1024, num_heads=12, vocab_size=32000)
 SMALL_SHAPE = dict(num_layers=4, hidden_size=64, intermediate_size=128, num_heads=4, vocab_size=512)
 SPARSIFYING = (
-    "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
-    "della_linear", "sce",
+    "task_arithmetic",
+    "ties",
+    "dare_ties",
+    "dare_linear",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+    "sce",
 )
 METHODS = ("linear", *SPARSIFYING, "slerp", "nuslerp", "multislerp", "nearswap", "model_stock", "karcher")
 
@@ -54,8 +61,7 @@ def build_family(root: Path, shape: dict, dtype: torch.dtype) -> dict[str, Path]
     for index, name in enumerate(("e1", "e2")):
         generator = torch.Generator().manual_seed(100 + index)
         noisy = {
-            key: (t.float() + 0.02 * torch.randn(t.shape, generator=generator)).to(dtype)
-            for key, t in tensors.items()
+            key: (t.float() + 0.02 * torch.randn(t.shape, generator=generator)).to(dtype) for key, t in tensors.items()
         }
         out = root / name
         out.mkdir()
@@ -74,8 +80,7 @@ def recipe(method: str, family: dict[str, Path], dtype: str) -> dict:
         {"model": e2, "parameters": {"weight": 0.5, "density": 0.7}},
     ]
     strip = lambda keep: [  # noqa: E731 - methods take different per-model parameters
-        {"model": m["model"], "parameters": {k: v for k, v in m["parameters"].items() if k in keep}}
-        for m in experts
+        {"model": m["model"], "parameters": {k: v for k, v in m["parameters"].items() if k in keep}} for m in experts
     ]
     config: dict = {"merge_method": method, "base_model": base, "dtype": dtype, "parameters": {}}
     if method == "linear":
@@ -133,9 +138,9 @@ def time_in_memory(merger: InMemoryMerger, config: MergeConfiguration, repeats: 
 def time_cli_round_trip(config_path: Path, out: Path, dtype: torch.dtype) -> tuple[float, float]:
     start = time.perf_counter()
     done = subprocess.run(
-        ["mergekit-yaml", str(config_path), str(out), "--random-seed", str(SEED), "--quiet",
-         "--no-write-model-card"],
-        capture_output=True, text=True,
+        ["mergekit-yaml", str(config_path), str(out), "--random-seed", str(SEED), "--quiet", "--no-write-model-card"],
+        capture_output=True,
+        text=True,
     )
     if done.returncode:
         raise RuntimeError(f"mergekit-yaml failed for {config_path}:\n{done.stderr[-2000:]}")
@@ -160,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--no-cli", action="store_true", help="skip the mergekit-yaml round trips")
     parser.add_argument(
-        "--thp", action="store_true",
+        "--thp",
+        action="store_true",
         help="THP_MEM_ALLOC_ENABLE=1 (huge pages for torch CPU tensors; the CLI inherits it too)",
     )
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -179,44 +185,62 @@ def main(argv: list[str] | None = None) -> None:
         started = time.perf_counter()
         family = build_family(root, shape, dtype)
         params = sum(t.numel() for t in load_file(family["base"] / "model.safetensors").values())
-        print(f"family: base + 2 experts, Llama {shape}, {params / 1e6:.1f}M params each, "
-              f"{args.dtype}, built in {time.perf_counter() - started:.1f}s; "
-              f"torch threads {torch.get_num_threads()}; "
-              f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}; "
-              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+        print(
+            f"family: base + 2 experts, Llama {shape}, {params / 1e6:.1f}M params each, "
+            f"{args.dtype}, built in {time.perf_counter() - started:.1f}s; "
+            f"torch threads {torch.get_num_threads()}; "
+            f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}; "
+            f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+        )
         bandwidth = measure_bandwidth(max(model_bytes(family["base"]), 64 << 20))
         print(f"memory bandwidth (torch add, best of 5): {bandwidth / 1e9:.1f} GB/s")
 
         templates = {m: MergeConfiguration.model_validate(recipe(m, family, args.dtype)) for m in methods}
         started = time.perf_counter()
         merger = InMemoryMerger(
-            MergeConfiguration.model_validate(recipe("ties", family, args.dtype)), random_seed=SEED,
+            MergeConfiguration.model_validate(recipe("ties", family, args.dtype)),
+            random_seed=SEED,
             fast_path=not args.no_fast_path,
         )
         print(f"InMemoryMerger set-up (load 3 sources, build model): {time.perf_counter() - started:.1f}s\n")
 
-        print(f"fast path: {'off' if args.no_fast_path else 'on'}; 'first s' = the first candidate of a "
-              "method, which builds its precomputed state (once per search)")
-        header = (f"{'method':<16}{'first s':>8}{'in-memory s':>12}{'plan':>7}{'sched':>7}{'exec':>7}{'copy':>7}"
-                  f"{'cli merge s':>12}{'load s':>8}{'cli total':>10}{'speed-up':>9}")
+        print(
+            f"fast path: {'off' if args.no_fast_path else 'on'}; 'first s' = the first candidate of a "
+            "method, which builds its precomputed state (once per search)"
+        )
+        header = (
+            f"{'method':<16}{'first s':>8}{'in-memory s':>12}{'plan':>7}{'sched':>7}{'exec':>7}{'copy':>7}"
+            f"{'cli merge s':>12}{'load s':>8}{'cli total':>10}{'speed-up':>9}"
+        )
         print(header)
         print("-" * len(header))
         linear_time = None
-        figures: dict = {"params_millions": params / 1e6, "dtype": args.dtype, "bandwidth_gb_s": bandwidth / 1e9, "methods": {}}
+        figures: dict = {
+            "params_millions": params / 1e6,
+            "dtype": args.dtype,
+            "bandwidth_gb_s": bandwidth / 1e9,
+            "methods": {},
+        }
         for method in methods:
             in_memory, split, first = time_in_memory(merger, templates[method], args.repeats)
             if method == "linear":
                 linear_time = in_memory
-            row = (f"{method:<16}{first:>8.2f}{in_memory:>12.3f}{split.plan_s:>7.3f}{split.schedule_s:>7.3f}"
-                   f"{split.execute_s:>7.3f}{split.copy_s:>7.3f}")
+            row = (
+                f"{method:<16}{first:>8.2f}{in_memory:>12.3f}{split.plan_s:>7.3f}{split.schedule_s:>7.3f}"
+                f"{split.execute_s:>7.3f}{split.copy_s:>7.3f}"
+            )
             if not args.no_cli:
                 config_path = root / f"{method}.yaml"
                 config_path.write_text(templates[method].to_yaml())
                 merge_s, load_s = time_cli_round_trip(config_path, root / f"out-{method}", dtype)
                 total = merge_s + load_s
                 row += f"{merge_s:>12.2f}{load_s:>8.2f}{total:>10.2f}{total / in_memory:>8.1f}x"
-                figures["methods"][method] = {"in_memory_s": in_memory, "first_s": first, "cli_total_s": total,
-                                              "speedup": total / in_memory}
+                figures["methods"][method] = {
+                    "in_memory_s": in_memory,
+                    "first_s": first,
+                    "cli_total_s": total,
+                    "speedup": total / in_memory,
+                }
             else:
                 figures["methods"][method] = {"in_memory_s": in_memory, "first_s": first}
             print(row, flush=True)
@@ -224,8 +248,10 @@ def main(argv: list[str] | None = None) -> None:
         if linear_time is not None:
             touched = 4 * model_bytes(family["base"])  # read 3 inputs + write 1 output
             bound = touched / bandwidth
-            print(f"\nlinear bandwidth bound: {touched / 1e9:.2f} GB / {bandwidth / 1e9:.1f} GB/s = "
-                  f"{bound:.3f}s; in-memory linear {linear_time:.3f}s = {linear_time / bound:.1f}x the bound")
+            print(
+                f"\nlinear bandwidth bound: {touched / 1e9:.2f} GB / {bandwidth / 1e9:.1f} GB/s = "
+                f"{bound:.3f}s; in-memory linear {linear_time:.3f}s = {linear_time / bound:.1f}x the bound"
+            )
             figures["linear_x_bandwidth_bound"] = linear_time / bound
         if args.json:
             args.json.write_text(json.dumps(figures, indent=2))

@@ -50,9 +50,13 @@ def dfs_paths(out: Path, seeds: int) -> str:
     from mergekit_evolve.export.report import plot_dfs_path
     from mergekit_evolve.space.dfs import DFSPath
 
-    lines = ["## Paths DFS found", "",
-             "Model A (first name) gives the embeddings, final norm and lm_head; `X*s` = hop into layer X with its",
-             "input scaled by s (folded into o_proj/down_proj in best.yaml).", ""]
+    lines = [
+        "## Paths DFS found",
+        "",
+        "Model A (first name) gives the embeddings, final norm and lm_head; `X*s` = hop into layer X with its",
+        "input scaled by s (folded into o_proj/down_proj in best.yaml).",
+        "",
+    ]
     for space in ("dfs", "ps+dfs"):
         names = NAMES[space]
         for seed in range(seeds):
@@ -60,12 +64,16 @@ def dfs_paths(out: Path, seeds: int) -> str:
             stage = (run / "dfs") if space == "ps+dfs" else run
             best = json.loads(stage.joinpath("best.json").read_text())
             path = DFSPath(hops=best["path"]["hops"], scales=best["path"]["scales"])
-            line = (f"- {space}, seed {seed} (A = {names[0]}): `{path.summary(names)}` "
-                    f"(fitness {best['fitness']:.2f}, evaluation {best['index']})")
+            line = (
+                f"- {space}, seed {seed} (A = {names[0]}): `{path.summary(names)}` "
+                f"(fitness {best['fitness']:.2f}, evaluation {best['index']})"
+            )
             validation = json.loads(stage.joinpath("summary.json").read_text()).get("validation")
             lines.append(line + (f"; {validation_note(stage, validation, names)}" if validation else ""))
     best = json.loads((out / _run_name("dfs", 0, seeds) / "best.json").read_text())
-    plot_dfs_path(best["path"], ROOT / "docs" / "dfs_path.png", "DFS alone, seed 0: best path", model_names=NAMES["dfs"])
+    plot_dfs_path(
+        best["path"], ROOT / "docs" / "dfs_path.png", "DFS alone, seed 0: best path", model_names=NAMES["dfs"]
+    )
     return "\n".join(lines) + "\n\n![DFS path, seed 0](dfs_path.png)\n"
 
 
@@ -78,10 +86,12 @@ def validation_note(stage: Path, decision: dict, names: list[str]) -> str:
     path = DFSProblem(load_config(stage / "config.yaml")).space.decode(searched["genome"])
     rows = sum(decision["rows"].values())
     verdict = "replaced the start path" if decision["kept"] == "search_best" else "kept the start path"
-    return (f"validation {verdict}: the search's best `{path.summary(names)}` (fitness {searched['fitness']:.2f} on "
-            f"the search rows) scored {decision['search_best']['validation']:.3f} vs {decision['start']['validation']:.3f} "
-            f"on the {rows} validation rows (difference {decision['difference']:+.3f}; needed > {decision['z']:g} x "
-            f"{decision['standard_error']:.3f})")
+    return (
+        f"validation {verdict}: the search's best `{path.summary(names)}` (fitness {searched['fitness']:.2f} on "
+        f"the search rows) scored {decision['search_best']['validation']:.3f} vs {decision['start']['validation']:.3f} "
+        f"on the {rows} validation rows (difference {decision['difference']:+.3f}; needed > {decision['z']:g} x "
+        f"{decision['standard_error']:.3f})"
+    )
 
 
 if __name__ == "__main__":

@@ -45,10 +45,17 @@ SETUPS = {"local": ("local", None), "ray_1": ("ray", 1), "ray_2": ("ray", 2)}  #
 
 
 def zoo_config(args, kind: str, workers: int | None):
-    return load_any_config(RECIPE, {
-        "optimizer.max_evals": args.max_evals, "optimizer.popsize": args.popsize, "optimizer.seed": args.seed,
-        "executor.kind": kind, "executor.workers": workers, "executor.threads_per_worker": 1,
-    })
+    return load_any_config(
+        RECIPE,
+        {
+            "optimizer.max_evals": args.max_evals,
+            "optimizer.popsize": args.popsize,
+            "optimizer.seed": args.seed,
+            "executor.kind": kind,
+            "executor.workers": workers,
+            "executor.threads_per_worker": 1,
+        },
+    )
 
 
 def start_ray(workers: int) -> float:
@@ -56,8 +63,13 @@ def start_ray(workers: int) -> float:
     import ray
 
     started = time.perf_counter()
-    ray.init(num_cpus=max(2, workers), include_dashboard=False, log_to_driver=False, configure_logging=False,
-             _node_ip_address="127.0.0.1")
+    ray.init(
+        num_cpus=max(2, workers),
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        _node_ip_address="127.0.0.1",
+    )
     return time.perf_counter() - started
 
 
@@ -95,21 +107,46 @@ def timed_run(name: str, args, root: Path) -> dict:
         run_dir.unlock()
     wall = time.perf_counter() - warm
     records = sorted(run_dir.read_evaluations(), key=lambda r: r.index)
-    return {"evals": state.n_evals, "search_s": wall, "evals_per_hour": 3600 * state.n_evals / wall,
-            "s_per_candidate": wall / state.n_evals, "ready_s": ready - started, "warm_up_s": warm - ready,
-            "worker_s_per_candidate": statistics.mean(r.seconds for r in records), "best": state.best.fitness,
-            "fitness": [r.fitness for r in records]}
+    return {
+        "evals": state.n_evals,
+        "search_s": wall,
+        "evals_per_hour": 3600 * state.n_evals / wall,
+        "s_per_candidate": wall / state.n_evals,
+        "ready_s": ready - started,
+        "warm_up_s": warm - ready,
+        "worker_s_per_candidate": statistics.mean(r.seconds for r in records),
+        "best": state.best.fitness,
+        "fitness": [r.fitness for r in records],
+    }
 
 
 def summarise(rounds: list[dict], ray_init_s: float, args) -> dict:
-    out = {"config": {"recipe": "recipes/zoo-ps.yaml", "max_evals": args.max_evals, "popsize": args.popsize,
-                      "seed": args.seed, "rounds": len(rounds), "threads_per_worker": 1,
-                      "omp_num_threads": os.environ["OMP_NUM_THREADS"]},
-           "ray_init_s": ray_init_s, "rounds": rounds}
+    out = {
+        "config": {
+            "recipe": "recipes/zoo-ps.yaml",
+            "max_evals": args.max_evals,
+            "popsize": args.popsize,
+            "seed": args.seed,
+            "rounds": len(rounds),
+            "threads_per_worker": 1,
+            "omp_num_threads": os.environ["OMP_NUM_THREADS"],
+        },
+        "ray_init_s": ray_init_s,
+        "rounds": rounds,
+    }
     for name in SETUPS:
         runs = [r[name] for r in rounds]
-        out[name] = {key: statistics.median(run[key] for run in runs)
-                     for key in ("evals_per_hour", "s_per_candidate", "search_s", "ready_s", "warm_up_s", "worker_s_per_candidate")}
+        out[name] = {
+            key: statistics.median(run[key] for run in runs)
+            for key in (
+                "evals_per_hour",
+                "s_per_candidate",
+                "search_s",
+                "ready_s",
+                "warm_up_s",
+                "worker_s_per_candidate",
+            )
+        }
         out[name]["evals"] = runs[0]["evals"]
         out[name]["best"] = runs[0]["best"]
     runs = [r[name] for r in rounds for name in SETUPS]
@@ -124,25 +161,36 @@ def summarise(rounds: list[dict], ray_init_s: float, args) -> dict:
 
 
 def report(s: dict) -> str:
-    lines = [f"zoo PS (recipes/zoo-ps.yaml): {s['config']['max_evals']} evaluations, popsize {s['config']['popsize']}, "
-             f"seed {s['config']['seed']}, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}, 1 torch thread per worker; median of {s['config']['rounds']} rounds",
-             "", "| executor | evals | search s | evals/hour | s/candidate | worker s/candidate | ready s | warm-up s | best fitness |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"zoo PS (recipes/zoo-ps.yaml): {s['config']['max_evals']} evaluations, popsize {s['config']['popsize']}, "
+        f"seed {s['config']['seed']}, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}, 1 torch thread per worker; "
+        f"median of {s['config']['rounds']} rounds",
+        "",
+        "| executor | evals | search s | evals/hour | s/candidate | worker s/candidate | ready s | warm-up s | best "
+        "fitness |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name in SETUPS:
         r = s[name]
-        lines.append(f"| {name} | {r['evals']} | {r['search_s']:.1f} | {r['evals_per_hour']:,.0f} | {r['s_per_candidate']:.3f} | "
-                     f"{r['worker_s_per_candidate']:.3f} | {r['ready_s']:.1f} | {r['warm_up_s']:.1f} | {r['best']:.4f} |")
-    lines += ["", f"Ray 2 workers vs 1 worker: {s['ratio_2_vs_1']:.2f}x evaluations/hour",
-              f"Ray overhead per candidate, 1 worker minus local: {s['ray_overhead_s_per_candidate'] * 1e3:+.1f} ms "
-              f"in seconds per candidate (negative: the worker evaluated faster than this process); in the round "
-              f"trip alone (driver minus worker seconds per candidate): {s['ray_dispatch_s_per_candidate'] * 1e3:+.1f} ms",
-              f"Ray start-up: ray.init {s['ray_init_s']:.1f} s (once), then per run workers ready "
-              f"{s['ray_1']['ready_s']:.1f} s (1) / {s['ray_2']['ready_s']:.1f} s (2) and warm-up "
-              f"{s['ray_1']['warm_up_s']:.1f} s / {s['ray_2']['warm_up_s']:.1f} s (local: {s['local']['ready_s']:.1f} s + "
-              f"{s['local']['warm_up_s']:.1f} s)",
-              f"same best fitness in every run: {s['same_best']}; same fitness for every candidate: "
-              f"{s['same_fitness_per_candidate']}",
-              f"load average (1 min) before / after: {s['loadavg'][0]:.1f} / {s['loadavg'][1]:.1f} on {os.cpu_count()} CPUs"]
+        lines.append(
+            f"| {name} | {r['evals']} | {r['search_s']:.1f} | {r['evals_per_hour']:,.0f} | "
+            f"{r['s_per_candidate']:.3f} | "
+            f"{r['worker_s_per_candidate']:.3f} | {r['ready_s']:.1f} | {r['warm_up_s']:.1f} | {r['best']:.4f} |"
+        )
+    lines += [
+        "",
+        f"Ray 2 workers vs 1 worker: {s['ratio_2_vs_1']:.2f}x evaluations/hour",
+        f"Ray overhead per candidate, 1 worker minus local: {s['ray_overhead_s_per_candidate'] * 1e3:+.1f} ms "
+        f"in seconds per candidate (negative: the worker evaluated faster than this process); in the round "
+        f"trip alone (driver minus worker seconds per candidate): {s['ray_dispatch_s_per_candidate'] * 1e3:+.1f} ms",
+        f"Ray start-up: ray.init {s['ray_init_s']:.1f} s (once), then per run workers ready "
+        f"{s['ray_1']['ready_s']:.1f} s (1) / {s['ray_2']['ready_s']:.1f} s (2) and warm-up "
+        f"{s['ray_1']['warm_up_s']:.1f} s / {s['ray_2']['warm_up_s']:.1f} s (local: {s['local']['ready_s']:.1f} s + "
+        f"{s['local']['warm_up_s']:.1f} s)",
+        f"same best fitness in every run: {s['same_best']}; same fitness for every candidate: "
+        f"{s['same_fitness_per_candidate']}",
+        f"load average (1 min) before / after: {s['loadavg'][0]:.1f} / {s['loadavg'][1]:.1f} on {os.cpu_count()} CPUs",
+    ]
     return "\n".join(lines)
 
 
@@ -164,9 +212,12 @@ def main(argv: list[str] | None = None) -> dict:
     rounds = []
     try:
         for index in range(args.rounds):
-            names = list(SETUPS)[index % len(SETUPS):] + list(SETUPS)[: index % len(SETUPS)]  # rotate the order
+            names = list(SETUPS)[index % len(SETUPS) :] + list(SETUPS)[: index % len(SETUPS)]  # rotate the order
             rounds.append({name: timed_run(name, args, root / f"round{index}") for name in names})
-            print(f"round {index + 1}: " + ", ".join(f"{n} {rounds[-1][n]['evals_per_hour']:,.0f}/h" for n in names), flush=True)
+            print(
+                f"round {index + 1}: " + ", ".join(f"{n} {rounds[-1][n]['evals_per_hour']:,.0f}/h" for n in names),
+                flush=True,
+            )
     finally:
         shutil.rmtree(root, ignore_errors=True)
         import ray

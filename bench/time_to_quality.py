@@ -86,13 +86,19 @@ def measure(zoo, run_dir: Path, mode: str, space: str, seed: int) -> dict:
         last = next(r for r in records if r["index"] == best_index)
     items = heldout_items(zoo, run_dir)
     return {
-        "mode": mode, "space": space, "seed": seed,
-        "tokens": int(tokens_to_best), "evaluations": evals_to_best,
+        "mode": mode,
+        "space": space,
+        "seed": seed,
+        "tokens": int(tokens_to_best),
+        "evaluations": evals_to_best,
         "wall_seconds": round(last["time"] + last["seconds"] - start, 1),
-        "tokens_total": tokens_total, "evaluations_total": len(records) + len(rescored),
+        "tokens_total": tokens_total,
+        "evaluations_total": len(records) + len(rescored),
         "wall_seconds_total": summary["wall_seconds"],
-        "heldout": sum(items) / len(items), "heldout_items": "".join("1" if c else "0" for c in items),
-        "fitness": summary["best"]["fitness"], "fitness_source": summary.get("fitness_source"),
+        "heldout": sum(items) / len(items),
+        "heldout_items": "".join("1" if c else "0" for c in items),
+        "fitness": summary["best"]["fitness"],
+        "fitness_source": summary.get("fitness_source"),
         "stop_reason": summary.get("stop_reason") or "max_evals",
     }
 
@@ -117,9 +123,11 @@ def bootstrap_difference(rows: list[dict], mode: str, space: str, rng: np.random
 
 def report(rows: list[dict], modes, spaces) -> list[str]:
     rng = np.random.default_rng(0)
-    lines = ["| space | mode | tokens to best | evals to best | wall s to best | tokens (whole run) | evals (whole run) "
-             "| tokens vs off | held-out (mean, min-max) | held-out - off [95% CI] | stop |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| space | mode | tokens to best | evals to best | wall s to best | tokens (whole run) | evals (whole run) "
+        "| tokens vs off | held-out (mean, min-max) | held-out - off [95% CI] | stop |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     verdicts = []
     for space in spaces:
         off = [r for r in rows if r["space"] == space and r["mode"] == "off"]
@@ -128,7 +136,7 @@ def report(rows: list[dict], modes, spaces) -> list[str]:
             group = [r for r in rows if r["space"] == space and r["mode"] == mode]
             if not group:
                 continue
-            mean = lambda key: float(np.mean([r[key] for r in group]))  # noqa: E731
+            mean = lambda key, group=group: float(np.mean([r[key] for r in group]))  # noqa: E731
             ratio = off_tokens / mean("tokens_total")
             held = [r["heldout"] for r in group]
             diff = bootstrap_difference(rows, mode, space, rng) if mode != "off" else None
@@ -143,9 +151,12 @@ def report(rows: list[dict], modes, spaces) -> list[str]:
             if diff and space == "ps":
                 ok = ratio >= 5 and diff["hi"] >= 0
                 verdicts.append(
-                    f"PS {mode}: whole run spends 1/{ratio:.1f} of off's tokens; held-out difference {diff['mean']:+.3f}, "
-                    f"95% bootstrap interval [{diff['lo']:+.3f}, {diff['hi']:+.3f}] (seeds {diff['seeds']}, items resampled): "
-                    + ("MEETS" if ok else "does NOT meet") + " the target (<= 1/5 tokens, interval reaching 0)"
+                    f"PS {mode}: whole run spends 1/{ratio:.1f} of off's tokens; held-out difference "
+                    f"{diff['mean']:+.3f}, "
+                    f"95% bootstrap interval [{diff['lo']:+.3f}, {diff['hi']:+.3f}] (seeds {diff['seeds']}, items "
+                    "resampled): "
+                    + ("MEETS" if ok else "does NOT meet")
+                    + " the target (<= 1/5 tokens, interval reaching 0)"
                 )
     return lines + [""] + verdicts
 
@@ -175,10 +186,16 @@ def main() -> None:
                     reused += done
                     rows.append(measure(zoo, run_dir, mode, space, seed))
                     r = rows[-1]
-                    print(f"{space} {mode:9s} seed {seed}: tokens {r['tokens_total']:,} (to best {r['tokens']:,}), "
-                          f"evaluations {r['evaluations_total']}, held-out {r['heldout']:.3f}, {r['stop_reason']}", flush=True)
-    print(f"\n{args.max_evals} evaluations per run (demo budget), seeds 0-{args.seeds - 1}; {time.time() - started:.0f} s "
-          f"({reused} of {len(rows)} runs found finished in --work and reused)\n")
+                    print(
+                        f"{space} {mode:9s} seed {seed}: tokens {r['tokens_total']:,} (to best {r['tokens']:,}), "
+                        f"evaluations {r['evaluations_total']}, held-out {r['heldout']:.3f}, {r['stop_reason']}",
+                        flush=True,
+                    )
+    print(
+        f"\n{args.max_evals} evaluations per run (demo budget), seeds 0-{args.seeds - 1}; "
+        f"{time.time() - started:.0f} s "
+        f"({reused} of {len(rows)} runs found finished in --work and reused)\n"
+    )
     print("\n".join(report(rows, modes, spaces)))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")

@@ -54,7 +54,7 @@ WRITES = ("optimizer.pkl", "evaluations.jsonl", "best")
 
 # The killed processes: the real CLI plus hooks that report each phase change on the pipe
 # $MKE_TORTURE_FD as "<unix time> <category>: <detail>". Hooks only observe.
-CHILD = r'''
+CHILD = r"""
 import os, sys, time
 _fd = int(os.environ["MKE_TORTURE_FD"])
 def _emit(phase):
@@ -114,7 +114,7 @@ try:
     main()
 finally:
     _emit("exit: interpreter shutdown")
-'''
+"""
 
 
 def make_models(root: Path) -> list[str]:
@@ -148,9 +148,22 @@ def write_economy_config(root: Path, max_evals: int, economy: str) -> Path:
     zoo = build_zoo(seed=0)
     task = zoo.tasks["script"]
     config = {
-        "genome": {"models": [str(zoo.models[n]) for n in zoo.experts], "merge_method": "linear", "layer_granularity": 2},
-        "fitness": {"tasks": [{"name": "script", "data": str(task.fitness), "heldout": str(task.heldout), "limit": 60,
-                               "max_new_tokens": 8}]},
+        "genome": {
+            "models": [str(zoo.models[n]) for n in zoo.experts],
+            "merge_method": "linear",
+            "layer_granularity": 2,
+        },
+        "fitness": {
+            "tasks": [
+                {
+                    "name": "script",
+                    "data": str(task.fitness),
+                    "heldout": str(task.heldout),
+                    "limit": 60,
+                    "max_new_tokens": 8,
+                }
+            ]
+        },
         "optimizer": {"max_evals": max_evals, "seed": 7, "popsize": 4, "sigma0": 0.3, "economy": economy},
         "dtype": "float32",
     }
@@ -163,8 +176,13 @@ def rescored(out: Path) -> list[dict]:
     """Economy finalists' full scores, without timings."""
     path = out / "rescored.jsonl"
     lines = path.read_text().splitlines() if path.exists() else []
-    return sorted(({k: v for k, v in json.loads(line).items() if k not in ("time", "seconds", "merge_seconds")}
-                   for line in lines), key=lambda r: r["index"])
+    return sorted(
+        (
+            {k: v for k, v in json.loads(line).items() if k not in ("time", "seconds", "merge_seconds")}
+            for line in lines
+        ),
+        key=lambda r: r["index"],
+    )
 
 
 def cli(*args: str) -> list[str]:
@@ -263,15 +281,22 @@ class Torture:
 
     def launch(self) -> tuple[subprocess.Popen, PhaseStream, float, Path]:
         # Killed before config.yaml existed, the run never started: start it again.
-        args = ["resume", str(self.out)] if (self.out / "config.yaml").exists() else \
-            ["run", str(self.config), "--out", str(self.out), "--no-save-model"]
+        args = (
+            ["resume", str(self.out)]
+            if (self.out / "config.yaml").exists()
+            else ["run", str(self.config), "--out", str(self.out), "--no-save-model"]
+        )
         read_fd, write_fd = os.pipe()
         self.launches += 1
         stderr = self.root / f"stderr-{self.launches}.log"
         with open(stderr, "wb") as err:
             proc = subprocess.Popen(
-                [sys.executable, "-c", CHILD, *args, "--quiet"], env={**env(), "MKE_TORTURE_FD": str(write_fd)},
-                pass_fds=(write_fd,), stdout=subprocess.DEVNULL, stderr=err, cwd=self.root,
+                [sys.executable, "-c", CHILD, *args, "--quiet"],
+                env={**env(), "MKE_TORTURE_FD": str(write_fd)},
+                pass_fds=(write_fd,),
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                cwd=self.root,
             )
         os.close(write_fd)
         return proc, PhaseStream(read_fd), time.time(), stderr
@@ -342,7 +367,9 @@ class Torture:
         return statistics.median(self.startups) if self.startups else self.est["startup"]
 
     def phase_estimate(self, phase: str) -> float:
-        return {"merging": self.est["merge"], "evaluating": self.est["evaluate"], "final": self.est["final"]}.get(phase, 0.0)
+        return {"merging": self.est["merge"], "evaluating": self.est["evaluate"], "final": self.est["final"]}.get(
+            phase, 0.0
+        )
 
     def finish(self) -> None:
         proc, stream, _, stderr = self.launch()
@@ -357,7 +384,9 @@ class Torture:
 def reference_run(config: Path, ref: Path) -> tuple[float, dict]:
     """The uninterrupted run (plain CLI) and what it tells about the phase lengths."""
     launched = time.time()
-    subprocess.run(cli("run", str(config), "--out", str(ref), "--no-save-model"), check=True, env=env(), capture_output=True)
+    subprocess.run(
+        cli("run", str(config), "--out", str(ref), "--no-save-model"), check=True, env=env(), capture_output=True
+    )
     ended = time.time()
     recs = sorted(records(ref), key=lambda r: r["index"])
     fresh = [r for r in recs if not r.get("cached") and r.get("merge_seconds") is not None]
@@ -371,7 +400,9 @@ def reference_run(config: Path, ref: Path) -> tuple[float, dict]:
     return ended - launched, estimates
 
 
-def torture(root: Path, kills: int, max_evals: int | None = None, seed: int = 0, log=print, economy: str = "off") -> dict:
+def torture(
+    root: Path, kills: int, max_evals: int | None = None, seed: int = 0, log=print, economy: str = "off"
+) -> dict:
     rng = random.Random(seed)
     wanted = max(max_evals or 0, 3 * kills, 20)
     if max_evals is not None and wanted > max_evals:
@@ -381,8 +412,10 @@ def torture(root: Path, kills: int, max_evals: int | None = None, seed: int = 0,
     config = write_config(root, models, wanted, economy)
     ref, out = root / "ref", root / "out"
     reference_seconds, estimates = reference_run(config, ref)
-    log(f"uninterrupted run: {reference_seconds:.1f} s, {len(records(ref))} evaluations; phase estimates "
-        + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in estimates.items()))
+    log(
+        f"uninterrupted run: {reference_seconds:.1f} s, {len(records(ref))} evaluations; phase estimates "
+        + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in estimates.items())
+    )
     harness = Torture(root, config, out, estimates, rng, log)
     kill_log, finished_early = [], 0
     for target in plan_kills(kills, rng):
@@ -394,11 +427,13 @@ def torture(root: Path, kills: int, max_evals: int | None = None, seed: int = 0,
             log(f"  run finished before kill {len(kill_log) + 1}; resuming it to kill it again")
             target = {"phase": "final", "advance": 0, "fraction": rng.uniform(0.0, 0.9)}
         kill_log.append(kill)
-        log(f"kill {len(kill_log):2d}/{kills} target {kill['target']:<30} landed {kill['landed']!r} "
+        log(
+            f"kill {len(kill_log):2d}/{kills} target {kill['target']:<30} landed {kill['landed']!r} "
             f"+{kill['ms_in_phase']:.1f} ms ({kill['seconds_after_launch']:.1f} s after launch), "
             f"{kill['evaluations_on_disk']} evaluations on disk"
             + (f", temp files {kill['temp_files']}" if kill["temp_files"] else "")
-            + (f" [search over: aimed at {kill['retargeted_from']}]" if kill["retargeted_from"] else ""))
+            + (f" [search over: aimed at {kill['retargeted_from']}]" if kill["retargeted_from"] else "")
+        )
     harness.finish()
     ours, theirs = records(out), records(ref)
     keys = [(r["generation"], r["candidate"]) for r in ours]
@@ -433,8 +468,18 @@ def passed(result: dict, kills: int) -> bool:
         result["kills"] >= kills
         and result["duplicates"] == 0
         and result["evaluations"] == result["reference_evaluations"]
-        and all(result[k] for k in ("same_candidates", "same_fitness", "same_best_yaml", "same_best_fitness", "same_heldout",
-                                    "same_rescored", "same_stop_reason"))
+        and all(
+            result[k]
+            for k in (
+                "same_candidates",
+                "same_fitness",
+                "same_best_yaml",
+                "same_best_fitness",
+                "same_heldout",
+                "same_rescored",
+                "same_stop_reason",
+            )
+        )
         and not result["stray_temp_files"]
     )
 
@@ -444,8 +489,12 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=24)
     parser.add_argument("--max-evals", type=int, default=None, help="default and minimum: 3 per kill")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--economy", default="off", choices=["off", "subsample", "stop", "auto"],
-                        help="optimizer.economy of the tortured run")
+    parser.add_argument(
+        "--economy",
+        default="off",
+        choices=["off", "subsample", "stop", "auto"],
+        help="optimizer.economy of the tortured run",
+    )
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="mke-torture-"))
     try:

@@ -54,18 +54,33 @@ def main():
 # mergekit-evolve's options, accepted by ``run`` with the same meaning or refused in one line
 # (``migration.translate``).
 MERGEKIT_EVOLVE_OPTIONS = [
-    click.option("--storage-path", type=click.Path(file_okay=False, path_type=Path), help="mergekit-evolve's name for --out."),
+    click.option(
+        "--storage-path", type=click.Path(file_okay=False, path_type=Path), help="mergekit-evolve's name for --out."
+    ),
     click.option("--max-fevals", type=int, help="mergekit-evolve's name for --max-evals."),
     click.option("--random-seed", type=int, help="Seed of random merge methods (merge_seed), as in mergekit-evolve."),
-    click.option("--num-gpus", type=int, help="mergekit-evolve: GPUs to use; here --executor ray --workers N (1: local)."),
-    click.option("--task-search-path", multiple=True, type=click.Path(file_okay=False, path_type=Path),
-                 help="Folder of local lm-eval task YAMLs (repeatable; adds to task_search_path)."),
+    click.option(
+        "--num-gpus", type=int, help="mergekit-evolve: GPUs to use; here --executor ray --workers N (1: local)."
+    ),
+    click.option(
+        "--task-search-path",
+        multiple=True,
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Folder of local lm-eval task YAMLs (repeatable; adds to task_search_path).",
+    ),
     click.option("--sigma0", type=float, help="CMA-ES initial step size (optimizer.sigma0)."),
     click.option("--force-population-size", type=int, help="CMA-ES population size (optimizer.popsize)."),
     click.option("--batch-size", type=int, help="Evaluation batch size (fitness.batch_size)."),
-    click.option("--save-final-model/--no-save-final-model", default=None, help="mergekit-evolve's spelling of --no-save-model."),
-    click.option("--i-understand-the-depths-of-the-evils-i-am-unleashing", "evils", is_flag=True, default=False,
-                 help="mergekit-evolve's spelling of --allow-benchmark-tasks."),
+    click.option(
+        "--save-final-model/--no-save-final-model", default=None, help="mergekit-evolve's spelling of --no-save-model."
+    ),
+    click.option(
+        "--i-understand-the-depths-of-the-evils-i-am-unleashing",
+        "evils",
+        is_flag=True,
+        default=False,
+        help="mergekit-evolve's spelling of --allow-benchmark-tasks.",
+    ),
     click.option("--wandb/--no-wandb", "use_wandb", default=None, help="Log to Weights & Biases (the wandb: section)."),
     click.option("--wandb-project", help="wandb project (default mergekit-evolve, as there)."),
     click.option("--wandb-entity", help="wandb entity."),
@@ -100,7 +115,9 @@ device_option = click.option(
 @click.option("--max-evals", type=int, help="Evaluation budget (overrides optimizer.max_evals).")
 @click.option("--seed", type=int, help="CMA-ES seed (overrides optimizer.seed).")
 @device_option
-@click.option("--executor", type=click.Choice(["local", "ray"]), help="Where candidates are evaluated (overrides executor.kind).")
+@click.option(
+    "--executor", type=click.Choice(["local", "ray"]), help="Where candidates are evaluated (overrides executor.kind)."
+)
 @click.option("--workers", type=int, help="Ray workers (overrides executor.workers).")
 @click.option("--allow-benchmark-tasks", is_flag=True, help="Allow selection tasks named like public benchmarks.")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty run directory.")
@@ -108,8 +125,20 @@ device_option = click.option(
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @mergekit_evolve_options
 @friendly_errors
-def run(config_file, out, max_evals, seed, device, executor, workers, allow_benchmark_tasks, force, no_save_model, quiet,
-        **migrated):
+def run(
+    config_file,
+    out,
+    max_evals,
+    seed,
+    device,
+    executor,
+    workers,
+    allow_benchmark_tasks,
+    force,
+    no_save_model,
+    quiet,
+    **migrated,
+):
     """Evolve a merge described by CONFIG; results go to --out.
 
     mergekit-evolve's options are accepted with the same meaning (--storage-path, --max-fevals,
@@ -133,7 +162,9 @@ def run(config_file, out, max_evals, seed, device, executor, workers, allow_benc
     for key, value in (("optimizer.max_evals", max_evals), ("optimizer.seed", seed)):
         if value is not None:
             if value < (1 if key.endswith("max_evals") else 0):
-                raise InputError(f"--{key.split('.')[1].replace('_', '-')}: {value} is out of range; use a positive number")
+                raise InputError(
+                    f"--{key.split('.')[1].replace('_', '-')}: {value} is out of range; use a positive number"
+                )
             overrides[key] = value
     config = m.apply_to(runner.load_any_config(config_file, overrides))
     summary = runner.start(config, out, device=device, force=force, save_model=not no_save_model, progress=not quiet)
@@ -220,8 +251,9 @@ def zoo_build(out, seed, force, ship):
     elif seed == build.SHIPPED_SEED:
         differ = build.compare_with_shipped(built)
         click.echo(
-            "identical to the shipped zoo (every sha256 matches)" if not differ else
-            f"differs from the shipped zoo in {len(differ)} file(s) ({', '.join(differ[:4])}"
+            "identical to the shipped zoo (every sha256 matches)"
+            if not differ
+            else f"differs from the shipped zoo in {len(differ)} file(s) ({', '.join(differ[:4])}"
             f"{', ...' if len(differ) > 4 else ''}): float32 training is not bitwise reproducible across CPUs; "
             f"zoo: references and the demo keep using the shipped zoo at {build.SHIPPED_DIR}"
         )
@@ -232,7 +264,13 @@ def zoo_build(out, seed, force, ship):
 @click.option("--space", type=click.Choice(["ps", "dfs", "ps+dfs", "all"]), default="ps", show_default=True)
 @click.option("--max-evals", type=int, default=None, help="CMA-ES budget per search (default: per space).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True, help="Runs per space (seed, seed+1, ...); the table shows mean and spread.")
+@click.option(
+    "--seeds",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Runs per space (seed, seed+1, ...); the table shows mean and spread.",
+)
 @device_option
 @click.option("--quiet", is_flag=True)
 @friendly_errors
@@ -260,8 +298,11 @@ def export(run_dir, fmt, out, force, device):
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for report.md and the PNGs (default: RUN_DIR/report).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for report.md and the PNGs (default: RUN_DIR/report).",
+)
 @friendly_errors
 def report(run_dir: Path, out: Path | None) -> None:
     """Plot a run (fitness, evolved parameters or DFS path) and write report.md."""
@@ -275,26 +316,54 @@ def report(run_dir: Path, out: Path | None) -> None:
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--repo", "repo_id", required=True, help="Hub repository, user/name or org/name (created if missing).")
 @click.option("--private", is_flag=True, help="Create the repository as private.")
-@click.option("--format", "fmt", type=click.Choice(["standard", "custom"]), default="standard", show_default=True,
-              help="standard: plain checkpoint; custom: DFS layer-stack model with its code (trust_remote_code).")
-@click.option("--dry-run", "dry_run", type=click.Path(file_okay=False, path_type=Path),
-              help="Write the folder that would be uploaded to DIR (and DIR.push.json); contact nothing.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["standard", "custom"]),
+    default="standard",
+    show_default=True,
+    help="standard: plain checkpoint; custom: DFS layer-stack model with its code (trust_remote_code).",
+)
+@click.option(
+    "--dry-run",
+    "dry_run",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write the folder that would be uploaded to DIR (and DIR.push.json); contact nothing.",
+)
 @click.option("--endpoint", default=None, help="Hub URL (default: $HF_ENDPOINT or https://huggingface.co).")
-@click.option("--results", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="results.json of `mergekit-evo demo` for the card's held-out comparison table.")
-@click.option("--base-model", "base_models", multiple=True,
-              help="Hub ID for the card's base_model list (repeat it; default: the source models' names).")
+@click.option(
+    "--results",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="results.json of `mergekit-evo demo` for the card's held-out comparison table.",
+)
+@click.option(
+    "--base-model",
+    "base_models",
+    multiple=True,
+    help="Hub ID for the card's base_model list (repeat it; default: the source models' names).",
+)
 @click.option("--device", default="cpu", show_default=True, help="Device for building a custom-code checkpoint.")
 @friendly_errors
 def push(run_dir, repo_id, private, fmt, dry_run, endpoint, results, base_models, device) -> None:
     """Upload the evolved model of RUN_DIR with a model card and the report's plots."""
     from mergekit_evolve.export.hub import push_run
 
-    done = push_run(run_dir, repo_id=repo_id, private=private, fmt=fmt, dry_run=dry_run, endpoint=endpoint,
-                    results=results, base_models=base_models, device=device)
+    done = push_run(
+        run_dir,
+        repo_id=repo_id,
+        private=private,
+        fmt=fmt,
+        dry_run=dry_run,
+        endpoint=endpoint,
+        results=results,
+        base_models=base_models,
+        device=device,
+    )
     if "dry_run" in done:
-        click.echo(f"dry run: wrote {len(done['files'])} files to {done['dry_run']} and {done['description']}; "
-                   "nothing was uploaded")
+        click.echo(
+            f"dry run: wrote {len(done['files'])} files to {done['dry_run']} and {done['description']}; "
+            "nothing was uploaded"
+        )
     else:
         click.echo(f"pushed {len(done['files'])} files to {done['url']} (commit {done['commit'][:12]})")
 

@@ -21,7 +21,7 @@ mergekit-evolve configs (``genome:``, ``tasks:``, ``limit``, ``num_fewshot``, ``
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mergekit_evolve.errors import InputError
 from mergekit_evolve.fitness.tasks import FitnessConfig
 
-Scalar = Union[bool, int, float, str]
+Scalar = bool | int | float | str
 
 
 class Strict(BaseModel):
@@ -40,7 +40,7 @@ class ParameterSearch(Strict):
     """How one merge parameter is searched: its range and starting value (in parameter units)."""
 
     bounds: tuple[float, float]
-    init: Optional[float] = None
+    init: float | None = None
 
     @model_validator(mode="after")
     def _check(self):
@@ -57,16 +57,16 @@ class GenomeConfig(Strict):
 
     models: list[str] = Field(min_length=1)
     merge_method: str = "dare_ties"
-    base_model: Optional[str] = None
-    tokenizer_source: Optional[str] = None
+    base_model: str | None = None
+    tokenizer_source: str | None = None
     layer_granularity: int = Field(default=0, ge=0)
-    normalize: Optional[bool] = None
+    normalize: bool | None = None
     allow_negative_weights: bool = False
-    filters: Optional[list[str]] = None
+    filters: list[str] | None = None
     smooth: bool = False
     # native additions
-    parameters: dict[str, Union[ParameterSearch, Scalar]] = Field(default_factory=dict)
-    search: Optional[list[str]] = None
+    parameters: dict[str, ParameterSearch | Scalar] = Field(default_factory=dict)
+    search: list[str] | None = None
     # The paper tunes the embeddings, the final norm and lm_head too: give them parameters of their own
     # (one extra gene per searched parameter and model) instead of those of the first / last layer group.
     tune_embeddings: bool = False
@@ -119,7 +119,7 @@ class LmEvalTask(Strict):
 class DFSConfig(Strict):
     """Data-flow-space search settings (see ``mergekit_evolve.space.dfs``)."""
 
-    models: Optional[list[str]] = None  # default: genome.models (PS+DFS prepends the PS model)
+    models: list[str] | None = None  # default: genome.models (PS+DFS prepends the PS model)
     base_index: int = Field(default=0, ge=0)
     repeats: int = Field(default=3, ge=1)
     scales: Literal["matrix", "network"] = "matrix"
@@ -129,16 +129,16 @@ class DFSConfig(Strict):
     # from model A's own path. indicator_flips: slots a CMA-ES sample flips on average at the start (the
     # indicators' own step; null = the scales' sigma0, as before). indicator_init: |indicator| of x0.
     prescan: int = Field(default=4, ge=0)
-    indicator_flips: Optional[float] = Field(default=1.5, gt=0)
+    indicator_flips: float | None = Field(default=1.5, gt=0)
     indicator_init: float = Field(default=0.5, gt=0)
     # space ps+dfs: the DFS stage's budget (default optimizer.max_evals, as the PS stage)
-    max_evals: Optional[int] = Field(default=None, ge=1)
+    max_evals: int | None = Field(default=None, ge=1)
     # Confirm the result on rows the search never selected on (search/validation.py). validation: the
     # fraction of each fitness task's rows held back from the DFS search; its best path replaces the start
     # path (model A's own layers: in ps+dfs the PS model) only when it beats it on those rows by more than
     # validation_z paired standard errors (1.645: one-sided 95%). null: 0.3 for the DFS stage of ps+dfs
     # when every fitness task scores accuracy (kind generate or choice), else 0 (off).
-    validation: Optional[float] = Field(default=None, ge=0, lt=1)
+    validation: float | None = Field(default=None, ge=0, lt=1)
     validation_z: float = Field(default=1.645, ge=0)
 
 
@@ -147,28 +147,29 @@ class RacingConfig(Strict):
 
     stages: list[float] = [0.125, 0.25, 0.5, 1.0]  # cumulative fractions of the fitness rows
     z: float = Field(default=2.0, gt=0)  # width of the confidence bounds, in standard errors
-    keep: Optional[int] = Field(default=None, ge=1)  # ranks that must be exact; default CMA-ES's mu
+    keep: int | None = Field(default=None, ge=1)  # ranks that must be exact; default CMA-ES's mu
 
     @model_validator(mode="after")
     def _check_stages(self) -> RacingConfig:
         s = self.stages
         if not s or s[-1] != 1.0 or any(not a < b for a, b in zip([0.0, *s], s)):
             raise InputError(
-                f"optimizer.racing.stages: {s} must rise strictly from above 0 to exactly 1.0; e.g. [0.125, 0.25, 0.5, 1.0]"
+                f"optimizer.racing.stages: {s} must rise strictly from above 0 to exactly 1.0; e.g. [0.125, 0.25, "
+                "0.5, 1.0]"
             )
         return self
 
 
 class OptimizerConfig(Strict):
     sigma0: float = Field(default=1 / 6, gt=0)
-    popsize: Optional[int] = Field(default=None, ge=2)
+    popsize: int | None = Field(default=None, ge=2)
     max_evals: int = Field(default=100, ge=1)
     seed: int = Field(default=0, ge=0)
     init: Literal["default", "random"] = "default"
     diagonal: bool = False  # separable CMA-ES: for genomes of thousands of dimensions
     restarts: int = Field(default=0, ge=0)  # IPOP restarts (population doubled) when CMA-ES converges
-    max_failures: Optional[int] = Field(default=None, ge=0)  # default: half the budget
-    racing: Optional[RacingConfig] = None  # stop hopeless candidates early (search/racing.py); true = defaults
+    max_failures: int | None = Field(default=None, ge=0)  # default: half the budget
+    racing: RacingConfig | None = None  # stop hopeless candidates early (search/racing.py); true = defaults
     # Fewer forward tokens to the same result (search/economy.py): off | subsample | stop | auto (both)
     economy: Literal["off", "subsample", "stop", "auto"] = "off"
 
@@ -178,15 +179,16 @@ class OptimizerConfig(Strict):
         return "off" if value is False else "auto" if value is True else value  # YAML reads a bare `off` as false
 
     @model_validator(mode="after")
-    def _check_economy(self) -> "OptimizerConfig":
+    def _check_economy(self) -> OptimizerConfig:
         if self.racing is not None and self.economy in ("subsample", "auto"):
             raise InputError(
                 f"optimizer.economy: {self.economy} scores whole generations on subsamples and cannot be combined "
                 "with racing; remove racing or use economy: stop"
             )
         return self
+
     # The budget in whole generations: max_evals = popsize * generations (the paper's DFS: 128 x 100).
-    generations: Optional[int] = Field(default=None, ge=1)
+    generations: int | None = Field(default=None, ge=1)
 
     @field_validator("racing", mode="before")
     @classmethod
@@ -198,7 +200,10 @@ class OptimizerConfig(Strict):
         if self.generations is None:
             return self
         if self.popsize is None:
-            raise ValueError("generations needs popsize too (the budget is popsize x generations); e.g. popsize: 128, generations: 100")
+            raise ValueError(
+                "generations needs popsize too (the budget is popsize x generations); e.g. popsize: 128, "
+                "generations: 100"
+            )
         budget = self.popsize * self.generations
         if "max_evals" in self.model_fields_set and self.max_evals != budget:
             raise ValueError(
@@ -212,44 +217,44 @@ class ExecutorConfig(Strict):
     """Where candidates are evaluated. ``ray``: one worker per GPU (or CPU slot), needs the ray extra."""
 
     kind: Literal["local", "ray"] = "local"
-    workers: Optional[int] = Field(default=None, ge=1)  # default: GPUs (cuda) or CPUs of the cluster
-    address: Optional[str] = None  # a `ray start` cluster; default $RAY_ADDRESS or a local cluster
-    threads_per_worker: Optional[int] = Field(default=None, ge=1)
+    workers: int | None = Field(default=None, ge=1)  # default: GPUs (cuda) or CPUs of the cluster
+    address: str | None = None  # a `ray start` cluster; default $RAY_ADDRESS or a local cluster
+    threads_per_worker: int | None = Field(default=None, ge=1)
 
 
 class WandbConfig(Strict):
     """Optional Weights & Biases logging (extra ``wandb``); off unless this section is present."""
 
     project: str
-    entity: Optional[str] = None
-    name: Optional[str] = None
-    mode: Optional[Literal["online", "offline", "disabled"]] = None
+    entity: str | None = None
+    name: str | None = None
+    mode: Literal["online", "offline", "disabled"] | None = None
 
 
 class EvolveConfig(Strict):
     space: Literal["ps", "dfs", "ps+dfs"] = "ps"
-    genome: Optional[GenomeConfig] = None
-    template: Optional[dict[str, Any]] = None  # a mergekit YAML with {evolve: [lo, hi]} markers
+    genome: GenomeConfig | None = None
+    template: dict[str, Any] | None = None  # a mergekit YAML with {evolve: [lo, hi]} markers
     dfs: DFSConfig = Field(default_factory=DFSConfig)
-    fitness: Optional[FitnessConfig] = None
+    fitness: FitnessConfig | None = None
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
-    wandb: Optional[WandbConfig] = None
-    dtype: Optional[str] = None  # default: bfloat16 on CUDA, else the sources' dtype
+    wandb: WandbConfig | None = None
+    dtype: str | None = None  # default: bfloat16 on CUDA, else the sources' dtype
     merge_seed: int = Field(default=0, ge=0)  # mergekit's --random-seed for DARE-style methods
     merge_fast_path: bool = True  # precomputed state for sparsifying methods (mergekit_evolve.merge.fastpath)
     # mergekit-evolve's lm-eval fitness fields
-    tasks: Optional[list[LmEvalTask]] = None
-    heldout_tasks: Optional[list[LmEvalTask]] = None  # lm-eval tasks scored for the report only
-    task_search_path: Optional[list[str]] = None  # folders of local lm-eval task YAMLs
+    tasks: list[LmEvalTask] | None = None
+    heldout_tasks: list[LmEvalTask] | None = None  # lm-eval tasks scored for the report only
+    task_search_path: list[str] | None = None  # folders of local lm-eval task YAMLs
     # lm-eval prompt format, as in mergekit-evolve (which defaults both to true). null: true when the
     # tokenizer has a chat template, false otherwise (where mergekit-evolve would fail).
-    apply_chat_template: Optional[bool] = None
-    fewshot_as_multiturn: Optional[bool] = None  # null: follows apply_chat_template
+    apply_chat_template: bool | None = None
+    fewshot_as_multiturn: bool | None = None  # null: follows apply_chat_template
     allow_benchmark_tasks: bool = False  # see mergekit_evolve.fitness.guard
     allow_pickle_weights: bool = False  # load *.bin pickle checkpoints (they can run code); safetensors only by default
-    limit: Optional[int] = Field(default=None, ge=1)
-    num_fewshot: Optional[int] = Field(default=None, ge=0)
+    limit: int | None = Field(default=None, ge=1)
+    num_fewshot: int | None = Field(default=None, ge=0)
     shuffle: bool = False
     random_init: bool = False
 
@@ -302,7 +307,27 @@ def _format_validation_error(err: ValidationError) -> str:
 
 
 # Keys of ours that may sit next to a mergekit recipe template; everything else is the template.
-TEMPLATE_SIDE_KEYS = {"space", "dfs", "fitness", "optimizer", "executor", "wandb", "heldout_tasks", "task_search_path", "apply_chat_template", "fewshot_as_multiturn", "allow_benchmark_tasks", "allow_pickle_weights", "merge_seed", "merge_fast_path", "tasks", "limit", "num_fewshot", "shuffle", "random_init"}
+TEMPLATE_SIDE_KEYS = {
+    "space",
+    "dfs",
+    "fitness",
+    "optimizer",
+    "executor",
+    "wandb",
+    "heldout_tasks",
+    "task_search_path",
+    "apply_chat_template",
+    "fewshot_as_multiturn",
+    "allow_benchmark_tasks",
+    "allow_pickle_weights",
+    "merge_seed",
+    "merge_fast_path",
+    "tasks",
+    "limit",
+    "num_fewshot",
+    "shuffle",
+    "random_init",
+}
 
 
 def split_template(data: dict) -> dict:
@@ -340,7 +365,10 @@ def _resolve_zoo(ref: str, field: str) -> str:
     name, _, split = ref.removeprefix(ZOO_PREFIX).partition("/")
     if split:
         if name not in zoo.tasks or split not in ("fitness", "heldout"):
-            raise InputError(f"{field}: {ref!r} is not a zoo data split; use zoo:TASK/fitness or zoo:TASK/heldout with TASK in {sorted(zoo.tasks)}")
+            raise InputError(
+                f"{field}: {ref!r} is not a zoo data split; use zoo:TASK/fitness or zoo:TASK/heldout with TASK in "
+                f"{sorted(zoo.tasks)}"
+            )
         return str(getattr(zoo.tasks[name], split))
     if name not in zoo.models:
         raise InputError(f"{field}: {ref!r} is not a zoo model; use one of {['zoo:' + m for m in zoo.models]}")
@@ -386,7 +414,9 @@ def resolve_paths(config: EvolveConfig, base_dir: Path) -> EvolveConfig:
 def _resolve_template_models(node: Any, base_dir: Path) -> Any:
     if isinstance(node, dict):
         return {
-            k: _resolve_model(v, base_dir) if k in ("model", "base_model") and isinstance(v, str) else _resolve_template_models(v, base_dir)
+            k: _resolve_model(v, base_dir)
+            if k in ("model", "base_model") and isinstance(v, str)
+            else _resolve_template_models(v, base_dir)
             for k, v in node.items()
         }
     if isinstance(node, list):

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from mergekit_evolve.config import parse_config
-from mergekit_evolve.progress import step
+from mergekit_evolve.progress import note, step
 from mergekit_evolve.atomic import atomic_write
 from mergekit_evolve.search.rundir import RunDir
 
@@ -110,8 +110,16 @@ def untuned_recipes(zoo, dtype: str) -> dict[str, dict]:
             "dtype": dtype,
         }
 
-    uniform = {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 1.0}} for m in experts], "dtype": dtype}
-    return {"uniform merge (linear)": uniform, "TIES untuned": with_base("ties"), "DARE-TIES untuned": with_base("dare_ties")}
+    uniform = {
+        "merge_method": "linear",
+        "models": [{"model": m, "parameters": {"weight": 1.0}} for m in experts],
+        "dtype": dtype,
+    }
+    return {
+        "uniform merge (linear)": uniform,
+        "TIES untuned": with_base("ties"),
+        "DARE-TIES untuned": with_base("dare_ties"),
+    }
 
 
 def frankenmerge_recipe(zoo, dtype: str) -> dict:
@@ -146,10 +154,17 @@ def _add_seed(row: dict, scores: dict) -> None:
             row["items"][split].setdefault(task, []).append(items)
 
 
-def run_demo(out: Path, *, space: str = "ps", max_evals: int | None = None, seed: int = 0, device: str = "auto",
-             progress: bool = True, seeds: int = 1) -> list[dict[str, Any]]:
+def run_demo(
+    out: Path,
+    *,
+    space: str = "ps",
+    max_evals: int | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    progress: bool = True,
+    seeds: int = 1,
+) -> list[dict[str, Any]]:
     """Baselines, then each search space once per seed; writes results.json and RESULTS.md in ``out``."""
-    from mergekit_evolve import runner
     from mergekit_evolve.zoo import build_zoo
 
     out = Path(out).absolute()
@@ -162,33 +177,55 @@ def run_demo(out: Path, *, space: str = "ps", max_evals: int | None = None, seed
     spaces = ["ps", "dfs", "ps+dfs"] if space == "all" else [space]
     for sp in spaces:
         budget = max_evals or DEFAULT_EVALS.get(sp, 120)
-        evaluations = f"{budget} + {min(PS_DFS_DFS_EVALS, budget)}" if sp == "ps+dfs" else budget
-        row = {"name": LABELS[sp], "fitness": {}, "heldout": {}, "items": {"fitness": {}, "heldout": {}},
-               "evaluations": evaluations, "wall_seconds": [], "run_dirs": [], "distinct": []}
-        for s in range(seed, seed + seeds):
-            run_dir = out / _run_name(sp, s, seeds)
-            config = parse_config(demo_config(zoo, sp, budget, s))
-            if not _finished(run_dir, config):  # a rerun after an interruption keeps finished searches
-                if progress:
-                    click.echo(f"[mergekit-evo] {LABELS[sp]} search, seed {s}: {budget} evaluations into {run_dir}", err=True)
-                runner.start(config, run_dir, device=device, force=True, progress=progress)
-            with step(f"scoring the {LABELS[sp]} winner (seed {s}) on every task", progress):
-                _add_seed(row, evaluate_all(_load_best(run_dir, sp), fitness_all))
-            row["wall_seconds"].append(_search_seconds(run_dir))
-            row["distinct"].append(_distinct_candidates(run_dir, sp))
-            row["run_dirs"].append(run_dir.name)
-        rows.append(row)
+        seeds_run = range(seed, seed + seeds)
+        rows.append(_searched_row(zoo, fitness_all, out, sp, budget, seeds_run, device=device, progress=progress))
     final_best = RunDir(out / _run_name(spaces[-1], seed, seeds)).read_best_yaml()
     if final_best is not None:
         atomic_write(out / "best.yaml", final_best)
-    report = {"rows": rows, "seeds": list(range(seed, seed + seeds)), "target": zoo.target, "tasks": list(zoo.tasks),
-              "wall_seconds": round(time.time() - started, 1)}
+    report = {
+        "rows": rows,
+        "seeds": list(range(seed, seed + seeds)),
+        "target": zoo.target,
+        "tasks": list(zoo.tasks),
+        "wall_seconds": round(time.time() - started, 1),
+    }
     atomic_write(out / "results.json", _portable(json.dumps(report, indent=2), zoo) + "\n")
     atomic_write(out / "RESULTS.md", markdown_table(report))
     click.echo(format_table(rows, zoo))
     click.echo(verdict(rows, zoo.target))
-    click.echo(f"demo finished in {time.time() - started:.0f} s; table in {out / 'RESULTS.md'}, recipe in {out / 'best.yaml'}")
+    click.echo(
+        f"demo finished in {time.time() - started:.0f} s; table in {out / 'RESULTS.md'}, recipe in {out / 'best.yaml'}"
+    )
     return rows
+
+
+def _searched_row(zoo, fitness_all, out: Path, space: str, budget: int, seeds: range, *, device, progress) -> dict:
+    """One searched row of the table: the search once per seed (finished ones are kept), each winner scored."""
+    from mergekit_evolve import runner
+
+    evaluations = f"{budget} + {min(PS_DFS_DFS_EVALS, budget)}" if space == "ps+dfs" else budget
+    row = {
+        "name": LABELS[space],
+        "fitness": {},
+        "heldout": {},
+        "items": {"fitness": {}, "heldout": {}},
+        "evaluations": evaluations,
+        "wall_seconds": [],
+        "run_dirs": [],
+        "distinct": [],
+    }
+    for s in seeds:
+        run_dir = out / _run_name(space, s, len(seeds))
+        config = parse_config(demo_config(zoo, space, budget, s))
+        if not _finished(run_dir, config):  # a rerun after an interruption keeps finished searches
+            note(f"{LABELS[space]} search, seed {s}: {budget} evaluations into {run_dir}", progress)
+            runner.start(config, run_dir, device=device, force=True, progress=progress)
+        with step(f"scoring the {LABELS[space]} winner (seed {s}) on every task", progress):
+            _add_seed(row, evaluate_all(_load_best(run_dir, space), fitness_all))
+        row["wall_seconds"].append(_search_seconds(run_dir))
+        row["distinct"].append(_distinct_candidates(run_dir, space))
+        row["run_dirs"].append(run_dir.name)
+    return row
 
 
 def _portable(text: str, zoo) -> str:
@@ -237,8 +274,10 @@ def _fitness_of_every_task(zoo):
     from mergekit_evolve.fitness import Fitness, FitnessConfig
     from mergekit_evolve.resources import load_tokenizer
 
-    tasks = [{"name": t.name, "data": str(t.fitness), "heldout": str(t.heldout), "max_new_tokens": t.max_new_tokens}
-             for t in zoo.tasks.values()]
+    tasks = [
+        {"name": t.name, "data": str(t.fitness), "heldout": str(t.heldout), "max_new_tokens": t.max_new_tokens}
+        for t in zoo.tasks.values()
+    ]
     return Fitness(FitnessConfig(tasks=tasks, batch_size=64), load_tokenizer(str(zoo.models[zoo.base])))
 
 
@@ -247,7 +286,9 @@ def _load_best(run_dir: Path, space: str):
     import transformers
 
     model_dir = RunDir(run_dir).final_stage().model
-    return transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="float32", trust_remote_code=False).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype="float32", trust_remote_code=False
+    ).eval()
 
 
 def _mean(values: list[float]) -> float:
@@ -325,7 +366,9 @@ def resolved(diff: dict[str, float]) -> bool:
 # -- tables ------------------------------------------------------------------------------------------
 def format_table(rows: list[dict[str, Any]], zoo) -> str:
     tasks = [zoo.target, *[t for t in zoo.tasks if t != zoo.target]]
-    header = f"{'model':26s} {'target(fit)':>11s} {'target(ho) 95% int.':>20s} " + " ".join(f"{t + '(ho)':>14s}" for t in tasks[1:])
+    header = f"{'model':26s} {'target(fit)':>11s} {'target(ho) 95% int.':>20s} " + " ".join(
+        f"{t + '(ho)':>14s}" for t in tasks[1:]
+    )
     lines = [header, "-" * len(header)]
     for row in rows:
         cells = " ".join(f"{_mean(row['heldout'][t]):14.3f}" for t in tasks[1:])
@@ -340,28 +383,40 @@ def markdown_table(report: dict) -> str:
     seeds = report["seeds"]
     lines = [
         f"| model | {target} fitness split | {target} held-out | held-out 95% interval | "
-        + " | ".join(f"{t} held-out" for t in others) + " | CMA-ES evaluations | distinct candidates | wall s per run |",
+        + " | ".join(f"{t} held-out" for t in others)
+        + " | CMA-ES evaluations | distinct candidates | wall s per run |",
         "|---" * (7 + len(others)) + "|",
     ]
     for row in rows:
-        cells = [_cell(row["fitness"][target]), _cell(row["heldout"][target]), _interval(row, "heldout", target),
-                 *(_cell(row["heldout"][t]) for t in others)]
+        cells = [
+            _cell(row["fitness"][target]),
+            _cell(row["heldout"][target]),
+            _interval(row, "heldout", target),
+            *(_cell(row["heldout"][t]) for t in others),
+        ]
         budget = str(row.get("evaluations", "-"))
         distinct = _count_cell(row["distinct"]) if row.get("distinct") else "-"
         wall = f"{_mean(row['wall_seconds']):.0f}" if row.get("wall_seconds") else "-"
         lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {budget} | {distinct} | {wall} |")
     n_items = len(rows[0]["items"]["heldout"][target][0])
-    note = (f"Exact-match accuracy; searched rows: mean over seeds {seeds} with (min-max); fixed rows do not depend "
-            f"on the seed. Held-out 95% interval: bootstrap over the {n_items} held-out items of {target} (seeds "
-            "averaged first). Distinct candidates: DFS paths (hop sequences) or PS recipes the search scored. "
-            f"Total wall time {report['wall_seconds']:.0f} s.")
+    note = (
+        f"Exact-match accuracy; searched rows: mean over seeds {seeds} with (min-max); fixed rows do not depend "
+        f"on the seed. Held-out 95% interval: bootstrap over the {n_items} held-out items of {target} (seeds "
+        "averaged first). Distinct candidates: DFS paths (hop sequences) or PS recipes the search scored. "
+        f"Total wall time {report['wall_seconds']:.0f} s."
+    )
     diff_lines = [
-        "", f"Differences on held-out {target} (paired bootstrap over items, 95%):", "",
-        "| comparison | difference | 95% interval | beyond the interval? |", "|---|---|---|---|",
+        "",
+        f"Differences on held-out {target} (paired bootstrap over items, 95%):",
+        "",
+        "| comparison | difference | 95% interval | beyond the interval? |",
+        "|---|---|---|---|",
     ]
     for name, diff in comparisons(rows, target):
         word = "yes" if resolved(diff) else "no (not resolved)"
-        diff_lines.append(f"| {name} | {diff['difference']:+.3f} | [{diff['low']:+.3f}, {diff['high']:+.3f}] | {word} |")
+        diff_lines.append(
+            f"| {name} | {diff['difference']:+.3f} | [{diff['low']:+.3f}, {diff['high']:+.3f}] | {word} |"
+        )
     return "\n".join(lines) + "\n\n" + note + "\n" + "\n".join(diff_lines) + "\n"
 
 

@@ -24,18 +24,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from mergekit_evolve.errors import InputError
 
 # option name -> (when it is refused, what to do instead)
 REFUSED = {
     "vllm": (True, "evaluation runs in this process with transformers, not vLLM; drop --vllm"),
-    "strategy": (None, "candidates run one after another here or on Ray workers; use --executor local|ray and --workers N"),
+    "strategy": (
+        None,
+        "candidates run one after another here or on Ray workers; use --executor local|ray and --workers N",
+    ),
     "merge_cuda": (False, "merging and evaluation share one device; use --device cpu (or --device cuda)"),
-    "trust_remote_code": (True, "models are loaded without custom code; use a model family transformers supports natively"),
+    "trust_remote_code": (
+        True,
+        "models are loaded without custom code; use a model family transformers supports natively",
+    ),
     "allow_crimes": (True, "models of different architectures cannot be merged; merge models of one architecture"),
-    "timeout": (None, "there is no wall-clock limit; bound the run with --max-evals (Ctrl-C, then mergekit-evo resume, continues it)"),
+    "timeout": (
+        None,
+        "there is no wall-clock limit; bound the run with --max-evals (Ctrl-C, then mergekit-evo resume, continues it)",
+    ),
     "load_in_8bit": (True, "quantized evaluation is not supported; set dtype: bfloat16 in the config to halve memory"),
     "load_in_4bit": (True, "quantized evaluation is not supported; set dtype: bfloat16 in the config to halve memory"),
 }
@@ -49,24 +58,31 @@ def _flag_name(name: str) -> str:
 class Translated:
     """Our settings after mergekit-evolve's options are applied."""
 
-    out: Optional[Path]
-    max_evals: Optional[int]
-    workers: Optional[int]
-    executor: Optional[str]
+    out: Path | None
+    max_evals: int | None
+    workers: int | None
+    executor: str | None
     allow_benchmark_tasks: bool = False
     no_save_model: bool = False
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted config keys
     task_search_path: list[str] = field(default_factory=list)
-    batch_size: Optional[int] = None
+    batch_size: int | None = None
 
     def apply_to(self, config):
         """Settings that add to or depend on the loaded config."""
         if self.task_search_path:
-            config = config.model_copy(update={"task_search_path": [*(config.task_search_path or []), *self.task_search_path]})
+            config = config.model_copy(
+                update={"task_search_path": [*(config.task_search_path or []), *self.task_search_path]}
+            )
         if self.batch_size is not None:
             if config.fitness is None:
-                raise InputError("--batch-size: sets fitness.batch_size of the built-in fitness; this config scores lm-eval tasks, which run at their own batch size; drop --batch-size")
-            config = config.model_copy(update={"fitness": config.fitness.model_copy(update={"batch_size": self.batch_size})})
+                raise InputError(
+                    "--batch-size: sets fitness.batch_size of the built-in fitness; this config scores lm-eval "
+                    "tasks, which run at their own batch size; drop --batch-size"
+                )
+            config = config.model_copy(
+                update={"fitness": config.fitness.model_copy(update={"batch_size": self.batch_size})}
+            )
         return config
 
 
@@ -105,7 +121,10 @@ def translate(given: dict[str, Any], *, out, max_evals, workers, executor) -> Tr
     if given.get("batch_size") is not None:
         t.batch_size = _positive("--batch-size", given["batch_size"])
     if given.get("use_wandb"):
-        t.overrides["wandb"] = {"project": given.get("wandb_project") or "mergekit-evolve", "entity": given.get("wandb_entity")}
+        t.overrides["wandb"] = {
+            "project": given.get("wandb_project") or "mergekit-evolve",
+            "entity": given.get("wandb_entity"),
+        }
     return t
 
 
@@ -115,7 +134,7 @@ def _one_of(ours: str, our_value, theirs: str, their_value):
     return our_value if our_value is not None else their_value
 
 
-def _positive(flag: str, value: Optional[int]) -> Optional[int]:
+def _positive(flag: str, value: int | None) -> int | None:
     if value is not None and value < 1:
         raise InputError(f"{flag}: {value} is out of range; use a positive number")
     return value

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from collections.abc import Iterator
 
 
 def on_terminal() -> bool:

@@ -83,7 +83,9 @@ def validate(config: EvolveConfig, device: str = "cpu", progress: bool = False):
 def resume(out: str | Path, *, device: str | None = None, progress: bool = True) -> Summary:
     run_dir = RunDir(out)
     if not run_dir.is_run():
-        raise InputError(f"{run_dir.path}: not a mergekit-evo run directory (no config.yaml); start it with mergekit-evo run")
+        raise InputError(
+            f"{run_dir.path}: not a mergekit-evo run directory (no config.yaml); start it with mergekit-evo run"
+        )
     config = load_config(run_dir.config)
     info = run_dir.read_info()
     device = resolve_device(device or info.device)
@@ -94,7 +96,9 @@ def resume(out: str | Path, *, device: str | None = None, progress: bool = True)
         run_dir.unlock()
 
 
-def _execute(config: EvolveConfig, run_dir: RunDir, device: str, save_model: bool, progress: bool, fitness=None) -> Summary:
+def _execute(
+    config: EvolveConfig, run_dir: RunDir, device: str, save_model: bool, progress: bool, fitness=None
+) -> Summary:
     if config.space in ("ps", "dfs"):
         return run_stage(make_problem(config, device), config, run_dir, save_model, progress, fitness)
     return _run_ps_then_dfs(config, run_dir, device, save_model, progress, fitness)
@@ -122,12 +126,17 @@ def dfs_stage_config(config: EvolveConfig, ps_model: Path, stage_config: Path) -
     budget = config.dfs.max_evals or config.optimizer.max_evals
     dfs = {"models": collection, "base_index": 0, "validation": ps_dfs_validation(config, stage_config)}
     return config.model_copy(
-        update={"space": "dfs", "dfs": config.dfs.model_copy(update=dfs),
-                "optimizer": config.optimizer.model_copy(update={"max_evals": budget})}
+        update={
+            "space": "dfs",
+            "dfs": config.dfs.model_copy(update=dfs),
+            "optimizer": config.optimizer.model_copy(update={"max_evals": budget}),
+        }
     )
 
 
-def run_stage(problem, config: EvolveConfig, run_dir: RunDir, save_model: bool, progress: bool, fitness=None) -> Summary:
+def run_stage(
+    problem, config: EvolveConfig, run_dir: RunDir, save_model: bool, progress: bool, fitness=None
+) -> Summary:
     """Search, then score the winner on the held-out split and save it (``fitness``: one already
     built for this config and the problem's tokenizer, e.g. by ``validate``)."""
     started = time.time()
@@ -170,9 +179,15 @@ def _search(problem, config: EvolveConfig, run_dir: RunDir, fitness, progress: b
     executor = make_executor(config, problem, make_score(fitness))
     try:
         state = run_search(
-            problem, executor, run_dir, config.optimizer, progress=progress,
-            on_record=logger.log_evaluation if logger else None, on_best=best_writer(problem, run_dir),
-            racing=make_racing(config, fitness), economy=make_economy(config, fitness),
+            problem,
+            executor,
+            run_dir,
+            config.optimizer,
+            progress=progress,
+            on_record=logger.log_evaluation if logger else None,
+            on_best=best_writer(problem, run_dir),
+            racing=make_racing(config, fitness),
+            economy=make_economy(config, fitness),
         )
     finally:
         executor.close()
@@ -199,8 +214,10 @@ def economy_summary(config: EvolveConfig, run_dir: RunDir, state, has_heldout: b
     evaluations, rescored = run_dir.read_evaluations(), run_dir.read_rescored()
     spent = tokens_of(evaluations) + tokens_of(rescored)
     out: dict[str, Any] = {
-        "fitness_source": {"best.fitness": "full",  # the best is always one scored on the whole split
-                           "best.heldout": "full held-out split" if has_heldout else "no held-out split"},
+        "fitness_source": {
+            "best.fitness": "full",  # the best is always one scored on the whole split
+            "best.heldout": "full held-out split" if has_heldout else "no held-out split",
+        },
         "tokens": spent,
         "stop_reason": "max_evals",
     }
@@ -209,8 +226,16 @@ def economy_summary(config: EvolveConfig, run_dir: RunDir, state, has_heldout: b
         out["economy"] = {
             "mode": config.optimizer.economy,
             "fractions": state.economy.fractions,
-            "finalists": [{"index": r.index, "fitness": r.fitness, "source": "full",
-                           "estimate": r.estimate, "estimate_source": r.estimate_source} for r in rescored],
+            "finalists": [
+                {
+                    "index": r.index,
+                    "fitness": r.fitness,
+                    "source": "full",
+                    "estimate": r.estimate,
+                    "estimate_source": r.estimate_source,
+                }
+                for r in rescored
+            ],
             "rescored_tokens": tokens_of(rescored),
         }
     return out
@@ -222,8 +247,9 @@ def _wandb_logger(config: EvolveConfig, run_dir: RunDir):
     from mergekit_evolve.export.wandb_log import WandbLogger
 
     w = config.wandb
-    return WandbLogger(w.project, entity=w.entity, name=w.name or run_dir.path.name, mode=w.mode,
-                       config=config.model_dump(mode="json"))
+    return WandbLogger(
+        w.project, entity=w.entity, name=w.name or run_dir.path.name, mode=w.mode, config=config.model_dump(mode="json")
+    )
 
 
 def _check_fitness_available(config: EvolveConfig) -> None:

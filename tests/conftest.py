@@ -59,7 +59,9 @@ def demo_out(zoo, tmp_path_factory) -> Path:
     from mergekit_evolve.cli import main
 
     out = tmp_path_factory.mktemp("demo") / "demo"
-    result = CliRunner().invoke(main, ["demo", "--space", "ps", "--max-evals", "6", "--seeds", "2", "--out", str(out),
-                                       "--device", "cpu", "--quiet"])
+    result = CliRunner().invoke(
+        main,
+        ["demo", "--space", "ps", "--max-evals", "6", "--seeds", "2", "--out", str(out), "--device", "cpu", "--quiet"],
+    )
     assert result.exit_code == 0, result.output
     return out

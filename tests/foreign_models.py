@@ -20,10 +20,18 @@ def make_gpt2(out: Path, seed: int = 0) -> Path:
 def make_llava(out: Path, seed: int = 0) -> Path:
     """A LLaVA checkpoint (mergekit merges it; transformers has no causal-LM class for it)."""
     torch.manual_seed(seed)
-    text = transformers.LlamaConfig(vocab_size=52, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
-    vision = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                           num_attention_heads=2, image_size=32, patch_size=16)
+    text = transformers.LlamaConfig(
+        vocab_size=52,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=16
+    )
     config = transformers.LlavaConfig(text_config=text, vision_config=vision, image_token_index=51)
     transformers.LlavaForConditionalGeneration(config).save_pretrained(str(out))
     return Path(out)

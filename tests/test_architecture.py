@@ -103,32 +103,56 @@ def test_no_import_cycle_between_modules():
 
 def test_layers_import_only_earlier_layers():
     assert all(layer_of(m) >= 0 for m in MODULES if m != "mergekit_evolve"), "every package has a layer"
-    backwards = [(m, dep) for m, deps in import_graph().items() if m != "mergekit_evolve"
-                 for dep in deps if dep != "mergekit_evolve" and layer_of(dep) > layer_of(m)]
+    backwards = [
+        (m, dep)
+        for m, deps in import_graph().items()
+        if m != "mergekit_evolve"
+        for dep in deps
+        if dep != "mergekit_evolve" and layer_of(dep) > layer_of(m)
+    ]
     assert backwards == []
 
 
 def test_no_private_name_imported_across_modules():
-    private = [(m, f"{module}.{item}") for m in MODULES for module, item in imports_of(m)
-               if item.startswith("_") and not item.startswith("__")]
+    private = [
+        (m, f"{module}.{item}")
+        for m in MODULES
+        for module, item in imports_of(m)
+        if item.startswith("_") and not item.startswith("__")
+    ]
     assert private == []
 
 
 def test_click_commands_only_in_cli():
-    users = [m for m, tree in TREES.items() for node in ast.walk(tree)
-             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "click"
-             and node.attr in ("command", "group", "option", "argument") and m != "mergekit_evolve.cli"]
+    users = [
+        m
+        for m, tree in TREES.items()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "click"
+        and node.attr in ("command", "group", "option", "argument")
+        and m != "mergekit_evolve.cli"
+    ]
     assert users == []
 
 
 def test_no_function_longer_than_60_lines():
-    long = [(m, node.name, node.end_lineno - node.lineno + 1) for m, tree in TREES.items() for node in ast.walk(tree)
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+    long = [
+        (m, node.name, node.end_lineno - node.lineno + 1)
+        for m, tree in TREES.items()
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
     assert long == []
 
 
 def test_ruff_is_clean():  # ruff comes with the test extra
-    done = subprocess.run([sys.executable, "-m", "ruff", "check", "mergekit_evolve", "tests", "bench"], cwd=ROOT,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "mergekit_evolve", "tests", "bench"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stdout[-3000:]

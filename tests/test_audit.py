@@ -38,16 +38,30 @@ main(["push", out, "--repo", "audit/evolved", "--dry-run", pushed], standalone_m
 
 
 def write_rows(path: Path, start: int) -> Path:
-    path.write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "answer": str(2 * i)}) + "\n" for i in range(start, start + 8)))
+    path.write_text(
+        "".join(json.dumps({"prompt": f"{i}+{i}=", "answer": str(2 * i)}) + "\n" for i in range(start, start + 8))
+    )
     return path
 
 
 def small_config(models: list[Path], data: Path, **extra) -> dict:
     return {
-        "genome": {"models": [str(m) for m in models[1:]], "base_model": str(models[0]),
-                   "merge_method": "dare_ties", "layer_granularity": 0},
-        "fitness": {"tasks": [{"name": "ppl", "kind": "perplexity", "data": str(write_rows(data / "fit.jsonl", 0)),
-                               "heldout": str(write_rows(data / "heldout.jsonl", 50))}]},
+        "genome": {
+            "models": [str(m) for m in models[1:]],
+            "base_model": str(models[0]),
+            "merge_method": "dare_ties",
+            "layer_granularity": 0,
+        },
+        "fitness": {
+            "tasks": [
+                {
+                    "name": "ppl",
+                    "kind": "perplexity",
+                    "data": str(write_rows(data / "fit.jsonl", 0)),
+                    "heldout": str(write_rows(data / "heldout.jsonl", 50)),
+                }
+            ]
+        },
         "optimizer": {"max_evals": 4, "popsize": 4, "seed": 0},
         "dtype": "float32",
         **extra,
@@ -63,29 +77,51 @@ def test_run_directory_holds_no_token_no_home_path_and_no_pickled_weights(tmp_pa
     assert not any(str(p).startswith(str(home)) for p in [*models, out, config])
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "XDG_", "MERGEKIT_EVOLVE"))}
     env.update(HOME=str(home), HF_TOKEN=TOKEN, HUGGING_FACE_HUB_TOKEN=TOKEN, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-c", DRIVER, str(config), str(out), str(pushed)],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", DRIVER, str(config), str(out), str(pushed)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
     files = [p for root in (out, pushed) for p in sorted(root.rglob("*")) if p.is_file()]
     names = {p.relative_to(out).as_posix() for p in files if p.is_relative_to(out)}
     # every artifact is there, so the audit below covers it
-    assert {"config.yaml", "run.json", "evaluations.jsonl", "optimizer.pkl", "best.yaml", "best.json",
-            "summary.json", "model/config.json"} <= names, names
+    assert {
+        "config.yaml",
+        "run.json",
+        "evaluations.jsonl",
+        "optimizer.pkl",
+        "best.yaml",
+        "best.json",
+        "summary.json",
+        "model/config.json",
+    } <= names, names
     assert any(n.startswith("model/") and n.endswith(".safetensors") for n in names)
     assert (pushed / "README.md").is_file()
     secrets = {"HF_TOKEN": TOKEN.encode(), "HOME": str(home).encode()}
     real_home = os.path.expanduser("~")
     if len(real_home) > 1:
         secrets["the caller's HOME"] = (real_home.rstrip("/") + "/").encode()
-    leaks = [f"{what} in {p}" for p in files for what, secret in secrets.items()
-             if secret in p.read_bytes() or secret in str(p).encode()]
-    leaks += [f"{what} in stdout/stderr" for what, secret in secrets.items() if secret.decode() in done.stdout + done.stderr]
+    leaks = [
+        f"{what} in {p}"
+        for p in files
+        for what, secret in secrets.items()
+        if secret in p.read_bytes() or secret in str(p).encode()
+    ]
+    leaks += [
+        f"{what} in stdout/stderr" for what, secret in secrets.items() if secret.decode() in done.stdout + done.stderr
+    ]
     assert leaks == []
 
     recipe = yaml.safe_load((out / "best.yaml").read_text())
     assert isinstance(recipe, dict) and recipe["merge_method"] == "dare_ties"
-    pickles = [p.relative_to(tmp_path).as_posix() for p in files if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
+    pickles = [
+        p.relative_to(tmp_path).as_posix() for p in files if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+    ]
     assert pickles == ["out/optimizer.pkl"]
 
 

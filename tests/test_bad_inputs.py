@@ -10,7 +10,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import yaml
@@ -30,8 +30,8 @@ class Case:
     id: str
     what: str  # what the user did wrong
     expect: str  # a fragment of the one-line error
-    edit: Callable[[dict, "Env"], object] = lambda cfg, env: None  # edits the config (returns replacement)
-    args: Callable[["Env"], list[str]] | None = None  # other CLI arguments than `run CONFIG --out OUT`
+    edit: Callable[[dict, Env], object] = lambda cfg, env: None  # edits the config (returns replacement)
+    args: Callable[[Env], list[str]] | None = None  # other CLI arguments than `run CONFIG --out OUT`
     raw: str | None = None  # config file text instead of YAML of the config
 
 
@@ -70,56 +70,286 @@ def task_data(text: str):
 CASES = [
     Case("yaml", "malformed YAML", "malformed YAML at line", raw="genome: [models\n  - a: b: c\n"),
     Case("not-mapping", "config is a list", "expected a YAML mapping", raw="- genome\n"),
-    Case("missing-config", "config file missing", "config file not found", args=lambda env: ["run", str(env.root / "nope.yaml"), "--out", str(env.root / "out")]),
+    Case(
+        "missing-config",
+        "config file missing",
+        "config file not found",
+        args=lambda env: ["run", str(env.root / "nope.yaml"), "--out", str(env.root / "out")],
+    ),
     Case("unknown-key", "unknown top-level key", "optimiser: unknown key", edit=lambda c, e: c.update(optimiser={})),
-    Case("unknown-genome-key", "unknown genome key", "genome.layer_granularty: unknown key", edit=setg("layer_granularty", 2)),
-    Case("unknown-method", "unknown merge method", "genome.merge_method: unknown merge method 'dare_tie'", edit=setg("merge_method", "dare_tie")),
-    Case("no-base", "ties family without base_model", "genome.base_model: merge method ties needs a base model", edit=lambda c, e: c["genome"].update(merge_method="ties", base_model=None)),
-    Case("slerp-3", "slerp with three models", "genome.models: slerp merges 2 models", edit=lambda c, e: c["genome"].update(merge_method="slerp")),
-    Case("granularity", "layer_granularity does not divide the layers", "genome.layer_granularity: 3 does not divide the 4 layers", edit=setg("layer_granularity", 3)),
-    Case("bad-search", "search names a parameter the method lacks", "genome.search: dare_ties has no parameter 't'", edit=setg("search", ["t"])),
-    Case("bounds", "bounds with lower >= upper", "bounds [1.0, 0.5] must have lower < upper", edit=setg("parameters", {"density": {"bounds": [1.0, 0.5]}})),
-    Case("init", "init outside bounds", "init 2.0 lies outside bounds", edit=setg("parameters", {"density": {"bounds": [0.1, 1.0], "init": 2.0}})),
-    Case("fixed-unknown", "fixed value for a parameter the method lacks", "genome.parameters.gamma: dare_ties has no such parameter", edit=setg("parameters", {"gamma": 0.1})),
-    Case("sigma", "parameter out of range (sigma0 <= 0)", "optimizer.sigma0: Input should be greater than 0", edit=lambda c, e: c["optimizer"].update(sigma0=-1)),
-    Case("budget-config", "zero budget in the config", "optimizer.max_evals: Input should be greater than or equal to 1", edit=lambda c, e: c["optimizer"].update(max_evals=0)),
-    Case("budget-cli", "negative budget on the command line", "--max-evals: -5 is out of range", args=lambda env: ["run", str(env.root / "cfg.yaml"), "--out", str(env.root / "out"), "--max-evals", "-5"]),
-    Case("model-missing", "missing model path", "does not exist; give the path of a Hugging Face model folder", edit=lambda c, e: c["genome"]["models"].__setitem__(1, str(e.root / "no-such-model"))),
-    Case("not-a-model", "model folder without config.json", "has no config.json", edit=lambda c, e: c["genome"]["models"].__setitem__(1, str(e.root))),
-    Case("hub-offline", "hub ID while offline", "cannot read the config of 'org-that/does-not-exist'", edit=lambda c, e: c["genome"]["models"].__setitem__(1, "org-that/does-not-exist")),
-    Case("depth", "layer counts differ (PS)", "genome.models: num_layers differs", edit=lambda c, e: c["genome"]["models"].__setitem__(1, str(e.models["deep"]))),
-    Case("arch", "architectures differ", "genome.models: architecture differs", edit=lambda c, e: c["genome"]["models"].__setitem__(1, str(e.models["qwen"]))),
-    Case("tokenizer", "tokenizer / vocabulary mismatch", "genome.models: vocabulary sizes differ", edit=lambda c, e: c["genome"]["models"].__setitem__(1, str(e.models["vocab"]))),
-    Case("dfs-hidden", "hidden sizes differ in DFS", "dfs.models: hidden sizes differ", edit=lambda c, e: c.update(space="dfs", dfs={"models": [str(e.models["a"]), str(e.models["wide"])]})),
-    Case("dfs-base", "DFS base_index out of range", "dfs.base_index: 5 but only 2 models", edit=lambda c, e: c.update(space="dfs", dfs={"base_index": 5})),
+    Case(
+        "unknown-genome-key",
+        "unknown genome key",
+        "genome.layer_granularty: unknown key",
+        edit=setg("layer_granularty", 2),
+    ),
+    Case(
+        "unknown-method",
+        "unknown merge method",
+        "genome.merge_method: unknown merge method 'dare_tie'",
+        edit=setg("merge_method", "dare_tie"),
+    ),
+    Case(
+        "no-base",
+        "ties family without base_model",
+        "genome.base_model: merge method ties needs a base model",
+        edit=lambda c, e: c["genome"].update(merge_method="ties", base_model=None),
+    ),
+    Case(
+        "slerp-3",
+        "slerp with three models",
+        "genome.models: slerp merges 2 models",
+        edit=lambda c, e: c["genome"].update(merge_method="slerp"),
+    ),
+    Case(
+        "granularity",
+        "layer_granularity does not divide the layers",
+        "genome.layer_granularity: 3 does not divide the 4 layers",
+        edit=setg("layer_granularity", 3),
+    ),
+    Case(
+        "bad-search",
+        "search names a parameter the method lacks",
+        "genome.search: dare_ties has no parameter 't'",
+        edit=setg("search", ["t"]),
+    ),
+    Case(
+        "bounds",
+        "bounds with lower >= upper",
+        "bounds [1.0, 0.5] must have lower < upper",
+        edit=setg("parameters", {"density": {"bounds": [1.0, 0.5]}}),
+    ),
+    Case(
+        "init",
+        "init outside bounds",
+        "init 2.0 lies outside bounds",
+        edit=setg("parameters", {"density": {"bounds": [0.1, 1.0], "init": 2.0}}),
+    ),
+    Case(
+        "fixed-unknown",
+        "fixed value for a parameter the method lacks",
+        "genome.parameters.gamma: dare_ties has no such parameter",
+        edit=setg("parameters", {"gamma": 0.1}),
+    ),
+    Case(
+        "sigma",
+        "parameter out of range (sigma0 <= 0)",
+        "optimizer.sigma0: Input should be greater than 0",
+        edit=lambda c, e: c["optimizer"].update(sigma0=-1),
+    ),
+    Case(
+        "budget-config",
+        "zero budget in the config",
+        "optimizer.max_evals: Input should be greater than or equal to 1",
+        edit=lambda c, e: c["optimizer"].update(max_evals=0),
+    ),
+    Case(
+        "budget-cli",
+        "negative budget on the command line",
+        "--max-evals: -5 is out of range",
+        args=lambda env: ["run", str(env.root / "cfg.yaml"), "--out", str(env.root / "out"), "--max-evals", "-5"],
+    ),
+    Case(
+        "model-missing",
+        "missing model path",
+        "does not exist; give the path of a Hugging Face model folder",
+        edit=lambda c, e: c["genome"]["models"].__setitem__(1, str(e.root / "no-such-model")),
+    ),
+    Case(
+        "not-a-model",
+        "model folder without config.json",
+        "has no config.json",
+        edit=lambda c, e: c["genome"]["models"].__setitem__(1, str(e.root)),
+    ),
+    Case(
+        "hub-offline",
+        "hub ID while offline",
+        "cannot read the config of 'org-that/does-not-exist'",
+        edit=lambda c, e: c["genome"]["models"].__setitem__(1, "org-that/does-not-exist"),
+    ),
+    Case(
+        "depth",
+        "layer counts differ (PS)",
+        "genome.models: num_layers differs",
+        edit=lambda c, e: c["genome"]["models"].__setitem__(1, str(e.models["deep"])),
+    ),
+    Case(
+        "arch",
+        "architectures differ",
+        "genome.models: architecture differs",
+        edit=lambda c, e: c["genome"]["models"].__setitem__(1, str(e.models["qwen"])),
+    ),
+    Case(
+        "tokenizer",
+        "tokenizer / vocabulary mismatch",
+        "genome.models: vocabulary sizes differ",
+        edit=lambda c, e: c["genome"]["models"].__setitem__(1, str(e.models["vocab"])),
+    ),
+    Case(
+        "dfs-hidden",
+        "hidden sizes differ in DFS",
+        "dfs.models: hidden sizes differ",
+        edit=lambda c, e: c.update(space="dfs", dfs={"models": [str(e.models["a"]), str(e.models["wide"])]}),
+    ),
+    Case(
+        "dfs-base",
+        "DFS base_index out of range",
+        "dfs.base_index: 5 but only 2 models",
+        edit=lambda c, e: c.update(space="dfs", dfs={"base_index": 5}),
+    ),
     Case("no-fitness", "no fitness defined", "no fitness defined", edit=lambda c, e: c.pop("fitness") and None),
-    Case("data-missing", "fitness data file missing", "t", edit=lambda c, e: c["fitness"]["tasks"][0].update(data=str(e.root / "none.jsonl"))),
+    Case(
+        "data-missing",
+        "fitness data file missing",
+        "t",
+        edit=lambda c, e: c["fitness"]["tasks"][0].update(data=str(e.root / "none.jsonl")),
+    ),
     Case("data-empty", "empty dataset", "t", edit=task_data("")),
-    Case("data-malformed", "malformed JSONL row", "line 2", edit=task_data('{"prompt": "1+1=", "answer": "2"}\n{"prompt": \n')),
+    Case(
+        "data-malformed",
+        "malformed JSONL row",
+        "line 2",
+        edit=task_data('{"prompt": "1+1=", "answer": "2"}\n{"prompt": \n'),
+    ),
     Case("data-field", "row without the answer field", "answer", edit=task_data('{"prompt": "1+1="}\n')),
-    Case("both", "genome and template together", "give either a 'genome:' section or a mergekit recipe template", edit=lambda c, e: c.update(template={"merge_method": "linear"})),
-    Case("marker", "malformed template marker", "models[0].parameters.weight: evolve [1, 0] needs lo < hi", edit=lambda c, e: {
-        "merge_method": "linear", "models": [{"model": str(e.models["a"]), "parameters": {"weight": {"evolve": [1, 0]}}}, {"model": str(e.models["b"]), "parameters": {"weight": 0.5}}],
-        "fitness": c["fitness"]}),
-    Case("out-not-dir", "output directory not writable", "--out: cannot write to", args=lambda env: ["run", str(env.root / "cfg.yaml"), "--out", str(env.rows / "sub")]),
-    Case("out-exists", "existing non-empty output without resume/--force", "exists and is not empty; use `mergekit-evo resume", args=lambda env: ["run", str(env.root / "cfg.yaml"), "--out", str(env.models["a"])]),
-    Case("resume-nothing", "resume of a folder that is no run", "not a mergekit-evo run directory", args=lambda env: ["resume", str(env.models["a"])]),
-    Case("genome-length", "recipe --genome of the wrong length", "--genome: ", args=lambda env: ["recipe", str(env.root / "cfg.yaml"), "--genome", str(env.root / "g.json")]),
-    Case("wandb-missing", "wandb logging asked for without the wandb extra", "needs the wandb extra", edit=lambda c, e: c.update(wandb={"project": "evo"})),
-    Case("pickle-weights", "a model with only pickle (*.bin) weights", "has only pickle weights", edit=lambda c, e: c["genome"]["models"].__setitem__(1, str(e.models["pickled"]))),
-    Case("racing-stages", "racing stages that do not end at 1.0", "optimizer.racing.stages: [0.25, 0.5] must rise strictly", edit=lambda c, e: c["optimizer"].update(racing={"stages": [0.25, 0.5]})),
-    Case("racing-kind", "racing over a perplexity task", "optimizer.racing: task 't' is not an accuracy task", edit=lambda c, e: (c["optimizer"].update(racing=True), c["fitness"]["tasks"][0].update(kind="perplexity"))[-1]),
-    Case("economy-racing", "economy subsampling together with racing", "optimizer.economy: auto scores whole generations on subsamples and cannot be combined with racing", edit=lambda c, e: c["optimizer"].update(racing=True, economy="auto")),
-    Case("economy-kind", "economy subsampling over a perplexity task", "optimizer.economy: auto needs accuracy tasks (kind generate or choice), and task 't' is not one", edit=lambda c, e: (c["optimizer"].update(economy="auto"), c["fitness"]["tasks"][0].update(kind="perplexity"))[-1]),
-    Case("device", "CUDA requested without a GPU", "--device: cuda requested but no CUDA GPU is visible", args=lambda env: ["run", str(env.root / "cfg.yaml"), "--out", str(env.root / "out"), "--device", "cuda"]),
-    Case("no-tokenizer", "models without tokenizer files, a fitness that needs one", "tasks.t (kind generate) needs a tokenizer, but ", edit=lambda c, e: c["genome"].update(models=[str(e.models["notok0"]), str(e.models["notok1"])], merge_method="linear", base_model=None)),
-    Case("gpt2-no-tokenizer", "GPT-2 without tokenizer files (transformers would build a 1-token tokenizer)", "/gpt2 has no tokenizer files (tokenizer.json", edit=lambda c, e: c["genome"].update(models=[str(e.models["gpt2"]), str(e.models["gpt2b"])], merge_method="linear", base_model=None)),
-    Case("llava", "a model family our fitness cannot run (LLaVA)", "is a LlavaForConditionalGeneration (model_type 'llava'), which transformers cannot build as a causal language model", edit=lambda c, e: c["genome"].update(models=[str(e.models["llava"]), str(e.models["llava2"])], merge_method="linear", base_model=None)),
-    Case("dfs-arch", "DFS over a family the layer stack does not support", "DFS layer stacks support llama, mistral, qwen2", edit=lambda c, e: c.update(space="dfs", dfs={"models": [str(e.models["gpt2"]), str(e.models["gpt2b"])]})),
-    Case("marker-param", "template marker on a parameter the method does not take", "models[1].parameters.weight: arcee_fusion has no parameter 'weight'", edit=lambda c, e: {
-        "merge_method": "arcee_fusion", "base_model": str(e.models["base"]), "models": [{"model": str(e.models["base"])}, {"model": str(e.models["a"]), "parameters": {"weight": {"evolve": [0, 1]}}}],
-        "fitness": c["fitness"]}),
-    Case("migrate-refused", "a mergekit-evolve option we have no equivalent of", "--vllm: ", args=lambda env: ["run", str(env.root / "cfg.yaml"), "--out", str(env.root / "out"), "--vllm"]),
+    Case(
+        "both",
+        "genome and template together",
+        "give either a 'genome:' section or a mergekit recipe template",
+        edit=lambda c, e: c.update(template={"merge_method": "linear"}),
+    ),
+    Case(
+        "marker",
+        "malformed template marker",
+        "models[0].parameters.weight: evolve [1, 0] needs lo < hi",
+        edit=lambda c, e: {
+            "merge_method": "linear",
+            "models": [
+                {"model": str(e.models["a"]), "parameters": {"weight": {"evolve": [1, 0]}}},
+                {"model": str(e.models["b"]), "parameters": {"weight": 0.5}},
+            ],
+            "fitness": c["fitness"],
+        },
+    ),
+    Case(
+        "out-not-dir",
+        "output directory not writable",
+        "--out: cannot write to",
+        args=lambda env: ["run", str(env.root / "cfg.yaml"), "--out", str(env.rows / "sub")],
+    ),
+    Case(
+        "out-exists",
+        "existing non-empty output without resume/--force",
+        "exists and is not empty; use `mergekit-evo resume",
+        args=lambda env: ["run", str(env.root / "cfg.yaml"), "--out", str(env.models["a"])],
+    ),
+    Case(
+        "resume-nothing",
+        "resume of a folder that is no run",
+        "not a mergekit-evo run directory",
+        args=lambda env: ["resume", str(env.models["a"])],
+    ),
+    Case(
+        "genome-length",
+        "recipe --genome of the wrong length",
+        "--genome: ",
+        args=lambda env: ["recipe", str(env.root / "cfg.yaml"), "--genome", str(env.root / "g.json")],
+    ),
+    Case(
+        "wandb-missing",
+        "wandb logging asked for without the wandb extra",
+        "needs the wandb extra",
+        edit=lambda c, e: c.update(wandb={"project": "evo"}),
+    ),
+    Case(
+        "pickle-weights",
+        "a model with only pickle (*.bin) weights",
+        "has only pickle weights",
+        edit=lambda c, e: c["genome"]["models"].__setitem__(1, str(e.models["pickled"])),
+    ),
+    Case(
+        "racing-stages",
+        "racing stages that do not end at 1.0",
+        "optimizer.racing.stages: [0.25, 0.5] must rise strictly",
+        edit=lambda c, e: c["optimizer"].update(racing={"stages": [0.25, 0.5]}),
+    ),
+    Case(
+        "racing-kind",
+        "racing over a perplexity task",
+        "optimizer.racing: task 't' is not an accuracy task",
+        edit=lambda c, e: (c["optimizer"].update(racing=True), c["fitness"]["tasks"][0].update(kind="perplexity"))[-1],
+    ),
+    Case(
+        "economy-racing",
+        "economy subsampling together with racing",
+        "optimizer.economy: auto scores whole generations on subsamples and cannot be combined with racing",
+        edit=lambda c, e: c["optimizer"].update(racing=True, economy="auto"),
+    ),
+    Case(
+        "economy-kind",
+        "economy subsampling over a perplexity task",
+        "optimizer.economy: auto needs accuracy tasks (kind generate or choice), and task 't' is not one",
+        edit=lambda c, e: (c["optimizer"].update(economy="auto"), c["fitness"]["tasks"][0].update(kind="perplexity"))[
+            -1
+        ],
+    ),
+    Case(
+        "device",
+        "CUDA requested without a GPU",
+        "--device: cuda requested but no CUDA GPU is visible",
+        args=lambda env: ["run", str(env.root / "cfg.yaml"), "--out", str(env.root / "out"), "--device", "cuda"],
+    ),
+    Case(
+        "no-tokenizer",
+        "models without tokenizer files, a fitness that needs one",
+        "tasks.t (kind generate) needs a tokenizer, but ",
+        edit=lambda c, e: c["genome"].update(
+            models=[str(e.models["notok0"]), str(e.models["notok1"])], merge_method="linear", base_model=None
+        ),
+    ),
+    Case(
+        "gpt2-no-tokenizer",
+        "GPT-2 without tokenizer files (transformers would build a 1-token tokenizer)",
+        "/gpt2 has no tokenizer files (tokenizer.json",
+        edit=lambda c, e: c["genome"].update(
+            models=[str(e.models["gpt2"]), str(e.models["gpt2b"])], merge_method="linear", base_model=None
+        ),
+    ),
+    Case(
+        "llava",
+        "a model family our fitness cannot run (LLaVA)",
+        "is a LlavaForConditionalGeneration (model_type 'llava'), which transformers cannot build as a causal "
+        "language model",
+        edit=lambda c, e: c["genome"].update(
+            models=[str(e.models["llava"]), str(e.models["llava2"])], merge_method="linear", base_model=None
+        ),
+    ),
+    Case(
+        "dfs-arch",
+        "DFS over a family the layer stack does not support",
+        "DFS layer stacks support llama, mistral, qwen2",
+        edit=lambda c, e: c.update(space="dfs", dfs={"models": [str(e.models["gpt2"]), str(e.models["gpt2b"])]}),
+    ),
+    Case(
+        "marker-param",
+        "template marker on a parameter the method does not take",
+        "models[1].parameters.weight: arcee_fusion has no parameter 'weight'",
+        edit=lambda c, e: {
+            "merge_method": "arcee_fusion",
+            "base_model": str(e.models["base"]),
+            "models": [
+                {"model": str(e.models["base"])},
+                {"model": str(e.models["a"]), "parameters": {"weight": {"evolve": [0, 1]}}},
+            ],
+            "fitness": c["fitness"],
+        },
+    ),
+    Case(
+        "migrate-refused",
+        "a mergekit-evolve option we have no equivalent of",
+        "--vllm: ",
+        args=lambda env: ["run", str(env.root / "cfg.yaml"), "--out", str(env.root / "out"), "--vllm"],
+    ),
 ]
 
 

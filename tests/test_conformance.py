@@ -42,14 +42,24 @@ def models(tmp_path_factory) -> dict[str, str]:
     """A base and three other random models without tokenizer files; two with tokenizers (one with
     an added token, so a union vocabulary differs from the base's)."""
     root = tmp_path_factory.mktemp("conformance")
-    found = {name: make_random_model(root / name, seed=i, tokenizer=False, num_layers=NUM_LAYERS, hidden_size=16,
-                                     num_heads=2)
-             for i, name in enumerate(("base", "a", "b", "c"))}
+    found = {
+        name: make_random_model(
+            root / name, seed=i, tokenizer=False, num_layers=NUM_LAYERS, hidden_size=16, num_heads=2
+        )
+        for i, name in enumerate(("base", "a", "b", "c"))
+    }
     shutil.copytree(found["base"], root / "tok_base")
     found["tok_base"] = root / "tok_base"
     build_tokenizer().save_pretrained(str(root / "tok_base"))
-    found["tok_a"] = make_random_model(root / "tok_a", seed=5, tokenizer=False, num_layers=NUM_LAYERS, hidden_size=16,
-                                       num_heads=2, vocab_size=len(build_tokenizer()) + 1)
+    found["tok_a"] = make_random_model(
+        root / "tok_a",
+        seed=5,
+        tokenizer=False,
+        num_layers=NUM_LAYERS,
+        hidden_size=16,
+        num_heads=2,
+        vocab_size=len(build_tokenizer()) + 1,
+    )
     extended = build_tokenizer()
     extended.add_tokens(["<extra>"])
     extended.save_pretrained(str(root / "tok_a"))
@@ -71,8 +81,15 @@ def method_recipe(name: str, m: dict[str, str]) -> dict:
     others = [m[k] for k in ("a", "b", "c")][:n_others]
     recipe: dict = {"merge_method": name, "dtype": "bfloat16"}
     per_model = [p for p in spec.parameters if p.scope != ParameterScope.SHARED and p.name in PER_MODEL_VALUES]
-    shared = {p.name: SHARED_VALUES[p.name] for p in spec.parameters if p.scope == ParameterScope.SHARED and p.name in SHARED_VALUES}
-    entries = [{"model": path, "parameters": {p.name: PER_MODEL_VALUES[p.name][i] for p in per_model}} for i, path in enumerate(others)]
+    shared = {
+        p.name: SHARED_VALUES[p.name]
+        for p in spec.parameters
+        if p.scope == ParameterScope.SHARED and p.name in SHARED_VALUES
+    }
+    entries = [
+        {"model": path, "parameters": {p.name: PER_MODEL_VALUES[p.name][i] for p in per_model}}
+        for i, path in enumerate(others)
+    ]
     if use_base:
         recipe["base_model"] = m["base"]
         entries.insert(0, {"model": m["base"]})
@@ -87,39 +104,116 @@ def method_recipe(name: str, m: dict[str, str]) -> dict:
 def variant_recipes(m: dict[str, str]) -> dict[str, dict]:
     base, a, b = m["base"], m["a"], m["b"]
     by_filter = [{"filter": "self_attn", "value": 0.9}, {"filter": "mlp", "value": 0.2}, {"value": 0.5}]
-    ties = {"merge_method": "ties", "base_model": base, "dtype": "float32",
-            "models": [{"model": base}, {"model": a, "parameters": {"weight": 0.7, "density": by_filter}},
-                       {"model": b, "parameters": {"weight": [0.2, 0.9, 0.4], "density": 0.6}}],
-            "parameters": {"normalize": False, "int8_mask": True}}
+    ties = {
+        "merge_method": "ties",
+        "base_model": base,
+        "dtype": "float32",
+        "models": [
+            {"model": base},
+            {"model": a, "parameters": {"weight": 0.7, "density": by_filter}},
+            {"model": b, "parameters": {"weight": [0.2, 0.9, 0.4], "density": 0.6}},
+        ],
+        "parameters": {"normalize": False, "int8_mask": True},
+    }
     return {
-        "linear gradient + filters": {"merge_method": "linear", "dtype": "float32",
-                                      "models": [{"model": a, "parameters": {"weight": [0.1, 0.9]}},
-                                                 {"model": b, "parameters": {"weight": by_filter}}]},
+        "linear gradient + filters": {
+            "merge_method": "linear",
+            "dtype": "float32",
+            "models": [
+                {"model": a, "parameters": {"weight": [0.1, 0.9]}},
+                {"model": b, "parameters": {"weight": by_filter}},
+            ],
+        },
         "ties filters + gradient, int8_mask": ties,
-        "dare_ties rescale off, lambda": {**ties, "merge_method": "dare_ties", "parameters": {"rescale": False, "lambda": 0.8}},
-        "slerp t gradient + filter": {"merge_method": "slerp", "base_model": base, "dtype": "float32",
-                                      "models": [{"model": base}, {"model": a}],
-                                      "parameters": {"t": [{"filter": "self_attn", "value": [0.0, 0.7]}, {"value": 0.4}]}},
-        "slices (per-layer-range sources)": {"merge_method": "linear", "dtype": "float32", "slices": [
-            {"sources": [{"model": a, "layer_range": [0, 1], "parameters": {"weight": 0.3}},
-                         {"model": b, "layer_range": [0, 1], "parameters": {"weight": 0.7}}]},
-            {"sources": [{"model": a, "layer_range": [1, 2], "parameters": {"weight": 0.8}},
-                         {"model": b, "layer_range": [1, 2], "parameters": {"weight": 0.2}}]}]},
-        "passthrough layer stack with scale filters": {"merge_method": "passthrough", "base_model": a, "dtype": "float32", "slices": [
-            {"sources": [{"model": a, "layer_range": [0, 2]}]},
-            {"sources": [{"model": b, "layer_range": [1, 2],
-                          "parameters": {"scale": [{"filter": "down_proj", "value": 0.8}, {"value": 1.0}]}}]}]},
-        "out_dtype float16": {"merge_method": "linear", "dtype": "float32", "out_dtype": "float16",
-                              "models": [{"model": a, "parameters": {"weight": 0.5}}, {"model": b, "parameters": {"weight": 0.5}}]},
-        "tokenizer_source base": {"merge_method": "linear", "dtype": "float32", "tokenizer_source": "base", "base_model": m["tok_base"],
-                                  "models": [{"model": m["tok_base"], "parameters": {"weight": 0.5}}, {"model": m["tok_a"], "parameters": {"weight": 0.5}}]},
-        "tokenizer_source union": {"merge_method": "linear", "dtype": "float32", "tokenizer_source": "union", "base_model": m["tok_base"],
-                                   "models": [{"model": m["tok_base"], "parameters": {"weight": 0.5}}, {"model": m["tok_a"], "parameters": {"weight": 0.5}}]},
-        "tokenizer_source a model": {"merge_method": "linear", "dtype": "float32", "tokenizer_source": m["tok_a"],
-                                     "models": [{"model": m["tok_base"], "parameters": {"weight": 0.5}}, {"model": m["tok_a"], "parameters": {"weight": 0.5}}]},
-        "tokenizer: union, pad_to_multiple_of 8": {"merge_method": "task_arithmetic", "dtype": "float32", "base_model": m["tok_base"],
-                                                   "tokenizer": {"source": "union", "pad_to_multiple_of": 8},
-                                                   "models": [{"model": m["tok_base"]}, {"model": m["tok_a"], "parameters": {"weight": 0.8}}]},
+        "dare_ties rescale off, lambda": {
+            **ties,
+            "merge_method": "dare_ties",
+            "parameters": {"rescale": False, "lambda": 0.8},
+        },
+        "slerp t gradient + filter": {
+            "merge_method": "slerp",
+            "base_model": base,
+            "dtype": "float32",
+            "models": [{"model": base}, {"model": a}],
+            "parameters": {"t": [{"filter": "self_attn", "value": [0.0, 0.7]}, {"value": 0.4}]},
+        },
+        "slices (per-layer-range sources)": {
+            "merge_method": "linear",
+            "dtype": "float32",
+            "slices": [
+                {
+                    "sources": [
+                        {"model": a, "layer_range": [0, 1], "parameters": {"weight": 0.3}},
+                        {"model": b, "layer_range": [0, 1], "parameters": {"weight": 0.7}},
+                    ]
+                },
+                {
+                    "sources": [
+                        {"model": a, "layer_range": [1, 2], "parameters": {"weight": 0.8}},
+                        {"model": b, "layer_range": [1, 2], "parameters": {"weight": 0.2}},
+                    ]
+                },
+            ],
+        },
+        "passthrough layer stack with scale filters": {
+            "merge_method": "passthrough",
+            "base_model": a,
+            "dtype": "float32",
+            "slices": [
+                {"sources": [{"model": a, "layer_range": [0, 2]}]},
+                {
+                    "sources": [
+                        {
+                            "model": b,
+                            "layer_range": [1, 2],
+                            "parameters": {"scale": [{"filter": "down_proj", "value": 0.8}, {"value": 1.0}]},
+                        }
+                    ]
+                },
+            ],
+        },
+        "out_dtype float16": {
+            "merge_method": "linear",
+            "dtype": "float32",
+            "out_dtype": "float16",
+            "models": [{"model": a, "parameters": {"weight": 0.5}}, {"model": b, "parameters": {"weight": 0.5}}],
+        },
+        "tokenizer_source base": {
+            "merge_method": "linear",
+            "dtype": "float32",
+            "tokenizer_source": "base",
+            "base_model": m["tok_base"],
+            "models": [
+                {"model": m["tok_base"], "parameters": {"weight": 0.5}},
+                {"model": m["tok_a"], "parameters": {"weight": 0.5}},
+            ],
+        },
+        "tokenizer_source union": {
+            "merge_method": "linear",
+            "dtype": "float32",
+            "tokenizer_source": "union",
+            "base_model": m["tok_base"],
+            "models": [
+                {"model": m["tok_base"], "parameters": {"weight": 0.5}},
+                {"model": m["tok_a"], "parameters": {"weight": 0.5}},
+            ],
+        },
+        "tokenizer_source a model": {
+            "merge_method": "linear",
+            "dtype": "float32",
+            "tokenizer_source": m["tok_a"],
+            "models": [
+                {"model": m["tok_base"], "parameters": {"weight": 0.5}},
+                {"model": m["tok_a"], "parameters": {"weight": 0.5}},
+            ],
+        },
+        "tokenizer: union, pad_to_multiple_of 8": {
+            "merge_method": "task_arithmetic",
+            "dtype": "float32",
+            "base_model": m["tok_base"],
+            "tokenizer": {"source": "union", "pad_to_multiple_of": 8},
+            "models": [{"model": m["tok_base"]}, {"model": m["tok_a"], "parameters": {"weight": 0.8}}],
+        },
     }
 
 
@@ -140,8 +234,11 @@ def assert_conforms(recipe: dict, out: Path) -> None:
     merger = InMemoryMerger(config, random_seed=SEED)  # no dtype given: the one mergekit writes
     state = merger.merge(config).state_dict()
     assert set(state) - _tied_aliases(merger.model) == set(expected)
-    wrong = [(name, str(state[name].dtype), str(t.dtype)) for name, t in expected.items()
-             if state[name].dtype != t.dtype or not torch.equal(state[name], t)]
+    wrong = [
+        (name, str(state[name].dtype), str(t.dtype))
+        for name, t in expected.items()
+        if state[name].dtype != t.dtype or not torch.equal(state[name], t)
+    ]
     assert not wrong, f"{len(wrong)} tensors differ from run_merge's, first: {wrong[:3]}"
 
 

@@ -29,8 +29,12 @@ def test_a_second_process_on_the_same_run_directory_is_refused(tmp_path):
     models = torture.make_models(tmp_path)
     config = torture.write_config(tmp_path, models, max_evals=500)
     out = tmp_path / "out"
-    first = subprocess.Popen(torture.cli("run", str(config), "--out", str(out)), env=torture.env(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        torture.cli("run", str(config), "--out", str(out)),
+        env=torture.env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 60
         while not (out / "evaluations.jsonl").exists() and time.time() < deadline:

@@ -8,8 +8,16 @@ import torch
 from safetensors.torch import load_file
 
 
-ROWS = ["source: base", "source: script", "source: math", "uniform merge (linear)", "TIES untuned",
-        "DARE-TIES untuned", "frankenmerge (no search)", "Ours PS"]
+ROWS = [
+    "source: base",
+    "source: script",
+    "source: math",
+    "uniform merge (linear)",
+    "TIES untuned",
+    "DARE-TIES untuned",
+    "frankenmerge (no search)",
+    "Ours PS",
+]
 
 
 def test_demo_writes_the_table_with_every_row_and_seed(zoo, demo_out):
@@ -34,7 +42,9 @@ def test_demo_writes_the_table_with_every_row_and_seed(zoo, demo_out):
     franken = load_file(out / "frankenmerge" / "model.safetensors")
     assert sum(k.endswith("self_attn.q_proj.weight") for k in franken) == 6
     script = load_file(zoo.models["script"] / "model.safetensors")
-    assert torch.equal(franken["model.layers.0.self_attn.q_proj.weight"], script["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(
+        franken["model.layers.0.self_attn.q_proj.weight"], script["model.layers.0.self_attn.q_proj.weight"]
+    )
 
 
 def test_fixed_rows_equal_the_published_table(demo_out):

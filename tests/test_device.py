@@ -48,7 +48,9 @@ def _config(family, tmp_path, dtype=None, **extra) -> dict:
     return config
 
 
-@pytest.mark.parametrize("device, dtype, expected", [("cuda", None, "bfloat16"), ("cpu", None, "float32"), ("cuda", "float32", "float32")])
+@pytest.mark.parametrize(
+    "device, dtype, expected", [("cuda", None, "bfloat16"), ("cpu", None, "float32"), ("cuda", "float32", "float32")]
+)
 def test_every_problem_uses_the_rule(family, tmp_path, device, dtype, expected):
     ps = PSProblem(parse_config(_config(family, tmp_path, dtype)), device)
     assert ps.dtype == expected
@@ -57,7 +59,9 @@ def test_every_problem_uses_the_rule(family, tmp_path, device, dtype, expected):
     assert dfs.dtype == expected
     template = {
         "merge_method": "linear",
-        "models": [{"model": str(family[k]), "parameters": {"weight": {"evolve": [0, 1]}}} for k in ("expert0", "expert1")],
+        "models": [
+            {"model": str(family[k]), "parameters": {"weight": {"evolve": [0, 1]}}} for k in ("expert0", "expert1")
+        ],
         **({"dtype": dtype} if dtype else {}),
     }
     config = _config(family, tmp_path)

@@ -35,7 +35,9 @@ def dfs_config(family, data: Path, space="dfs", function="fitness_fns:loglik", m
         "space": space,
         "genome": {"models": [str(family["expert0"]), str(family["expert1"])], "merge_method": "linear"},
         "dfs": {"repeats": 2},
-        "fitness": {"tasks": [{"name": "ll", "kind": "callable", "function": function, "data": str(data), "heldout": str(data)}]},
+        "fitness": {
+            "tasks": [{"name": "ll", "kind": "callable", "function": function, "data": str(data), "heldout": str(data)}]
+        },
         "optimizer": {"max_evals": max_evals, "seed": 2},
         "dtype": "float32",
     }
@@ -97,8 +99,12 @@ def test_ps_then_dfs_runs_both_stages_and_resumes_the_second(family, tmp_path, m
     import fitness_fns
 
     data = rows(tmp_path)
-    reference = runner.start(parse_config(dfs_config(family, data, space="ps+dfs", max_evals=8)), tmp_path / "ref",
-                             device="cpu", progress=False)
+    reference = runner.start(
+        parse_config(dfs_config(family, data, space="ps+dfs", max_evals=8)),
+        tmp_path / "ref",
+        device="cpu",
+        progress=False,
+    )
     fitness_fns.CALLS["n"] = 0
     monkeypatch.setenv("MKE_INTERRUPT_AT", "17")  # PS: 2 generations of 6 + held-out = 13 calls; stop inside DFS
     config = parse_config(dfs_config(family, data, space="ps+dfs", function="fitness_fns:interrupting", max_evals=8))
@@ -120,7 +126,9 @@ def test_folded_zoo_model_matches_the_layer_stack(zoo):
     from mergekit_evolve.space.dfs import DFSPath
 
     pool = LayerPool.from_pretrained([str(zoo.models["math"]), str(zoo.models["script"])], dtype="float32")
-    path = DFSPath(hops=((1, 0), (0, 0), (0, 1), (1, 1), (1, 1), (0, 2), (0, 3)), scales=(1.0, 0.8, 1.3, 0.9, 1.1, 1.2, 0.7))
+    path = DFSPath(
+        hops=((1, 0), (0, 0), (0, 1), (1, 1), (1, 1), (0, 2), (0, 3)), scales=(1.0, 0.8, 1.3, 0.9, 1.1, 1.2, 0.7)
+    )
     ids = torch.tensor([[1, 14, 17, 41, 22, 43], [1, 7, 40, 8, 43, 11]])
     with torch.inference_mode():
         stack = pool.model(path)(input_ids=ids).logits

@@ -67,7 +67,9 @@ def dfs_config(family, data: Path, function="fitness_fns:loglik", max_evals=34) 
         "space": "dfs",
         "genome": {"models": [str(family["expert0"]), str(family["expert1"])], "merge_method": "linear"},
         "dfs": {"repeats": 2, "prescan": 1},
-        "fitness": {"tasks": [{"name": "ll", "kind": "callable", "function": function, "data": str(data), "heldout": str(data)}]},
+        "fitness": {
+            "tasks": [{"name": "ll", "kind": "callable", "function": function, "data": str(data), "heldout": str(data)}]
+        },
         "optimizer": {"max_evals": max_evals, "seed": 4},
         "dtype": "float32",
     }
@@ -78,7 +80,9 @@ def test_run_interrupted_in_the_prescan_resumes_to_the_same_result(family, tmp_p
 
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "answer": str(2 * i)}) + "\n" for i in range(8)))
-    reference = runner.start(parse_config(dfs_config(family, data)), tmp_path / "ref", device="cpu", progress=False, save_model=False)
+    reference = runner.start(
+        parse_config(dfs_config(family, data)), tmp_path / "ref", device="cpu", progress=False, save_model=False
+    )
     ref = [json.loads(line) for line in (tmp_path / "ref" / "evaluations.jsonl").read_text().splitlines()]
     assert len(ref) == 34 and len({r["key"] for r in ref[:17]}) == 17  # a pre-scan generation of 17 distinct paths
     assert {v for r in ref[:17] for v in r["genome"][16:]} == {0.0}  # block paths: every scale 1

@@ -44,7 +44,7 @@ def test_paired_difference_and_its_standard_error():
     diff, se = paired_difference({"t": "1101"}, {"t": "0100"}, {"t": 1.0})  # differences 1, 0, 0, 1
     assert diff == pytest.approx(0.5) and se == pytest.approx((1 / 3) ** 0.5 / 2)
     diff, se = paired_difference({"a": "11", "b": "00"}, {"a": "01", "b": "00"}, {"a": 3.0, "b": 1.0})
-    assert diff == pytest.approx(0.75 * 0.5) and se == pytest.approx(0.75 * (0.5 ** 0.5) / 2 ** 0.5)
+    assert diff == pytest.approx(0.75 * 0.5) and se == pytest.approx(0.75 * (0.5**0.5) / 2**0.5)
 
 
 def small_dfs(zoo, **dfs) -> dict:
@@ -61,8 +61,13 @@ def read_jsonl(path: Path) -> list[dict]:
 def test_the_search_sees_only_its_rows_and_a_better_search_score_alone_does_not_replace_the_start(zoo, tmp_path):
     """z = 100: no search result can pass, so the run returns model A's own path although the search
     found paths scoring higher on its 70 rows (without the gate the best of those would be returned)."""
-    summary = runner.start(parse_config(small_dfs(zoo, validation=0.3, validation_z=100)), tmp_path / "run",
-                           device="cpu", progress=False, save_model=False)
+    summary = runner.start(
+        parse_config(small_dfs(zoo, validation=0.3, validation_z=100)),
+        tmp_path / "run",
+        device="cpu",
+        progress=False,
+        save_model=False,
+    )
     records = read_jsonl(tmp_path / "run" / "evaluations.jsonl")
     assert {round(r["fitness"] * 70, 6) % 1 for r in records} == {0.0}  # scored on the 70 search rows
     decision = summary.validation
@@ -76,8 +81,13 @@ def test_the_search_sees_only_its_rows_and_a_better_search_score_alone_does_not_
 
 
 def test_the_search_best_replaces_the_start_when_it_wins_on_the_validation_rows(zoo, tmp_path):
-    summary = runner.start(parse_config(small_dfs(zoo, validation=0.3, validation_z=0)), tmp_path / "run",
-                           device="cpu", progress=False, save_model=False)
+    summary = runner.start(
+        parse_config(small_dfs(zoo, validation=0.3, validation_z=0)),
+        tmp_path / "run",
+        device="cpu",
+        progress=False,
+        save_model=False,
+    )
     decision = summary.validation
     assert decision.difference > 0 and decision.kept == "search_best"
     assert Best(**{k: getattr(summary.best, k) for k in Best.model_fields}) == decision.search_best.record
@@ -151,9 +161,15 @@ def test_a_resumed_ps_dfs_stage_keeps_the_rows_it_started_with(zoo, tmp_path):
 
 
 def test_validation_needs_accuracy_tasks(tmp_path):
-    base = {"space": "dfs", "genome": {"models": ["a", "b"]}, "dfs": {"validation": 0.3},
-            "fitness": {"tasks": [{"name": "t", "kind": "perplexity", "data": "d.jsonl"}]}}
-    with pytest.raises(InputError, match=r"dfs.validation: 0.3 .* needs built-in accuracy tasks .*set dfs.validation: 0"):
+    base = {
+        "space": "dfs",
+        "genome": {"models": ["a", "b"]},
+        "dfs": {"validation": 0.3},
+        "fitness": {"tasks": [{"name": "t", "kind": "perplexity", "data": "d.jsonl"}]},
+    }
+    with pytest.raises(
+        InputError, match=r"dfs.validation: 0.3 .* needs built-in accuracy tasks .*set dfs.validation: 0"
+    ):
         parse_config(base, base_dir=tmp_path)
     config = parse_config({**base, "dfs": {}}, base_dir=tmp_path)  # the default: off where it cannot apply
     from mergekit_evolve.search.validation import ps_dfs_validation

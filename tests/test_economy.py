@@ -51,8 +51,15 @@ def test_interrupted_economy_run_resumes_to_identical_records(zoo, tmp_path, mon
         run_dir = RunDir(out)
         run_dir.prepare(fresh=not out.exists())
         try:
-            return run_search(problem, executor, run_dir, config.optimizer, progress=False,
-                              on_best=best_writer(problem, run_dir), economy=runner.make_economy(config, fitness))
+            return run_search(
+                problem,
+                executor,
+                run_dir,
+                config.optimizer,
+                progress=False,
+                on_best=best_writer(problem, run_dir),
+                economy=runner.make_economy(config, fitness),
+            )
         finally:
             run_dir.unlock()
 
@@ -98,6 +105,7 @@ def test_rasch_estimate_ranks_full_candidates_like_their_accuracy_and_shrinks_sm
     difficulty = rng.normal(0, 1, 40)
     truth = 1 / (1 + np.exp(-(ability[:, None] - difficulty[None, :])))
     answers = rng.random(truth.shape) < truth
+
     def record(index: int, rows: list[int], correct: str) -> Evaluation:
         sample = {"of": {"t": 40}, "items": {"t": {"rows": rows, "correct": correct}}}
         return Evaluation(index=index, generation=1, candidate=index, genome=[0.5], fitness=0.0, subsample=sample)

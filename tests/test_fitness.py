@@ -110,9 +110,13 @@ def test_layer_stack_model_generation_equals_recompute(tiny, tmp_path):
     """Our DFS model (a layer visited twice, per-hop cache slots, scales) through the same batched loop."""
     _, tokenizer = tiny
     sources = [make_random_model(tmp_path / f"s{seed}", num_layers=2, hidden_size=64, seed=seed) for seed in (0, 1)]
-    model = LayerPool.from_pretrained(sources).model(DFSPath(hops=[(0, 0), (1, 1), (1, 1), (0, 1)], scales=[1.0, 0.8, 1.2, 1.0]))
+    model = LayerPool.from_pretrained(sources).model(
+        DFSPath(hops=[(0, 0), (1, 1), (1, 1), (0, 1)], scales=[1.0, 0.8, 1.2, 1.0])
+    )
     with torch.inference_mode():
-        batched = greedy_token_ids(ModelRunner.wrap(model), ids(tokenizer, PROMPTS[:6]), tokenizer, 10, [], batch_size=4)
+        batched = greedy_token_ids(
+            ModelRunner.wrap(model), ids(tokenizer, PROMPTS[:6]), tokenizer, 10, [], batch_size=4
+        )
     assert batched == [reference_greedy(model, tokenizer, p, 10) for p in PROMPTS[:6]]
 
 
@@ -182,11 +186,15 @@ def test_fewshot_rows_are_prepended_and_not_scored(tiny, tmp_path):
 def test_chat_template_wraps_the_prompt(tiny, tmp_path):
     _, tokenizer = tiny
     chat = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
-    chat.chat_template = "<s>{% for m in messages %}q:{{ m['content'] }}{% endfor %}{% if add_generation_prompt %} a:{% endif %}"
+    chat.chat_template = (
+        "<s>{% for m in messages %}q:{{ m['content'] }}{% endfor %}{% if add_generation_prompt %} a:{% endif %}"
+    )
     write_jsonl(tmp_path / "d.jsonl", [{"prompt": "12", "answer": "3"}])
     task = TaskConfig(name="chat", data=tmp_path / "d.jsonl", apply_chat_template=True)
     fitness = Fitness(FitnessConfig(tasks=[task]), chat)
-    assert fitness._tasks[0].examples["fitness"].prompt_ids[0] == chat("<s>q:12 a:", add_special_tokens=False)["input_ids"]
+    assert (
+        fitness._tasks[0].examples["fitness"].prompt_ids[0] == chat("<s>q:12 a:", add_special_tokens=False)["input_ids"]
+    )
 
 
 # ---- choice and perplexity -------------------------------------------------------------------
@@ -198,7 +206,10 @@ def test_choice_accuracy_is_hand_computed_argmax(tiny, tmp_path):
     best, best_norm = [], []
     for row in rows:
         context = tokenizer(row["prompt"])["input_ids"]
-        sums = [float(reference_logprob(model, context, tokenizer(c, add_special_tokens=False)["input_ids"]).sum()) for c in row["choices"]]
+        sums = [
+            float(reference_logprob(model, context, tokenizer(c, add_special_tokens=False)["input_ids"]).sum())
+            for c in row["choices"]
+        ]
         best.append(max(range(len(sums)), key=sums.__getitem__))
         normed = [s / len(c) for s, c in zip(sums, row["choices"])]
         best_norm.append(max(range(len(normed)), key=normed.__getitem__))
@@ -218,7 +229,9 @@ def test_choice_accuracy_is_hand_computed_argmax(tiny, tmp_path):
 
 def test_perplexity_is_exp_of_mean_nll(tiny, tmp_path):
     model, tokenizer = tiny
-    rows = [{"prompt": p, "answer": a} for p, a in zip(PROMPTS, ["3", "def", " 34", "yx", "4", "z", "!?", "1", "s t u"])]
+    rows = [
+        {"prompt": p, "answer": a} for p, a in zip(PROMPTS, ["3", "def", " 34", "yx", "4", "z", "!?", "1", "s t u"])
+    ]
     rows[5]["answer"] = "zz"
     rows[6]["answer"] = "ab"
     write_jsonl(tmp_path / "p.jsonl", rows)
@@ -308,7 +321,14 @@ def test_callable_task_gets_model_rows_and_split(tiny, tmp_path):
     )
     write_jsonl(tmp_path / "f.jsonl", [{"x": i} for i in range(5)])
     write_jsonl(tmp_path / "h.jsonl", [{"x": i} for i in range(3)])
-    task = TaskConfig(name="cb", kind="callable", data=Path("f.jsonl"), heldout=Path("h.jsonl"), function="my_tasks_fit:score", limit=4)
+    task = TaskConfig(
+        name="cb",
+        kind="callable",
+        data=Path("f.jsonl"),
+        heldout=Path("h.jsonl"),
+        function="my_tasks_fit:score",
+        limit=4,
+    )
     fitness = Fitness(FitnessConfig(tasks=[task]), tokenizer, base_dir=tmp_path)
     assert fitness.score(model) == {"cb": 204.0}
     assert fitness.score(model, "heldout") == {"cb": 203.5}
@@ -317,7 +337,10 @@ def test_callable_task_gets_model_rows_and_split(tiny, tmp_path):
 def test_weighted_total(tiny, tmp_path):
     _, tokenizer = tiny
     write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "answer": "b"}])
-    tasks = [TaskConfig(name="a", data=tmp_path / "d.jsonl", weight=3.0), TaskConfig(name="b", data=tmp_path / "d.jsonl")]
+    tasks = [
+        TaskConfig(name="a", data=tmp_path / "d.jsonl", weight=3.0),
+        TaskConfig(name="b", data=tmp_path / "d.jsonl"),
+    ]
     fitness = Fitness(FitnessConfig(tasks=tasks), tokenizer)
     assert fitness.total({"a": 1.0, "b": 0.0}) == 0.75
     assert fitness.total({"b": 0.25}) == 0.25  # only the tasks present count
@@ -352,7 +375,15 @@ def test_shuffle_is_seeded_and_limit_applies_after_it(tiny, tmp_path):
     write_jsonl(tmp_path / "d.jsonl", [{"i": i} for i in range(50)])
     scores = []
     for seed in (0, 0, 1):
-        task = TaskConfig(name="s", kind="callable", data=tmp_path / "d.jsonl", function="cb_rows:first", shuffle=True, seed=seed, limit=5)
+        task = TaskConfig(
+            name="s",
+            kind="callable",
+            data=tmp_path / "d.jsonl",
+            function="cb_rows:first",
+            shuffle=True,
+            seed=seed,
+            limit=5,
+        )
         fitness = Fitness(FitnessConfig(tasks=[task]), tokenizer, base_dir=tmp_path)
         assert fitness.num_rows() == {"s": 5}
         scores.append(fitness.score(model)["s"])
@@ -368,14 +399,39 @@ BAD_DATA = [
     ("empty.jsonl", "\n", {}, ["tasks.t.data", "has no rows"]),
     ("bad.jsonl", json.dumps(GOOD_ROW) + "\n{oops\n", {}, ["tasks.t.data", "line 2", "not valid JSON"]),
     ("list.jsonl", "[1, 2]\n", {}, ["line 1", "not an object"]),
-    ("noanswer.jsonl", json.dumps(GOOD_ROW) + '\n{"prompt": "x"}\n', {}, ["line 2", "no field 'answer'", "answer_field"]),
+    (
+        "noanswer.jsonl",
+        json.dumps(GOOD_ROW) + '\n{"prompt": "x"}\n',
+        {},
+        ["line 2", "no field 'answer'", "answer_field"],
+    ),
     ("text.txt", "hello", {}, ["unknown format '.txt'"]),
-    ("label.jsonl", '{"prompt": "x", "choices": ["a", "b"], "label": 2}\n', {"kind": "choice"}, ["label 2 is out of range for 2 choices"]),
-    ("choices.jsonl", '{"prompt": "x", "choices": "a", "label": 0}\n', {"kind": "choice"}, ["not a list of non-empty strings"]),
+    (
+        "label.jsonl",
+        '{"prompt": "x", "choices": ["a", "b"], "label": 2}\n',
+        {"kind": "choice"},
+        ["label 2 is out of range for 2 choices"],
+    ),
+    (
+        "choices.jsonl",
+        '{"prompt": "x", "choices": "a", "label": 0}\n',
+        {"kind": "choice"},
+        ["not a list of non-empty strings"],
+    ),
     ("nonum.jsonl", '{"prompt": "x", "answer": "none"}\n', {"extract": "last_number"}, ["has no number"]),
     ("few.jsonl", json.dumps(GOOD_ROW) + "\n", {"num_fewshot": 1}, ["tasks.t.num_fewshot", "only 1 rows"]),
-    ("ok.jsonl", json.dumps(GOOD_ROW) + "\n", {"kind": "callable", "function": "no_such_module_xyz:f"}, ["tasks.t.function", "cannot import"]),
-    ("ok.jsonl", json.dumps(GOOD_ROW) + "\n", {"apply_chat_template": True}, ["tasks.t.apply_chat_template", "no chat template"]),
+    (
+        "ok.jsonl",
+        json.dumps(GOOD_ROW) + "\n",
+        {"kind": "callable", "function": "no_such_module_xyz:f"},
+        ["tasks.t.function", "cannot import"],
+    ),
+    (
+        "ok.jsonl",
+        json.dumps(GOOD_ROW) + "\n",
+        {"apply_chat_template": True},
+        ["tasks.t.apply_chat_template", "no chat template"],
+    ),
     ("bad.csv", "prompt,answer\n1+1=,2,3\n", {}, ["line 2", "more cells than the header"]),
 ]
 

@@ -70,7 +70,14 @@ class FakeHub:
         length = int(request.headers.get("Content-Length") or 0)
         body = request.rfile.read(min(length, MAX_BODY))
         path = request.path.split("?")[0]
-        self.requests.append({"method": request.command, "path": request.path, "headers": {k.lower(): v for k, v in request.headers.items()}, "body": body})
+        self.requests.append(
+            {
+                "method": request.command,
+                "path": request.path,
+                "headers": {k.lower(): v for k, v in request.headers.items()},
+                "body": body,
+            }
+        )
         status, answer = self.answer(request.command, path, body, request.headers.get("Authorization", ""))
         data = json.dumps(answer).encode()
         request.send_response(status)
@@ -117,10 +124,23 @@ def write_rows(path: Path, n: int = 10) -> Path:
 def run_config(family, data: Path, space: str) -> dict:
     return {
         "space": space,
-        "genome": {"models": [str(family["expert0"]), str(family["expert1"])], "merge_method": "linear", "layer_granularity": 2},
+        "genome": {
+            "models": [str(family["expert0"]), str(family["expert1"])],
+            "merge_method": "linear",
+            "layer_granularity": 2,
+        },
         "dfs": {"repeats": 1},
-        "fitness": {"tasks": [{"name": "ll", "kind": "callable", "function": "fitness_fns:loglik", "data": str(data),
-                               "heldout": str(data)}]},
+        "fitness": {
+            "tasks": [
+                {
+                    "name": "ll",
+                    "kind": "callable",
+                    "function": "fitness_fns:loglik",
+                    "data": str(data),
+                    "heldout": str(data),
+                }
+            ]
+        },
         "optimizer": {"max_evals": 8, "seed": 1},
         "dtype": "float32",
     }
@@ -139,10 +159,22 @@ def runs(family, tmp_path_factory):
 
 
 def cli(*args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
-    base = {"PATH": os.environ["PATH"], "PYTHONPATH": os.environ["PYTHONPATH"], "HOME": str(cwd), "HF_HOME": str(cwd / "hf-home"), "NO_PROXY": "127.0.0.1",
-            "HF_HUB_DISABLE_TELEMETRY": "1"}
-    return subprocess.run([sys.executable, "-m", "mergekit_evolve.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, env={**base, **env}, timeout=300)
+    base = {
+        "PATH": os.environ["PATH"],
+        "PYTHONPATH": os.environ["PYTHONPATH"],
+        "HOME": str(cwd),
+        "HF_HOME": str(cwd / "hf-home"),
+        "NO_PROXY": "127.0.0.1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "mergekit_evolve.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**base, **env},
+        timeout=300,
+    )
 
 
 def front_matter(card: str) -> tuple[dict, str]:
@@ -162,18 +194,33 @@ def all_bytes_under(path: Path) -> list[tuple[Path, bytes]]:
 def test_push_creates_the_repo_and_uploads_model_card_and_plots(runs, tmp_path):
     run = runs["ps"]
     with FakeHub() as hub:
-        done = cli("push", str(run), "--repo", "alice/evo-merge", "--private",
-                   env={"HF_TOKEN": TOKEN, "HF_ENDPOINT": hub.url}, cwd=tmp_path)
+        done = cli(
+            "push",
+            str(run),
+            "--repo",
+            "alice/evo-merge",
+            "--private",
+            env={"HF_TOKEN": TOKEN, "HF_ENDPOINT": hub.url},
+            cwd=tmp_path,
+        )
     assert done.returncode == 0, done.stderr
     assert "pushed" in done.stdout and "alice/evo-merge" in done.stdout
 
     create = [r for r in hub.requests if r["path"] == "/api/repos/create"]
     assert len(create) == 1
-    assert json.loads(create[0]["body"]) == {"name": "evo-merge", "organization": "alice", "visibility": "private", "type": "model"}
+    assert json.loads(create[0]["body"]) == {
+        "name": "evo-merge",
+        "organization": "alice",
+        "visibility": "private",
+        "type": "model",
+    }
     assert any(r["path"] == "/api/models/alice/evo-merge/preupload/main" for r in hub.requests)
     assert {r["path"].split("?")[0] for r in hub.requests} <= {
-        "/api/repos/create", "/api/validate-yaml", "/api/models/alice/evo-merge/preupload/main",
-        "/api/models/alice/evo-merge/commit/main"}
+        "/api/repos/create",
+        "/api/validate-yaml",
+        "/api/models/alice/evo-merge/preupload/main",
+        "/api/models/alice/evo-merge/commit/main",
+    }
 
     files = hub.commit_files()
     model_files = {p.name for p in (run / "model").iterdir() if p.is_file() and p.name != "README.md"}
@@ -190,9 +237,11 @@ def test_push_creates_the_repo_and_uploads_model_card_and_plots(runs, tmp_path):
     recipe = yaml_blocks(body)[0]
     assert recipe["merge_method"] == "linear"
     assert [s["model"] for sl in recipe["slices"] for s in sl["sources"]] == [
-        Path(s["model"]).name for sl in best["slices"] for s in sl["sources"]]
+        Path(s["model"]).name for sl in best["slices"] for s in sl["sources"]
+    ]
     assert [s["parameters"]["weight"] for sl in recipe["slices"] for s in sl["sources"]] == [
-        s["parameters"]["weight"] for sl in best["slices"] for s in sl["sources"]]
+        s["parameters"]["weight"] for sl in best["slices"] for s in sl["sources"]
+    ]
     summary = json.loads((run / "summary.json").read_text())
     assert f"{summary['best']['heldout']['ll']:.4f}" in body
     assert "rows.jsonl" in body  # the selection data is named
@@ -232,7 +281,8 @@ def test_push_without_a_token_says_how_to_log_in(runs, tmp_path):
     done = cli("push", str(runs["ps"]), "--repo", "alice/evo-merge", env={}, cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip() == (
-        "error: push: no Hugging Face token found; set HF_TOKEN or run `hf auth login` (or use --dry-run DIR)")
+        "error: push: no Hugging Face token found; set HF_TOKEN or run `hf auth login` (or use --dry-run DIR)"
+    )
 
 
 def test_bad_repo_id_is_an_input_error(runs, tmp_path):
@@ -253,7 +303,9 @@ def test_dry_run_writes_the_repo_folder_and_contacts_nothing(runs, tmp_path, mon
     folder = tmp_path / "repo"
     written = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     assert written == done["files"]
-    assert {"README.md", "config.json", "model.safetensors", "report/fitness.png", "report/dfs_path.png"} <= set(written)
+    assert {"README.md", "config.json", "model.safetensors", "report/fitness.png", "report/dfs_path.png"} <= set(
+        written
+    )
     described = json.loads((tmp_path / "repo.push.json").read_text())
     assert described["repo_id"] == "alice/evo-dfs" and described["private"] is True and described["files"] == written
     meta, body = front_matter((folder / "README.md").read_text())
@@ -276,10 +328,14 @@ def test_dry_run_writes_the_repo_folder_and_contacts_nothing(runs, tmp_path, mon
 def test_results_table_compares_sources_and_marks_this_model(runs, tmp_path):
     run = runs["ps"]
     results = tmp_path / "results.json"
-    results.write_text(json.dumps([
-        {"name": "source: expert0", "heldout": {"ll": -4.25}},
-        {"name": "Ours PS", "heldout": {"ll": -3.5}, "run_dir": str(run)},
-    ]))
+    results.write_text(
+        json.dumps(
+            [
+                {"name": "source: expert0", "heldout": {"ll": -4.25}},
+                {"name": "Ours PS", "heldout": {"ll": -3.5}, "run_dir": str(run)},
+            ]
+        )
+    )
     push_run(run, repo_id="alice/evo", dry_run=tmp_path / "repo", results=results, base_models=["org/a", "org/b"])
     meta, body = front_matter((tmp_path / "repo" / "README.md").read_text())
     assert meta["base_model"] == ["org/a", "org/b"]

@@ -37,9 +37,7 @@ def _make_expert(base: Path, out: Path, seed: int, scale: float = 0.02) -> Path:
     shutil.copytree(base, out)
     generator = torch.Generator().manual_seed(seed)
     tensors = load_file(base / "model.safetensors")
-    noisy = {
-        name: t + scale * torch.randn(t.shape, generator=generator) for name, t in tensors.items()
-    }
+    noisy = {name: t + scale * torch.randn(t.shape, generator=generator) for name, t in tensors.items()}
     save_file(noisy, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
 
@@ -64,13 +62,16 @@ def _recipes(m: dict[str, Path]) -> dict[str, dict]:
         return {
             "merge_method": method,
             "base_model": base,
-            "models": [{"model": base}]
-            + [{"model": e, "parameters": p} for e, p in zip(experts, params_per_model)],
+            "models": [{"model": base}] + [{"model": e, "parameters": p} for e, p in zip(experts, params_per_model)],
             "parameters": shared or {},
             "dtype": "float32",
         }
 
-    ta_params = [{"weight": layer_weights, "density": 0.6}, {"weight": by_filter, "density": [0.8, 0.4]}, {"weight": 0.4, "density": 0.7}]
+    ta_params = [
+        {"weight": layer_weights, "density": 0.6},
+        {"weight": by_filter, "density": [0.8, 0.4]},
+        {"weight": 0.4, "density": 0.7},
+    ]
     recipes = {
         "linear": {
             "merge_method": "linear",
@@ -93,7 +94,9 @@ def _recipes(m: dict[str, Path]) -> dict[str, dict]:
         "sce": with_base("sce", [{}, {}, {}], {"select_topk": [0.3, 0.9]}),
         "model_stock": with_base("model_stock", [{}, {}], experts=(e1, e2)),
         "ram": with_base("ram", [{}, {}, {}], {"epsilon": 1e-3}),
-        "slerp": with_base("slerp", [{}], {"t": [{"filter": "self_attn", "value": [0.1, 0.9]}, {"value": 0.4}]}, experts=(e1,)),
+        "slerp": with_base(
+            "slerp", [{}], {"t": [{"filter": "self_attn", "value": [0.1, 0.9]}, {"value": 0.4}]}, experts=(e1,)
+        ),
         "nearswap": with_base("nearswap", [{}], {"t": [0.01, 0.03]}, experts=(e1,)),
         "arcee_fusion": with_base("arcee_fusion", [{}], experts=(e1,)),
         "nuslerp": with_base("nuslerp", [{"weight": [0.2, 0.9]}, {"weight": 0.6}], experts=(e1, e2)),
@@ -129,8 +132,14 @@ def cli_outputs(family, tmp_path_factory) -> dict[str, dict[str, torch.Tensor]]:
     _run_cli([sys.executable, "-c", CLI_DRIVER, str(SEED), *jobs])
     # The executable itself, once, on a random method: proves the driver is the real thing.
     _run_cli(
-        ["mergekit-yaml", str(root / "dare_ties.yaml"), str(root / "dare_ties_exe"),
-         "--random-seed", str(SEED), "--quiet"]
+        [
+            "mergekit-yaml",
+            str(root / "dare_ties.yaml"),
+            str(root / "dare_ties_exe"),
+            "--random-seed",
+            str(SEED),
+            "--quiet",
+        ]
     )
     outputs = {m: load_file(root / m / "model.safetensors") for m in _recipes(family)}
     outputs["dare_ties_exe"] = load_file(root / "dare_ties_exe" / "model.safetensors")
@@ -195,8 +204,7 @@ def test_sources_stay_untouched(family, merger):
 
 def test_model_never_shares_storage_with_sources(family, merger):
     """passthrough returns its input tensor itself: the model must get a copy, not the source."""
-    config = _config({"merge_method": "passthrough", "models": [{"model": str(family["base"])}],
-                      "dtype": "float32"})
+    config = _config({"merge_method": "passthrough", "models": [{"model": str(family["base"])}], "dtype": "float32"})
     model = merger.merge(config)
     _assert_state_equal(model, load_file(family["base"] / "model.safetensors"))
     with torch.no_grad():
@@ -250,9 +258,7 @@ def test_unseeded_random_methods_differ(family):
 def test_nan_raises_candidate_error_naming_tensor(family, merger, cli_outputs):
     recipe = _recipes(family)["linear"]
     recipe["parameters"] = {"normalize": False}
-    recipe["models"][0]["parameters"] = {
-        "weight": [{"filter": "down_proj", "value": math.nan}, {"value": 1.0}]
-    }
+    recipe["models"][0]["parameters"] = {"weight": [{"filter": "down_proj", "value": math.nan}, {"value": 1.0}]}
     with pytest.raises(CandidateError, match=r"model\.layers\.\d\.mlp\.down_proj\.weight"):
         merger.merge(_config(recipe))
     huge = _recipes(family)["linear"]
@@ -368,9 +374,7 @@ def test_merge_to_disk_writes_loadable_model(family, merger, tmp_path, monkeypat
     monkeypatch.chdir(family["base"].parent)
     recipe = _recipes(family)["dare_ties"]
     recipe["base_model"] = "base"
-    recipe["models"] = [
-        dict(m, model=Path(m["model"]).name) for m in recipe["models"]
-    ]
+    recipe["models"] = [dict(m, model=Path(m["model"]).name) for m in recipe["models"]]
     config = _config(recipe)
     before = config.model_dump()
     numpy_state, torch_state = np.random.get_state()[1].tolist(), torch.get_rng_state()
@@ -380,9 +384,7 @@ def test_merge_to_disk_writes_loadable_model(family, merger, tmp_path, monkeypat
     assert np.random.get_state()[1].tolist() == numpy_state
     assert torch.equal(torch.get_rng_state(), torch_state)
     assert out == tmp_path / "final"
-    assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= {
-        p.name for p in out.iterdir()
-    }
+    assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     _assert_state_equal(loaded, _snapshot(merger.merge(_config(_recipes(family)["dare_ties"]))))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]  # no temp folders left

@@ -13,12 +13,18 @@ from mergekit_evolve.search.problems import PSProblem
 
 
 def test_embedding_genes_set_the_embeddings_norm_and_head_apart_from_the_layers(family, tmp_path):
-    config = parse_config({
-        "genome": {"models": [str(family["expert0"]), str(family["expert1"])], "merge_method": "linear",
-                   "layer_granularity": 2, "tune_embeddings": True},
-        "fitness": {"tasks": [{"name": "t", "data": str(tmp_path / "unused.jsonl")}]},
-        "dtype": "float32",
-    })
+    config = parse_config(
+        {
+            "genome": {
+                "models": [str(family["expert0"]), str(family["expert1"])],
+                "merge_method": "linear",
+                "layer_granularity": 2,
+                "tune_embeddings": True,
+            },
+            "fitness": {"tasks": [{"name": "t", "data": str(tmp_path / "unused.jsonl")}]},
+            "dtype": "float32",
+        }
+    )
     problem = PSProblem(config)
     genes = problem.space.genes
     assert problem.dim == 6 and [(g.group, g.model) for g in genes[4:]] == [(2, 0), (2, 1)]  # 2 groups x 2 models + io
@@ -33,5 +39,12 @@ def test_embedding_genes_set_the_embeddings_norm_and_head_apart_from_the_layers(
         assert torch.allclose(merged[name], (e0[name] + e1[name]) / 2, atol=1e-6), name
     # Plain mergekit YAML: filter entries on the first slice (embeddings) and the last (norm, lm_head).
     slices = yaml.safe_load(recipe_yaml(candidate.recipe))["slices"]
-    assert [e.get("filter") for e in slices[0]["sources"][0]["parameters"]["weight"]] == ["model.embed_tokens.weight", None]
-    assert [e.get("filter") for e in slices[1]["sources"][1]["parameters"]["weight"]] == ["model.norm.weight", "lm_head.weight", None]
+    assert [e.get("filter") for e in slices[0]["sources"][0]["parameters"]["weight"]] == [
+        "model.embed_tokens.weight",
+        None,
+    ]
+    assert [e.get("filter") for e in slices[1]["sources"][1]["parameters"]["weight"]] == [
+        "model.norm.weight",
+        "lm_head.weight",
+        None,
+    ]

@@ -21,15 +21,24 @@ def ray_cluster(tmp_path_factory):
     """A real local Ray cluster; workers see the test fitness module and a 'die once' flag path."""
     flag = tmp_path_factory.mktemp("ray") / "died"
     env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ["PYTHONPATH"]]), "MKE_DIE_FLAG": str(flag)}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env},
-             _node_ip_address="127.0.0.1")  # loopback only: no interface lookup in sandboxes
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": env},
+        _node_ip_address="127.0.0.1",
+    )  # loopback only: no interface lookup in sandboxes
     yield flag
     ray.shutdown()
 
 
 def make_config(family, rows: Path, kind: str, function: str = "fitness_fns:loglik") -> dict:
     return {
-        "genome": {"models": [str(family["expert0"]), str(family["expert1"])], "merge_method": "linear", "layer_granularity": 2},
+        "genome": {
+            "models": [str(family["expert0"]), str(family["expert1"])],
+            "merge_method": "linear",
+            "layer_granularity": 2,
+        },
         "fitness": {"tasks": [{"name": "ll", "kind": "callable", "function": function, "data": str(rows)}]},
         "optimizer": {"max_evals": 12, "seed": 5},
         "executor": {"kind": kind, "workers": 2, "threads_per_worker": 1},
@@ -46,11 +55,20 @@ def test_ray_workers_give_the_local_results(family, tmp_path, ray_cluster, monke
     monkeypatch.syspath_prepend(str(TESTS))
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({"prompt": f"{i}*2=", "answer": str(2 * i)}) + "\n" for i in range(8)))
-    local = runner.start(parse_config(make_config(family, rows, "local")), tmp_path / "local", device="cpu", progress=False, save_model=False)
+    local = runner.start(
+        parse_config(make_config(family, rows, "local")),
+        tmp_path / "local",
+        device="cpu",
+        progress=False,
+        save_model=False,
+    )
     flag = ray_cluster
     distributed = runner.start(
         parse_config(make_config(family, rows, "ray", function="fitness_fns:dies_once")),
-        tmp_path / "ray", device="cpu", progress=False, save_model=False,
+        tmp_path / "ray",
+        device="cpu",
+        progress=False,
+        save_model=False,
     )
     assert flag.exists()  # a worker really died mid-run; its candidate was retried elsewhere
     ours, theirs = evals(tmp_path / "local"), evals(tmp_path / "ray")

@@ -48,8 +48,17 @@ def ps_run(family, tmp_path_factory):
             "layer_granularity": 2,
             "filters": ["self_attn"],
         },
-        "fitness": {"tasks": [{"name": "ll", "kind": "callable", "function": "fitness_fns:flaky", "data": str(data),
-                               "heldout": str(data)}]},
+        "fitness": {
+            "tasks": [
+                {
+                    "name": "ll",
+                    "kind": "callable",
+                    "function": "fitness_fns:flaky",
+                    "data": str(data),
+                    "heldout": str(data),
+                }
+            ]
+        },
         "optimizer": {"max_evals": 20, "seed": 2, "max_failures": 20},
         "dtype": "float32",
     }
@@ -96,8 +105,11 @@ def test_heatmap_numbers_are_the_best_recipe_values(ps_run):
     config = yaml.safe_load((ps_run / "config.yaml").read_text())
     panels = ps_parameter_table(GenomeConfig.model_validate(config["genome"]), 4, best["genome"])
     assert [(p["param"], p["filter"]) for p in panels] == [
-        ("weight", "tensors matching 'self_attn'"), ("density", "tensors matching 'self_attn'"),
-        ("weight", "all other tensors"), ("density", "all other tensors")]
+        ("weight", "tensors matching 'self_attn'"),
+        ("density", "tensors matching 'self_attn'"),
+        ("weight", "all other tensors"),
+        ("density", "all other tensors"),
+    ]
     checked = 0
     for panel in panels:
         fset = 0 if "self_attn" in panel["filter"] else 1

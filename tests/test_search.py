@@ -92,7 +92,11 @@ def test_mergekit_yaml_on_best_yaml_reproduces_the_saved_model(finished_run, tmp
 def test_interrupted_run_resumes_to_the_same_result(family, tmp_path, monkeypatch):
     data = write_rows(tmp_path / "rows.jsonl")
     reference = runner.start(
-        parse_config(config_dict(family, data, max_evals=20)), tmp_path / "ref", device="cpu", progress=False, save_model=False
+        parse_config(config_dict(family, data, max_evals=20)),
+        tmp_path / "ref",
+        device="cpu",
+        progress=False,
+        save_model=False,
     )
     import fitness_fns
 
@@ -113,7 +117,11 @@ def test_interrupted_run_resumes_to_the_same_result(family, tmp_path, monkeypatc
 
 
 def test_failing_candidates_are_recorded_and_the_run_goes_on(family, tmp_path):
-    config = parse_config(config_dict(family, write_rows(tmp_path / "r.jsonl"), function="fitness_fns:flaky", max_evals=12, max_failures=12))
+    config = parse_config(
+        config_dict(
+            family, write_rows(tmp_path / "r.jsonl"), function="fitness_fns:flaky", max_evals=12, max_failures=12
+        )
+    )
     summary = runner.start(config, tmp_path / "out", device="cpu", progress=False, save_model=False)
     evals = read_evals(tmp_path / "out")
     failed = [e for e in evals if e["error"]]
@@ -146,7 +154,12 @@ def test_too_many_failures_reach_cli_users_as_one_line_and_exit_code_1(family, t
 
 
 def cli(*args, cwd=None) -> subprocess.CompletedProcess:
-    env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ["PYTHONPATH"]]), "PATH": __import__("os").environ["PATH"], "HF_HUB_OFFLINE": "1", "HOME": str(cwd or TESTS)}
+    env = {
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ["PYTHONPATH"]]),
+        "PATH": __import__("os").environ["PATH"],
+        "HF_HUB_OFFLINE": "1",
+        "HOME": str(cwd or TESTS),
+    }
     return subprocess.run(
         [sys.executable, "-m", "mergekit_evolve.cli", *args], capture_output=True, text=True, cwd=cwd, env=env
     )
@@ -161,7 +174,9 @@ def test_cli_run_then_recipe_for_the_best_genome(family, tmp_path, monkeypatch):
     cfg.write_text(yaml.safe_dump(config_dict(family, write_rows(tmp_path / "rows.jsonl"))))
     # The run in its own process, as a user starts it; the follow-up commands in this one (same code,
     # without paying the ~8 s import of torch/transformers/mergekit again).
-    done = cli("run", str(cfg), "--out", str(tmp_path / "out"), "--max-evals", "6", "--no-save-model", "--quiet", cwd=tmp_path)
+    done = cli(
+        "run", str(cfg), "--out", str(tmp_path / "out"), "--max-evals", "6", "--no-save-model", "--quiet", cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr
     assert "best fitness" in done.stdout and not (tmp_path / "out" / "model").exists()
     monkeypatch.chdir(tmp_path)

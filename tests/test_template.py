@@ -23,7 +23,10 @@ def template(family) -> dict:
         "merge_method": "dare_ties",
         "base_model": str(family["base"]),
         "models": [
-            {"model": str(family["expert0"]), "parameters": {"weight": {"evolve": [0.0, 1.0]}, "density": {"evolve": [0.1, 1.0], "init": 0.5}}},
+            {
+                "model": str(family["expert0"]),
+                "parameters": {"weight": {"evolve": [0.0, 1.0]}, "density": {"evolve": [0.1, 1.0], "init": 0.5}},
+            },
             {
                 "model": str(family["expert1"]),
                 "parameters": {
@@ -96,7 +99,9 @@ def test_run_on_a_template_fills_in_the_same_yaml(family, tmp_path, monkeypatch)
         yaml.safe_dump(
             {
                 **template(family),
-                "fitness": {"tasks": [{"name": "ll", "kind": "callable", "function": "fitness_fns:loglik", "data": str(rows)}]},
+                "fitness": {
+                    "tasks": [{"name": "ll", "kind": "callable", "function": "fitness_fns:loglik", "data": str(rows)}]
+                },
                 "optimizer": {"max_evals": 8, "seed": 1},
             }
         )

@@ -66,8 +66,16 @@ def test_max_evals_8_evaluates_8_also_after_resume(family, tmp_path, monkeypatch
     """Population 6 (2 genes): generation 2 is cut to 2 candidates, uninterrupted and resumed alike."""
     rows = write_rows(tmp_path / "r.jsonl")
     models = [family["expert0"], family["expert1"]]
-    done = invoke("run", write_config(tmp_path / "a.yaml", callable_config(models, rows)), "--out", tmp_path / "a",
-                  "--max-evals", "8", "--no-save-model", "--quiet")
+    done = invoke(
+        "run",
+        write_config(tmp_path / "a.yaml", callable_config(models, rows)),
+        "--out",
+        tmp_path / "a",
+        "--max-evals",
+        "8",
+        "--no-save-model",
+        "--quiet",
+    )
     assert done.exit_code == 0, done.output
     whole = read_evals(tmp_path / "a")
     assert len(whole) == 8 and [e["generation"] for e in whole] == [1] * 6 + [2] * 2
@@ -77,7 +85,9 @@ def test_max_evals_8_evaluates_8_also_after_resume(family, tmp_path, monkeypatch
 
     fitness_fns.CALLS["n"] = 0
     monkeypatch.setenv("MKE_INTERRUPT_AT", "8")  # the last candidate of the cut generation
-    config = parse_config(callable_config(models, rows, "fitness_fns:interrupting", optimizer={"max_evals": 8, "seed": 1}))
+    config = parse_config(
+        callable_config(models, rows, "fitness_fns:interrupting", optimizer={"max_evals": 8, "seed": 1})
+    )
     with pytest.raises(KeyboardInterrupt):
         runner.start(config, tmp_path / "b", device="cpu", progress=False, save_model=False)
     assert len(read_evals(tmp_path / "b")) == 7
@@ -116,20 +126,35 @@ def test_models_without_tokenizer_files_run_with_a_callable_fitness(bare, tmp_pa
 
 def test_perplexity_on_token_ids_needs_no_tokenizer(bare, tmp_path):
     config = callable_config(bare, tmp_path / "unused")
-    config["fitness"] = {"tasks": [{"name": "ppl", "kind": "perplexity", "prompt_field": None,
-                                    "data": str(id_rows(tmp_path / "ids.jsonl", "answer"))}]}
+    config["fitness"] = {
+        "tasks": [
+            {
+                "name": "ppl",
+                "kind": "perplexity",
+                "prompt_field": None,
+                "data": str(id_rows(tmp_path / "ids.jsonl", "answer")),
+            }
+        ]
+    }
     summary = runner.start(parse_config(config), tmp_path / "out", device="cpu", progress=False, save_model=False)
     assert summary.failures == 0 and 0 < summary.best.fitness < 1  # 1 / perplexity
 
 
 # -- 2. one failure for every candidate; an honest empty-prompt message ----------------------------
 def test_the_same_failure_for_the_whole_first_generation_is_an_input_error(family, tmp_path):
-    config = callable_config([family["expert0"], family["expert1"]], write_rows(tmp_path / "r.jsonl"),
-                             "fitness_fns:always_fails", optimizer={"max_evals": 20, "seed": 1})
+    config = callable_config(
+        [family["expert0"], family["expert1"]],
+        write_rows(tmp_path / "r.jsonl"),
+        "fitness_fns:always_fails",
+        optimizer={"max_evals": 20, "seed": 1},
+    )
     done = invoke("run", write_config(tmp_path / "cfg.yaml", config), "--out", tmp_path / "out", "--quiet")
     assert done.exit_code == 2, done.output
     line = done.stderr.strip()
-    assert "\n" not in line and "every candidate of the first generation (6) failed the same way: RuntimeError: injected failure" in line
+    assert (
+        "\n" not in line
+        and "every candidate of the first generation (6) failed the same way: RuntimeError: injected failure" in line
+    )
     assert len(read_evals(tmp_path / "out")) == 6  # stopped after generation 1, not at max_failures (10)
 
 
@@ -155,11 +180,19 @@ def marked(family, method: str, marker_on: str, param: str = "weight") -> dict:
     return {"merge_method": method, "base_model": base, "models": models, "dtype": "float32"}
 
 
-@pytest.mark.parametrize("method, marker_on, param, message", [
-    ("arcee_fusion", "a", "weight", r"models\[1\].parameters.weight: arcee_fusion has no parameter 'weight'; it has no parameter to evolve"),
-    ("ties", "base", "weight", r"models\[0\].parameters.weight: ties ignores weight of the base model"),
-    ("ties", "a", "int8_mask", r"models\[1\].parameters.int8_mask: ties.int8_mask is not a number"),
-])
+@pytest.mark.parametrize(
+    "method, marker_on, param, message",
+    [
+        (
+            "arcee_fusion",
+            "a",
+            "weight",
+            r"models\[1\].parameters.weight: arcee_fusion has no parameter 'weight'; it has no parameter to evolve",
+        ),
+        ("ties", "base", "weight", r"models\[0\].parameters.weight: ties ignores weight of the base model"),
+        ("ties", "a", "int8_mask", r"models\[1\].parameters.int8_mask: ties.int8_mask is not a number"),
+    ],
+)
 def test_template_markers_mergekit_would_ignore_are_refused(family, method, marker_on, param, message):
     from mergekit_evolve.space.template import TemplateSpace
 
@@ -170,11 +203,34 @@ def test_template_markers_mergekit_would_ignore_are_refused(family, method, mark
 
 # -- 9. mergekit-evolve's command line ---------------------------------------------------------------
 def test_mergekit_evolve_options_carry_over(family, tmp_path):
-    cfg = write_config(tmp_path / "cfg.yaml", callable_config([family["expert0"], family["expert1"]], write_rows(tmp_path / "r.jsonl")))
+    cfg = write_config(
+        tmp_path / "cfg.yaml", callable_config([family["expert0"], family["expert1"]], write_rows(tmp_path / "r.jsonl"))
+    )
     (tmp_path / "tasks").mkdir()
-    done = invoke("run", cfg, "--storage-path", tmp_path / "store", "--max-fevals", "3", "--random-seed", "7",
-                  "--task-search-path", tmp_path / "tasks", "--sigma0", "0.25", "--force-population-size", "3",
-                  "--batch-size", "4", "--num-gpus", "1", "--no-save-final-model", "--in-memory", "--no-vllm", "--quiet")
+    done = invoke(
+        "run",
+        cfg,
+        "--storage-path",
+        tmp_path / "store",
+        "--max-fevals",
+        "3",
+        "--random-seed",
+        "7",
+        "--task-search-path",
+        tmp_path / "tasks",
+        "--sigma0",
+        "0.25",
+        "--force-population-size",
+        "3",
+        "--batch-size",
+        "4",
+        "--num-gpus",
+        "1",
+        "--no-save-final-model",
+        "--in-memory",
+        "--no-vllm",
+        "--quiet",
+    )
     assert done.exit_code == 0, done.output
     saved = yaml.safe_load((tmp_path / "store" / "config.yaml").read_text())
     assert saved["merge_seed"] == 7 and saved["task_search_path"] == [str(tmp_path / "tasks")]
@@ -184,16 +240,34 @@ def test_mergekit_evolve_options_carry_over(family, tmp_path):
     assert len(read_evals(tmp_path / "store")) == 3
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--vllm"], "--vllm: mergekit-evolve's option has no equivalent here: evaluation runs in this process"),
-    (["--strategy", "pool"], "--strategy: mergekit-evolve's option has no equivalent here: candidates run one after another here or on Ray workers; use --executor"),
-    (["--no-merge-cuda"], "--no-merge-cuda: mergekit-evolve's option has no equivalent here: merging and evaluation share one device; use --device cpu"),
-    (["--timeout", "60"], "--timeout: mergekit-evolve's option has no equivalent here: there is no wall-clock limit; bound the run with --max-evals"),
-    (["--load-in-4bit"], "--load-in-4bit: mergekit-evolve's option has no equivalent here: quantized evaluation"),
-    (["--allow-crimes"], "--allow-crimes: "),
-    (["--trust-remote-code"], "--trust-remote-code: "),
-    (["--max-evals", "3", "--max-fevals", "3"], "--max-fevals: is mergekit-evolve's name for --max-evals; give only one of them"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--vllm"], "--vllm: mergekit-evolve's option has no equivalent here: evaluation runs in this process"),
+        (
+            ["--strategy", "pool"],
+            "--strategy: mergekit-evolve's option has no equivalent here: candidates run one after another here or "
+            "on Ray workers; use --executor",
+        ),
+        (
+            ["--no-merge-cuda"],
+            "--no-merge-cuda: mergekit-evolve's option has no equivalent here: merging and evaluation share one "
+            "device; use --device cpu",
+        ),
+        (
+            ["--timeout", "60"],
+            "--timeout: mergekit-evolve's option has no equivalent here: there is no wall-clock limit; bound the run "
+            "with --max-evals",
+        ),
+        (["--load-in-4bit"], "--load-in-4bit: mergekit-evolve's option has no equivalent here: quantized evaluation"),
+        (["--allow-crimes"], "--allow-crimes: "),
+        (["--trust-remote-code"], "--trust-remote-code: "),
+        (
+            ["--max-evals", "3", "--max-fevals", "3"],
+            "--max-fevals: is mergekit-evolve's name for --max-evals; give only one of them",
+        ),
+    ],
+)
 def test_mergekit_evolve_options_without_equivalent_are_refused_in_one_line(tmp_path, flags, message):
     (tmp_path / "cfg.yaml").write_text("genome: {}\n")
     done = invoke("run", tmp_path / "cfg.yaml", "--storage-path", tmp_path / "out", *flags)
@@ -208,8 +282,14 @@ def test_push_and_report_take_the_demo_run_and_its_results(demo_out, tmp_path):
     pushed = invoke("push", run, "--repo", "me/x", "--dry-run", tmp_path / "a")  # finds the demo's results.json
     assert pushed.exit_code == 0, pushed.output
     card = (tmp_path / "a" / "README.md").read_text()
-    assert "| **this model (evolved)** |" in card and "| Ours PS (mean of 2 seeds) |" in card and "| source: math |" in card
-    explicit = invoke("push", run, "--repo", "me/x", "--results", demo_out / "results.json", "--dry-run", tmp_path / "b")
+    assert (
+        "| **this model (evolved)** |" in card
+        and "| Ours PS (mean of 2 seeds) |" in card
+        and "| source: math |" in card
+    )
+    explicit = invoke(
+        "push", run, "--repo", "me/x", "--results", demo_out / "results.json", "--dry-run", tmp_path / "b"
+    )
     assert explicit.exit_code == 0, explicit.output
     assert (tmp_path / "b" / "README.md").read_text() == card
     reported = invoke("report", run, "--out", tmp_path / "report")
@@ -218,7 +298,9 @@ def test_push_and_report_take_the_demo_run_and_its_results(demo_out, tmp_path):
 
 def test_push_takes_the_paper_table_and_a_run_summary_as_results(demo_out, tmp_path):
     run = demo_out / "ps-seed0"
-    paper = invoke("push", run, "--repo", "me/x", "--results", TESTS.parent / "docs" / "results.json", "--dry-run", tmp_path / "a")
+    paper = invoke(
+        "push", run, "--repo", "me/x", "--results", TESTS.parent / "docs" / "results.json", "--dry-run", tmp_path / "a"
+    )
     assert paper.exit_code == 0, paper.output
     assert "| Ours PS (mean of 3 seeds) |" in (tmp_path / "a" / "README.md").read_text()
     summary = invoke("push", run, "--repo", "me/x", "--results", run / "summary.json", "--dry-run", tmp_path / "b")
@@ -236,4 +318,7 @@ def test_push_and_report_after_resume_and_of_the_demo_folder(demo_out, tmp_path)
     assert invoke("push", run, "--repo", "me/x", "--dry-run", tmp_path / "a").exit_code == 0
     assert invoke("report", run, "--out", tmp_path / "r").exit_code == 0
     whole = invoke("report", demo_out)  # the demo's folder holds runs: say which
-    assert whole.exit_code == 2 and f"(this folder holds 2: {demo_out / 'ps-seed0'}, {demo_out / 'ps-seed1'})" in whole.stderr
+    assert (
+        whole.exit_code == 2
+        and f"(this folder holds 2: {demo_out / 'ps-seed0'}, {demo_out / 'ps-seed1'})" in whole.stderr
+    )

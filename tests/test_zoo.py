@@ -18,8 +18,10 @@ from mergekit_evolve.zoo.train import new_model, train
 @pytest.fixture(scope="module")
 def heldout_scores(zoo) -> dict[str, dict[str, float]]:
     tokenizer = transformers.AutoTokenizer.from_pretrained(zoo.models["base"])
-    tasks = [{"name": t.name, "data": str(t.fitness), "heldout": str(t.heldout), "max_new_tokens": t.max_new_tokens}
-             for t in zoo.tasks.values()]
+    tasks = [
+        {"name": t.name, "data": str(t.fitness), "heldout": str(t.heldout), "max_new_tokens": t.max_new_tokens}
+        for t in zoo.tasks.values()
+    ]
     fitness = Fitness(FitnessConfig(tasks=tasks, batch_size=64), tokenizer)
     return {
         name: fitness.score(transformers.AutoModelForCausalLM.from_pretrained(path).eval(), "heldout")
@@ -42,7 +44,9 @@ def test_splits_are_disjoint_and_deterministic(zoo):
         held = [json.loads(line)["prompt"] for line in task.heldout.read_text().splitlines()]
         assert not set(fit) & set(held), f"{task.name}: fitness and held-out share prompts"
         assert len(set(held)) == len(held)
-        assert Skills(zoo.seed).task_rows(task.name, "heldout") == [json.loads(x) for x in task.heldout.read_text().splitlines()]
+        assert Skills(zoo.seed).task_rows(task.name, "heldout") == [
+            json.loads(x) for x in task.heldout.read_text().splitlines()
+        ]
 
 
 def test_training_is_bitwise_deterministic():

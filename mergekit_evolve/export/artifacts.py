@@ -8,7 +8,8 @@ DFS: the path, and when it folds exactly (``recipe.fold.why_not_foldable`` is No
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 
@@ -31,7 +32,7 @@ def path_record(problem, candidate: DFSCandidate) -> dict[str, Any]:
     }
 
 
-def fold_blocker(problem, candidate: DFSCandidate) -> Optional[str]:
+def fold_blocker(problem, candidate: DFSCandidate) -> str | None:
     """Why a DFS candidate has no standard checkpoint (None: it folds exactly)."""
     return why_not_foldable(problem.models, candidate.path, problem.base_index)
 
@@ -74,7 +75,8 @@ def write_best(problem, candidate, run_dir: RunDir, best: Best) -> None:
 def _ps_header(problem, best: Best) -> str:
     reproduce = f"Reproduce the weights: mergekit-yaml best.yaml OUT --random-seed {problem.config.merge_seed}"
     if isinstance(problem, TemplateProblem):
-        return f"Evolved by mergekit-evo from a template: fitness {best.fitness:.4f} at evaluation {best.index}.\n{reproduce}"
+        found = f"fitness {best.fitness:.4f} at evaluation {best.index}"
+        return f"Evolved by mergekit-evo from a template: {found}.\n{reproduce}"
     return (
         f"Evolved by mergekit-evo (PS, {problem.space.genome.merge_method}): fitness {best.fitness:.4f} "
         f"at evaluation {best.index} (generation {best.generation}).\n{reproduce}"
@@ -90,8 +92,9 @@ def save_model(problem, candidate, out_dir: str | Path, fmt: str = "standard") -
             raise InputError("--format custom: only DFS runs have a custom-code form; use --format standard")
         from mergekit_evolve.merge import merge_to_disk
 
-        return merge_to_disk(to_merge_config(candidate.recipe), out_dir, device=problem.device,
-                             random_seed=problem.config.merge_seed)
+        return merge_to_disk(
+            to_merge_config(candidate.recipe), out_dir, device=problem.device, random_seed=problem.config.merge_seed
+        )
     from mergekit_evolve.export.custom_code import save_custom_checkpoint, save_folded_checkpoint
 
     reason = fold_blocker(problem, candidate) if fmt != "custom" else None

@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 from pydantic import BaseModel
 
@@ -48,7 +48,9 @@ def check_repo_id(repo_id: str) -> str:
     from huggingface_hub.utils import validate_repo_id
 
     if repo_id.count("/") != 1:
-        raise InputError(f"--repo: {repo_id!r} is not of the form user/name (or org/name); e.g. --repo alice/my-evolved-merge")
+        raise InputError(
+            f"--repo: {repo_id!r} is not of the form user/name (or org/name); e.g. --repo alice/my-evolved-merge"
+        )
     try:
         validate_repo_id(repo_id)
     except HFValidationError as err:
@@ -67,7 +69,9 @@ def resolve_token() -> str:
         except Exception:  # e.g. a failed OIDC exchange: treat as "no token", say how to fix it
             token = None
     if not token:
-        raise InputError("push: no Hugging Face token found; set HF_TOKEN or run `hf auth login` (or use --dry-run DIR)")
+        raise InputError(
+            "push: no Hugging Face token found; set HF_TOKEN or run `hf auth login` (or use --dry-run DIR)"
+        )
     return token
 
 
@@ -78,8 +82,8 @@ def staged_upload(
     repo_id: str,
     private: bool = False,
     fmt: str = "standard",
-    results: Optional[list[dict]] = None,
-    base_models: Optional[list[str]] = None,
+    results: list[dict] | None = None,
+    base_models: list[str] | None = None,
     device: str = "cpu",
 ) -> Iterator[UploadPlan]:
     """Build everything to upload in a temporary folder (the run directory is only read)."""
@@ -91,8 +95,14 @@ def staged_upload(
         work = Path(tmp)
         _, images = render_report(root, work / "report")
         image_files = {f"report/{p.name}": p for _, p in images}
-        card = build_card(root, repo_id=repo_id, fmt=fmt, results=results, base_models=base_models,
-                          images=[(caption, f"report/{p.name}") for caption, p in images])
+        card = build_card(
+            root,
+            repo_id=repo_id,
+            fmt=fmt,
+            results=results,
+            base_models=base_models,
+            images=[(caption, f"report/{p.name}") for caption, p in images],
+        )
         (work / "README.md").write_text(card)
         model_dir = _model_folder(root, RunDir(root).final_stage().model, fmt, work / "model", device)
         files = {**_model_files(model_dir), "README.md": work / "README.md", **image_files}
@@ -118,7 +128,7 @@ def _model_files(model_dir: Path) -> dict[str, Path]:
     return files
 
 
-def write_dry_run(plan: UploadPlan, dest: str | Path, endpoint: Optional[str] = None) -> tuple[Path, Path]:
+def write_dry_run(plan: UploadPlan, dest: str | Path, endpoint: str | None = None) -> tuple[Path, Path]:
     """Copy the planned files to ``dest`` (exactly the repository content) and describe the push in
     ``dest.push.json``; written under temporary names and renamed, so no half folder is left."""
     dest = Path(dest).absolute()
@@ -129,8 +139,13 @@ def write_dry_run(plan: UploadPlan, dest: str | Path, endpoint: Optional[str] = 
             (staging / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, staging / rel)
     info = dest.with_name(f"{dest.name}.push.json")
-    description = {"repo_id": plan.repo_id, "private": plan.private, "format": plan.fmt,
-                   "endpoint": endpoint or _default_endpoint(), "files": sorted(plan.files)}
+    description = {
+        "repo_id": plan.repo_id,
+        "private": plan.private,
+        "format": plan.fmt,
+        "endpoint": endpoint or _default_endpoint(),
+        "files": sorted(plan.files),
+    }
     atomic_write(info, json.dumps(description, indent=2) + "\n")
     return dest, info
 
@@ -141,18 +156,22 @@ def _default_endpoint() -> str:
     return constants.ENDPOINT
 
 
-def upload(plan: UploadPlan, *, token: str, endpoint: Optional[str] = None) -> dict:
+def upload(plan: UploadPlan, *, token: str, endpoint: str | None = None) -> dict:
     """create_repo (exist_ok) + one commit with every file. Errors come back as one redacted line."""
     from huggingface_hub import CommitOperationAdd, HfApi, constants
 
     if constants.is_offline_mode():
-        raise InputError("push: HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set; unset it to push, or use --dry-run DIR")
+        raise InputError(
+            "push: HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set; unset it to push, or use --dry-run DIR"
+        )
     api = HfApi(endpoint=endpoint, token=token)
     try:
         url = api.create_repo(plan.repo_id, private=plan.private, exist_ok=True, repo_type="model")
         operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(src)) for rel, src in plan.files.items()]
         commit = api.create_commit(
-            plan.repo_id, operations=operations, repo_type="model",
+            plan.repo_id,
+            operations=operations,
+            repo_type="model",
             commit_message="Upload evolved merge (mergekit-evo)",
         )
     except Exception as err:  # HTTP, network, card validation: the message may echo the token
@@ -167,11 +186,11 @@ def _describe(err: Exception) -> str:
     return f"{type(err).__name__}: {text}"
 
 
-def redact(text: str, token: Optional[str]) -> str:
+def redact(text: str, token: str | None) -> str:
     return text.replace(token, "***") if token else text
 
 
-def load_results(path: Optional[Path], run_dir: Path) -> Optional[list[dict]]:
+def load_results(path: Path | None, run_dir: Path) -> list[dict] | None:
     """Rows for the card's comparison table: --results, else RUN_DIR/results.json, else the parent's
     results.json when it lists this run (``mergekit-evo demo`` writes DEMO_OUT/results.json)."""
     from mergekit_evolve.export.model_card import row_runs
@@ -196,11 +215,19 @@ def _read_results(path: Path) -> list[dict]:
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise InputError(f"--results: cannot read {path} ({err}); pass the results.json written by mergekit-evo demo") from None
+        raise InputError(
+            f"--results: cannot read {path} ({err}); pass the results.json written by mergekit-evo demo"
+        ) from None
     if isinstance(data, dict) and isinstance(data.get("rows"), list):
         data = [_demo_row(row, path.parent) if isinstance(row, dict) else row for row in data["rows"]]
     elif isinstance(data, dict) and isinstance(data.get("best"), dict):  # summary.json of a run
-        data = [{"name": f"{path.parent.name} (evolved)", "heldout": data["best"].get("heldout") or {}, "run_dir": str(path.parent)}]
+        data = [
+            {
+                "name": f"{path.parent.name} (evolved)",
+                "heldout": data["best"].get("heldout") or {},
+                "run_dir": str(path.parent),
+            }
+        ]
     if not isinstance(data, list) or not all(isinstance(r, dict) and "name" in r for r in data):
         raise InputError(
             f"--results: {path} is not a results file of mergekit-evo; pass the results.json of mergekit-evo demo "
@@ -211,7 +238,9 @@ def _read_results(path: Path) -> list[dict]:
 
 def _demo_row(row: dict, folder: Path) -> dict:
     """A demo row (one score per seed, run folders relative to the demo's folder) as a card row."""
-    heldout = {task: sum(v) / len(v) if isinstance(v, list) and v else v for task, v in (row.get("heldout") or {}).items()}
+    heldout = {
+        task: sum(v) / len(v) if isinstance(v, list) and v else v for task, v in (row.get("heldout") or {}).items()
+    }
     seeds = max((len(v) for v in (row.get("heldout") or {}).values() if isinstance(v, list)), default=1)
     name = row["name"] + (f" (mean of {seeds} seeds)" if seeds > 1 else "") if "name" in row else None
     runs = [str((folder / d).absolute()) for d in row.get("run_dirs") or []]
@@ -224,10 +253,10 @@ def push_run(
     repo_id: str,
     private: bool = False,
     fmt: str = "standard",
-    dry_run: Optional[Path] = None,
-    endpoint: Optional[str] = None,
-    results: Optional[Path] = None,
-    base_models: Optional[list[str]] = None,
+    dry_run: Path | None = None,
+    endpoint: str | None = None,
+    results: Path | None = None,
+    base_models: list[str] | None = None,
     device: str = "cpu",
 ) -> dict:
     """Publish a run (or, with ``dry_run``, write what would be published)."""
@@ -237,10 +266,19 @@ def push_run(
     if not RunDir(root).final_stage().best_json.is_file():
         from mergekit_evolve.export.report import runs_inside
 
-        raise InputError(f"RUN_DIR: {root} has no best.json; push a finished mergekit-evo run directory{runs_inside(root)}")
+        raise InputError(
+            f"RUN_DIR: {root} has no best.json; push a finished mergekit-evo run directory{runs_inside(root)}"
+        )
     rows = load_results(results, root)
-    with staged_upload(root, repo_id=repo_id, private=private, fmt=fmt, results=rows,
-                       base_models=list(base_models or []) or None, device=device) as plan:
+    with staged_upload(
+        root,
+        repo_id=repo_id,
+        private=private,
+        fmt=fmt,
+        results=rows,
+        base_models=list(base_models or []) or None,
+        device=device,
+    ) as plan:
         if dry_run is not None:
             folder, info = write_dry_run(plan, dry_run, endpoint)
             return {"dry_run": str(folder), "description": str(info), "files": sorted(plan.files)}

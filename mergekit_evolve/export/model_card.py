@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -59,7 +59,7 @@ def source_refs(stages: list[Stage], root: Path) -> list[str]:
     return [r for r in dict.fromkeys(refs) if r != stage_model]
 
 
-def card_metadata(stages: list[Stage], root: Path, fmt: str, base_models: Optional[list[str]] = None) -> dict[str, Any]:
+def card_metadata(stages: list[Stage], root: Path, fmt: str, base_models: list[str] | None = None) -> dict[str, Any]:
     tags = list(TAGS)
     if any(s.name == "dfs" for s in stages):
         tags.append("dfs")
@@ -75,8 +75,8 @@ def build_card(
     repo_id: str,
     fmt: str = "standard",
     images: list[tuple[str, str]] = (),
-    results: Optional[list[dict]] = None,
-    base_models: Optional[list[str]] = None,
+    results: list[dict] | None = None,
+    base_models: list[str] | None = None,
 ) -> str:
     """README.md text. ``images``: (caption, path in the repo); ``results``: rows of a demo's
     results.json ({name, heldout: {task: score}, run_dir?}) for the comparison table."""
@@ -103,15 +103,19 @@ def build_card(
 
 def _title(repo_id: str, stages: list[Stage], root: Path) -> str:
     names = ", ".join(f"`{n}`" for n in dict.fromkeys(hub_name(r) for r in source_refs(stages, root)))
-    return f"# {repo_id.split('/')[-1]}\n\nAn evolutionary merge of {names}, made with mergekit-evo (mergekit plugin).\n"
+    return (
+        f"# {repo_id.split('/')[-1]}\n\nAn evolutionary merge of {names}, made with mergekit-evo (mergekit plugin).\n"
+    )
 
 
 def _method(stages: list[Stage], fmt: str) -> str:
     cite = f"Akiba et al., *Evolutionary Optimization of Model Merging Recipes* (Sakana AI, 2024, {PAPER})"
     kinds = [s.name for s in stages]
     if kinds == ["ps", "dfs"]:
-        text = (f"The model was found in two searches, as in {cite}. First, {_ps_sentence(stages[0])} Then, "
-                f"{_dfs_sentence(stages[1], fmt)}")
+        text = (
+            f"The model was found in two searches, as in {cite}. First, {_ps_sentence(stages[0])} Then, "
+            f"{_dfs_sentence(stages[1], fmt)}"
+        )
     elif kinds == ["dfs"]:
         text = f"The model was found by evolutionary search, as in {cite}: {_dfs_sentence(stages[0], fmt)}"
     else:
@@ -124,8 +128,10 @@ def _method(stages: list[Stage], fmt: str) -> str:
 def _ps_sentence(stage: Stage) -> str:
     config = stage.config
     if config.genome is None:
-        return ("CMA-ES evolved the numbers marked in a mergekit recipe template (parameter space); each candidate "
-                "recipe was merged with mergekit and scored, and the best recipe was kept.")
+        return (
+            "CMA-ES evolved the numbers marked in a mergekit recipe template (parameter space); each candidate "
+            "recipe was merged with mergekit and scored, and the best recipe was kept."
+        )
     g = config.genome
     per = "per source model"
     if g.layer_granularity:
@@ -133,8 +139,10 @@ def _ps_sentence(stage: Stage) -> str:
     if g.filters:
         per += f", separately for tensors matching {', '.join(repr(f) for f in g.filters)} and the rest"
     params = ", ".join(g.search or _default_search(g.merge_method))
-    return (f"CMA-ES searched the parameter space of a mergekit `{g.merge_method}` merge: the values of {params} "
-            f"{per}. Each candidate recipe was merged with mergekit and scored; the best recipe was kept.")
+    return (
+        f"CMA-ES searched the parameter space of a mergekit `{g.merge_method}` merge: the values of {params} "
+        f"{per}. Each candidate recipe was merged with mergekit and scored; the best recipe was kept."
+    )
 
 
 def _default_search(method: str) -> list[str]:
@@ -153,13 +161,15 @@ def _dfs_sentence(stage: Stage, fmt: str) -> str:
         else "The scales were folded into the layers' output projections (exact for pre-norm decoders), so the result "
         "is a standard checkpoint that loads in plain transformers."
     )
-    return (f"CMA-ES searched the data-flow space: every layer keeps its weights; the search chose which layers of the "
-            f"{n_models} models the hidden state passes through, in which order (the models' layers laid out in "
-            f"sequence and repeated {repeats} times), and a scale for the hidden state before each layer. "
-            f"The best path has {len(path.get('hops') or [])} hops. {form}")
+    return (
+        f"CMA-ES searched the data-flow space: every layer keeps its weights; the search chose which layers of the "
+        f"{n_models} models the hidden state passes through, in which order (the models' layers laid out in "
+        f"sequence and repeated {repeats} times), and a scale for the hidden state before each layer. "
+        f"The best path has {len(path.get('hops') or [])} hops. {form}"
+    )
 
 
-def _heldout_section(stages: list[Stage], root: Path, results: Optional[list[dict]]) -> str:
+def _heldout_section(stages: list[Stage], root: Path, results: list[dict] | None) -> str:
     final = stages[-1]
     rows = _result_rows(final, root, results)
     if not rows:
@@ -178,7 +188,7 @@ def row_runs(row: dict) -> set[Path]:
     return {Path(ref).absolute() for ref in refs}
 
 
-def _result_rows(final: Stage, root: Path, results: Optional[list[dict]]) -> list[tuple[str, dict]]:
+def _result_rows(final: Stage, root: Path, results: list[dict] | None) -> list[tuple[str, dict]]:
     rows: list[tuple[str, dict]] = []
     mine_found = False
     for row in results or []:
@@ -206,12 +216,16 @@ def _recipe_section(stages: list[Stage], root: Path, fmt: str) -> str:
 
             letters = ", ".join(f"{chr(65 + i)} = `{renames.get(m, m)}`" for i, m in enumerate(path["models"]))
             summary = DFSPath(hops=path["hops"], scales=path["scales"]).summary()
-            parts.append(f"Path ({letters}; model letter + layer index, `*scale` where not 1):\n\n```\n{summary}\n```\n")
+            parts.append(
+                f"Path ({letters}; model letter + layer index, `*scale` where not 1):\n\n```\n{summary}\n```\n"
+            )
         if stage.best_yaml:
             recipe = _rename(yaml.safe_load(stage.best_yaml), renames)
             what = "the folded passthrough recipe" if stage.name == "dfs" else "the merge recipe"
-            parts.append(f"mergekit YAML ({what}; `mergekit-yaml` builds the weights from it):\n\n"
-                         f"```yaml\n{_yaml(recipe).rstrip()}\n```\n")
+            parts.append(
+                f"mergekit YAML ({what}; `mergekit-yaml` builds the weights from it):\n\n"
+                f"```yaml\n{_yaml(recipe).rstrip()}\n```\n"
+            )
     notes = ["Local model paths are shown as folder names."] if any(is_local_path(r) for r in renames) else []
     if len(stages) > 1:
         notes.append(f"`{PS_STAGE_NAME}` is the parameter-space merge above.")
@@ -262,7 +276,10 @@ def _settings_rows(stage: Stage) -> list[tuple[str, str]]:
         rows += [
             ("merge method", f"`{g.merge_method}`" + (f" (base: `{hub_name(g.base_model)}`)" if g.base_model else "")),
             ("evolved parameters", ", ".join(g.search or _default_search(g.merge_method))),
-            ("layer granularity", f"{g.layer_granularity} layers per group" if g.layer_granularity else "one set for all layers"),
+            (
+                "layer granularity",
+                f"{g.layer_granularity} layers per group" if g.layer_granularity else "one set for all layers",
+            ),
         ]
         if g.filters:
             rows.append(("filters", ", ".join(g.filters) + ", rest"))
@@ -270,9 +287,15 @@ def _settings_rows(stage: Stage) -> list[tuple[str, str]]:
         rows.append(("merge method", f"`{config.template.get('merge_method')}` (template recipe)"))
     if stage.name == "dfs":
         rows.append(("DFS", f"repeats {config.dfs.repeats}, scales: {config.dfs.scales}"))
-    rows.append(("optimizer", f"CMA-ES, sigma0 {opt.sigma0:.4g}, population {_popsize(stage)}, seed {opt.seed}, "
-                              f"budget {opt.max_evals} evaluations" + (", diagonal" if opt.diagonal else "")
-                              + (f", {opt.restarts} IPOP restarts" if opt.restarts else "")))
+    rows.append(
+        (
+            "optimizer",
+            f"CMA-ES, sigma0 {opt.sigma0:.4g}, population {_popsize(stage)}, seed {opt.seed}, "
+            f"budget {opt.max_evals} evaluations"
+            + (", diagonal" if opt.diagonal else "")
+            + (f", {opt.restarts} IPOP restarts" if opt.restarts else ""),
+        )
+    )
     return rows
 
 
@@ -289,7 +312,11 @@ def _popsize(stage: Stage) -> str:
 def _data_section(stages: list[Stage]) -> str:
     final = stages[-1]
     text = f"The recipe was selected on: {selection_text(final)}."
-    heldout = [f"`{t.name}`: {Path(t.heldout).name}" for t in (final.config.fitness.tasks if final.config.fitness else []) if t.heldout]
+    heldout = [
+        f"`{t.name}`: {Path(t.heldout).name}"
+        for t in (final.config.fitness.tasks if final.config.fitness else [])
+        if t.heldout
+    ]
     if heldout:
         text += f" Held-out scores come from {', '.join(heldout)}, which took no part in the selection."
     if final.config.fitness is not None:

@@ -20,7 +20,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -42,9 +42,9 @@ class Stage:
     path: Path
     config: Any  # EvolveConfig
     evaluations: list[Evaluation] = field(default_factory=list)  # in CMA-ES order (by index)
-    best: Optional[BestFile] = None  # best.json (PS: + recipe; DFS: + path)
-    summary: Optional[Summary] = None  # summary.json (absent while the run is going on)
-    best_yaml: Optional[str] = None
+    best: BestFile | None = None  # best.json (PS: + recipe; DFS: + path)
+    summary: Summary | None = None  # summary.json (absent while the run is going on)
+    best_yaml: str | None = None
 
     @property
     def failures(self) -> int:
@@ -55,7 +55,7 @@ class Stage:
         return sum(1 for e in self.evaluations if e.cached)
 
     @property
-    def wall_seconds(self) -> Optional[float]:
+    def wall_seconds(self) -> float | None:
         """From summary.json; for a running search, the span of the recorded evaluations."""
         if self.summary:
             return float(self.summary.wall_seconds)
@@ -74,7 +74,10 @@ def load_stages(run_dir: str | Path) -> list[Stage]:
     """The stages of a run directory: ``[ps, dfs]`` for a ps+dfs run, else one stage."""
     run = RunDir(run_dir)
     if not run.is_run():
-        raise InputError(f"RUN_DIR: {run.path} has no config.yaml; pass the --out folder of a mergekit-evo run{runs_inside(run.path)}")
+        raise InputError(
+            f"RUN_DIR: {run.path} has no config.yaml; pass the --out folder of a mergekit-evo "
+            f"run{runs_inside(run.path)}"
+        )
     stages = [_load_stage(stage, stage.path.name) for stage in run.staged()]
     return stages or [_load_stage(run, _read_config(run.config).space)]
 
@@ -165,11 +168,25 @@ def plot_fitness(evaluations: list[Evaluation], out: Path, title: str = "Fitness
         cached = [e for e in ok if e.cached]
         failed = [e for e in evaluations if e.fitness is None]
         if fresh:
-            ax.scatter([e.index for e in fresh], [e.fitness for e in fresh], s=22, color="#1f77b4", alpha=0.75,
-                       label=f"evaluated candidate ({len(fresh)})", zorder=3)
+            ax.scatter(
+                [e.index for e in fresh],
+                [e.fitness for e in fresh],
+                s=22,
+                color="#1f77b4",
+                alpha=0.75,
+                label=f"evaluated candidate ({len(fresh)})",
+                zorder=3,
+            )
         if cached:
-            ax.scatter([e.index for e in cached], [e.fitness for e in cached], s=30, facecolors="none",
-                       edgecolors="#7f7f7f", label=f"repeat of an earlier recipe, not re-evaluated ({len(cached)})", zorder=3)
+            ax.scatter(
+                [e.index for e in cached],
+                [e.fitness for e in cached],
+                s=30,
+                facecolors="none",
+                edgecolors="#7f7f7f",
+                label=f"repeat of an earlier recipe, not re-evaluated ({len(cached)})",
+                zorder=3,
+            )
         _plot_best_so_far(ax, evaluations)
         _plot_failures(ax, ok, failed)
         _mark_generations(ax, evaluations)
@@ -182,8 +199,16 @@ def plot_fitness(evaluations: list[Evaluation], out: Path, title: str = "Fitness
             ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), title="each point = one candidate")
         if not ok:  # nothing to put on the fitness axis
             ax.set_yticks([])
-            ax.text(0.5, 0.6, "every candidate failed: see the errors in evaluations.jsonl" if evaluations
-                    else "no evaluations recorded yet", transform=ax.transAxes, ha="center", va="center")
+            ax.text(
+                0.5,
+                0.6,
+                "every candidate failed: see the errors in evaluations.jsonl"
+                if evaluations
+                else "no evaluations recorded yet",
+                transform=ax.transAxes,
+                ha="center",
+                va="center",
+            )
         return _save(fig, out)
 
 
@@ -196,10 +221,20 @@ def _plot_best_so_far(ax, evaluations: list[Evaluation]) -> None:
             xs.append(e.index)
             ys.append(best)
     if xs:
-        ax.step(xs, ys, where="post", color="#ff7f0e", linewidth=2.2, label=f"best so far (final {ys[-1]:.4g})", zorder=4)
+        ax.step(
+            xs, ys, where="post", color="#ff7f0e", linewidth=2.2, label=f"best so far (final {ys[-1]:.4g})", zorder=4
+        )
         top = max((e for e in evaluations if e.fitness == ys[-1]), key=lambda e: -e.index)
-        ax.scatter([top.index], [top.fitness], marker="*", s=220, color="#ff7f0e", edgecolors="black",
-                   zorder=5, label=f"best candidate (evaluation {top.index})")
+        ax.scatter(
+            [top.index],
+            [top.fitness],
+            marker="*",
+            s=220,
+            color="#ff7f0e",
+            edgecolors="black",
+            zorder=5,
+            label=f"best candidate (evaluation {top.index})",
+        )
 
 
 def _plot_failures(ax, ok: list[Evaluation], failed: list[Evaluation]) -> None:
@@ -209,8 +244,16 @@ def _plot_failures(ax, ok: list[Evaluation], failed: list[Evaluation]) -> None:
     values = [e.fitness for e in ok] or [0.0]
     lo, hi = min(values), max(values)
     y = lo - 0.08 * ((hi - lo) or 1.0)
-    ax.scatter([e.index for e in failed], [y] * len(failed), marker="x", s=40, color="#d62728", linewidths=2,
-               label=f"failed, no fitness ({len(failed)})", zorder=3)
+    ax.scatter(
+        [e.index for e in failed],
+        [y] * len(failed),
+        marker="x",
+        s=40,
+        color="#d62728",
+        linewidths=2,
+        label=f"failed, no fitness ({len(failed)})",
+        zorder=3,
+    )
 
 
 def _mark_generations(ax, evaluations: list[Evaluation]) -> None:
@@ -220,8 +263,13 @@ def _mark_generations(ax, evaluations: list[Evaluation]) -> None:
     if 1 < len(starts) <= 60:  # beyond that the lines would hide the points
         later = [x for gen, x in starts.items() if gen != 1]
         for i, x in enumerate(later):
-            ax.axvline(x - 0.5, color="#bbbbbb", linewidth=0.8, zorder=1,
-                       label=f"start of a generation ({len(starts)} in all)" if i == 0 else None)
+            ax.axvline(
+                x - 0.5,
+                color="#bbbbbb",
+                linewidth=0.8,
+                zorder=1,
+                label=f"start of a generation ({len(starts)} in all)" if i == 0 else None,
+            )
 
 
 def ps_parameter_table(genome_config, num_layers: int, genome: list[float]) -> list[dict]:
@@ -253,7 +301,7 @@ def ps_parameter_table(genome_config, num_layers: int, genome: list[float]) -> l
     return list(panels.values())
 
 
-def _filter_label(filters: list[str], index: int, n_sets: int) -> Optional[str]:
+def _filter_label(filters: list[str], index: int, n_sets: int) -> str | None:
     if n_sets == 1:
         return None
     return f"tensors matching '{filters[index]}'" if index < len(filters) else "all other tensors"
@@ -298,14 +346,20 @@ def _heatmap(fig, ax, panel: dict, model_names: list[str]) -> None:
     image = ax.imshow(masked, cmap=cmap, vmin=panel["lo"], vmax=panel["hi"], aspect="auto")
     rows = ["shared by all models"] if panel["shared"] else model_names
     ax.set_yticks(range(len(rows)), rows)
-    ax.set_xticks(range(values.shape[1]), panel["groups"], rotation=30 if values.shape[1] > 4 else 0,
-                  ha="right" if values.shape[1] > 4 else "center")
+    ax.set_xticks(
+        range(values.shape[1]),
+        panel["groups"],
+        rotation=30 if values.shape[1] > 4 else 0,
+        ha="right" if values.shape[1] > 4 else "center",
+    )
     ax.set_xlabel("layer group")
     ax.set_ylabel("" if panel["shared"] else "source model")
     ax.set_title(panel["param"] + (f"\n{panel['filter']}" if panel["filter"] else ""))
     if values.size <= 240:
         for (i, j), v in np.ndenumerate(values):
-            text, colour = ("not used\n(base)", "#444444") if math.isnan(v) else (f"{v:.2f}", _text_colour(cmap, v, panel))
+            text, colour = (
+                ("not used\n(base)", "#444444") if math.isnan(v) else (f"{v:.2f}", _text_colour(cmap, v, panel))
+            )
             ax.text(j, i, text, ha="center", va="center", fontsize=10 if not math.isnan(v) else 8, color=colour)
     bar = fig.colorbar(image, ax=ax, shrink=0.9)
     bar.set_label(f"{panel['param']} (range {panel['lo']:g} to {panel['hi']:g})")
@@ -323,15 +377,23 @@ def _text_colour(cmap, value: float, panel: dict) -> str:
     return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.55 else "white"
 
 
-def plot_template_values(markers: list, values: list[float], out: Path, title: str, labels: list[str] | None = None) -> Path:
+def plot_template_values(
+    markers: list, values: list[float], out: Path, title: str, labels: list[str] | None = None
+) -> Path:
     """Template runs: each marked number's best value inside its search range."""
     labels = labels or [m.where for m in markers]
     with _style():
         fig = _figure(10, max(2.6, 0.6 * len(markers) + 1.6))
         ax = fig.add_subplot()
         for i, (m, v) in enumerate(zip(markers, values)):
-            ax.plot([m.lo, m.hi], [i, i], color="#cccccc", linewidth=8, solid_capstyle="butt",
-                    label="search range" if i == 0 else None)
+            ax.plot(
+                [m.lo, m.hi],
+                [i, i],
+                color="#cccccc",
+                linewidth=8,
+                solid_capstyle="butt",
+                label="search range" if i == 0 else None,
+            )
             ax.scatter([v], [i], color="#1f77b4", s=60, zorder=3, label="best value" if i == 0 else None)
             ax.annotate(f"{v:.3g}", (v, i), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=9)
         ax.set_yticks(range(len(markers)), labels)
@@ -356,7 +418,9 @@ def template_labels(template: dict, markers: list, run_root: Path | None = None)
     return labels
 
 
-def plot_dfs_path(path: dict, out: Path, title: str = "Best data-flow path", model_names: list[str] | None = None) -> Path:
+def plot_dfs_path(
+    path: dict, out: Path, title: str = "Best data-flow path", model_names: list[str] | None = None
+) -> Path:
     """The path of a DFS candidate (``best.json``'s ``path``): which model's layer each hop runs
     (top) and the scale the hidden state gets before it (bottom)."""
     hops = [tuple(h) for h in path.get("hops", [])]
@@ -387,12 +451,25 @@ def _draw_hops(ax, x: list[int], hops: list[tuple], names: list[str], base: int 
         # model A always gives the embeddings, final norm and lm_head, even when none of its layers is used
         unused = " (embeddings and head only)" if m == base else " (not on the path)"
         label = f"{chr(65 + m)}: {names[m] if m < len(names) else m}" + ("" if idx else unused)
-        ax.scatter([x[i] for i in idx], [hops[i][1] for i in idx], s=70, color=MODEL_COLOURS[m % len(MODEL_COLOURS)],
-                   edgecolors="black", zorder=3, label=label)
+        ax.scatter(
+            [x[i] for i in idx],
+            [hops[i][1] for i in idx],
+            s=70,
+            color=MODEL_COLOURS[m % len(MODEL_COLOURS)],
+            edgecolors="black",
+            zorder=3,
+            label=label,
+        )
     if len(hops) <= 48:  # the hop's name as in DFSPath.summary: model letter + layer
         for xi, (m, layer) in zip(x, hops):
-            ax.annotate(f"{chr(65 + m)}{layer}", (xi, layer), textcoords="offset points", xytext=(0, 9),
-                        ha="center", fontsize=9 if len(hops) <= 24 else 7)
+            ax.annotate(
+                f"{chr(65 + m)}{layer}",
+                (xi, layer),
+                textcoords="offset points",
+                xytext=(0, 9),
+                ha="center",
+                fontsize=9 if len(hops) <= 24 else 7,
+            )
     max_layer = max(layer for _, layer in hops)
     ax.set_ylim(-0.6, max_layer + 0.9)
     ax.yaxis.get_major_locator().set_params(integer=True)
@@ -404,8 +481,14 @@ def _draw_scales(ax, x: list[int], hops: list[tuple], scales: list[float]) -> No
     bars = ax.bar(x, scales, color=colours, edgecolor="black", linewidth=0.5)
     ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="1.0 = unscaled")
     if len(x) <= 48:
-        ax.bar_label(bars, fmt="%.2f", label_type="center", color="white", fontsize=8 if len(x) > 16 else 10,
-                     rotation=90 if len(x) > 16 else 0)
+        ax.bar_label(
+            bars,
+            fmt="%.2f",
+            label_type="center",
+            color="white",
+            fontsize=8 if len(x) > 16 else 10,
+            rotation=90 if len(x) > 16 else 0,
+        )
     ax.set_ylim(0, max(max(scales, default=1.0), 1.0) * 1.2)
     ax.set_xticks(x if len(x) <= 40 else x[:: max(1, len(x) // 20)])
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -437,32 +520,37 @@ def render_report(run_dir: str | Path, out: str | Path | None = None) -> tuple[P
 
 def stage_images(stage: Stage, out: Path, root: Path, prefix: str = "") -> list[tuple[str, Path]]:
     """Draw one stage's plots; returns (caption, path) pairs."""
-    images = [("Fitness of every evaluation", plot_fitness(
-        stage.evaluations, out / f"{prefix}fitness.png", f"Fitness during the search: {STAGE_TITLES.get(stage.name, stage.name)}"))]
-    if stage.best is None:
-        return images
-    headline = f"best: evaluation {stage.best.index}, fitness {stage.best.fitness:.4g}"
-    if stage.best.path is not None:
-        path = stage.best.path
-        images.append(("Best data-flow path", plot_dfs_path(
-            path, out / "dfs_path.png", f"Best DFS path: {len(path['hops'])} hops ({headline})",
-            display_names(list(path["models"]), root))))
-    elif stage.config.genome is not None:
-        num_layers = _num_layers(stage)
-        panels = ps_parameter_table(stage.config.genome, num_layers, stage.best.genome)
-        names = display_names(list(stage.config.genome.models), root)
-        images.append(("Evolved merge parameters", plot_ps_parameters(
-            panels, names, out / "ps_parameters.png",
-            f"Best genome: {stage.config.genome.merge_method} parameters per layer group and source model\n({headline})")))
-    elif stage.config.template is not None:
+    title = f"Fitness during the search: {STAGE_TITLES.get(stage.name, stage.name)}"
+    images = [("Fitness of every evaluation", plot_fitness(stage.evaluations, out / f"{prefix}fitness.png", title))]
+    if stage.best is not None:
+        images.append(_best_image(stage, out, root))
+    return [image for image in images if image is not None]
+
+
+def _best_image(stage: Stage, out: Path, root: Path) -> tuple[str, Path] | None:
+    """The best candidate drawn: its DFS path, its PS parameters or its template values."""
+    best, config = stage.best, stage.config
+    headline = f"best: evaluation {best.index}, fitness {best.fitness:.4g}"
+    if best.path is not None:
+        names = display_names(list(best.path["models"]), root)
+        title = f"Best DFS path: {len(best.path['hops'])} hops ({headline})"
+        return "Best data-flow path", plot_dfs_path(best.path, out / "dfs_path.png", title, names)
+    if config.genome is not None:
+        panels = ps_parameter_table(config.genome, _num_layers(stage), best.genome)
+        names = display_names(list(config.genome.models), root)
+        title = f"Best genome: {config.genome.merge_method} parameters per layer group and source model\n({headline})"
+        return "Evolved merge parameters", plot_ps_parameters(panels, names, out / "ps_parameters.png", title)
+    if config.template is not None:
         from mergekit_evolve.space.template import TemplateSpace
 
-        space = TemplateSpace(stage.config.template)
-        images.append(("Evolved template values", plot_template_values(
-            space.markers, space.values(stage.best.genome[: space.dim]), out / "ps_template.png",
-            f"Best values of the template's marked numbers\n({headline})",
-            template_labels(stage.config.template, space.markers, root))))
-    return images
+        space = TemplateSpace(config.template)
+        values = space.values(best.genome[: space.dim])
+        labels = template_labels(config.template, space.markers, root)
+        title = f"Best values of the template's marked numbers\n({headline})"
+        return "Evolved template values", plot_template_values(
+            space.markers, values, out / "ps_template.png", title, labels
+        )
+    return None
 
 
 def _num_layers(stage: Stage) -> int:
@@ -481,7 +569,10 @@ def _num_layers(stage: Stage) -> int:
         return int(max(ends))
     if genome.layer_granularity == 0:
         return 1  # one group: the count does not change the genes
-    raise InputError(f"{stage.path}: cannot tell the models' layer count (no model/config.json); report needs the merged model or the sources")
+    raise InputError(
+        f"{stage.path}: cannot tell the models' layer count (no model/config.json); report needs the merged model or "
+        "the sources"
+    )
 
 
 def _report_header(root: Path, stages: list[Stage]) -> str:
@@ -489,8 +580,10 @@ def _report_header(root: Path, stages: list[Stage]) -> str:
     lines = [f"# mergekit-evo report: `{root.name}`\n", f"Run directory: `{root}`  \nSearch space: **{space}**\n"]
     if len(stages) > 1:
         total = sum(len(s.evaluations) for s in stages)
-        lines.append(f"Two stages: PS, then DFS over the PS model and the sources ({total} evaluations in all). "
-                     "The DFS stage's best is the final model.\n")
+        lines.append(
+            f"Two stages: PS, then DFS over the PS model and the sources ({total} evaluations in all). "
+            "The DFS stage's best is the final model.\n"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -513,8 +606,10 @@ def _recipe_section(stage: Stage) -> str:
     if stage.best_yaml:
         return f"### Best recipe (`best.yaml`, plain mergekit YAML)\n\n```yaml\n{stage.best_yaml.rstrip()}\n```\n"
     if stage.best is not None and stage.best.path is not None:
-        return ("### Best recipe\n\nThis path does not fold into a standard checkpoint; export it with "
-                "`mergekit-evo export RUN_DIR --format custom`.\n")
+        return (
+            "### Best recipe\n\nThis path does not fold into a standard checkpoint; export it with "
+            "`mergekit-evo export RUN_DIR --format custom`.\n"
+        )
     return "### Best recipe\n\nNo successful candidate yet.\n"
 
 
@@ -523,7 +618,12 @@ def summary_rows(stage: Stage) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     best = stage.best
     if best is not None:
-        rows.append(("best fitness (selection data)", f"{best.fitness:.4f} (evaluation {best.index}, generation {best.generation})"))
+        rows.append(
+            (
+                "best fitness (selection data)",
+                f"{best.fitness:.4f} (evaluation {best.index}, generation {best.generation})",
+            )
+        )
         if len(best.scores) > 1:
             rows.append(("fitness per task", _scores(best.scores)))
     else:
@@ -558,8 +658,13 @@ def selection_text(stage: Stage) -> str:
     """The data that chose the winner: task names and file names (never the held-out split)."""
     config = stage.config
     if config.fitness is not None:
-        return ", ".join(f"`{t.name}`: {Path(t.data).name}" + (f" (first {t.limit})" if t.limit else "") for t in config.fitness.tasks)
-    return ", ".join(f"lm-eval `{t.name}` ({t.metric})" for t in config.tasks or []) + (f", limit {config.limit}" if config.limit else "")
+        return ", ".join(
+            f"`{t.name}`: {Path(t.data).name}" + (f" (first {t.limit})" if t.limit else "")
+            for t in config.fitness.tasks
+        )
+    return ", ".join(f"lm-eval `{t.name}` ({t.metric})" for t in config.tasks or []) + (
+        f", limit {config.limit}" if config.limit else ""
+    )
 
 
 def _scores(scores: dict[str, float]) -> str:
@@ -570,7 +675,7 @@ def format_score(value) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def _duration(seconds: Optional[float]) -> str:
+def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     if seconds < 120:

@@ -7,7 +7,7 @@ imported only when a logger is created.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from mergekit_evolve.errors import InputError
 from mergekit_evolve.search.records import Evaluation, Summary
@@ -27,11 +27,18 @@ def require_wandb():
 class WandbLogger:
     """One wandb run per search. ``mode="offline"`` writes locally (wandb's own option)."""
 
-    def __init__(self, project: str, *, name: Optional[str] = None, entity: Optional[str] = None,
-                 config: Optional[dict[str, Any]] = None, mode: Optional[str] = None):
+    def __init__(
+        self,
+        project: str,
+        *,
+        name: str | None = None,
+        entity: str | None = None,
+        config: dict[str, Any] | None = None,
+        mode: str | None = None,
+    ):
         wandb = require_wandb()
         self.run = wandb.init(project=project, name=name, entity=entity, config=config or {}, mode=mode)
-        self.best: Optional[float] = None
+        self.best: float | None = None
 
     def log_evaluation(self, record: Evaluation) -> None:
         fitness = record.fitness
@@ -51,14 +58,16 @@ class WandbLogger:
 
     def log_summary(self, summary: Summary) -> None:
         best = summary.best
-        self.run.summary.update({
-            "best_fitness": best.fitness,
-            "heldout_total": best.heldout_total,
-            **{f"heldout/{k}": v for k, v in (best.heldout or {}).items()},
-            "evaluations": summary.evaluations,
-            "failures": summary.failures,
-            "wall_seconds": summary.wall_seconds,
-        })
+        self.run.summary.update(
+            {
+                "best_fitness": best.fitness,
+                "heldout_total": best.heldout_total,
+                **{f"heldout/{k}": v for k, v in (best.heldout or {}).items()},
+                "evaluations": summary.evaluations,
+                "failures": summary.failures,
+                "wall_seconds": summary.wall_seconds,
+            }
+        )
 
     def finish(self) -> None:
         self.run.finish()

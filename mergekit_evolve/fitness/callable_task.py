@@ -31,22 +31,32 @@ def load_function(task: TaskConfig, base_dir: Path) -> FitnessFunction:
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # any failure while importing user code is a config problem
-        raise task.field_error("function", f"cannot import {module_name!r} ({type(exc).__name__}: {exc})", f"put {module_name}.py next to the config file or on PYTHONPATH") from None
+        raise task.field_error(
+            "function",
+            f"cannot import {module_name!r} ({type(exc).__name__}: {exc})",
+            f"put {module_name}.py next to the config file or on PYTHONPATH",
+        ) from None
     finally:
         if added:
             sys.path.remove(str(base_dir))
     function = getattr(module, function_name, None)
     if not callable(function):
-        raise task.field_error("function", f"{module_name!r} has no function {function_name!r}", "fix the name after the colon")
+        raise task.field_error(
+            "function", f"{module_name!r} has no function {function_name!r}", "fix the name after the colon"
+        )
     return function
 
 
-def evaluate_callable(function: FitnessFunction, task: TaskConfig, model: Any, tokenizer: Any, rows: list[Row], split: str) -> Outcome:
+def evaluate_callable(
+    function: FitnessFunction, task: TaskConfig, model: Any, tokenizer: Any, rows: list[Row], split: str
+) -> Outcome:
     value = function(model, tokenizer, [dict(row.values) for row in rows], split)
     try:
         score = float(value)
     except (TypeError, ValueError):
-        raise InputError(f"tasks.{task.name}.function: {task.function} returned {value!r}; return a float (higher is better)") from None
+        raise InputError(
+            f"tasks.{task.name}.function: {task.function} returned {value!r}; return a float (higher is better)"
+        ) from None
     if math.isnan(score):
         raise CandidateError(f"task {task.name}: {task.function} returned NaN")
     return Outcome(score=score, metric="callable")

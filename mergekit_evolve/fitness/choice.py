@@ -42,7 +42,9 @@ def prepare_choice(task: TaskConfig, rows: list[Row], fewshot: list[Row], tokeni
     )
 
 
-def evaluate_choice(runner: ModelRunner, task: TaskConfig, examples: ChoiceExamples, tokenizer: Any, batch_size: int) -> Outcome:
+def evaluate_choice(
+    runner: ModelRunner, task: TaskConfig, examples: ChoiceExamples, tokenizer: Any, batch_size: int
+) -> Outcome:
     logprobs, tokens = continuation_logprobs(runner, examples.pairs, pad_token_id(tokenizer), batch_size)
     scores = [float(lp.double().sum()) for lp in logprobs]
     if task.choice_norm:

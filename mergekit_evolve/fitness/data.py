@@ -61,7 +61,11 @@ def _split_off_fewshot(task: TaskConfig, rows: list[Row], base_dir: Path) -> tup
         if task.shuffle:
             random.Random(task.seed).shuffle(pool)
         if len(pool) < k:
-            raise task.field_error("num_fewshot", f"{k} few-shot examples asked, {task.fewshot_data} has {len(pool)} rows", "lower num_fewshot or add rows")
+            raise task.field_error(
+                "num_fewshot",
+                f"{k} few-shot examples asked, {task.fewshot_data} has {len(pool)} rows",
+                "lower num_fewshot or add rows",
+            )
         return rows, pool[:k]
     if len(rows) <= k:
         raise task.field_error(
@@ -81,7 +85,9 @@ def read_checked(task: TaskConfig, field: str, path: Path) -> list[Row]:
 
 def read_rows(task: TaskConfig, field: str, path: Path) -> list[Row]:
     if not path.is_file():
-        raise task.field_error(field, f"{path} does not exist", "fix the path (relative paths start at the config file's folder)")
+        raise task.field_error(
+            field, f"{path} does not exist", "fix the path (relative paths start at the config file's folder)"
+        )
     suffix = path.suffix.lower()
     if suffix in JSONL_SUFFIXES:
         rows = _read_jsonl(task, field, path)
@@ -90,7 +96,9 @@ def read_rows(task: TaskConfig, field: str, path: Path) -> list[Row]:
     elif suffix == ".csv":
         rows = _read_csv(task, field, path)
     else:
-        raise task.field_error(field, f"{path} has an unknown format {suffix!r}", "use .jsonl, .json (a list of objects) or .csv")
+        raise task.field_error(
+            field, f"{path} has an unknown format {suffix!r}", "use .jsonl, .json (a list of objects) or .csv"
+        )
     if not rows:
         raise task.field_error(field, f"{path} has no rows", "add rows or point to the right file")
     return rows
@@ -106,7 +114,9 @@ def _read_jsonl(task: TaskConfig, field: str, path: Path) -> list[Row]:
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise task.field_error(field, f"{where} is not valid JSON ({exc.msg})", "fix that line (one JSON object per line)") from None
+                raise task.field_error(
+                    field, f"{where} is not valid JSON ({exc.msg})", "fix that line (one JSON object per line)"
+                ) from None
             rows.append(_as_row(task, field, value, where))
     return rows
 
@@ -115,9 +125,13 @@ def _read_json_list(task: TaskConfig, field: str, path: Path) -> list[Row]:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise task.field_error(field, f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})", "fix the file") from None
+        raise task.field_error(
+            field, f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})", "fix the file"
+        ) from None
     if not isinstance(value, list):
-        raise task.field_error(field, f"{path} holds a JSON {type(value).__name__}, not a list of rows", "use a list of objects or JSONL")
+        raise task.field_error(
+            field, f"{path} holds a JSON {type(value).__name__}, not a list of rows", "use a list of objects or JSONL"
+        )
     return [_as_row(task, field, item, f"item {i} of {path}") for i, item in enumerate(value, start=1)]
 
 
@@ -128,14 +142,18 @@ def _read_csv(task: TaskConfig, field: str, path: Path) -> list[Row]:
         for record in reader:
             where = f"line {reader.line_num} of {path}"
             if None in record:  # more cells than header names
-                raise task.field_error(field, f"{where} has more cells than the header", "quote cells that contain commas")
+                raise task.field_error(
+                    field, f"{where} has more cells than the header", "quote cells that contain commas"
+                )
             rows.append(Row(values=dict(record), where=where))
     return rows
 
 
 def _as_row(task: TaskConfig, field: str, value: Any, where: str) -> Row:
     if not isinstance(value, dict):
-        raise task.field_error(field, f"{where} is a JSON {type(value).__name__}, not an object", "write one object per row")
+        raise task.field_error(
+            field, f"{where} is a JSON {type(value).__name__}, not an object", "write one object per row"
+        )
     return Row(values=value, where=where)
 
 
@@ -148,7 +166,11 @@ def is_token_ids(value: Any) -> bool:
 
 def token_id_rows(task: TaskConfig, rows: list[Row]) -> bool:
     """True for a perplexity task whose rows hold token ids (lists of ints): it needs no tokenizer."""
-    return task.kind == "perplexity" and bool(rows) and all(isinstance(r.values.get(task.answer_field), list) for r in rows)
+    return (
+        task.kind == "perplexity"
+        and bool(rows)
+        and all(isinstance(r.values.get(task.answer_field), list) for r in rows)
+    )
 
 
 def check_row(task: TaskConfig, field: str, row: Row) -> None:
@@ -162,7 +184,9 @@ def check_row(task: TaskConfig, field: str, row: Row) -> None:
     if task.kind == "generate":
         answer = _answer_text(task, field, row)
         if task.extract == "last_number" and last_number(answer) is None:
-            raise task.field_error(field, f"{row.where}: answer {answer!r} has no number", "extract: last_number needs numeric answers")
+            raise task.field_error(
+                field, f"{row.where}: answer {answer!r} has no number", "extract: last_number needs numeric answers"
+            )
     elif task.kind == "perplexity":
         _text(task, field, row, task.answer_field, "answer_field", allow_empty=False)
     elif task.kind == "choice":
@@ -176,11 +200,23 @@ def _check_token_id_row(task: TaskConfig, field: str, row: Row) -> None:
     prompt = row.values.get(task.prompt_field) if task.prompt_field is not None else None
     for name, value in ((task.answer_field, answer), (task.prompt_field, prompt)):
         if value is not None and not is_token_ids(value):
-            raise task.field_error(field, f"{row.where}: field {name!r} is a list but not of token ids", "write non-negative integers, or text")
+            raise task.field_error(
+                field,
+                f"{row.where}: field {name!r} is a list but not of token ids",
+                "write non-negative integers, or text",
+            )
     if len(answer) + len(prompt or []) < 2 or not answer:
-        raise task.field_error(field, f"{row.where}: {task.answer_field!r} has no token to predict from another", "give at least two token ids in all")
+        raise task.field_error(
+            field,
+            f"{row.where}: {task.answer_field!r} has no token to predict from another",
+            "give at least two token ids in all",
+        )
     if task.num_fewshot or task.apply_chat_template:
-        raise task.field_error(field, f"{row.where}: token-id rows cannot take few-shot examples or a chat template", "use text rows, or set num_fewshot: 0 and apply_chat_template: false")
+        raise task.field_error(
+            field,
+            f"{row.where}: token-id rows cannot take few-shot examples or a chat template",
+            "use text rows, or set num_fewshot: 0 and apply_chat_template: false",
+        )
 
 
 def _require(task: TaskConfig, field: str, row: Row, name: str, setting: str) -> Any:
@@ -192,7 +228,9 @@ def _require(task: TaskConfig, field: str, row: Row, name: str, setting: str) ->
 def _text(task: TaskConfig, field: str, row: Row, name: str, setting: str, allow_empty: bool) -> str:
     value = _require(task, field, row, name, setting)
     if not isinstance(value, str):
-        raise task.field_error(field, f"{row.where}: field {name!r} is a {type(value).__name__}, not a string", "quote it")
+        raise task.field_error(
+            field, f"{row.where}: field {name!r} is a {type(value).__name__}, not a string", "quote it"
+        )
     if not allow_empty and not value:
         raise task.field_error(field, f"{row.where}: field {name!r} is empty", "remove the row or fill the field")
     return value
@@ -206,7 +244,9 @@ def answer_text(task: TaskConfig, values: dict[str, Any]) -> str:
 def _answer_text(task: TaskConfig, field: str, row: Row) -> str:
     value = _require(task, field, row, task.answer_field, "answer_field")
     if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise task.field_error(field, f"{row.where}: answer {value!r} is not text or a number", "write the answer as a string")
+        raise task.field_error(
+            field, f"{row.where}: answer {value!r} is not text or a number", "write the answer as a string"
+        )
     return answer_text(task, row.values)
 
 
@@ -222,9 +262,15 @@ def _choices(task: TaskConfig, field: str, row: Row) -> list[str]:
     except json.JSONDecodeError:
         choices = None
     if not isinstance(choices, list) or not all(isinstance(c, str) and c for c in choices):
-        raise task.field_error(field, f"{row.where}: {task.choices_field!r} is not a list of non-empty strings", 'write e.g. ["yes", "no"] (in CSV: a JSON list in one cell)')
+        raise task.field_error(
+            field,
+            f"{row.where}: {task.choices_field!r} is not a list of non-empty strings",
+            'write e.g. ["yes", "no"] (in CSV: a JSON list in one cell)',
+        )
     if len(choices) < 2:
-        raise task.field_error(field, f"{row.where}: {task.choices_field!r} has {len(choices)} choice", "give at least 2 choices")
+        raise task.field_error(
+            field, f"{row.where}: {task.choices_field!r} has {len(choices)} choice", "give at least 2 choices"
+        )
     return choices
 
 
@@ -234,9 +280,17 @@ def label_index(task: TaskConfig, values: dict[str, Any]) -> int:
 
 def _label(task: TaskConfig, field: str, row: Row, num_choices: int) -> None:
     value = _require(task, field, row, task.label_field, "label_field")
-    valid = (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value.strip().isdigit())
+    valid = (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, str) and value.strip().isdigit()
+    )
     if not valid:
-        raise task.field_error(field, f"{row.where}: label {value!r} is not a choice index", f"use an integer from 0 to {num_choices - 1}")
+        raise task.field_error(
+            field, f"{row.where}: label {value!r} is not a choice index", f"use an integer from 0 to {num_choices - 1}"
+        )
     label = label_index(task, row.values)
     if not 0 <= label < num_choices:
-        raise task.field_error(field, f"{row.where}: label {label} is out of range for {num_choices} choices", f"use an integer from 0 to {num_choices - 1}")
+        raise task.field_error(
+            field,
+            f"{row.where}: label {label} is out of range for {num_choices} choices",
+            f"use an integer from 0 to {num_choices - 1}",
+        )

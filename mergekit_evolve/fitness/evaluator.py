@@ -113,7 +113,7 @@ class Fitness:
             prepared.examples[split] = PREPARE[task.kind](task, split_rows, loaded.fewshot, self.tokenizer)
         return prepared
 
-    def hold_back(self, fraction: float, seed: int) -> "Fitness":
+    def hold_back(self, fraction: float, seed: int) -> Fitness:
         """A copy whose ``validation`` split holds ``fraction`` of each task's fitness rows (a seeded draw,
         at least one row) and whose ``fitness`` split keeps the others: rows a search never selects on,
         on which its result can be confirmed without touching the held-out split."""
@@ -125,10 +125,17 @@ class Fitness:
         rows = task.rows["fitness"]
         count = min(len(rows) - 1, max(1, round(fraction * len(rows))))
         chosen = set(random.Random(VALIDATION_SHUFFLE_SEED + seed).sample(range(len(rows)), count))
-        split = {"fitness": [r for i, r in enumerate(rows) if i not in chosen],
-                 "validation": [r for i, r in enumerate(rows) if i in chosen]}
-        held = _Task(config=task.config, rows={**task.rows, **split}, examples=dict(task.examples),
-                     function=task.function, fewshot=task.fewshot)
+        split = {
+            "fitness": [r for i, r in enumerate(rows) if i not in chosen],
+            "validation": [r for i, r in enumerate(rows) if i in chosen],
+        }
+        held = _Task(
+            config=task.config,
+            rows={**task.rows, **split},
+            examples=dict(task.examples),
+            function=task.function,
+            fewshot=task.fewshot,
+        )
         if task.function is None:
             for name, part in split.items():
                 held.examples[name] = PREPARE[task.config.kind](task.config, part, task.fewshot, self.tokenizer)
@@ -182,18 +189,26 @@ class Fitness:
             chosen = sorted(order[round(part[0] * len(rows)) : round(part[1] * len(rows))])
             task.part_rows[part] = [rows[i] for i in chosen]
             if task.function is None and chosen:
-                task.part_examples[part] = PREPARE[task.config.kind](task.config, task.part_rows[part], task.fewshot, self.tokenizer)
+                task.part_examples[part] = PREPARE[task.config.kind](
+                    task.config, task.part_rows[part], task.fewshot, self.tokenizer
+                )
         return task.part_rows[part], task.part_examples.get(part)
 
     def _subsample(self, task: _Task, sample: Subsample) -> tuple[list[Row], Any]:
         # A generation scores all its candidates on one subsample: keep only the latest one prepared.
         if task.sample is None or task.sample[0] != sample:
             rows = [task.rows["fitness"][i] for i in sample.of(task.config.name)]
-            examples = None if task.function is not None or not rows else PREPARE[task.config.kind](task.config, rows, task.fewshot, self.tokenizer)
+            examples = (
+                None
+                if task.function is not None or not rows
+                else PREPARE[task.config.kind](task.config, rows, task.fewshot, self.tokenizer)
+            )
             task.sample = (sample, rows, examples)
         return task.sample[1], task.sample[2]
 
-    def _evaluate_task(self, task: _Task, runner: ModelRunner, split: Split, rows: list[Row], examples: Any) -> TaskResult:
+    def _evaluate_task(
+        self, task: _Task, runner: ModelRunner, split: Split, rows: list[Row], examples: Any
+    ) -> TaskResult:
         config = task.config
         start = time.perf_counter()
         if task.function is not None:

@@ -35,7 +35,11 @@ def prepare_generate(task: TaskConfig, rows: list[Row], fewshot: list[Row], toke
     prompt_ids = encode(task, tokenizer, texts)
     for ids, text, row in zip(prompt_ids, texts, rows):
         if not ids:
-            raise task.field_error("data", _no_prompt_tokens(text, row), "give every row a prompt the tokenizer encodes (or use a tokenizer that knows its characters)")
+            raise task.field_error(
+                "data",
+                _no_prompt_tokens(text, row),
+                "give every row a prompt the tokenizer encodes (or use a tokenizer that knows its characters)",
+            )
     references = [reference(answer_text(task, row.values), task.extract) for row in rows]
     return GenerateExamples(prompt_ids=prompt_ids, references=references)
 
@@ -46,7 +50,9 @@ def _no_prompt_tokens(text: str, row: Row) -> str:
     return f"{row.where}: the tokenizer produced no tokens for the prompt {text[:40]!r} (and adds no BOS token)"
 
 
-def evaluate_generate(runner: ModelRunner, task: TaskConfig, examples: GenerateExamples, tokenizer: Any, batch_size: int) -> Outcome:
+def evaluate_generate(
+    runner: ModelRunner, task: TaskConfig, examples: GenerateExamples, tokenizer: Any, batch_size: int
+) -> Outcome:
     texts, tokens = greedy_generate(
         runner,
         examples.prompt_ids,
@@ -159,11 +165,17 @@ def _decode_batch(
             keep = [k for k, row in enumerate(live) if row in running]
             keep_index = torch.tensor(keep, device=runner.device)
             cache.batch_select_indices(keep_index)
-            next_tokens, attention_mask, position_ids = next_tokens[keep_index], attention_mask[keep_index], position_ids[keep_index]
+            next_tokens, attention_mask, position_ids = (
+                next_tokens[keep_index],
+                attention_mask[keep_index],
+                position_ids[keep_index],
+            )
             live = [live[k] for k in keep]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(live), 1))], dim=1)
         position_ids = position_ids[:, -1:] + 1
-        logits, cache = runner.forward(next_tokens[:, None], attention_mask, position_ids, cache, use_cache=True, last_logits_only=True)
+        logits, cache = runner.forward(
+            next_tokens[:, None], attention_mask, position_ids, cache, use_cache=True, last_logits_only=True
+        )
     return generated
 
 

@@ -161,7 +161,9 @@ def reported_metrics(loaded: LoadedTask) -> dict[str, bool]:
     leaves = group.get_all_tasks()
     out = {}
     for agg in group.aggregate_metric_list or []:
-        filters = agg.filter_list or sorted({f.name for t in leaves if agg.metric in t.aggregation() for f in t._filters})
+        filters = agg.filter_list or sorted(
+            {f.name for t in leaves if agg.metric in t.aggregation() for f in t._filters}
+        )
         better = [t.higher_is_better().get(agg.metric, True) for t in leaves if agg.metric in t.aggregation()]
         for name in filters:
             out[f"{agg.metric},{name}"] = all(better)
@@ -293,18 +295,26 @@ class LmEvalFitness:
         for name in names:
             if name not in manager.all_tasks:
                 hint = " (add its folder to task_search_path)" if not self.config.task_search_path else ""
-                raise InputError(f"tasks: unknown lm-eval task {name!r}{hint}; check the name with lm_eval --tasks list")
+                raise InputError(
+                    f"tasks: unknown lm-eval task {name!r}{hint}; check the name with lm_eval --tasks list"
+                )
 
     def _load(self, manager, entry) -> LoadedTask:
         try:
             out = manager.load([entry.name])
         except Exception as err:  # lm-eval raises whatever its loaders raise: report it in one line
-            raise InputError(f"tasks.{entry.name}: lm-eval could not load it ({_first_line(err)}); check the task's YAML and data files") from None
+            raise InputError(
+                f"tasks.{entry.name}: lm-eval could not load it ({_first_line(err)}); check the task's YAML and data "
+                "files"
+            ) from None
         loaded = LoadedTask(config=entry, tasks=out["tasks"], groups=out.get("groups", {}))
         for task in loaded.tasks.values():
             configure_task(task, self.config.num_fewshot)
         if entry.name not in loaded.tasks and not loaded.is_group:
-            raise InputError(f"tasks.{entry.name}: is a tag of {len(loaded.tasks)} tasks, which lm-eval reports no score for; list its tasks (or a group) instead")
+            raise InputError(
+                f"tasks.{entry.name}: is a tag of {len(loaded.tasks)} tasks, which lm-eval reports no score for; "
+                "list its tasks (or a group) instead"
+            )
         return loaded
 
     def _check_metric(self, loaded: LoadedTask) -> None:
@@ -327,8 +337,10 @@ class LmEvalFitness:
         kinds = sorted({t.OUTPUT_TYPE for t in loaded.tasks.values()})
         limit = f", first {self.config.limit} each" if self.config.limit else ""
         what = f"group of {len(loaded.tasks)} tasks" if loaded.is_group else "task"
-        return (f"lm-eval {what} {loaded.config.name} ({split}): {docs} documents{limit}, "
-                f"{'/'.join(kinds)}, metric {loaded.config.metric}")
+        return (
+            f"lm-eval {what} {loaded.config.name} ({split}): {docs} documents{limit}, "
+            f"{'/'.join(kinds)}, metric {loaded.config.metric}"
+        )
 
     def chat_template_flags(self) -> tuple[bool, bool]:
         """(apply_chat_template, fewshot_as_multiturn) as mergekit-evolve would pass them to lm-eval."""
@@ -357,12 +369,19 @@ class LmEvalFitness:
                     limit = get_sample_size(task, self.config.limit)
                     try:
                         task.build_all_requests(
-                            limit=limit, rank=0, world_size=1, apply_chat_template=apply, fewshot_as_multiturn=multiturn,
+                            limit=limit,
+                            rank=0,
+                            world_size=1,
+                            apply_chat_template=apply,
+                            fewshot_as_multiturn=multiturn,
                             chat_template=lm.apply_chat_template if apply else None,
                             tokenizer_name=lm.tokenizer_name if apply else "",
                         )
                     except Exception as err:  # e.g. a prompt template that fails on some document
-                        raise InputError(f"tasks.{name}: lm-eval could not build its prompts ({_first_line(err)}); check the task's doc_to_* templates") from None
+                        raise InputError(
+                            f"tasks.{name}: lm-eval could not build its prompts ({_first_line(err)}); check the "
+                            "task's doc_to_* templates"
+                        ) from None
                     prepared[name] = self._tokenized(task, limit, lm)
         return prepared
 
@@ -380,14 +399,19 @@ class LmEvalFitness:
             if kind == "generate_until":
                 kwargs = normalize_gen_kwargs(args[1], lm.max_gen_toks)
                 if kwargs.get("do_sample"):
-                    raise InputError(f"tasks.{task.task_name}: its generation_kwargs sample (do_sample); a fitness must be deterministic, so set do_sample: false in the task")
+                    raise InputError(
+                        f"tasks.{task.task_name}: its generation_kwargs sample (do_sample); a fitness must be "
+                        "deterministic, so set do_sample: false in the task"
+                    )
                 request.prompt = lm.tok_batch_encode([args[0]])[0][0].tolist()
                 request.until = tuple(handle_stop_sequences(kwargs.pop("until", None), eos=eos))
                 request.max_gen_toks = int(kwargs["max_gen_toks"])
             elif kind == "loglikelihood_rolling":
                 request.text = lm.tok_encode(args[0])
             elif kind != "loglikelihood":
-                raise InputError(f"tasks.{task.task_name}: lm-eval request type {kind!r} is not supported; use a text task")
+                raise InputError(
+                    f"tasks.{task.task_name}: lm-eval request type {kind!r} is not supported; use a text task"
+                )
         by_doc: dict[int, list[Request]] = {}
         for request in requests:
             by_doc.setdefault(request.instance.doc_id, []).append(request)
@@ -430,7 +454,9 @@ class LmEvalFitness:
             for entry in self._loaded[split]:
                 start = time.perf_counter()
                 docs = {name: self._prepared[name].docs_of(part) for name in entry.tasks}
-                tokens = self._answer(runner, [r for name, ds in docs.items() for d, _ in ds for r in self._prepared[name].requests[d]])
+                tokens = self._answer(
+                    runner, [r for name, ds in docs.items() for d, _ in ds for r in self._prepared[name].requests[d]]
+                )
                 metrics = {name: self._metrics(self._prepared[name], ds) for name, ds in docs.items() if ds}
                 if entry.is_group:
                     metrics[entry.config.name] = entry.groups[entry.config.name].aggregate(metrics)
@@ -438,8 +464,14 @@ class LmEvalFitness:
                 if not rows:
                     continue
                 results[entry.config.name] = TaskResult(
-                    name=entry.config.name, kind="lm-eval", split=split, score=float(metrics[entry.config.name][entry.config.metric]),
-                    metric=entry.config.metric, rows=rows, tokens=tokens, seconds=time.perf_counter() - start,
+                    name=entry.config.name,
+                    kind="lm-eval",
+                    split=split,
+                    score=float(metrics[entry.config.name][entry.config.metric]),
+                    metric=entry.config.metric,
+                    rows=rows,
+                    tokens=tokens,
+                    seconds=time.perf_counter() - start,
                 )
         self.tokens_spent += sum(r.tokens for r in results.values())
         self.last_results = results
@@ -478,7 +510,10 @@ class LmEvalFitness:
         for (until, max_gen_toks), group in groups.items():
             keep = self._max_length - max_gen_toks
             if keep <= 0:
-                raise InputError(f"tasks: max_gen_toks {max_gen_toks} does not fit the model's context length {self._max_length}; lower it in the task")
+                raise InputError(
+                    f"tasks: max_gen_toks {max_gen_toks} does not fit the model's context length {self._max_length}; "
+                    "lower it in the task"
+                )
             prompts = [r.prompt[-keep:] for r in group]
             generated = greedy_token_ids(runner, prompts, self.tokenizer, max_gen_toks, list(until), self.batch_size)
             tokens += sum(len(p) + len(g) for p, g in zip(prompts, generated))
@@ -499,8 +534,9 @@ class LmEvalFitness:
     def _windows(self, request: Request) -> list[tuple[list[int], list[int]]]:
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-        windows = get_rolling_token_windows(token_list=request.text, prefix_token=self._prefix_token,
-                                            max_seq_len=self._max_length, context_len=1)
+        windows = get_rolling_token_windows(
+            token_list=request.text, prefix_token=self._prefix_token, max_seq_len=self._max_length, context_len=1
+        )
         return [make_disjoint_window(w) for w in windows]
 
     @staticmethod

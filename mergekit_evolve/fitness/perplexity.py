@@ -40,7 +40,11 @@ def prepare_perplexity(task: TaskConfig, rows: list[Row], fewshot: list[Row], to
     pairs = encode_continuations(task, tokenizer, contexts, texts)
     for (_, cont), row in zip(pairs, rows):
         if not cont:
-            raise task.field_error("data", f"{row.where}: {task.answer_field!r} is a single token with nothing before it to predict it from", "use longer texts or a prompt")
+            raise task.field_error(
+                "data",
+                f"{row.where}: {task.answer_field!r} is a single token with nothing before it to predict it from",
+                "use longer texts or a prompt",
+            )
     return PerplexityExamples(pairs=pairs)
 
 
@@ -53,7 +57,9 @@ def _token_id_pair(task: TaskConfig, row: Row) -> tuple[list[int], list[int]]:
     return context, continuation
 
 
-def evaluate_perplexity(runner: ModelRunner, task: TaskConfig, examples: PerplexityExamples, tokenizer: Any, batch_size: int) -> Outcome:
+def evaluate_perplexity(
+    runner: ModelRunner, task: TaskConfig, examples: PerplexityExamples, tokenizer: Any, batch_size: int
+) -> Outcome:
     logprobs, tokens = continuation_logprobs(runner, examples.pairs, pad_token_id(tokenizer), batch_size)
     total = sum(float(lp.double().sum()) for lp in logprobs)
     count = sum(len(lp) for lp in logprobs)

@@ -22,7 +22,11 @@ def fewshot_prefix(task: TaskConfig, fewshot: list[Row]) -> str:
 
 def check_chat_template(task: TaskConfig, tokenizer: Any) -> None:
     if task.apply_chat_template and not getattr(tokenizer, "chat_template", None):
-        raise task.field_error("apply_chat_template", "the tokenizer has no chat template", "set apply_chat_template: false or use a tokenizer with a chat template")
+        raise task.field_error(
+            "apply_chat_template",
+            "the tokenizer has no chat template",
+            "set apply_chat_template: false or use a tokenizer with a chat template",
+        )
 
 
 def context_texts(task: TaskConfig, rows: list[Row], fewshot: list[Row], tokenizer: Any) -> list[str]:
@@ -44,7 +48,9 @@ def encode(task: TaskConfig, tokenizer: Any, texts: list[str]) -> list[list[int]
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=not task.apply_chat_template)["input_ids"]]
 
 
-def encode_continuations(task: TaskConfig, tokenizer: Any, contexts: list[str], continuations: list[str]) -> list[tuple[list[int], list[int]]]:
+def encode_continuations(
+    task: TaskConfig, tokenizer: Any, contexts: list[str], continuations: list[str]
+) -> list[tuple[list[int], list[int]]]:
     """(context ids, continuation ids) pairs for log-likelihood scoring.
 
     The continuation's tokens are those of ``context + continuation`` after the context's tokens, so

@@ -80,26 +80,44 @@ def _check_extract(task: TaskConfig) -> None:
             raise task.field_error("pattern", "is only used with extract: regex", "remove it or set extract: regex")
         return
     if task.pattern is None:
-        raise task.field_error("pattern", "extract: regex needs a pattern", "add one with a capture group, e.g. 'answer is (\\d+)'")
+        raise task.field_error(
+            "pattern", "extract: regex needs a pattern", "add one with a capture group, e.g. 'answer is (\\d+)'"
+        )
     try:
         compiled = re.compile(task.pattern)
     except re.error as exc:
         raise task.field_error("pattern", f"{task.pattern!r} is not a valid regex ({exc})", "fix the pattern") from None
     if compiled.groups < 1:
-        raise task.field_error("pattern", f"{task.pattern!r} has no capture group", "wrap the answer part in parentheses, e.g. 'answer is (\\d+)'")
+        raise task.field_error(
+            "pattern",
+            f"{task.pattern!r} has no capture group",
+            "wrap the answer part in parentheses, e.g. 'answer is (\\d+)'",
+        )
 
 
 def _check_kind_fields(task: TaskConfig) -> None:
     if task.kind == "callable":
         if task.function is None or not re.fullmatch(r"[\w.]+:\w+", task.function):
-            raise task.field_error("function", f"kind callable needs 'module:function', got {task.function!r}", "e.g. function: my_tasks:score")
+            raise task.field_error(
+                "function",
+                f"kind callable needs 'module:function', got {task.function!r}",
+                "e.g. function: my_tasks:score",
+            )
         if task.num_fewshot:
-            raise task.field_error("num_fewshot", "is not used by kind callable", "set it to 0; the function builds its own prompts")
+            raise task.field_error(
+                "num_fewshot", "is not used by kind callable", "set it to 0; the function builds its own prompts"
+            )
         return
     if task.function is not None:
-        raise task.field_error("function", f"is only used with kind callable (this task is {task.kind})", "remove it or set kind: callable")
+        raise task.field_error(
+            "function", f"is only used with kind callable (this task is {task.kind})", "remove it or set kind: callable"
+        )
     if task.prompt_field is None and task.kind != "perplexity":
-        raise task.field_error("prompt_field", f"null is only allowed for kind perplexity (this task is {task.kind})", "name the prompt field")
+        raise task.field_error(
+            "prompt_field",
+            f"null is only allowed for kind perplexity (this task is {task.kind})",
+            "name the prompt field",
+        )
 
 
 class FitnessConfig(BaseModel):

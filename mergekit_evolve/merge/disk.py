@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import random
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ def merge_to_disk(
     out_dir: str | Path,
     *,
     device: str = "cpu",
-    random_seed: Optional[int] = None,
+    random_seed: int | None = None,
     copy_tokenizer: bool = True,
     write_model_card: bool = True,
 ) -> Path:

@@ -114,8 +114,10 @@ def _runs(path: DFSPath) -> list[_Run]:
 
 def _path_blocker(path: DFSPath, configs: Sequence[PretrainedConfig], names: Sequence[str], base: int) -> str | None:
     if not path.hops:
-        return ("path: uses no layer (every indicator <= 0); a zero-layer model has no standard checkpoint; "
-                "export it with --format custom or pick a candidate that uses layers")
+        return (
+            "path: uses no layer (every indicator <= 0); a zero-layer model has no standard checkpoint; "
+            "export it with --format custom or pick a candidate that uses layers"
+        )
     bad = [s for s in path.scales if not s > 0]
     if bad:
         return f"path.scales: {bad[0]} is not > 0; only positive scales fold into weights"
@@ -126,8 +128,10 @@ def _path_blocker(path: DFSPath, configs: Sequence[PretrainedConfig], names: Seq
         for field in _LAYER_SHAPE_FIELDS:
             ours, theirs = getattr(configs[model], field, None), getattr(configs[base], field, None)
             if ours != theirs:
-                return (f"sources[{model}]: {names[model]} differs from model A in {field} ({ours!r} vs {theirs!r}); "
-                        "a standard checkpoint has one config for all layers; export with --format custom")
+                return (
+                    f"sources[{model}]: {names[model]} differs from model A in {field} ({ours!r} vs {theirs!r}); "
+                    "a standard checkpoint has one config for all layers; export with --format custom"
+                )
     return None
 
 
@@ -182,7 +186,9 @@ def why_not_foldable(source_paths: Sequence[str | Path], path: DFSPath, base_ind
     if not 0 <= base_index < len(paths):
         return f"base_index: {base_index} is not a source index; use 0..{len(paths) - 1}"
     configs = [AutoConfig.from_pretrained(p) for p in paths]
-    reasons = (_dropped_tensors_blocker(m, paths[m], configs[m]) for m in sorted({base_index, *(m for m, _ in path.hops)}))
+    reasons = (
+        _dropped_tensors_blocker(m, paths[m], configs[m]) for m in sorted({base_index, *(m for m, _ in path.hops)})
+    )
     return _path_blocker(path, configs, paths, base_index) or next((r for r in reasons if r), None)
 
 

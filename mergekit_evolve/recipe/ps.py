@@ -36,7 +36,12 @@ def ps_recipe(space: PSSpace, genome: np.ndarray, dtype: str | None = None) -> d
     if space.n_groups == 1 or g.smooth:
         io = _io_names(space, first=True, last=True)
         recipe["models"] = [
-            {"model": m, "parameters": _with_io(space, table, _model_parameters(space, table, i, groups=range(space.n_groups)), i, io)}
+            {
+                "model": m,
+                "parameters": _with_io(
+                    space, table, _model_parameters(space, table, i, groups=range(space.n_groups)), i, io
+                ),
+            }
             for i, m in enumerate(g.models)
         ]
         shared = _with_io(space, table, _shared_parameters(space, table, groups=range(space.n_groups)), None, io)
@@ -92,9 +97,7 @@ def _model_parameters(space: PSSpace, table: Table, model: int, groups) -> dict[
     for param in space.search:
         if (param, 0, model, 0) not in table:
             continue  # shared parameter, or non_base parameter of the base model
-        per_set = [
-            _per_group([table[(param, grp, model, s)] for grp in groups]) for s in range(len(space.filters) + 1)
-        ]
+        per_set = [_per_group([table[(param, grp, model, s)] for grp in groups]) for s in range(len(space.filters) + 1)]
         out[param] = _setting(space, per_set)
     return out
 
@@ -127,7 +130,9 @@ def _with_io(space: PSSpace, table: Table, parameters: dict[str, Any], model, na
         if not names or key not in table:
             continue
         current = parameters[param]
-        rest = current if isinstance(current, list) and current and isinstance(current[0], dict) else [{"value": current}]
+        rest = (
+            current if isinstance(current, list) and current and isinstance(current[0], dict) else [{"value": current}]
+        )
         parameters[param] = [{"filter": name, "value": table[key]} for name in names] + rest
     return parameters
 
@@ -137,7 +142,11 @@ def _slice(space: PSSpace, table: Table, group: int) -> dict[str, Any]:
     layer_range = [group * space.group_size, (group + 1) * space.group_size]
     io = _io_names(space, first=group == 0, last=group == space.n_groups - 1)
     sources = [
-        {"model": m, "layer_range": layer_range, "parameters": _with_io(space, table, _model_parameters(space, table, i, groups=[group]), i, io)}
+        {
+            "model": m,
+            "layer_range": layer_range,
+            "parameters": _with_io(space, table, _model_parameters(space, table, i, groups=[group]), i, io),
+        }
         for i, m in enumerate(g.models)
     ]
     if g.base_model and g.base_model not in g.models:

@@ -10,7 +10,9 @@ import numpy as np
 from mergekit_evolve.config import OptimizerConfig
 
 
-def new_es(x0: np.ndarray, opt: OptimizerConfig, restart: int = 0, extra_options: dict | None = None) -> cma.CMAEvolutionStrategy:
+def new_es(
+    x0: np.ndarray, opt: OptimizerConfig, restart: int = 0, extra_options: dict | None = None
+) -> cma.CMAEvolutionStrategy:
     popsize = opt.popsize or (4 + int(3 * math.log(len(x0))))
     options = {
         # cma treats seed 0 as "use the clock": shift by one so every user seed is reproducible.

@@ -123,4 +123,3 @@ class DFSStrategy:
     @property
     def popsize(self) -> int:
         return self.es.popsize
-

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -53,7 +53,7 @@ class EconomyState:
     """Pickled with the search state."""
 
     fraction: float  # of every task's fitness rows, for the next generation
-    stop_reason: Optional[str] = None
+    stop_reason: str | None = None
     fractions: list = field(default_factory=list)  # per generation scored so far
 
 
@@ -70,13 +70,14 @@ class Economy:
         return EconomyState(fraction=min(1.0, max(START_FRACTION, MIN_ROWS / smallest)))
 
     # -- during the search ------------------------------------------------------------------------
-    def part(self, state: EconomyState, generation: int, records: Iterable[Evaluation]) -> Optional[Subsample]:
+    def part(self, state: EconomyState, generation: int, records: Iterable[Evaluation]) -> Subsample | None:
         """The rows of this generation (None: all of them), from the earlier generations' records only
         (a resumed generation must choose what the interrupted one chose)."""
         if state.fraction >= 1.0:
             return None
-        earlier = sorted((r for r in records if r.generation < generation and r.fitness is not None),
-                         key=lambda r: r.index)
+        earlier = sorted(
+            (r for r in records if r.generation < generation and r.fitness is not None), key=lambda r: r.index
+        )
         last = [i for i, r in enumerate(earlier) if r.generation == generation - 1]
         rng = random.Random(self.seed * 100_003 + generation)
         chosen = []
@@ -96,8 +97,13 @@ class Economy:
     def should_stop(self, state: EconomyState) -> bool:
         return state.stop_reason is not None
 
-    def after_generation(self, state: EconomyState, generation: int, generation_records: list[Evaluation],
-                         all_records: Iterable[Evaluation]) -> None:
+    def after_generation(
+        self,
+        state: EconomyState,
+        generation: int,
+        generation_records: list[Evaluation],
+        all_records: Iterable[Evaluation],
+    ) -> None:
         """Grow the subsample and check for stagnation, from the records only."""
         state.fractions.append(state.fraction)
         # The first generation's rows are a random draw, mostly rows nobody answers yet: its few split
@@ -121,8 +127,10 @@ class Economy:
         scored = sorted((r for r in records if r.fitness is not None), key=lambda r: r.index)
         if not scored:
             return []
-        out = [record.model_copy(update={"estimate": value, "estimate_source": source})
-               for record, (value, source) in zip(scored, self.estimates(scored))]
+        out = [
+            record.model_copy(update={"estimate": value, "estimate_source": source})
+            for record, (value, source) in zip(scored, self.estimates(scored))
+        ]
         return sorted(out, key=lambda r: (-r.estimate, r.index))
 
     def estimates(self, records: list[Evaluation]) -> list[tuple[float, str]]:
@@ -173,8 +181,10 @@ def item_results(sample: Subsample, num_rows: dict[str, int], correct: dict[str,
     """What a subsampled evaluation records: which rows it saw and which it got right ("1"/"0")."""
     return SubsampleResults(
         of=dict(num_rows),
-        items={task: RowResults(rows=list(sample.of(task)), correct="".join("1" if c else "0" for c in values))
-               for task, values in correct.items()},
+        items={
+            task: RowResults(rows=list(sample.of(task)), correct="".join("1" if c else "0" for c in values))
+            for task, values in correct.items()
+        },
     )
 
 
@@ -240,10 +250,13 @@ def check_economy(mode: str, fitness) -> None:
     from mergekit_evolve.fitness import Fitness
 
     if not isinstance(fitness, Fitness):
-        raise InputError(f"optimizer.economy: {mode} works with built-in fitness tasks, not lm-eval tasks; use economy: stop or off")
+        raise InputError(
+            f"optimizer.economy: {mode} works with built-in fitness tasks, not lm-eval tasks; use economy: stop or off"
+        )
     bad = fitness.raceable()
     if bad:
         raise InputError(
-            f"optimizer.economy: {mode} needs accuracy tasks (kind generate or choice), and task {bad[0]!r} is not one; "
+            f"optimizer.economy: {mode} needs accuracy tasks (kind generate or choice), and task {bad[0]!r} is not "
+            "one; "
             "use economy: stop or off"
         )

@@ -18,7 +18,8 @@ import traceback
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Protocol
+from collections.abc import Callable
 
 import numpy as np
 
@@ -38,14 +39,15 @@ class Job:
     candidate: int
     index: int
     genome: list
-    key: Optional[str] = None
+    key: str | None = None
     part: Any = None  # None: all rows; (lo, hi): a racing part; a fitness Subsample: economy
-    stage: Optional[int] = None
+    stage: int | None = None
 
     @property
     def position(self) -> Position:
-        return Position(index=self.index, generation=self.generation, candidate=self.candidate,
-                        genome=self.genome, key=self.key)
+        return Position(
+            index=self.index, generation=self.generation, candidate=self.candidate, genome=self.genome, key=self.key
+        )
 
 
 class Executor(Protocol):
@@ -63,7 +65,9 @@ def make_score(fitness) -> ScoreFn:
         scores = {name: r.score for name, r in results.items()}
         out = {"fitness": fitness.total(scores), "scores": scores, "tokens": sum(r.tokens for r in results.values())}
         if isinstance(part, Subsample):
-            out["subsample"] = item_results(part, fitness.num_rows("fitness"), {n: r.correct for n, r in results.items()})
+            out["subsample"] = item_results(
+                part, fitness.num_rows("fitness"), {n: r.correct for n, r in results.items()}
+            )
         elif part is not None:
             out["rows"] = {name: r.rows for name, r in results.items()}
         return out
@@ -82,15 +86,23 @@ def evaluate_candidate(problem, score: ScoreFn, genome: list, part: Any = None) 
         scored = score(model) if part is None else score(model, part)
         if not math.isfinite(scored["fitness"]):
             raise CandidateError(f"fitness is {scored['fitness']}")
-        return Outcome(**{**scored, "fitness": float(scored["fitness"])}, time=started_at, merge_seconds=merge_seconds,
-                       seconds=round(time.perf_counter() - start, 4))
+        return Outcome(
+            **{**scored, "fitness": float(scored["fitness"])},
+            time=started_at,
+            merge_seconds=merge_seconds,
+            seconds=round(time.perf_counter() - start, 4),
+        )
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as err:  # a failing candidate never kills the run
         kind = "out of memory" if _is_oom(err) else type(err).__name__
         _free_memory()
-        return Outcome.failure(f"{kind}: {err}\n{traceback.format_exc(limit=3)}", time=started_at,
-                               merge_seconds=merge_seconds, seconds=round(time.perf_counter() - start, 4))
+        return Outcome.failure(
+            f"{kind}: {err}\n{traceback.format_exc(limit=3)}",
+            time=started_at,
+            merge_seconds=merge_seconds,
+            seconds=round(time.perf_counter() - start, 4),
+        )
 
 
 class LocalExecutor:
@@ -110,8 +122,9 @@ class LocalExecutor:
 def make_executor(config, problem, score: ScoreFn) -> Executor:
     if config.executor.kind == "ray":
         ex = config.executor
-        return RayExecutor(config, problem.device, workers=ex.workers, address=ex.address,
-                           threads_per_worker=ex.threads_per_worker)
+        return RayExecutor(
+            config, problem.device, workers=ex.workers, address=ex.address, threads_per_worker=ex.threads_per_worker
+        )
     return LocalExecutor(problem, score)
 
 
@@ -129,7 +142,7 @@ def import_ray():
 class _Worker:
     """Ray actor body: a problem + fitness built once, then one candidate per call."""
 
-    def __init__(self, config_yaml: str, device: str, threads: Optional[int]):
+    def __init__(self, config_yaml: str, device: str, threads: int | None):
         import torch
         import yaml
 
@@ -155,14 +168,23 @@ class _Worker:
 class RayExecutor:
     """One long-lived worker actor per GPU (or CPU slot); candidates go to idle workers."""
 
-    def __init__(self, config, device: str, workers: Optional[int] = None, address: Optional[str] = None,
-                 threads_per_worker: Optional[int] = None):
+    def __init__(
+        self,
+        config,
+        device: str,
+        workers: int | None = None,
+        address: str | None = None,
+        threads_per_worker: int | None = None,
+    ):
         ray = import_ray()
         self.ray = ray
         if not ray.is_initialized():
             address = address or os.environ.get("RAY_ADDRESS")
-            kwargs = {"address": address} if address else {
-                "num_cpus": max(2, workers or 2), "include_dashboard": False, "_node_ip_address": "127.0.0.1"}
+            kwargs = (
+                {"address": address}
+                if address
+                else {"num_cpus": max(2, workers or 2), "include_dashboard": False, "_node_ip_address": "127.0.0.1"}
+            )
             ray.init(ignore_reinit_error=True, log_to_driver=False, configure_logging=False, **kwargs)
         self.gpu = device.startswith("cuda")
         self.n_workers = workers or self._default_workers()
@@ -217,8 +239,9 @@ class RayExecutor:
 
 
 def _worker_lost(err: Exception, attempts: int) -> Outcome:
-    return Outcome.failure(f"WorkerLost: the candidate's worker died {attempts} times ({type(err).__name__})",
-                           time=time.time())
+    return Outcome.failure(
+        f"WorkerLost: the candidate's worker died {attempts} times ({type(err).__name__})", time=time.time()
+    )
 
 
 def _is_oom(err: Exception) -> bool:

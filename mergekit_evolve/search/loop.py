@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -42,7 +43,7 @@ class SearchState:
     n_evals: int = 0
     n_failures: int = 0
     restarts_done: int = 0
-    best: Optional[Best] = None
+    best: Best | None = None
     history: list = field(default_factory=list)  # (generation, n_evals, best fitness)
     economy: Any = None  # search/economy.py's EconomyState when optimizer.economy is on
 
@@ -72,8 +73,10 @@ class Generation:
     records: dict[int, Evaluation] = field(default_factory=dict)
 
     def losses(self) -> list[float]:
-        return [FAILED_LOSS if self.records[j].fitness is None else -self.records[j].fitness
-                for j in range(len(self.genomes))]
+        return [
+            FAILED_LOSS if self.records[j].fitness is None else -self.records[j].fitness
+            for j in range(len(self.genomes))
+        ]
 
 
 class Search:
@@ -86,11 +89,20 @@ class Search:
     candidate's position, so the result does not depend on which worker finished first.
     """
 
-    def __init__(self, problem: Problem, executor: Executor, run_dir: RunDir, opt: OptimizerConfig, *,
-                 progress: bool = True, on_generation: Callable[[SearchState], None] | None = None,
-                 on_record: Callable[[Evaluation], None] | None = None,
-                 on_best: Callable[[Best], None] | None = None,
-                 racing: Racing | None = None, economy: Economy | None = None):
+    def __init__(
+        self,
+        problem: Problem,
+        executor: Executor,
+        run_dir: RunDir,
+        opt: OptimizerConfig,
+        *,
+        progress: bool = True,
+        on_generation: Callable[[SearchState], None] | None = None,
+        on_record: Callable[[Evaluation], None] | None = None,
+        on_best: Callable[[Best], None] | None = None,
+        racing: Racing | None = None,
+        economy: Economy | None = None,
+    ):
         self.problem, self.executor, self.run_dir, self.opt = problem, executor, run_dir, opt
         self.progress, self.racing, self.economy = progress, racing, economy
         self.on_generation, self.on_record, self.on_best = on_generation, on_record, on_best
@@ -101,14 +113,21 @@ class Search:
         self.recorded = {(r.generation, r.candidate): r for r in run_dir.read_evaluations()}
         self.by_key = {r.key: r for r in self.recorded.values() if _reusable(r)}
         # Racing stages scored before an interruption (read once: only a resumed generation needs them).
-        self.stage_results = {(r.generation, r.candidate, r.stage): r.result for r in run_dir.read_stages()} if racing else {}
+        self.stage_results = (
+            {(r.generation, r.candidate, r.stage): r.result for r in run_dir.read_stages()} if racing else {}
+        )
         self.max_failures = opt.max_failures if opt.max_failures is not None else max(3, opt.max_evals // 2)
         self.bar = None
 
     def run(self) -> SearchState:
         # A live bar only on a terminal: in a log it would be hundreds of carriage-return redraws.
-        self.bar = tqdm(total=self.opt.max_evals, initial=self.state.n_evals, unit="eval", dynamic_ncols=True,
-                        disable=not (self.progress and on_terminal()))
+        self.bar = tqdm(
+            total=self.opt.max_evals,
+            initial=self.state.n_evals,
+            unit="eval",
+            dynamic_ncols=True,
+            disable=not (self.progress and on_terminal()),
+        )
         try:
             while not self.finished():
                 generation = self.ask()
@@ -163,8 +182,14 @@ class Search:
 
     def _job(self, generation: Generation, j: int, genome: np.ndarray) -> Job:
         genome = [float(v) for v in genome[: self.problem.dim]]
-        return Job(generation=generation.number, candidate=j, index=self.state.n_evals + j, genome=genome,
-                   key=_decode_key(self.problem, genome), part=generation.part)
+        return Job(
+            generation=generation.number,
+            candidate=j,
+            index=self.state.n_evals + j,
+            genome=genome,
+            key=_decode_key(self.problem, genome),
+            part=generation.part,
+        )
 
     def _scored(self, jobs: list[Job]):
         if self.racing is None:
@@ -182,8 +207,9 @@ class Search:
             else:
                 todo.append(job)
         for job, outcome in self.executor.map(todo):
-            self.run_dir.append_stage(StageResult(generation=job.generation, candidate=job.candidate, stage=job.stage,
-                                                  result=outcome))
+            self.run_dir.append_stage(
+                StageResult(generation=job.generation, candidate=job.candidate, stage=job.stage, result=outcome)
+            )
             yield job, outcome
 
     # -- record --------------------------------------------------------------------------------------
@@ -263,7 +289,8 @@ class Search:
         failed = [r for r in records if r.failed]
         if failed and len(failed) == len(records) and len({_error_line(r) for r in failed}) == 1:
             raise InputError(
-                f"every candidate of the first generation ({len(records)}) failed the same way: {_error_line(failed[0])}; "
+                f"every candidate of the first generation ({len(records)}) failed the same way: "
+                f"{_error_line(failed[0])}; "
                 f"this is a problem of the models, recipe or fitness, not of the candidates; fix it and run again "
                 f"(details in {self.run_dir.evaluations})"
             )
@@ -284,8 +311,9 @@ class Search:
         jobs = [_job_of(r) for r in finalists.values() if r.index not in done]
         for job, outcome in self.executor.map(jobs):
             estimate = finalists[job.index]
-            rescored = Evaluation.of(job.position, outcome, estimate=estimate.estimate,
-                                     estimate_source=estimate.estimate_source)
+            rescored = Evaluation.of(
+                job.position, outcome, estimate=estimate.estimate, estimate_source=estimate.estimate_source
+            )
             self.run_dir.append_rescored(rescored)
             done[job.index] = rescored
         for record in sorted(done.values(), key=lambda r: r.index):
@@ -294,15 +322,20 @@ class Search:
 
 
 def _job_of(record: Evaluation) -> Job:
-    return Job(generation=record.generation, candidate=record.candidate, index=record.index, genome=record.genome,
-               key=record.key)
+    return Job(
+        generation=record.generation,
+        candidate=record.candidate,
+        index=record.index,
+        genome=record.genome,
+        key=record.key,
+    )
 
 
 def _error_line(record: Evaluation) -> str:
     return record.error.splitlines()[0][:300]
 
 
-def _decode_key(problem: Problem, genome: list) -> Optional[str]:
+def _decode_key(problem: Problem, genome: list) -> str | None:
     try:
         return problem.decode(np.asarray(genome)).key
     except Exception:  # decoding errors surface (and are recorded) when the candidate is evaluated
@@ -311,8 +344,14 @@ def _decode_key(problem: Problem, genome: list) -> Optional[str]:
 
 def _cached(source: Outcome) -> Outcome:
     """The result an equal recipe shares: its scores (and partial-score details), no new work."""
-    return Outcome(fitness=source.fitness, scores=source.scores, cached=True, racing=source.racing,
-                   subsample=source.subsample, time=time.time())
+    return Outcome(
+        fitness=source.fitness,
+        scores=source.scores,
+        cached=True,
+        racing=source.racing,
+        subsample=source.subsample,
+        time=time.time(),
+    )
 
 
 def _reusable(record: Evaluation) -> bool:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
+from collections.abc import Callable
 
 import numpy as np
 
@@ -135,7 +136,9 @@ class TemplateProblem(PSProblem):
     def tokenizer_ref(self) -> str:
         t = self.config.template
         source = t.get("tokenizer_source")
-        return tokenizer_donor(source if isinstance(source, str) else None, t.get("base_model"), self.space.referenced_models())
+        return tokenizer_donor(
+            source if isinstance(source, str) else None, t.get("base_model"), self.space.referenced_models()
+        )
 
     def decode(self, genome: np.ndarray) -> PSCandidate:
         recipe = self.space.fill(np.asarray(genome)[: self.dim])

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
 
 from mergekit_evolve.config import RacingConfig
 from mergekit_evolve.errors import InputError
@@ -133,12 +133,12 @@ def _stopped(alive, tallies, keep, weights, total_rows, z) -> set[int]:
     return {c for c, (_, upper) in bounds.items() if upper < threshold}
 
 
-def _progress(tally: Tally, total_rows: dict[str, int], stopped_at: Optional[int]) -> RacingProgress:
+def _progress(tally: Tally, total_rows: dict[str, int], stopped_at: int | None) -> RacingProgress:
     fraction = sum(tally.rows.values()) / sum(total_rows.values())
     return RacingProgress(fraction=round(fraction, 6), stopped_at=stopped_at, stages=tally.stages)
 
 
-def _final(tally: Tally, weights, total_rows, stopped_at: Optional[int]) -> Outcome:
+def _final(tally: Tally, weights, total_rows, stopped_at: int | None) -> Outcome:
     return Outcome(
         fitness=tally.estimate(weights),
         scores=tally.scores(),

@@ -13,7 +13,7 @@ older run directories load as long as they hold these keys.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal, Optional
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -32,7 +32,7 @@ class RacingProgress(Record):
     """How far racing scored a candidate: the fraction of the rows, and the stage it was stopped at."""
 
     fraction: float
-    stopped_at: Optional[int] = None
+    stopped_at: int | None = None
     stages: int = 0
 
 
@@ -53,18 +53,18 @@ class SubsampleResults(Record):
 class Outcome(Record):
     """What building and scoring one candidate gave; ``fitness`` is None when it failed (``error``)."""
 
-    fitness: Optional[float] = None
+    fitness: float | None = None
     scores: dict[str, float] = {}
-    error: Optional[str] = None
+    error: str | None = None
     cached: bool = False  # an equal recipe was scored before: its result, not a new evaluation
-    time: Optional[float] = None  # unix time the evaluation started
+    time: float | None = None  # unix time the evaluation started
     seconds: float = 0.0
-    merge_seconds: Optional[float] = None
+    merge_seconds: float | None = None
     tokens: int = 0  # forward tokens spent
-    racing: Optional[RacingProgress] = None
-    subsample: Optional[SubsampleResults] = None
-    rows: Optional[dict[str, int]] = None  # racing stages: rows scored per task in this part
-    worker: Optional[int] = None  # Ray: the worker's process id
+    racing: RacingProgress | None = None
+    subsample: SubsampleResults | None = None
+    rows: dict[str, int] | None = None  # racing stages: rows scored per task in this part
+    worker: int | None = None  # Ray: the worker's process id
     always_written: ClassVar[tuple[str, ...]] = ("fitness", "error")
 
     @property
@@ -91,14 +91,14 @@ class Position(Record):
     generation: int
     candidate: int
     genome: list[float]
-    key: Optional[str] = None  # hash of the decoded recipe/path: equal keys score equally
+    key: str | None = None  # hash of the decoded recipe/path: equal keys score equally
 
 
 class Evaluation(Outcome, Position):
     """One evaluated candidate (a line of evaluations.jsonl; rescored.jsonl adds the economy estimate)."""
 
-    estimate: Optional[float] = None
-    estimate_source: Optional[str] = None
+    estimate: float | None = None
+    estimate_source: str | None = None
 
     @classmethod
     def of(cls, position: Position, outcome: Outcome, **extra: Any) -> Evaluation:
@@ -112,7 +112,7 @@ class Evaluation(Outcome, Position):
     def outcome(self) -> Outcome:
         return Outcome(**{name: getattr(self, name) for name in Outcome.model_fields})
 
-    def beats(self, best: Optional[Best]) -> bool:
+    def beats(self, best: Best | None) -> bool:
         """Better than ``best``; ties go to the earlier candidate, whatever order workers finished in."""
         if self.fitness is None or not self.complete:  # a raced-out estimate never becomes the best
             return False
@@ -140,8 +140,8 @@ class Best(Position):
 class BestResult(Best):
     """The search's best with its held-out scores (in summary.json)."""
 
-    heldout: Optional[dict[str, float]] = None
-    heldout_total: Optional[float] = None
+    heldout: dict[str, float] | None = None
+    heldout_total: float | None = None
 
 
 class Summary(Record):
@@ -154,20 +154,20 @@ class Summary(Record):
     failures: int
     wall_seconds: float
     selected_on: list[dict[str, Any]] = []
-    history: list[tuple[int, int, Optional[float]]] = []  # (generation, evaluations, best fitness)
+    history: list[tuple[int, int, float | None]] = []  # (generation, evaluations, best fitness)
     fitness_source: dict[str, str] = {}
     tokens: int = 0
     stop_reason: str = "max_evals"
-    economy: Optional[dict[str, Any]] = None
-    validation: Optional[ValidationDecision] = None  # dfs.validation (search/validation.py)
-    stages: Optional[dict[str, Summary]] = None
+    economy: dict[str, Any] | None = None
+    validation: ValidationDecision | None = None  # dfs.validation (search/validation.py)
+    stages: dict[str, Summary] | None = None
 
 
 class BestFile(Best):
     """best.json: the best candidate and what it decodes to (PS: the recipe; DFS: the path)."""
 
-    recipe: Optional[dict[str, Any]] = None
-    path: Optional[dict[str, Any]] = None
+    recipe: dict[str, Any] | None = None
+    path: dict[str, Any] | None = None
 
 
 class RunInfo(Record):
@@ -175,7 +175,7 @@ class RunInfo(Record):
 
     device: str = "auto"
     save_model: bool = True
-    version: Optional[str] = None
+    version: str | None = None
 
 
 class Contender(Record):
@@ -200,10 +200,10 @@ class ValidationDecision(Record):
 class ValidationEntry(Record):
     """One line of validation.jsonl: a contender's per-row results ("1"/"0" per row), or the decision."""
 
-    role: Optional[Literal["start", "search_best"]] = None
-    record: Optional[Best] = None
-    correct: Optional[dict[str, str]] = None
-    decision: Optional[ValidationDecision] = None
+    role: Literal["start", "search_best"] | None = None
+    record: Best | None = None
+    correct: dict[str, str] | None = None
+    decision: ValidationDecision | None = None
 
 
 Summary.model_rebuild()  # its ``validation`` field names a type defined after it

@@ -30,7 +30,7 @@ import os
 import pickle
 import shutil
 from pathlib import Path
-from typing import Any, Optional, TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
@@ -185,22 +185,22 @@ class RunDir:
     def read_validation(self) -> list[ValidationEntry]:
         return read_jsonl(self.validation, ValidationEntry)
 
-    def write_best(self, best: BestFile, recipe_yaml: Optional[str]) -> None:
+    def write_best(self, best: BestFile, recipe_yaml: str | None) -> None:
         """best.json, and best.yaml when the best has a mergekit recipe (a DFS path that does not fold has none)."""
         self._write_record(self.best_json, best)
         if recipe_yaml is not None:
             atomic_write(self.best_yaml, recipe_yaml)
 
-    def read_best(self) -> Optional[BestFile]:
+    def read_best(self) -> BestFile | None:
         return _read_record(self.best_json, BestFile)
 
-    def read_best_yaml(self) -> Optional[str]:
+    def read_best_yaml(self) -> str | None:
         return self.best_yaml.read_text() if self.best_yaml.is_file() else None
 
     def write_summary(self, summary: Summary) -> None:
         self._write_record(self.summary, summary)
 
-    def read_summary(self) -> Optional[Summary]:
+    def read_summary(self) -> Summary | None:
         return _read_record(self.summary, Summary)
 
     def write_info(self, info: RunInfo) -> None:
@@ -253,7 +253,7 @@ def _complete_lines(raw: bytes) -> tuple[list[bytes], int]:
     return lines, good
 
 
-def _complete_prefix(path: Path) -> Optional[int]:
+def _complete_prefix(path: Path) -> int | None:
     """Bytes to keep when ``path`` ends in a torn line; None when there is nothing to cut."""
     if not path.exists():
         return None
@@ -270,5 +270,5 @@ def read_jsonl(path: Path, kind: type[R]) -> list[R]:
     return [kind.model_validate_json(line) for line in lines]
 
 
-def _read_record(path: Path, kind: type[R]) -> Optional[R]:
+def _read_record(path: Path, kind: type[R]) -> R | None:
     return kind.model_validate_json(path.read_bytes()) if path.is_file() else None

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import yaml
@@ -41,8 +41,10 @@ class ValidationGate:
         """The fitness the search sees: every task's rows but the validation ones."""
         small = [name for name, n in fitness.num_rows("fitness").items() if n < 2]
         if small:
-            raise InputError(f"dfs.validation: task {small[0]!r} has fewer than 2 fitness rows to split; "
-                             "add rows or set dfs.validation: 0")
+            raise InputError(
+                f"dfs.validation: task {small[0]!r} has fewer than 2 fitness rows to split; "
+                "add rows or set dfs.validation: 0"
+            )
         return fitness.hold_back(self.fraction, self.seed)
 
     def confirm(self, problem, fitness, run_dir: RunDir, state, on_best: Callable[[Best], None]) -> ValidationDecision:
@@ -78,7 +80,9 @@ class ValidationGate:
         return ValidationDecision(
             rows={t: len(c) for t, c in done["start"].correct.items()},
             start=Contender(record=start, validation=validation_score(done["start"].correct, weights)),
-            search_best=Contender(record=search_best, validation=validation_score(done["search_best"].correct, weights)),
+            search_best=Contender(
+                record=search_best, validation=validation_score(done["search_best"].correct, weights)
+            ),
             difference=diff,
             standard_error=se,
             z=self.z,
@@ -94,8 +98,15 @@ def start_record(problem, fitness, run_dir: RunDir) -> Best:
         if record.key == start_key and not record.failed and record.fitness is not None:
             return Best.of(record)
     scores = fitness.score(problem.build(problem.decode(problem.x0())), "fitness")
-    return Best(index=-1, generation=0, candidate=-1, genome=[float(v) for v in problem.x0()], key=start_key,
-                fitness=fitness.total(scores), scores=scores)
+    return Best(
+        index=-1,
+        generation=0,
+        candidate=-1,
+        genome=[float(v) for v in problem.x0()],
+        key=start_key,
+        fitness=fitness.total(scores),
+        scores=scores,
+    )
 
 
 def paired_difference(a: dict[str, str], b: dict[str, str], weights: dict[str, float]) -> tuple[float, float]:
@@ -146,7 +157,8 @@ def describe_decision(decision: ValidationDecision) -> str:
     """One line for logs and tables."""
     rows = ", ".join(f"{n} {t} rows" for t, n in decision.rows.items())
     verdict = "replaced the start path" if decision.kept == "search_best" else "kept the start path"
-    return (f"validation on {rows}: search's best {decision.search_best.validation:.3f} vs start path "
-            f"{decision.start.validation:.3f} (difference {decision.difference:+.3f}, needed > "
-            f"{decision.z:g} x {decision.standard_error:.3f}): {verdict}")
-
+    return (
+        f"validation on {rows}: search's best {decision.search_best.validation:.3f} vs start path "
+        f"{decision.start.validation:.3f} (difference {decision.difference:+.3f}, needed > "
+        f"{decision.z:g} x {decision.standard_error:.3f}): {verdict}"
+    )

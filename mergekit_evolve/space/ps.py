@@ -70,7 +70,7 @@ class Gene(BoundedGene):
 
     param: str
     group: int
-    model: Optional[int]
+    model: int | None
     filter_set: int  # index into filters; len(filters) means "everything else"
 
 
@@ -102,7 +102,7 @@ class PSSpace:
         return self.num_layers // self.n_groups
 
     @property
-    def base_index(self) -> Optional[int]:
+    def base_index(self) -> int | None:
         base = self.genome.base_model
         return self.genome.models.index(base) if base in self.genome.models else None
 
@@ -144,11 +144,12 @@ class PSSpace:
         for param in wanted:
             if param not in specs:
                 raise InputError(
-                    f"genome.search: {name} has no parameter {param!r}; "
-                    f"its parameters are {sorted(specs)}"
+                    f"genome.search: {name} has no parameter {param!r}; its parameters are {sorted(specs)}"
                 )
-            if specs[param].value_type not in (float, Optional[float]):
-                raise InputError(f"genome.search: {name}.{param} is not a float and cannot be evolved; fix it in genome.parameters")
+            if specs[param].value_type not in (float, Optional[float]):  # noqa: UP045 (mergekit's own type)
+                raise InputError(
+                    f"genome.search: {name}.{param} is not a float and cannot be evolved; fix it in genome.parameters"
+                )
             if param not in DEFAULT_BOUNDS and param not in explicit:
                 raise InputError(
                     f"genome.parameters.{param}: give its range to evolve it, e.g. {param}: {{bounds: [0, 1]}}"
@@ -160,7 +161,8 @@ class PSSpace:
                 )
         if not wanted:
             raise InputError(
-                f"genome.merge_method: {name} has nothing to evolve ({NOT_SEARCHABLE.get(name, 'no float parameters')}); "
+                f"genome.merge_method: {name} has nothing to evolve "
+                f"({NOT_SEARCHABLE.get(name, 'no float parameters')}); "
                 "choose a method such as dare_ties, ties, linear or slerp"
             )
         return wanted
@@ -222,12 +224,12 @@ class PSSpace:
                 genes.append(self._gene(param, self.n_groups, None, 0))
         return genes
 
-    def _gene(self, param: str, group: int, model: Optional[int], filter_set: int) -> Gene:
+    def _gene(self, param: str, group: int, model: int | None, filter_set: int) -> Gene:
         lo, hi = self.bounds(param)
         return Gene(lo, hi, self.initial_value(param), param=param, group=group, model=model, filter_set=filter_set)
 
     @property
-    def io_group(self) -> Optional[int]:
+    def io_group(self) -> int | None:
         """The gene group of the embeddings, final norm and lm_head (None: they follow the layer groups)."""
         return self.n_groups if self.genome.tune_embeddings else None
 

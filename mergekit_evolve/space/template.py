@@ -125,17 +125,25 @@ def check_marked_parameters(template: dict[str, Any], markers: list[Marker]) -> 
     except Exception:
         return  # an unknown method is reported when the filled recipe is validated
     specs = {p.name: p for p in method.spec.parameters}
-    floats = sorted(n for n, p in specs.items() if p.value_type in (float, Optional[float]))
+    floats = sorted(n for n, p in specs.items() if p.value_type in (float, Optional[float]))  # noqa: UP045
     for marker in markers:
         param = marked_parameter(marker)
         if param not in specs:
             detail = f"its float parameters are {floats}" if floats else "it has no parameter to evolve"
             raise InputError(f"{marker.where}: {name} has no parameter {param!r}; {detail}; remove the marker")
         if param not in floats:
-            raise InputError(f"{marker.where}: {name}.{param} is not a number and cannot be evolved; give it a fixed value")
+            raise InputError(
+                f"{marker.where}: {name}.{param} is not a number and cannot be evolved; give it a fixed value"
+            )
         base = template.get("base_model")
-        if specs[param].scope == ParameterScope.NON_BASE and base is not None and marked_model(template, marker) == base:
-            raise InputError(f"{marker.where}: {name} ignores {param} of the base model; mark it on the other models only")
+        if (
+            specs[param].scope == ParameterScope.NON_BASE
+            and base is not None
+            and marked_model(template, marker) == base
+        ):
+            raise InputError(
+                f"{marker.where}: {name} ignores {param} of the base model; mark it on the other models only"
+            )
 
 
 class TemplateSpace:

@@ -16,7 +16,6 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 from pydantic import BaseModel
@@ -30,8 +29,16 @@ ZOO_VERSION = 2
 SHIPPED_SEED = 0
 SHIPPED_DIR = Path(__file__).parent / "shipped"
 MANIFEST = "SHA256SUMS"
-RECIPE = {"hidden": 128, "layers": 4, "base_steps": 600, "base_lr": 3e-3, "expert_steps": 300,
-          "expert_lr": 3e-4, "replay": 0.3, "batch_size": 64}
+RECIPE = {
+    "hidden": 128,
+    "layers": 4,
+    "base_steps": 600,
+    "base_lr": 3e-3,
+    "expert_steps": 300,
+    "expert_lr": 3e-4,
+    "replay": 0.3,
+    "batch_size": 64,
+}
 TASKS = {
     "script_math": ("target: arithmetic facts with the digits written in the script (needs both skills)", None),
     "script": ("read the script: letters -> digits", "script"),
@@ -45,7 +52,7 @@ class ZooTask(BaseModel):
     fitness: Path
     heldout: Path
     max_new_tokens: int
-    skill_of: Optional[str] = None
+    skill_of: str | None = None
 
 
 class Zoo(BaseModel):
@@ -59,7 +66,7 @@ class Zoo(BaseModel):
     build_seconds: float
 
     @classmethod
-    def load(cls, root: str | Path) -> "Zoo":
+    def load(cls, root: str | Path) -> Zoo:
         root = Path(root).absolute()
         data = json.loads((root / "zoo.json").read_text())
         data["root"] = root
@@ -158,9 +165,18 @@ def _train_and_save(root: Path, seed: int) -> None:
     for name, model in _train_models(skills, seed).items():
         model.save_pretrained(str(root / "models" / name), safe_serialization=True)
         save_tokenizer(root / "models" / name)
-    manifest = {"models": {n: f"models/{n}" for n in ("base", "script", "math")}, "base": "base",
-                "experts": ["script", "math"], "tasks": _write_tasks(root, skills), "target": "script_math",
-                "seed": seed, "build_seconds": 0.0, "script": skills.map, "recipe": RECIPE, "version": ZOO_VERSION}
+    manifest = {
+        "models": {n: f"models/{n}" for n in ("base", "script", "math")},
+        "base": "base",
+        "experts": ["script", "math"],
+        "tasks": _write_tasks(root, skills),
+        "target": "script_math",
+        "seed": seed,
+        "build_seconds": 0.0,
+        "script": skills.map,
+        "recipe": RECIPE,
+        "version": ZOO_VERSION,
+    }
     (root / "zoo.json").write_text(json.dumps(manifest, indent=2))
 
 
@@ -169,8 +185,16 @@ def _train_models(skills: Skills, seed: int) -> dict[str, torch.nn.Module]:
     r = RECIPE
     t0 = time.time()
     _log(f"training the base ({r['base_steps']} steps), then two experts ({r['expert_steps']} steps each)")
-    base = train(new_model(seed, r["hidden"], r["layers"]), skills.base_row, r["base_steps"], r["base_lr"],
-                 seed=seed, batch_size=r["batch_size"], warmup=50, log=lambda m: _log(f"base: {m}"))
+    base = train(
+        new_model(seed, r["hidden"], r["layers"]),
+        skills.base_row,
+        r["base_steps"],
+        r["base_lr"],
+        seed=seed,
+        batch_size=r["batch_size"],
+        warmup=50,
+        log=lambda m: _log(f"base: {m}"),
+    )
     _log(f"base trained in {time.time() - t0:.0f} s")
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
     models = {"base": base}
@@ -178,8 +202,15 @@ def _train_models(skills: Skills, seed: int) -> dict[str, torch.nn.Module]:
         t1 = time.time()
         expert = new_model(seed, r["hidden"], r["layers"])
         expert.load_state_dict(base_state)
-        models[name] = train(expert, mixed(sampler, skills.base_row, r["replay"]), r["expert_steps"], r["expert_lr"],
-                             seed=seed + 1 + i, batch_size=r["batch_size"], log=lambda m, n=name: _log(f"{n}: {m}"))
+        models[name] = train(
+            expert,
+            mixed(sampler, skills.base_row, r["replay"]),
+            r["expert_steps"],
+            r["expert_lr"],
+            seed=seed + 1 + i,
+            batch_size=r["batch_size"],
+            log=lambda m, n=name: _log(f"{n}: {m}"),
+        )
         _log(f"{name} expert trained in {time.time() - t1:.0f} s")
     return models
 
@@ -192,6 +223,12 @@ def _write_tasks(root: Path, skills: Skills) -> dict[str, dict]:
         for split in ("fitness", "heldout"):
             rows = skills.task_rows(task, split)
             (folder / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-        tasks[task] = {"name": task, "description": description, "fitness": f"data/{task}/fitness.jsonl",
-                       "heldout": f"data/{task}/heldout.jsonl", "max_new_tokens": 8, "skill_of": skill}
+        tasks[task] = {
+            "name": task,
+            "description": description,
+            "fitness": f"data/{task}/fitness.jsonl",
+            "heldout": f"data/{task}/heldout.jsonl",
+            "max_new_tokens": 8,
+            "skill_of": skill,
+        }
     return tasks

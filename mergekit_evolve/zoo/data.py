@@ -93,5 +93,7 @@ class Skills:
         if task == "math":
             return [{"prompt": f"{a}{o}{b}=", "answer": str(value(a, o, b))} for a, o, b in facts]
         if task == "script_math":
-            return [{"prompt": to_script(f"{a}{o}{b}", self.map) + "=", "answer": str(value(a, o, b))} for a, o, b in facts]
+            return [
+                {"prompt": to_script(f"{a}{o}{b}", self.map) + "=", "answer": str(value(a, o, b))} for a, o, b in facts
+            ]
         raise KeyError(task)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import transformers
@@ -16,9 +16,18 @@ Sampler = Callable[[random.Random], tuple[str, str]]
 
 def new_model(seed: int, hidden: int = 128, layers: int = 4, heads: int = 4) -> transformers.LlamaForCausalLM:
     config = transformers.LlamaConfig(
-        vocab_size=len(vocabulary()), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=64, tie_word_embeddings=False,
-        bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, rms_norm_eps=1e-6,
+        vocab_size=len(vocabulary()),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        rms_norm_eps=1e-6,
     )
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(config)
@@ -36,15 +45,25 @@ def batch(rows: list[tuple[str, str]]):
     ids = torch.full((len(seqs), width), PAD)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     lab = torch.full((len(seqs), width), -100)
-    for i, (s, l) in enumerate(zip(seqs, labels)):
+    for i, (s, label) in enumerate(zip(seqs, labels)):
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
-        lab[i, : len(l)] = torch.tensor(l)
+        lab[i, : len(label)] = torch.tensor(label)
     return ids, mask, lab
 
 
-def train(model, sampler: Sampler, steps: int, lr: float, *, seed: int, batch_size: int = 64, warmup: int = 0,
-          log: Callable[[str], None] | None = None, log_every: int = 100):
+def train(
+    model,
+    sampler: Sampler,
+    steps: int,
+    lr: float,
+    *,
+    seed: int,
+    batch_size: int = 64,
+    warmup: int = 0,
+    log: Callable[[str], None] | None = None,
+    log_every: int = 100,
+):
     rng = random.Random(seed)
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
@@ -55,7 +74,9 @@ def train(model, sampler: Sampler, steps: int, lr: float, *, seed: int, batch_si
     for step in range(steps):
         ids, mask, lab = batch([sampler(rng) for _ in range(batch_size)])
         logits = model(input_ids=ids, attention_mask=mask).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab.reshape(-1), ignore_index=-100)
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), lab.reshape(-1), ignore_index=-100
+        )
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
