@@ -108,6 +108,8 @@ class Search:
         self.on_generation, self.on_record, self.on_best = on_generation, on_record, on_best
         run_dir.repair()
         self.state: SearchState = run_dir.load_state() or SearchState(es=self._new_optimizer(restart=0))
+        if isinstance(self.state.best, dict):  # a run started by 0.1.0, which kept the best as a dict
+            self.state.best = Best(**self.state.best)
         if economy is not None and self.state.economy is None:
             self.state.economy = economy.initial_state()
         self.recorded = {(r.generation, r.candidate): r for r in run_dir.read_evaluations()}
