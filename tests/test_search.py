@@ -215,3 +215,17 @@ def test_mergekit_evolve_config_format_is_accepted_unchanged(family, tmp_path):
     problem = PSProblem(config)
     # mergekit-evolve's genotype: (groups=2) x (models=2) x (filters+1=3) x (weight, density)
     assert problem.dim == 2 * 2 * 3 * 2
+
+
+def test_a_run_whose_state_keeps_the_best_as_a_dict_resumes(family, tmp_path):
+    """Runs started before the typed records pickled the best as a dict; resuming them still works."""
+    from mergekit_evolve.search.rundir import RunDir
+
+    config = parse_config(config_dict(family, write_rows(tmp_path / "r.jsonl"), max_evals=8))
+    done = runner.start(config, tmp_path / "out", device="cpu", progress=False, save_model=False)
+    run = RunDir(tmp_path / "out")
+    state = run.load_state()
+    state.best = state.best.model_dump()
+    run.save_state(state)
+    resumed = runner.resume(tmp_path / "out", progress=False)
+    assert resumed.best == done.best and resumed.evaluations == 8
