@@ -399,7 +399,9 @@ class _GroupKernel(GroupMergeMethod):
 class _EntryPlan:
     """How one non-base entry's (sparsified, rescaled) task vector is made, chunk by chunk.
 
-    ``drop(chunk, out)`` fills ``out`` with the elements mergekit's sparsifier zeroes; ``zero``:
+    ``keep(chunk)``: an int32 mask of the elements mergekit's sparsifier keeps (-1: all bits
+    set, kept; 0: zeroed), applied with a bitwise and (torch's masked_fill and where are
+    several times slower than integer ops on CPU); ``zero``:
     the whole vector is zero; ``masked``/``scale``: a rescaled entry, whose masked vector was
     made in full first (its l1 norm needs every element) and is multiplied by ``scale`` here.
     """
@@ -407,7 +409,7 @@ class _EntryPlan:
     def __init__(self, source: torch.Tensor):
         self.source = source.view(-1)
         self.zero = False
-        self.drop: Optional[Callable[[slice, torch.Tensor], torch.Tensor]] = None
+        self.keep: Optional[Callable[[slice], torch.Tensor]] = None
         self.masked: Optional[torch.Tensor] = None
         self.scale: Optional[torch.Tensor] = None
 
@@ -487,10 +489,8 @@ class _FastTaskArithmetic(_FastKernel):
                 out.copy_(plan.masked[chunk] * plan.scale)
         else:
             torch.sub(plan.source[chunk], self._base[chunk], out=out)
-            if plan.drop is not None:
-                # +0 where mergekit multiplies by a 0 mask (+-0): a zero's sign never reaches
-                # the result (sums start from +0; the sign election ignores zeros)
-                out.masked_fill_(plan.drop(chunk, self.fast.scratch.take("drop", out.numel(), torch.bool)), 0)
+            if plan.keep is not None:
+                _keep_only(out, plan.keep(chunk), self.fast.scratch)
 
     # ------------------------------------------------------------ sparsification plans
 
@@ -529,7 +529,7 @@ class _FastTaskArithmetic(_FastKernel):
             "rank_desc", self.source_key(model, dtype),
             lambda: _rank_of(_argsort_magnitude(self._task_vector(plan, dtype), descending=True)),
         )
-        plan.drop = lambda chunk, out: torch.ge(rank[chunk], k, out=out)
+        plan.keep = lambda chunk: _below(rank[chunk], k, self.fast.scratch)
         return dtype
 
     def _magnitude_outliers(self, plan: _EntryPlan, model, density: float, gamma: float) -> torch.dtype:
@@ -548,14 +548,13 @@ class _FastTaskArithmetic(_FastKernel):
             lambda: _rank_of(_argsort_magnitude(self._task_vector(plan, dtype), descending=False)),
         )
 
-        def drop(chunk: slice, out: torch.Tensor) -> torch.Tensor:
-            ranks = rank[chunk]
-            torch.ge(ranks, stop, out=out)
+        def keep(chunk: slice) -> torch.Tensor:
+            kept = _below(rank[chunk], stop, self.fast.scratch)
             if start > 0:
-                out.logical_or_(torch.lt(ranks, start, out=self.fast.scratch.take("below", out.numel(), torch.bool)))
-            return out
+                kept.bitwise_and_(_below(rank[chunk], start, self.fast.scratch, "below").bitwise_not_())
+            return kept
 
-        plan.drop = drop
+        plan.keep = keep
         return dtype
 
     def _bernoulli(self, plan: _EntryPlan, density: float) -> torch.dtype:
@@ -565,8 +564,10 @@ class _FastTaskArithmetic(_FastKernel):
         p = torch.full((1,), density, dtype=work_dtype).item()
         if not 0 <= p <= 1:
             raise RuntimeError(f"bernoulli: expected 0 <= p <= 1, got density {density}")
-        draws = self.fast.stream.take(self._base.numel())
-        plan.drop = lambda chunk, out: torch.ge(draws[chunk], p, out=out)
+        # For floats >= 0, u < p exactly when u's bits, read as an integer, are below p's.
+        draws = self.fast.stream.take(self._base.numel()).view(torch.int32)
+        p_bits = int(torch.tensor(p, dtype=torch.float32).view(torch.int32))
+        plan.keep = lambda chunk: _below(draws[chunk], p_bits, self.fast.scratch)
         return work_dtype
 
     def _della(self, plan: _EntryPlan, model, density: float, epsilon: float) -> torch.dtype:
@@ -586,14 +587,19 @@ class _FastTaskArithmetic(_FastKernel):
         low, high = torch.aminmax(extremes * epsilon + (density - epsilon))
         if not (bool(low >= 0) and bool(high <= 1)):  # torch.bernoulli refuses these
             raise RuntimeError("bernoulli: expected 0 <= p <= 1 (della probabilities out of range)")
-        draws = self.fast.stream.take(self._base.numel())
+        draws = self.fast.stream.take(self._base.numel()).view(torch.int32)
 
-        def drop(chunk: slice, out: torch.Tensor) -> torch.Tensor:
-            probs = self.fast.scratch.take("probs", out.numel(), work_dtype)
+        def keep(chunk: slice) -> torch.Tensor:
+            size = chunk.stop - chunk.start
+            probs = self.fast.scratch.take("probs", size, work_dtype)
             torch.mul(rank_norm_x2[chunk], epsilon, out=probs).add_(density - epsilon)
-            return torch.ge(draws[chunk], probs, out=out)
+            if work_dtype != torch.float32:
+                probs = self.fast.scratch.take("probs32", size, torch.float32).copy_(probs)
+            # u < probs on the bits (both >= 0), as in _bernoulli
+            kept = torch.sub(draws[chunk], probs.view(torch.int32), out=self.fast.scratch.take("keep", size, torch.int32))
+            return kept.bitwise_right_shift_(31)
 
-        plan.drop = drop
+        plan.keep = keep
         return work_dtype
 
     def _mask_and_rescale(self, index: int, plan: _EntryPlan, model, work_dtype: torch.dtype) -> None:
@@ -610,8 +616,7 @@ class _FastTaskArithmetic(_FastKernel):
                 torch.sub(plan.source[chunk], self._base[chunk], out=masked[chunk])
             else:
                 masked[chunk].copy_(plan.source[chunk] - self._base[chunk])
-            drop = plan.drop(chunk, self.fast.scratch.take("drop", chunk.stop - chunk.start, torch.bool))
-            masked[chunk].masked_fill_(drop, 0)
+            _keep_only(masked[chunk], plan.keep(chunk), self.fast.scratch)
             torch.abs(masked[chunk], out=magnitudes[chunk])
         key = (*self.source_key(model, work_dtype), torch.get_num_threads())
         before = self.fast.state.get("l1", key, lambda: self._task_vector(plan, work_dtype).abs().sum())
@@ -626,33 +631,61 @@ def _chunks(numel: int):
         yield slice(start, min(start + CHUNK_ELEMENTS, numel))
 
 
+def _below(values: torch.Tensor, limit: int, scratch: "Scratch", role: str = "keep") -> torch.Tensor:
+    """int32 mask: -1 where ``values < limit``, else 0 (the sign of values - limit, smeared by an
+    arithmetic shift; int32 values and limit both >= 0, so the difference cannot overflow)."""
+    out = scratch.take(role, values.numel(), torch.int32)
+    return torch.sub(values, limit, out=out).bitwise_right_shift_(31)
+
+
+def _keep_only(values: torch.Tensor, keep: torch.Tensor, scratch: "Scratch") -> None:
+    """``values * mask`` for a 1/0 mask, in place: kept elements unchanged, the others +0 where
+    mergekit's product gives +-0 (a zero's sign never reaches the result: the sums start from
+    +0, the sign election and the divisor ignore zeros)."""
+    bits = _BITS_OF[values.dtype]
+    if bits != torch.int32:
+        keep = scratch.take("keep_bits", keep.numel(), bits).copy_(keep)  # -1 stays all ones
+    values.view(bits).bitwise_and_(keep)
+
+
+def _float_bits(dtype: torch.dtype) -> tuple[torch.dtype, int, int, int]:
+    """(integer dtype of the same width, its sign-bit shift, mask of the non-sign bits, bits of 1.0)."""
+    bits = _BITS_OF[dtype]
+    width = torch.iinfo(bits).bits
+    return bits, width - 1, (1 << (width - 1)) - 1, int(torch.ones((), dtype=dtype).view(bits))
+
+
 def _drop_minority_signs(deltas: torch.Tensor, scratch: "Scratch") -> None:
     """TIES' sign consensus, in place: ``get_mask(deltas, "sum")`` keeps d iff sign(d) equals
-    the sign of the column sum (>= 0 counting as +). Zeroed here: d whose sign bit differs from
-    the column sum's, which agrees on every nonzero d. For d = +-0 or a column sum of -0 (two
-    -0 entries) the two may differ, but a zero contributes nothing: the masked deltas are only
+    the sign of the column sum (>= 0 counting as +). Kept here: d whose sign bit equals the
+    column sum's, which agrees on every nonzero d. For d = +-0 or a column sum of -0 (two -0
+    entries) the two may differ, but a zero contributes nothing: the masked deltas are only
     summed (by sums that start from +0, so a zero's sign never shows) and counted where nonzero.
-    The sign bits are compared as integers: one xor and one compare."""
+    On the bits: (d xor not(sum)) has its sign bit set where the signs agree; an arithmetic
+    shift smears it into an all-ones / all-zeros mask."""
     entries, size = deltas.shape
-    bits = _BITS_OF[deltas.dtype]
+    bits, sign_shift, _, _ = _float_bits(deltas.dtype)
     column_sum = scratch.take("column_sum", size, deltas.dtype)
     torch.add(deltas[0], deltas[1], out=column_sum) if entries == 2 else torch.sum(deltas, dim=0, out=column_sum)
-    differ = scratch.take("differ", entries * size, bits).view(entries, size)
-    torch.bitwise_xor(deltas.view(bits), column_sum.view(bits), out=differ)
-    minority = scratch.take("minority", entries * size, torch.bool).view(entries, size)
-    deltas.masked_fill_(torch.lt(differ, 0, out=minority), 0)
+    agree = scratch.take("agree", entries * size, bits).view(entries, size)
+    torch.bitwise_xor(deltas.view(bits), column_sum.view(bits).bitwise_not_(), out=agree)
+    deltas.view(bits).bitwise_and_(agree.bitwise_right_shift_(sign_shift))
 
 
 def _kept_weight_sum(deltas: torch.Tensor, weights: torch.Tensor, scratch: "Scratch") -> torch.Tensor:
     """mergekit's ``divisor = (weights * mask).sum(dim=0); divisor[divisor == 0] = 1`` with the
-    mask read off the masked deltas (kept = nonzero)."""
+    mask read off the masked deltas (kept = nonzero), on the bits: -(|d| bits) is negative
+    exactly for a nonzero d; shifted, it selects the weight's bits or +0."""
     entries, size = deltas.shape
-    kept = scratch.take("minority", entries * size, torch.bool).view(entries, size)
-    torch.ne(deltas, 0, out=kept)
-    kept_weights = scratch.take("kept_weights", entries * size, deltas.dtype).view(entries, size)
-    torch.where(kept, weights, torch.zeros((), dtype=deltas.dtype), out=kept_weights)
-    divisor = _sum_entries(kept_weights, out=scratch.take("divisor", size, deltas.dtype))
-    return divisor.masked_fill_(torch.eq(divisor, 0, out=kept[0]), 1)
+    bits, sign_shift, magnitude_bits, one_bits = _float_bits(deltas.dtype)
+    kept = scratch.take("agree", entries * size, bits).view(entries, size)
+    torch.bitwise_and(deltas.view(bits), magnitude_bits, out=kept).neg_().bitwise_right_shift_(sign_shift)
+    kept.bitwise_and_(weights.view(bits))
+    divisor = _sum_entries(kept.view(deltas.dtype), out=scratch.take("divisor", size, deltas.dtype))
+    zero = scratch.take("divisor_zero", size, bits)  # -1 where the divisor is (+)0
+    torch.bitwise_and(divisor.view(bits), magnitude_bits, out=zero).neg_().bitwise_right_shift_(sign_shift)
+    divisor.view(bits).bitwise_or_(zero.bitwise_not_().bitwise_and_(one_bits))
+    return divisor
 
 
 class _FastLinear(_FastKernel):
