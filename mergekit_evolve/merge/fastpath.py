@@ -51,6 +51,7 @@ other kernel consumes torch's generator in between). Inputs must be finite for b
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional
 
 import torch
@@ -90,9 +91,10 @@ INT32_MAX = 2**31 - 1
 # Elements per chunk of the elementwise passes: a chunk's temporaries (a few bytes per element
 # per entry) stay in a core's cache. A multiple of 64, so that every chunk but a tensor's last
 # runs torch's vectorised loops to the end, as one whole-tensor call does.
-CHUNK_ELEMENTS = 1 << 16
+CHUNK_ELEMENTS = 1 << 18
 _BITS_OF = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
             torch.float64: torch.int64}
+_INT32_SIGN_SHIFT = torch.tensor(31, dtype=torch.int32)
 
 
 class UniformStream:
@@ -597,7 +599,7 @@ class _FastTaskArithmetic(_FastKernel):
                 probs = self.fast.scratch.take("probs32", size, torch.float32).copy_(probs)
             # u < probs on the bits (both >= 0), as in _bernoulli
             kept = torch.sub(draws[chunk], probs.view(torch.int32), out=self.fast.scratch.take("keep", size, torch.int32))
-            return kept.bitwise_right_shift_(31)
+            return kept.bitwise_right_shift_(_INT32_SIGN_SHIFT)
 
         plan.keep = keep
         return work_dtype
@@ -635,7 +637,7 @@ def _below(values: torch.Tensor, limit: int, scratch: "Scratch", role: str = "ke
     """int32 mask: -1 where ``values < limit``, else 0 (the sign of values - limit, smeared by an
     arithmetic shift; int32 values and limit both >= 0, so the difference cannot overflow)."""
     out = scratch.take(role, values.numel(), torch.int32)
-    return torch.sub(values, limit, out=out).bitwise_right_shift_(31)
+    return torch.sub(values, limit, out=out).bitwise_right_shift_(_INT32_SIGN_SHIFT)
 
 
 def _keep_only(values: torch.Tensor, keep: torch.Tensor, scratch: "Scratch") -> None:
@@ -648,11 +650,16 @@ def _keep_only(values: torch.Tensor, keep: torch.Tensor, scratch: "Scratch") -> 
     values.view(bits).bitwise_and_(keep)
 
 
-def _float_bits(dtype: torch.dtype) -> tuple[torch.dtype, int, int, int]:
-    """(integer dtype of the same width, its sign-bit shift, mask of the non-sign bits, bits of 1.0)."""
+@functools.lru_cache(maxsize=None)
+def _float_bits(dtype: torch.dtype) -> tuple[torch.dtype, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(integer dtype of the same width, its sign-bit shift, mask of the non-sign bits, bits of
+    1.0); the constants as 0-d tensors of that dtype (a python int would be wrapped into a
+    tensor and converted on every call)."""
     bits = _BITS_OF[dtype]
     width = torch.iinfo(bits).bits
-    return bits, width - 1, (1 << (width - 1)) - 1, int(torch.ones((), dtype=dtype).view(bits))
+    constant = lambda value: torch.tensor(value, dtype=bits)  # noqa: E731
+    return (bits, constant(width - 1), constant((1 << (width - 1)) - 1),
+            torch.ones((), dtype=dtype).view(bits).clone())
 
 
 def _drop_minority_signs(deltas: torch.Tensor, scratch: "Scratch") -> None:
