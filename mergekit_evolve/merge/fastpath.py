@@ -24,8 +24,15 @@ and builds each candidate with a few elementwise passes:
 
 Everything else (task-vector arithmetic, rescaling, sign consensus, normalisation, lambda, dtype
 casts) is mergekit's own sequence of torch operations, replicated op for op, or mergekit's
-helpers called directly. ``tests/test_merge_fastpath.py`` checks bitwise equality against
-mergekit's kernels and against ``run_merge``.
+helpers called directly; masks are applied as integer bit operations (an and with all-ones /
+all-zeros words), which give the same values as mergekit's multiplication by a 1/0 mask up to
+the sign of a zero, which never reaches the result. All of it is elementwise (sums run over
+the entries of one element), so it runs in chunks of ``CHUNK_ELEMENTS`` whose temporaries stay
+in cache and are reused from tensor to tensor and candidate to candidate (no allocation, no page
+faults), and the result is written straight into the model's parameter. ``linear`` runs the same
+way (mergekit's accumulate / divide / cast per chunk). ``tests/test_merge_fastpath.py`` checks
+bitwise equality against mergekit's kernels and against ``run_merge``, with many small chunks
+and at two torch threads too.
 
 State kept, per non-base source tensor, as a multiple of that source's bytes (bf16 sources / fp32):
 
@@ -38,7 +45,11 @@ della rank (della, della_linear)       1x (+ stream)      1x (+ stream)
 sce order (per tensor, not per model)  3x / n_models      2x / n_models
 =====================================  =================  =============
 
-plus a few bytes per tensor (l1 norms). Nothing is stored for task_arithmetic. State is built
+plus a few bytes per tensor (l1 norms). Nothing is stored for task_arithmetic. Scratch reused by
+every candidate: a few chunks (about 12 bytes x entries x ``CHUNK_ELEMENTS``, ~12 MB), and for
+a rescaled method (dare_*, della*, or ``rescale: true``) the masked task vectors of the largest
+tensor, (entries + 1) x its size in the work dtype (0.4 GB for a 1B Llama's embedding, bf16,
+2 experts). State is built
 when a candidate first needs it, and building a kind frees the kinds that candidate does not
 use, so at most one method's state is resident: for a 1B-parameter family of base + 2 experts
 in bf16 (6 GB of sources) the largest, DELLA's, is 12 GB.
