@@ -9,7 +9,8 @@ everything around the merge:
   every candidate's task graph gets them as pre-computed values of its input tasks, so no
   candidate touches the disk or mergekit's process-wide ``LoaderCache``;
 * one transformers model is built once; each candidate's output tensors are copied into it by
-  name (no model objects, no files per candidate);
+  name, or written straight into its parameters by the fast-path kernels (no model objects, no
+  files per candidate);
 * random methods (DARE, DELLA) are re-seeded per candidate, the way ``mergekit-yaml
   --random-seed S`` seeds a whole merge, so every candidate is reproducible on its own;
 * sparsifying methods (TIES, DARE, breadcrumbs, DELLA, SCE, and task arithmetic) run on
