@@ -248,3 +248,66 @@ def test_config_key_turns_the_fast_path_off(family, tmp_path):
         models[fast] = _state(problem.build(problem.decode(problem.x0(random=True, seed=1))))
     assert problem.merger.fast_path is None
     assert all(torch.equal(_bits(models[True][n]), _bits(models[False][n])) for n in models[False])
+
+
+CHUNKED = ("linear", "ties", "dare_ties", "dare_linear", "breadcrumbs_ties", "della", "task_arithmetic")
+
+
+def _linear_candidate(family: dict[str, Path], dtype: str, rng: np.random.Generator) -> MergeConfiguration:
+    return MergeConfiguration.model_validate({
+        "merge_method": "linear",
+        "models": [{"model": str(p), "parameters": {"weight": _value(rng, -0.3, 1.2)}} for p in family.values()],
+        "parameters": {"normalize": bool(rng.random() < 0.5)},
+        "dtype": dtype,
+    })
+
+
+@pytest.mark.parametrize("chunk", [64, 96])
+@pytest.mark.parametrize("family_name", list(SHAPES))
+def test_chunks_and_reused_buffers_bitwise_equal(chunk, family_name, families, mergers, monkeypatch):
+    """Tensors split into many chunks (a 96-element chunk also splits torch's vector loops off
+    their usual boundaries), scratch buffers reused across consecutive candidates of different
+    methods and parameters, results written into the model's parameters: still mergekit's bits."""
+    from mergekit_evolve.merge import fastpath
+
+    monkeypatch.setattr(fastpath, "CHUNK_ELEMENTS", chunk)
+    fast, reference = mergers[family_name]
+    dtype = "float32" if family_name == "fp32" else "bfloat16"
+    rng = np.random.default_rng(chunk)
+    for method in CHUNKED * 2:
+        if method == "linear":
+            config = _linear_candidate(families[family_name], dtype, rng)
+        else:
+            config = _candidate(method, families[family_name], dtype, rng)
+        expected = _state(reference.merge(config))
+        model = fast.merge(config)
+        _assert_bitwise(model, expected, f"{method} {family_name} chunk {chunk}")
+        assert fast.fast_path.last_fast_tasks == len(expected)
+    assert fast.fast_path.nbytes()["scratch"] > 0
+    storages = {name: p.data_ptr() for name, p in fast.model.named_parameters()}
+    fast.merge(_candidate("ties", families[family_name], dtype, rng))
+    assert storages == {name: p.data_ptr() for name, p in fast.model.named_parameters()}  # written in place
+
+
+def test_default_chunks_bitwise_equal_at_two_threads(tmp_path):
+    """Tensors of ~125k elements at two torch threads: several default-size chunks, and the
+    halves where torch splits a whole-tensor op between the threads fall off vector boundaries
+    (196 x 611 elements), so mergekit's single calls and the chunked ones split differently."""
+    family = make_family(tmp_path, num_layers=1, hidden_size=196, intermediate_size=611, num_heads=2,
+                         vocab_size=1001, dtype=torch.bfloat16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        template = _template(family, "bfloat16")
+        fast = InMemoryMerger(template, random_seed=SEED)
+        reference = InMemoryMerger(template, random_seed=SEED, fast_path=False)
+        rng = np.random.default_rng(11)
+        for method in ("linear", "ties", "dare_ties", "della"):
+            if method == "linear":
+                config = _linear_candidate(family, "bfloat16", rng)
+            else:
+                config = _candidate(method, family, "bfloat16", rng)
+            expected = _state(reference.merge(config))
+            _assert_bitwise(fast.merge(config), expected, f"{method} at two threads")
+    finally:
+        torch.set_num_threads(threads)

@@ -24,8 +24,15 @@ and builds each candidate with a few elementwise passes:
 
 Everything else (task-vector arithmetic, rescaling, sign consensus, normalisation, lambda, dtype
 casts) is mergekit's own sequence of torch operations, replicated op for op, or mergekit's
-helpers called directly. ``tests/test_merge_fastpath.py`` checks bitwise equality against
-mergekit's kernels and against ``run_merge``.
+helpers called directly; masks are applied as integer bit operations (an and with all-ones /
+all-zeros words), which give the same values as mergekit's multiplication by a 1/0 mask up to
+the sign of a zero, which never reaches the result. All of it is elementwise (sums run over
+the entries of one element), so it runs in chunks of ``CHUNK_ELEMENTS`` whose temporaries stay
+in cache and are reused from tensor to tensor and candidate to candidate (no allocation, no page
+faults), and the result is written straight into the model's parameter. ``linear`` runs the same
+way (mergekit's accumulate / divide / cast per chunk). ``tests/test_merge_fastpath.py`` checks
+bitwise equality against mergekit's kernels and against ``run_merge``, with many small chunks
+and at two torch threads too.
 
 State kept, per non-base source tensor, as a multiple of that source's bytes (bf16 sources / fp32):
 
@@ -38,7 +45,11 @@ della rank (della, della_linear)       1x (+ stream)      1x (+ stream)
 sce order (per tensor, not per model)  3x / n_models      2x / n_models
 =====================================  =================  =============
 
-plus a few bytes per tensor (l1 norms). Nothing is stored for task_arithmetic. State is built
+plus a few bytes per tensor (l1 norms). Nothing is stored for task_arithmetic. Scratch reused by
+every candidate: a few chunks (about 12 bytes x entries x ``CHUNK_ELEMENTS``, ~12 MB), and for
+a rescaled method (dare_*, della*, or ``rescale: true``) the masked task vectors of the largest
+tensor, (entries + 1) x its size in the work dtype (0.4 GB for a 1B Llama's embedding, bf16,
+2 experts). State is built
 when a candidate first needs it, and building a kind frees the kinds that candidate does not
 use, so at most one method's state is resident: for a 1B-parameter family of base + 2 experts
 in bf16 (6 GB of sources) the largest, DELLA's, is 12 GB.
@@ -51,6 +62,7 @@ other kernel consumes torch's generator in between). Inputs must be finite for b
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional
 
 import torch
@@ -87,6 +99,13 @@ KINDS_OF_SPARSIFIER = {
 }
 RESCALE_EPS = 1e-7  # mergekit.sparsify.rescaled_masked_tensor's default eps
 INT32_MAX = 2**31 - 1
+# Elements per chunk of the elementwise passes: a chunk's temporaries (a few bytes per element
+# per entry) stay in a core's cache. A multiple of 64, so that every chunk but a tensor's last
+# runs torch's vectorised loops to the end, as one whole-tensor call does.
+CHUNK_ELEMENTS = 1 << 18
+_BITS_OF = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+            torch.float64: torch.int64}
+_INT32_SIGN_SHIFT = torch.tensor(31, dtype=torch.int32)
 
 
 class UniformStream:
@@ -126,6 +145,30 @@ class UniformStream:
         draws = self._values[self._cursor : self._cursor + count]
         self._cursor += count
         return draws
+
+
+class Scratch:
+    """Scratch tensors reused by every tensor of every candidate, so a candidate allocates (and
+    page-faults) nothing: ``take(role, numel, dtype)`` is the first ``numel`` elements of that
+    role's buffer, which grows to the largest request. Chunk-sized roles hold a few chunks;
+    the rescaled methods' full-size roles (masked vectors, their magnitudes) hold one tensor
+    per non-base entry plus one, in the work dtype, sized by the largest tensor."""
+
+    def __init__(self, device: torch.device):
+        self._device = device
+        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def take(self, role: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        key = (role, dtype)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            self._buffers.pop(key, None)  # free the smaller one first
+            buffer = self._buffers[key] = torch.empty(numel, dtype=dtype, device=self._device)
+        return buffer[:numel]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_nbytes(buffer) for buffer in self._buffers.values())
 
 
 class SourceState:
@@ -193,18 +236,27 @@ class SparsifyingFastPath:
         self._inputs = inputs
         self._device = device
         self.state = SourceState()
+        self.scratch = Scratch(device)
         self.stream = UniformStream(random_seed) if random_seed is not None else None
         self.last_fast_tasks = 0  # tensors of the last rewritten candidate on fast kernels
 
     def nbytes(self) -> dict[str, int]:
-        """Bytes of precomputed state per kind (the uniform stream as ``stream``)."""
+        """Bytes of precomputed state per kind (the uniform stream as ``stream``; the reused
+        scratch buffers as ``scratch``)."""
         sizes = self.state.nbytes()
         if self.stream is not None and self.stream.nbytes:
             sizes["stream"] = self.stream.nbytes
+        if self.scratch.nbytes:
+            sizes["scratch"] = self.scratch.nbytes
         return sizes
 
-    def rewrite(self, targets: list[ReturnTensor]) -> list[ReturnTensor]:
+    def rewrite(self, targets: list[ReturnTensor], destinations: Optional[dict] = None) -> list[ReturnTensor]:
+        """``destinations``: output name -> the tensor (model parameter) the result ends up in;
+        a fast kernel writes straight into it when dtype and shape match."""
         kernels = [self._kernel_for(ret.tensor_task) for ret in targets]
+        for ret, kernel in zip(targets, kernels):
+            if kernel is not None and destinations:
+                kernel.destination = destinations.get(ret.weight_info.name)
         if any(k is not None and k.draws_random for k in kernels) and (
             self.stream is None or None in kernels
         ):
@@ -237,10 +289,14 @@ class SparsifyingFastPath:
             self.stream.clear()
 
     def _kernel_for(self, task: Task) -> Optional["_FastKernel"]:
-        if not isinstance(task, ExecuteMergeMethodTask) or task.base_model is None:
+        if not isinstance(task, ExecuteMergeMethodTask):
             return None
         method = get_method(task.method_name)
-        if isinstance(method, GeneralizedTaskArithmeticMerge):
+        if method is get_method("linear"):
+            kernel_class = _FastLinear
+        elif task.base_model is None:
+            return None
+        elif isinstance(method, GeneralizedTaskArithmeticMerge):
             kernel_class = _FastTaskArithmetic
         elif method is sce_merge:
             kernel_class = _FastSCE
@@ -271,7 +327,7 @@ def _simple_inputs(task: ExecuteMergeMethodTask, tensors: Optional[dict]) -> boo
     small enough for int32 ranks: the cases where mergekit's adapter calls the kernel directly."""
     if not tensors or any(model not in tensors for model in task.model_order):
         return False
-    if task.base_model not in task.model_order:
+    if task.base_model is not None and task.base_model not in task.model_order:
         return False
     first = tensors[task.model_order[0]]
     return all(
@@ -291,10 +347,11 @@ class _FastKernel:
         self.fast = fast
         self.method = method
         gather = task.gather_tensors
-        self.numel = tensors[task.base_model].numel()
-        self.non_base = len(task.model_order) - 1
-        self.base_key = (task.base_model, gather.weight_info[task.base_model].name)
+        self.numel = tensors[task.model_order[0]].numel()
+        self.non_base = len(task.model_order) - (task.base_model is not None)
+        self.base_key = (task.base_model, gather.weight_info[task.base_model].name) if task.base_model else ()
         self.source_names = {m: gather.weight_info[m].name for m in task.model_order}
+        self.destination: Optional[torch.Tensor] = None  # set by rewrite: where the result goes
 
     def max_draws(self) -> int:
         return self.numel * self.non_base
@@ -329,6 +386,17 @@ class _FastKernel:
     def merge_group(self, group: TensorGroup, **parameters) -> torch.Tensor:
         raise NotImplementedError
 
+    def output_for(self, like: torch.Tensor) -> torch.Tensor:
+        """Where to write a result shaped like ``like``: the destination's storage when it can
+        take it as is (the merger then has nothing to copy), else a new tensor."""
+        target = self.destination
+        if target is not None:
+            target = target.data
+            if (target.dtype == like.dtype and target.shape == like.shape and target.device == like.device
+                    and target.is_contiguous()):
+                return target
+        return torch.empty_like(like, memory_format=torch.contiguous_format)
+
 
 class _GroupKernel(GroupMergeMethod):
     """Lets a fast kernel run inside mergekit's ``GroupMergeMethod._execute``."""
@@ -341,8 +409,35 @@ class _GroupKernel(GroupMergeMethod):
         return self.kernel.merge_group(group, **parameters)
 
 
+class _EntryPlan:
+    """How one non-base entry's (sparsified, rescaled) task vector is made, chunk by chunk.
+
+    ``keep(chunk)``: an int32 mask of the elements mergekit's sparsifier keeps (-1: all bits
+    set, kept; 0: zeroed), applied with a bitwise and (torch's masked_fill and where are
+    several times slower than integer ops on CPU); ``zero``:
+    the whole vector is zero; ``masked``/``scale``: a rescaled entry, whose masked vector was
+    made in full first (its l1 norm needs every element) and is multiplied by ``scale`` here.
+    """
+
+    def __init__(self, source: torch.Tensor):
+        self.source = source.view(-1)
+        self.zero = False
+        self.keep: Optional[Callable[[slice], torch.Tensor]] = None
+        self.masked: Optional[torch.Tensor] = None
+        self.scale: Optional[torch.Tensor] = None
+
+
 class _FastTaskArithmetic(_FastKernel):
-    """``GeneralizedTaskArithmeticMerge.merge_group`` with precomputed sparsification state."""
+    """``GeneralizedTaskArithmeticMerge.merge_group`` with precomputed sparsification state,
+    run in chunks of ``CHUNK_ELEMENTS`` with reused scratch buffers.
+
+    Every step after sparsification is elementwise (the sums run over entries, per element),
+    so computing it chunk by chunk gives each element exactly the operations mergekit applies
+    to it, while the chunk's temporaries stay in the core's cache: the sources are read once
+    and the result is written once, straight into the model's parameter when it can take it.
+    Only the l1 rescale needs a whole tensor (``masked.abs().sum()``: its rounding depends on
+    torch's summation order over the full tensor); rescaled entries are masked in full first.
+    """
 
     def __init__(self, fast, method: GeneralizedTaskArithmeticMerge, task, tensors):
         super().__init__(fast, method, task, tensors)
@@ -351,137 +446,296 @@ class _FastTaskArithmetic(_FastKernel):
         self.draws_random = self.sparsifier in RANDOM_SPARSIFIERS
 
     def merge_group(self, group: TensorGroup, **parameters) -> torch.Tensor:
-        method = self.method
         base = group.base.tensor
         entries = group.non_base
         if not entries:
             return base
-        deltas = base.new_empty((len(entries), *base.shape))
-        for index, entry in enumerate(entries):
-            torch.sub(entry.tensor, base, out=deltas[index])
-            if self.sparsifier:
-                self._sparsify(deltas[index], entry.id, parameters)
-
+        self._base, self._shape = base.view(-1), base.shape
+        plans = [self._plan(index, entry, parameters) for index, entry in enumerate(entries)]
         weights = torch.tensor(
-            [parameters["weight"][entry.id] for entry in entries], dtype=deltas.dtype, device=deltas.device
-        )
-        while deltas.dim() > weights.dim():
-            weights.unsqueeze_(-1)
+            [parameters["weight"][entry.id] for entry in entries], dtype=base.dtype, device=base.device
+        ).unsqueeze(-1)
+        divisor = None
+        if parameters["normalize"] and not self.method.consensus_method:
+            divisor = weights.sum(dim=0)
+            divisor[divisor.abs() < 1e-8] = 1
+        out = self.output_for(base)
+        flat_out = out.view(-1)
+        for chunk in _chunks(base.numel()):
+            mixed = self._mixed_delta(plans, weights, chunk, parameters, divisor)
+            torch.add(self._base[chunk], mixed, out=flat_out[chunk])  # (base + mixed).to(base.dtype)
+        return out
+
+    def _mixed_delta(self, plans, weights, chunk: slice, parameters: dict, divisor) -> torch.Tensor:
+        """mergekit's deltas -> weights -> consensus -> sum -> normalize -> lambda, on one chunk."""
+        scratch = self.fast.scratch
+        dtype, size = self._base.dtype, chunk.stop - chunk.start
+        deltas = scratch.take("deltas", len(plans) * size, dtype).view(len(plans), size)
+        for index, plan in enumerate(plans):
+            self._masked_delta(plan, chunk, deltas[index])
         deltas.mul_(weights)
-
-        normalize = parameters["normalize"]
-        if method.consensus_method:
-            if method.consensus_method != ConsensusMethod.sum:  # "count": mergekit's mask as is
-                mask_dtype = torch.int8 if parameters["int8_mask"] else base.dtype
-                deltas.mul_(get_mask(deltas, method=method.consensus_method, mask_dtype=mask_dtype))
-            else:
-                deltas.mul_(_agrees_with_majority(deltas))
-            mixed_delta = _sum_entries(deltas)
-            if normalize:  # mergekit computes the divisor either way; it is only used here
-                # weights * mask: a kept (agreeing, nonzero) delta is exactly a nonzero one now
-                divisor = _sum_entries(weights * (deltas != 0))
-                divisor.add_(divisor == 0)  # divisor[divisor == 0] = 1
-        else:
-            mixed_delta = _sum_entries(deltas)
-            if normalize:
-                divisor = weights.sum(dim=0)
-                divisor[divisor.abs() < 1e-8] = 1
-        if normalize:
-            mixed_delta /= divisor
+        consensus = self.method.consensus_method
+        if consensus == ConsensusMethod.sum:
+            _drop_minority_signs(deltas, scratch)
+        elif consensus:  # "count": mergekit's mask as is
+            mask_dtype = torch.int8 if parameters["int8_mask"] else dtype
+            deltas.mul_(get_mask(deltas, method=consensus, mask_dtype=mask_dtype))
+        mixed = _sum_entries(deltas, out=scratch.take("mixed", size, dtype))
+        if parameters["normalize"]:
+            if consensus:  # a kept (agreeing, nonzero) delta is exactly a nonzero one now
+                divisor = _kept_weight_sum(deltas, weights, scratch)
+            mixed.div_(divisor)
         if parameters["lambda"] != 1:
-            mixed_delta *= parameters["lambda"]
-        return (base + mixed_delta).to(base.dtype)
+            mixed.mul_(parameters["lambda"])
+        return mixed
 
-    # ------------------------------------------------------------ sparsification, in place
+    def _masked_delta(self, plan: _EntryPlan, chunk: slice, out: torch.Tensor) -> None:
+        """The entry's sparsified (and rescaled) task vector on ``chunk``, in the base's dtype."""
+        if plan.zero:
+            out.zero_()
+        elif plan.masked is not None:  # rescaled: (masked * scale).to(dtype)
+            if plan.scale is None:
+                out.copy_(plan.masked[chunk])
+            elif plan.masked.dtype == out.dtype:
+                torch.mul(plan.masked[chunk], plan.scale, out=out)
+            else:
+                out.copy_(plan.masked[chunk] * plan.scale)
+        else:
+            torch.sub(plan.source[chunk], self._base[chunk], out=out)
+            if plan.keep is not None:
+                _keep_only(out, plan.keep(chunk), self.fast.scratch)
 
-    def _sparsify(self, delta: torch.Tensor, model, parameters: dict) -> None:
-        density = parameters["density"][model]
-        rescale = parameters["rescale"]
+    # ------------------------------------------------------------ sparsification plans
+
+    def _plan(self, index: int, entry: TensorEntry, parameters: dict) -> _EntryPlan:
+        plan = _EntryPlan(entry.tensor)
+        if not self.sparsifier or parameters["density"][entry.id] >= 1:
+            return plan
+        model, density = entry.id, parameters["density"][entry.id]
         if self.sparsifier == SparsificationMethod.magnitude:
-            self._magnitude(delta, model, density, rescale)
+            work_dtype = self._magnitude(plan, model, density)
         elif self.sparsifier == SparsificationMethod.magnitude_outliers:
-            self._magnitude_outliers(delta, model, density, rescale, parameters["gamma"][model])
+            work_dtype = self._magnitude_outliers(plan, model, density, parameters["gamma"][model])
         elif self.sparsifier == SparsificationMethod.random:
-            self._bernoulli(delta, model, density, rescale)
+            work_dtype = self._bernoulli(plan, density)
         elif self.sparsifier == SparsificationMethod.della_magprune:
-            self._della(delta, model, density, rescale, parameters["epsilon"][model])
+            work_dtype = self._della(plan, model, density, parameters["epsilon"][model])
         else:
             raise NotImplementedError(self.sparsifier)
+        if parameters["rescale"] and not plan.zero:
+            self._mask_and_rescale(index, plan, model, work_dtype)
+        return plan
 
-    def _magnitude(self, delta, model, density: float, rescale: bool) -> None:
+    def _task_vector(self, plan: _EntryPlan, work_dtype: torch.dtype) -> torch.Tensor:
+        """The whole task vector (source - base) in ``work_dtype``: made only to precompute."""
+        delta = plan.source - self._base
+        return delta if delta.dtype == work_dtype else delta.to(work_dtype)
+
+    def _magnitude(self, plan: _EntryPlan, model, density: float) -> torch.dtype:
         """``mergekit.sparsify.magnitude``: keep the first k of its argsort of |delta|."""
-        if density >= 1:
-            return
-        if density <= 0 or delta.numel() == 0:
-            delta.zero_()
-            return
-        k = max(1, int(density * delta.numel()))
-        key = self.source_key(model, delta.dtype)
-        rank = self.fast.state.get("rank_desc", key, lambda: _rank_of(_argsort_magnitude(delta, descending=True)))
-        self._mask_and_rescale(delta, (rank < k).view(delta.shape), rescale, key)
+        dtype = self._base.dtype
+        if density <= 0 or self._base.numel() == 0:
+            plan.zero = True  # zeros_like, not rescaled
+            return dtype
+        k = max(1, int(density * self._base.numel()))
+        rank = self.fast.state.get(
+            "rank_desc", self.source_key(model, dtype),
+            lambda: _rank_of(_argsort_magnitude(self._task_vector(plan, dtype), descending=True)),
+        )
+        plan.keep = lambda chunk: _below(rank[chunk], k, self.fast.scratch)
+        return dtype
 
-    def _magnitude_outliers(self, delta, model, density: float, rescale: bool, gamma: float) -> None:
+    def _magnitude_outliers(self, plan: _EntryPlan, model, density: float, gamma: float) -> torch.dtype:
         """``mergekit.sparsify.magnitude_outliers``: a window of its ascending sort of |delta|."""
-        if density >= 1:
-            return
-        num_elems = delta.numel()
+        dtype = self._base.dtype
+        num_elems = self._base.numel()
         target_n = int(density * num_elems)
         n_top = int(gamma * num_elems)
         n_bot = max(0, num_elems - target_n - n_top)
         start, stop, _ = slice(n_bot, n_bot + target_n).indices(num_elems)  # python slice rules
-        key = self.source_key(model, delta.dtype)
-        rank = self.fast.state.get("rank_asc", key, lambda: _rank_of(_argsort_magnitude(delta, descending=False)))
-        keep = (rank >= start) & (rank < stop) if start < stop else torch.zeros_like(rank, dtype=torch.bool)
-        self._mask_and_rescale(delta, keep.view(delta.shape), rescale, key)
+        if start >= stop:  # nothing kept: zeros (the rescale leaves a zero norm alone)
+            plan.zero = True
+            return dtype
+        rank = self.fast.state.get(
+            "rank_asc", self.source_key(model, dtype),
+            lambda: _rank_of(_argsort_magnitude(self._task_vector(plan, dtype), descending=False)),
+        )
 
-    def _bernoulli(self, delta, model, density: float, rescale: bool) -> None:
+        def keep(chunk: slice) -> torch.Tensor:
+            kept = _below(rank[chunk], stop, self.fast.scratch)
+            if start > 0:
+                kept.bitwise_and_(_below(rank[chunk], start, self.fast.scratch, "below").bitwise_not_())
+            return kept
+
+        plan.keep = keep
+        return dtype
+
+    def _bernoulli(self, plan: _EntryPlan, density: float) -> torch.dtype:
         """``mergekit.sparsify.bernoulli`` on CPU: keep iff the next uniform draw is < density
         (density as ``full_like`` stores it, in the work dtype)."""
-        if density >= 1:
-            return
-        work_dtype = _cpu_work_dtype(delta)
+        work_dtype = _cpu_work_dtype(self._base)
         p = torch.full((1,), density, dtype=work_dtype).item()
         if not 0 <= p <= 1:
             raise RuntimeError(f"bernoulli: expected 0 <= p <= 1, got density {density}")
-        keep = self.fast.stream.take(delta.numel()).view(delta.shape) < p
-        self._mask_and_rescale(delta, keep, rescale, self.source_key(model, work_dtype))
+        # For floats >= 0, u < p exactly when u's bits, read as an integer, are below p's.
+        draws = self.fast.stream.take(self._base.numel()).view(torch.int32)
+        p_bits = int(torch.tensor(p, dtype=torch.float32).view(torch.int32))
+        plan.keep = lambda chunk: _below(draws[chunk], p_bits, self.fast.scratch)
+        return work_dtype
 
-    def _della(self, delta, model, density: float, rescale: bool, epsilon: float) -> None:
+    def _della(self, plan: _EntryPlan, model, density: float, epsilon: float) -> torch.dtype:
         """``mergekit.sparsify.della_magprune``: per-row rank-scaled keep probabilities."""
-        if density >= 1:
-            return
+        work_dtype = _cpu_work_dtype(self._base)
         if density <= 0:
-            delta.zero_()
-            return
+            plan.zero = True
+            return work_dtype
         if density + epsilon >= 1 or density - epsilon <= 0:
             raise ValueError("Epsilon must be chosen such that density +/- epsilon is in (0, 1)")
-        work_dtype = _cpu_work_dtype(delta)
-        key = self.source_key(model, work_dtype)
-        rank_norm_x2 = self.fast.state.get("della_rank", key, lambda: _della_rank_norm_x2(delta, work_dtype))
-        probs = (density - epsilon) + rank_norm_x2 * epsilon  # mergekit: rank_norm * 2 * epsilon
-        low, high = torch.aminmax(probs)
+        rank_norm_x2, extremes = self.fast.state.get(
+            "della_rank", self.source_key(model, work_dtype),
+            lambda: _della_rank_norm_x2(self._task_vector(plan, work_dtype).view(self._shape), work_dtype),
+        )
+        # mergekit: (density - epsilon) + rank_norm * 2 * epsilon; rounding is monotone, so the
+        # probabilities' range is that of the rank extremes (NaN for one-element rows)
+        low, high = torch.aminmax(extremes * epsilon + (density - epsilon))
         if not (bool(low >= 0) and bool(high <= 1)):  # torch.bernoulli refuses these
             raise RuntimeError("bernoulli: expected 0 <= p <= 1 (della probabilities out of range)")
-        keep = self.fast.stream.take(probs.numel()).view(probs.shape) < probs
-        self._mask_and_rescale(delta, keep.view(delta.shape), rescale, key)
+        draws = self.fast.stream.take(self._base.numel()).view(torch.int32)
 
-    def _mask_and_rescale(self, delta: torch.Tensor, keep: torch.Tensor, rescale: bool, key: tuple) -> None:
-        """``rescaled_masked_tensor(delta, keep, l1 or None)`` written back into ``delta``.
+        def keep(chunk: slice) -> torch.Tensor:
+            size = chunk.stop - chunk.start
+            probs = self.fast.scratch.take("probs", size, work_dtype)
+            torch.mul(rank_norm_x2[chunk], epsilon, out=probs).add_(density - epsilon)
+            if work_dtype != torch.float32:
+                probs = self.fast.scratch.take("probs32", size, torch.float32).copy_(probs)
+            # u < probs on the bits (both >= 0), as in _bernoulli
+            kept = torch.sub(draws[chunk], probs.view(torch.int32), out=self.fast.scratch.take("keep", size, torch.int32))
+            return kept.bitwise_right_shift_(_INT32_SIGN_SHIFT)
 
-        ``key`` names the task vector in the work dtype the kernel computes in; the l1 norm of
-        the unmasked task vector is computed once (keyed by torch's thread count too, since a
-        parallel sum's rounding depends on how it is split)."""
-        work = delta if delta.dtype == key[-1] else delta.to(key[-1])
-        before = None
-        if rescale:
-            before = self.fast.state.get("l1", (*key, torch.get_num_threads()), lambda: work.abs().sum())
-        work.mul_(keep)  # x * True = x, x * False = +-0: what multiplying by a 1/0 mask gives
-        if rescale:
-            after = work.abs().sum()
-            if not (before < RESCALE_EPS or after < RESCALE_EPS):
-                work.mul_(before / after)
-        if work is not delta:
-            delta.copy_(work)
+        plan.keep = keep
+        return work_dtype
+
+    def _mask_and_rescale(self, index: int, plan: _EntryPlan, model, work_dtype: torch.dtype) -> None:
+        """``rescaled_masked_tensor(delta, keep, l1)``: the masked vector in full (in the work
+        dtype), its l1 norm as mergekit sums it, and the scale phase two multiplies by.
+
+        The l1 norm of the unmasked task vector is computed once (keyed by torch's thread
+        count too, since a parallel sum's rounding depends on how it is split)."""
+        numel = self._base.numel()
+        masked = self.fast.scratch.take(f"masked{index}", numel, work_dtype)
+        magnitudes = self.fast.scratch.take("magnitudes", numel, work_dtype)
+        for chunk in _chunks(numel):
+            if work_dtype == self._base.dtype:
+                torch.sub(plan.source[chunk], self._base[chunk], out=masked[chunk])
+            else:
+                masked[chunk].copy_(plan.source[chunk] - self._base[chunk])
+            _keep_only(masked[chunk], plan.keep(chunk), self.fast.scratch)
+            torch.abs(masked[chunk], out=magnitudes[chunk])
+        key = (*self.source_key(model, work_dtype), torch.get_num_threads())
+        before = self.fast.state.get("l1", key, lambda: self._task_vector(plan, work_dtype).abs().sum())
+        after = magnitudes.sum()
+        plan.masked = masked
+        if not (before < RESCALE_EPS or after < RESCALE_EPS):
+            plan.scale = before / after
+
+
+def _chunks(numel: int):
+    for start in range(0, numel, CHUNK_ELEMENTS):
+        yield slice(start, min(start + CHUNK_ELEMENTS, numel))
+
+
+def _below(values: torch.Tensor, limit: int, scratch: "Scratch", role: str = "keep") -> torch.Tensor:
+    """int32 mask: -1 where ``values < limit``, else 0 (the sign of values - limit, smeared by an
+    arithmetic shift; int32 values and limit both >= 0, so the difference cannot overflow)."""
+    out = scratch.take(role, values.numel(), torch.int32)
+    return torch.sub(values, limit, out=out).bitwise_right_shift_(_INT32_SIGN_SHIFT)
+
+
+def _keep_only(values: torch.Tensor, keep: torch.Tensor, scratch: "Scratch") -> None:
+    """``values * mask`` for a 1/0 mask, in place: kept elements unchanged, the others +0 where
+    mergekit's product gives +-0 (a zero's sign never reaches the result: the sums start from
+    +0, the sign election and the divisor ignore zeros)."""
+    bits = _BITS_OF[values.dtype]
+    if bits != torch.int32:
+        keep = scratch.take("keep_bits", keep.numel(), bits).copy_(keep)  # -1 stays all ones
+    values.view(bits).bitwise_and_(keep)
+
+
+@functools.lru_cache(maxsize=None)
+def _float_bits(dtype: torch.dtype) -> tuple[torch.dtype, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(integer dtype of the same width, its sign-bit shift, mask of the non-sign bits, bits of
+    1.0); the constants as 0-d tensors of that dtype (a python int would be wrapped into a
+    tensor and converted on every call)."""
+    bits = _BITS_OF[dtype]
+    width = torch.iinfo(bits).bits
+    constant = lambda value: torch.tensor(value, dtype=bits)  # noqa: E731
+    return (bits, constant(width - 1), constant((1 << (width - 1)) - 1),
+            torch.ones((), dtype=dtype).view(bits).clone())
+
+
+def _drop_minority_signs(deltas: torch.Tensor, scratch: "Scratch") -> None:
+    """TIES' sign consensus, in place: ``get_mask(deltas, "sum")`` keeps d iff sign(d) equals
+    the sign of the column sum (>= 0 counting as +). Kept here: d whose sign bit equals the
+    column sum's, which agrees on every nonzero d. For d = +-0 or a column sum of -0 (two -0
+    entries) the two may differ, but a zero contributes nothing: the masked deltas are only
+    summed (by sums that start from +0, so a zero's sign never shows) and counted where nonzero.
+    On the bits: (d xor not(sum)) has its sign bit set where the signs agree; an arithmetic
+    shift smears it into an all-ones / all-zeros mask."""
+    entries, size = deltas.shape
+    bits, sign_shift, _, _ = _float_bits(deltas.dtype)
+    column_sum = scratch.take("column_sum", size, deltas.dtype)
+    torch.add(deltas[0], deltas[1], out=column_sum) if entries == 2 else torch.sum(deltas, dim=0, out=column_sum)
+    agree = scratch.take("agree", entries * size, bits).view(entries, size)
+    torch.bitwise_xor(deltas.view(bits), column_sum.view(bits).bitwise_not_(), out=agree)
+    deltas.view(bits).bitwise_and_(agree.bitwise_right_shift_(sign_shift))
+
+
+def _kept_weight_sum(deltas: torch.Tensor, weights: torch.Tensor, scratch: "Scratch") -> torch.Tensor:
+    """mergekit's ``divisor = (weights * mask).sum(dim=0); divisor[divisor == 0] = 1`` with the
+    mask read off the masked deltas (kept = nonzero), on the bits: -(|d| bits) is negative
+    exactly for a nonzero d; shifted, it selects the weight's bits or +0."""
+    entries, size = deltas.shape
+    bits, sign_shift, magnitude_bits, one_bits = _float_bits(deltas.dtype)
+    kept = scratch.take("agree", entries * size, bits).view(entries, size)
+    torch.bitwise_and(deltas.view(bits), magnitude_bits, out=kept).neg_().bitwise_right_shift_(sign_shift)
+    kept.bitwise_and_(weights.view(bits))
+    divisor = _sum_entries(kept.view(deltas.dtype), out=scratch.take("divisor", size, deltas.dtype))
+    zero = scratch.take("divisor_zero", size, bits)  # -1 where the divisor is (+)0
+    torch.bitwise_and(divisor.view(bits), magnitude_bits, out=zero).neg_().bitwise_right_shift_(sign_shift)
+    divisor.view(bits).bitwise_or_(zero.bitwise_not_().bitwise_and_(one_bits))
+    return divisor
+
+
+class _FastLinear(_FastKernel):
+    """``mergekit.merge_methods.linear.linear_merge`` in chunks, written straight to the output.
+
+    mergekit packs the group (``prepare_batches``) and accumulates ``zeros -> addcmul_ per input
+    -> div_ -> to(dtype)`` over the whole tensor; the same operations per chunk give every
+    element the same arithmetic, without the float32 accumulator of a whole tensor."""
+
+    def merge_group(self, group: TensorGroup, **parameters) -> torch.Tensor:
+        from mergekit.merge_methods.base import BatchOptions
+        from mergekit.merge_methods.batching import prepare_batches
+
+        spec = self.method.spec
+        (prepared,) = prepare_batches((group,), [parameters], spec, BatchOptions(), input_dtypes=[None])
+        batch, packed = prepared.pack(spec)
+        first = batch.tensors[0]
+        dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+        weight = packed["weight"].to(dtype)
+        denominator = weight.sum(dim=1) if packed["normalize"] else None
+        coefficients = weight.unbind(1)
+        sources = [tensor.reshape(-1) for tensor in batch.tensors]
+        out = self.output_for(group.entries[0].tensor)
+        flat_out = out.view(-1)
+        for chunk in _chunks(flat_out.numel()):
+            result = self.fast.scratch.take("linear", chunk.stop - chunk.start, dtype).zero_()
+            for source, coefficient in zip(sources, coefficients):
+                result.addcmul_(source[chunk], coefficient)
+            if denominator is not None:
+                result.div_(denominator)
+            flat_out[chunk].copy_(result)  # result.to(first.dtype)
+        return out
 
 
 class _FastSCE(_FastKernel):
@@ -524,7 +778,7 @@ class _FastSCE(_FastKernel):
 # ---------------------------------------------------------------- exact rewrites of mergekit steps
 
 
-def _sum_entries(stacked: torch.Tensor) -> torch.Tensor:
+def _sum_entries(stacked: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``stacked.sum(dim=0)``, bit for bit, in fewer passes when there are two entries.
 
     torch reduces dim 0 by adding the rows, in order, to a +0 accumulator of the accumulate
@@ -534,19 +788,9 @@ def _sum_entries(stacked: torch.Tensor) -> torch.Tensor:
     (``tests/test_merge_fastpath.py::test_sum_entries_is_torch_sum`` checks this.)
     """
     if stacked.shape[0] != 2:
-        return stacked.sum(dim=0)
-    total = stacked[0] + stacked[1]
+        return stacked.sum(dim=0) if out is None else torch.sum(stacked, dim=0, out=out)
+    total = torch.add(stacked[0], stacked[1], out=out)
     return total.add_(0.0)
-
-
-def _agrees_with_majority(deltas: torch.Tensor) -> torch.Tensor:
-    """TIES' sign consensus as a keep-mask, up to zeros: ``get_mask(deltas, "sum")`` keeps d iff
-    sign(d) equals the sign of the column sum (>= 0 counting as +). Here d is kept iff its sign
-    bit differs from "column sum >= 0", which agrees on every nonzero d. For d = +-0 the two may
-    differ, but a zero contributes nothing: the masked deltas are only summed (by a sum that
-    starts from +0, so a zero's sign never shows) and counted where nonzero."""
-    column_sum = deltas[0] + deltas[1] if deltas.shape[0] == 2 else deltas.sum(dim=0)  # sign only
-    return torch.signbit(deltas) ^ (column_sum >= 0)
 
 
 # ---------------------------------------------------------------- precomputation (exact replicas)
@@ -575,8 +819,8 @@ def _rank_of(order: torch.Tensor) -> torch.Tensor:
     return rank
 
 
-def _della_rank_norm_x2(delta: torch.Tensor, work_dtype: torch.dtype) -> torch.Tensor:
-    """``2 * rank_norm`` exactly as ``della_magprune`` computes it."""
+def _della_rank_norm_x2(delta: torch.Tensor, work_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``2 * rank_norm`` exactly as ``della_magprune`` computes it (flat), and its extremes."""
     tensor = delta.unsqueeze(0) if delta.dim() < 2 else delta
     magnitudes = tensor.abs()
     sorted_indices = torch.argsort(magnitudes, dim=1, descending=False)
@@ -584,7 +828,8 @@ def _della_rank_norm_x2(delta: torch.Tensor, work_dtype: torch.dtype) -> torch.T
     min_ranks = ranks.min(dim=1, keepdim=True).values
     max_ranks = ranks.max(dim=1, keepdim=True).values
     rank_norm = ((ranks - min_ranks) / (max_ranks - min_ranks)).clamp(0, 1)
-    return rank_norm * 2
+    rank_norm_x2 = (rank_norm * 2).view(-1)
+    return rank_norm_x2, torch.stack(torch.aminmax(rank_norm_x2))
 
 
 def _sce_order(tvs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

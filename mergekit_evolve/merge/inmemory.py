@@ -9,7 +9,8 @@ everything around the merge:
   every candidate's task graph gets them as pre-computed values of its input tasks, so no
   candidate touches the disk or mergekit's process-wide ``LoaderCache``;
 * one transformers model is built once; each candidate's output tensors are copied into it by
-  name (no model objects, no files per candidate);
+  name, or written straight into its parameters by the fast-path kernels (no model objects, no
+  files per candidate);
 * random methods (DARE, DELLA) are re-seeded per candidate, the way ``mergekit-yaml
   --random-seed S`` seeds a whole merge, so every candidate is reproducible on its own;
 * sparsifying methods (TIES, DARE, breadcrumbs, DELLA, SCE, and task arithmetic) run on
@@ -310,7 +311,7 @@ class InMemoryMerger:
             except Exception as error:  # bad values of one candidate: record and go on
                 raise CandidateError(f"planning failed: {error}") from error
             if self.fast_path is not None:
-                targets = self.fast_path.rewrite(targets)
+                targets = self.fast_path.rewrite(targets, destinations=self._targets)
             planned = time.perf_counter()
             executor = self._executor(targets)
             scheduled = time.perf_counter()
@@ -350,6 +351,8 @@ class InMemoryMerger:
         if value.is_floating_point() and not _all_finite(value):
             raise CandidateError(f"{name}: merged tensor has NaN or infinite values")
         target = self._targets[name]
+        if _is_storage_of(value, target):
+            return  # a fast kernel wrote it in place
         if self._can_adopt(value, target):
             target.data = value  # a fresh tensor nobody else holds: take it, skip the copy
         else:
@@ -417,6 +420,16 @@ def _owned(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     if tensor is None or tensor.device.type != "cpu":
         return tensor
     return tensor.clone(memory_format=torch.contiguous_format)
+
+
+def _is_storage_of(value: torch.Tensor, target: torch.Tensor) -> bool:
+    """True if ``value`` is ``target``'s data, as a fast-path kernel writing in place returns it."""
+    return (
+        value.data_ptr() == target.data_ptr()
+        and value.dtype == target.dtype
+        and value.shape == target.shape
+        and value.stride() == target.stride()
+    )
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
