@@ -24,13 +24,19 @@ from mergekit_evolve.merge.fastpath import FastMergeTask, UniformStream
 
 SEED = 4321
 SPARSIFYING = (
-    "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
-    "della", "della_linear", "sce", "task_arithmetic",
+    "ties",
+    "dare_ties",
+    "dare_linear",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+    "sce",
+    "task_arithmetic",
 )
 SHAPES = {
     "fp32": dict(n_experts=3, num_layers=2, hidden_size=24, intermediate_size=40, num_heads=4),
-    "bf16": dict(n_experts=2, num_layers=2, hidden_size=32, intermediate_size=48, num_heads=4,
-                 dtype=torch.bfloat16),
+    "bf16": dict(n_experts=2, num_layers=2, hidden_size=32, intermediate_size=48, num_heads=4, dtype=torch.bfloat16),
 }
 FILTERS = ("self_attn", "mlp")
 
@@ -52,7 +58,10 @@ def families(tmp_path_factory) -> dict[str, dict[str, Path]]:
 
 def _value(rng: np.random.Generator, low: float, high: float, exact: tuple = ()):
     """A parameter value as a recipe writes it: scalar, layer gradient or per-filter list."""
-    draw = lambda: float(exact[rng.integers(len(exact))]) if exact and rng.random() < 0.25 else float(rng.uniform(low, high))  # noqa: E731
+    def draw():
+        return (
+            float(exact[rng.integers(len(exact))]) if exact and rng.random() < 0.25 else float(rng.uniform(low, high))
+        )  # noqa: E731
     form = rng.integers(3)
     if form == 0:
         return draw()
@@ -80,18 +89,23 @@ def _candidate(method: str, family: dict[str, Path], dtype: str, rng: np.random.
     if method == "sce":
         shared = {"select_topk": _value(rng, 0.05, 0.95, exact=(1.0,)), "int8_mask": bool(rng.random() < 0.5)}
     else:
-        shared = {"normalize": bool(rng.random() < 0.5), "rescale": bool(rng.random() < 0.5),
-                  "int8_mask": bool(rng.random() < 0.5)}
+        shared = {
+            "normalize": bool(rng.random() < 0.5),
+            "rescale": bool(rng.random() < 0.5),
+            "int8_mask": bool(rng.random() < 0.5),
+        }
         if rng.random() < 0.5:
             shared["lambda"] = float(rng.uniform(0.6, 1.4))
-    return MergeConfiguration.model_validate({
-        "merge_method": method,
-        "base_model": str(family["base"]),
-        "models": [{"model": str(family["base"])}]
-        + [{"model": e, "parameters": p} for e, p in zip(experts, per_model)],
-        "parameters": shared,
-        "dtype": dtype,
-    })
+    return MergeConfiguration.model_validate(
+        {
+            "merge_method": method,
+            "base_model": str(family["base"]),
+            "models": [{"model": str(family["base"])}]
+            + [{"model": e, "parameters": p} for e, p in zip(experts, per_model)],
+            "parameters": shared,
+            "dtype": dtype,
+        }
+    )
 
 
 def _template(family: dict[str, Path], dtype: str) -> MergeConfiguration:
@@ -183,8 +197,7 @@ def test_state_is_one_method_at_a_time(families, tmp_path):
     family = families["fp32"]
     merger = InMemoryMerger(_template(family, "float32"), random_seed=SEED)
     expert_elements = sum(
-        t.numel() for name, p in family.items() if name != "base"
-        for t in load_file(p / "model.safetensors").values()
+        t.numel() for name, p in family.items() if name != "base" for t in load_file(p / "model.safetensors").values()
     )
     rng = np.random.default_rng(3)
     ties = _candidate("ties", family, "float32", rng)
@@ -192,8 +205,11 @@ def test_state_is_one_method_at_a_time(families, tmp_path):
     merger.merge(ties)
     assert merger.fast_path.nbytes()["rank_desc"] == 4 * expert_elements  # int32 per element
     linear = MergeConfiguration.model_validate(
-        {"merge_method": "linear", "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in family.values()],
-         "dtype": "float32"}
+        {
+            "merge_method": "linear",
+            "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in family.values()],
+            "dtype": "float32",
+        }
     )
     merger.merge(linear)  # needs no state: keeps what is there
     assert "rank_desc" in merger.fast_path.nbytes()
@@ -236,13 +252,19 @@ def test_config_key_turns_the_fast_path_off(family, tmp_path):
     data.write_text('{"prompt": "1+1=", "answer": "2"}\n')
     models = {}
     for fast in (True, False):
-        config = parse_config({
-            "genome": {"models": [str(family["expert0"]), str(family["expert1"])], "merge_method": "dare_ties",
-                       "base_model": str(family["base"]), "layer_granularity": 2},
-            "fitness": {"tasks": [{"name": "t", "data": str(data)}]},
-            "dtype": "float32",
-            "merge_fast_path": fast,
-        })
+        config = parse_config(
+            {
+                "genome": {
+                    "models": [str(family["expert0"]), str(family["expert1"])],
+                    "merge_method": "dare_ties",
+                    "base_model": str(family["base"]),
+                    "layer_granularity": 2,
+                },
+                "fitness": {"tasks": [{"name": "t", "data": str(data)}]},
+                "dtype": "float32",
+                "merge_fast_path": fast,
+            }
+        )
         problem = PSProblem(config)
         assert (problem.merger.fast_path is not None) is fast
         models[fast] = _state(problem.build(problem.decode(problem.x0(random=True, seed=1))))
@@ -254,12 +276,14 @@ CHUNKED = ("linear", "ties", "dare_ties", "dare_linear", "breadcrumbs_ties", "de
 
 
 def _linear_candidate(family: dict[str, Path], dtype: str, rng: np.random.Generator) -> MergeConfiguration:
-    return MergeConfiguration.model_validate({
-        "merge_method": "linear",
-        "models": [{"model": str(p), "parameters": {"weight": _value(rng, -0.3, 1.2)}} for p in family.values()],
-        "parameters": {"normalize": bool(rng.random() < 0.5)},
-        "dtype": dtype,
-    })
+    return MergeConfiguration.model_validate(
+        {
+            "merge_method": "linear",
+            "models": [{"model": str(p), "parameters": {"weight": _value(rng, -0.3, 1.2)}} for p in family.values()],
+            "parameters": {"normalize": bool(rng.random() < 0.5)},
+            "dtype": dtype,
+        }
+    )
 
 
 @pytest.mark.parametrize("chunk", [64, 96])
@@ -293,8 +317,15 @@ def test_default_chunks_bitwise_equal_at_two_threads(tmp_path):
     """Tensors of ~125k elements at two torch threads: several default-size chunks, and the
     halves where torch splits a whole-tensor op between the threads fall off vector boundaries
     (196 x 611 elements), so mergekit's single calls and the chunked ones split differently."""
-    family = make_family(tmp_path, num_layers=1, hidden_size=196, intermediate_size=611, num_heads=2,
-                         vocab_size=1001, dtype=torch.bfloat16)
+    family = make_family(
+        tmp_path,
+        num_layers=1,
+        hidden_size=196,
+        intermediate_size=611,
+        num_heads=2,
+        vocab_size=1001,
+        dtype=torch.bfloat16,
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

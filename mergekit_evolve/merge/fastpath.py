@@ -63,7 +63,8 @@ other kernel consumes torch's generator in between). Inputs must be finite for b
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional
+from typing import Any
+from collections.abc import Callable
 
 import torch
 from mergekit.common import dtype_from_name
@@ -103,8 +104,12 @@ INT32_MAX = 2**31 - 1
 # per entry) stay in a core's cache. A multiple of 64, so that every chunk but a tensor's last
 # runs torch's vectorised loops to the end, as one whole-tensor call does.
 CHUNK_ELEMENTS = 1 << 18
-_BITS_OF = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
-            torch.float64: torch.int64}
+_BITS_OF = {
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+}
 _INT32_SIGN_SHIFT = torch.tensor(31, dtype=torch.int32)
 
 
@@ -202,7 +207,7 @@ def _nbytes(value: Any) -> int:
     return 0
 
 
-class FastMergeTask(Task[Optional[torch.Tensor]]):
+class FastMergeTask(Task[torch.Tensor | None]):
     """Stands in for one ``ExecuteMergeMethodTask``: same arguments, label and priority (so
     mergekit's Executor schedules it exactly where it schedules the original), fast kernel."""
 
@@ -212,7 +217,7 @@ class FastMergeTask(Task[Optional[torch.Tensor]]):
     def arguments(self) -> dict[str, Task]:
         return self.merge.arguments()
 
-    def group_label(self) -> Optional[str]:
+    def group_label(self) -> str | None:
         return self.merge.group_label()
 
     def priority(self) -> int:
@@ -232,7 +237,7 @@ class SparsifyingFastPath:
     every candidate runs with (``None``: random methods keep mergekit's kernels).
     """
 
-    def __init__(self, inputs: dict, device: torch.device, random_seed: Optional[int]):
+    def __init__(self, inputs: dict, device: torch.device, random_seed: int | None):
         self._inputs = inputs
         self._device = device
         self.state = SourceState()
@@ -250,16 +255,14 @@ class SparsifyingFastPath:
             sizes["scratch"] = self.scratch.nbytes
         return sizes
 
-    def rewrite(self, targets: list[ReturnTensor], destinations: Optional[dict] = None) -> list[ReturnTensor]:
+    def rewrite(self, targets: list[ReturnTensor], destinations: dict | None = None) -> list[ReturnTensor]:
         """``destinations``: output name -> the tensor (model parameter) the result ends up in;
         a fast kernel writes straight into it when dtype and shape match."""
         kernels = [self._kernel_for(ret.tensor_task) for ret in targets]
         for ret, kernel in zip(targets, kernels):
             if kernel is not None and destinations:
                 kernel.destination = destinations.get(ret.weight_info.name)
-        if any(k is not None and k.draws_random for k in kernels) and (
-            self.stream is None or None in kernels
-        ):
+        if any(k is not None and k.draws_random for k in kernels) and (self.stream is None or None in kernels):
             # Another kernel would draw from torch's generator in between: keep mergekit's
             # kernels for the random tasks, seeded as the merger seeds every candidate.
             kernels = [None if k is not None and k.draws_random else k for k in kernels]
@@ -270,7 +273,9 @@ class SparsifyingFastPath:
             self.stream.reserve(draws)
             self.stream.begin()
         return [
-            ret if kernel is None else ReturnTensor.model_construct(
+            ret
+            if kernel is None
+            else ReturnTensor.model_construct(
                 weight_info=ret.weight_info,
                 tensor_task=FastMergeTask.model_construct(merge=ret.tensor_task, kernel=kernel),
                 dtype=ret.dtype,
@@ -288,7 +293,7 @@ class SparsifyingFastPath:
         if "stream" in unused:
             self.stream.clear()
 
-    def _kernel_for(self, task: Task) -> Optional["_FastKernel"]:
+    def _kernel_for(self, task: Task) -> _FastKernel | None:
         if not isinstance(task, ExecuteMergeMethodTask):
             return None
         method = get_method(task.method_name)
@@ -310,7 +315,7 @@ class SparsifyingFastPath:
             return None
         return kernel
 
-    def _gathered(self, gather: Task) -> Optional[dict]:
+    def _gathered(self, gather: Task) -> dict | None:
         """What ``gather`` yields from the resident loads (None if any load is not resident).
         Gather tasks of different plans never compare equal (their maps compare by identity);
         the loads they depend on do."""
@@ -322,7 +327,7 @@ class SparsifyingFastPath:
         return gather.execute(**{name: self._inputs[load] for name, load in loads.items()})
 
 
-def _simple_inputs(task: ExecuteMergeMethodTask, tensors: Optional[dict]) -> bool:
+def _simple_inputs(task: ExecuteMergeMethodTask, tensors: dict | None) -> bool:
     """Every configured input present, floating point, contiguous, same shape and device, and
     small enough for int32 ranks: the cases where mergekit's adapter calls the kernel directly."""
     if not tensors or any(model not in tensors for model in task.model_order):
@@ -331,8 +336,11 @@ def _simple_inputs(task: ExecuteMergeMethodTask, tensors: Optional[dict]) -> boo
         return False
     first = tensors[task.model_order[0]]
     return all(
-        t.is_floating_point() and t.is_contiguous() and t.shape == first.shape
-        and t.device == first.device and t.numel() <= INT32_MAX
+        t.is_floating_point()
+        and t.is_contiguous()
+        and t.shape == first.shape
+        and t.device == first.device
+        and t.numel() <= INT32_MAX
         for t in (tensors[m] for m in task.model_order)
     )
 
@@ -351,7 +359,7 @@ class _FastKernel:
         self.non_base = len(task.model_order) - (task.base_model is not None)
         self.base_key = (task.base_model, gather.weight_info[task.base_model].name) if task.base_model else ()
         self.source_names = {m: gather.weight_info[m].name for m in task.model_order}
-        self.destination: Optional[torch.Tensor] = None  # set by rewrite: where the result goes
+        self.destination: torch.Tensor | None = None  # set by rewrite: where the result goes
 
     def max_draws(self) -> int:
         return self.numel * self.non_base
@@ -362,8 +370,7 @@ class _FastKernel:
 
     def run(self, task: ExecuteMergeMethodTask, tensors: dict) -> torch.Tensor:
         entries = tuple(
-            TensorEntry(id=model, tensor=tensors[model], is_base=model == task.base_model)
-            for model in task.model_order
+            TensorEntry(id=model, tensor=tensors[model], is_base=model == task.base_model) for model in task.model_order
         )
         group = TensorGroup(entries=entries, metadata=TensorMetadata.from_weight_info(task.output_weight))
         self.method.validate_inputs(
@@ -378,8 +385,10 @@ class _FastKernel:
             )
         # mergekit's dtype alignment, autocast guard, shape check and out_dtype cast.
         (result,) = _GroupKernel(self)._execute_resolved(
-            (group,), [parameters],
-            dtype=dtype_from_name(task.dtype), out_dtype=dtype_from_name(task.out_dtype),
+            (group,),
+            [parameters],
+            dtype=dtype_from_name(task.dtype),
+            out_dtype=dtype_from_name(task.out_dtype),
         )
         return result
 
@@ -392,8 +401,12 @@ class _FastKernel:
         target = self.destination
         if target is not None:
             target = target.data
-            if (target.dtype == like.dtype and target.shape == like.shape and target.device == like.device
-                    and target.is_contiguous()):
+            if (
+                target.dtype == like.dtype
+                and target.shape == like.shape
+                and target.device == like.device
+                and target.is_contiguous()
+            ):
                 return target
         return torch.empty_like(like, memory_format=torch.contiguous_format)
 
@@ -422,9 +435,9 @@ class _EntryPlan:
     def __init__(self, source: torch.Tensor):
         self.source = source.view(-1)
         self.zero = False
-        self.keep: Optional[Callable[[slice], torch.Tensor]] = None
-        self.masked: Optional[torch.Tensor] = None
-        self.scale: Optional[torch.Tensor] = None
+        self.keep: Callable[[slice], torch.Tensor] | None = None
+        self.masked: torch.Tensor | None = None
+        self.scale: torch.Tensor | None = None
 
 
 class _FastTaskArithmetic(_FastKernel):
@@ -539,7 +552,8 @@ class _FastTaskArithmetic(_FastKernel):
             return dtype
         k = max(1, int(density * self._base.numel()))
         rank = self.fast.state.get(
-            "rank_desc", self.source_key(model, dtype),
+            "rank_desc",
+            self.source_key(model, dtype),
             lambda: _rank_of(_argsort_magnitude(self._task_vector(plan, dtype), descending=True)),
         )
         plan.keep = lambda chunk: _below(rank[chunk], k, self.fast.scratch)
@@ -557,7 +571,8 @@ class _FastTaskArithmetic(_FastKernel):
             plan.zero = True
             return dtype
         rank = self.fast.state.get(
-            "rank_asc", self.source_key(model, dtype),
+            "rank_asc",
+            self.source_key(model, dtype),
             lambda: _rank_of(_argsort_magnitude(self._task_vector(plan, dtype), descending=False)),
         )
 
@@ -592,7 +607,8 @@ class _FastTaskArithmetic(_FastKernel):
         if density + epsilon >= 1 or density - epsilon <= 0:
             raise ValueError("Epsilon must be chosen such that density +/- epsilon is in (0, 1)")
         rank_norm_x2, extremes = self.fast.state.get(
-            "della_rank", self.source_key(model, work_dtype),
+            "della_rank",
+            self.source_key(model, work_dtype),
             lambda: _della_rank_norm_x2(self._task_vector(plan, work_dtype).view(self._shape), work_dtype),
         )
         # mergekit: (density - epsilon) + rank_norm * 2 * epsilon; rounding is monotone, so the
@@ -609,7 +625,9 @@ class _FastTaskArithmetic(_FastKernel):
             if work_dtype != torch.float32:
                 probs = self.fast.scratch.take("probs32", size, torch.float32).copy_(probs)
             # u < probs on the bits (both >= 0), as in _bernoulli
-            kept = torch.sub(draws[chunk], probs.view(torch.int32), out=self.fast.scratch.take("keep", size, torch.int32))
+            kept = torch.sub(
+                draws[chunk], probs.view(torch.int32), out=self.fast.scratch.take("keep", size, torch.int32)
+            )
             return kept.bitwise_right_shift_(_INT32_SIGN_SHIFT)
 
         plan.keep = keep
@@ -644,14 +662,14 @@ def _chunks(numel: int):
         yield slice(start, min(start + CHUNK_ELEMENTS, numel))
 
 
-def _below(values: torch.Tensor, limit: int, scratch: "Scratch", role: str = "keep") -> torch.Tensor:
+def _below(values: torch.Tensor, limit: int, scratch: Scratch, role: str = "keep") -> torch.Tensor:
     """int32 mask: -1 where ``values < limit``, else 0 (the sign of values - limit, smeared by an
     arithmetic shift; int32 values and limit both >= 0, so the difference cannot overflow)."""
     out = scratch.take(role, values.numel(), torch.int32)
     return torch.sub(values, limit, out=out).bitwise_right_shift_(_INT32_SIGN_SHIFT)
 
 
-def _keep_only(values: torch.Tensor, keep: torch.Tensor, scratch: "Scratch") -> None:
+def _keep_only(values: torch.Tensor, keep: torch.Tensor, scratch: Scratch) -> None:
     """``values * mask`` for a 1/0 mask, in place: kept elements unchanged, the others +0 where
     mergekit's product gives +-0 (a zero's sign never reaches the result: the sums start from
     +0, the sign election and the divisor ignore zeros)."""
@@ -661,7 +679,7 @@ def _keep_only(values: torch.Tensor, keep: torch.Tensor, scratch: "Scratch") -> 
     values.view(bits).bitwise_and_(keep)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _float_bits(dtype: torch.dtype) -> tuple[torch.dtype, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(integer dtype of the same width, its sign-bit shift, mask of the non-sign bits, bits of
     1.0); the constants as 0-d tensors of that dtype (a python int would be wrapped into a
@@ -669,11 +687,10 @@ def _float_bits(dtype: torch.dtype) -> tuple[torch.dtype, torch.Tensor, torch.Te
     bits = _BITS_OF[dtype]
     width = torch.iinfo(bits).bits
     constant = lambda value: torch.tensor(value, dtype=bits)  # noqa: E731
-    return (bits, constant(width - 1), constant((1 << (width - 1)) - 1),
-            torch.ones((), dtype=dtype).view(bits).clone())
+    return (bits, constant(width - 1), constant((1 << (width - 1)) - 1), torch.ones((), dtype=dtype).view(bits).clone())
 
 
-def _drop_minority_signs(deltas: torch.Tensor, scratch: "Scratch") -> None:
+def _drop_minority_signs(deltas: torch.Tensor, scratch: Scratch) -> None:
     """TIES' sign consensus, in place: ``get_mask(deltas, "sum")`` keeps d iff sign(d) equals
     the sign of the column sum (>= 0 counting as +). Kept here: d whose sign bit equals the
     column sum's, which agrees on every nonzero d. For d = +-0 or a column sum of -0 (two -0
@@ -690,7 +707,7 @@ def _drop_minority_signs(deltas: torch.Tensor, scratch: "Scratch") -> None:
     deltas.view(bits).bitwise_and_(agree.bitwise_right_shift_(sign_shift))
 
 
-def _kept_weight_sum(deltas: torch.Tensor, weights: torch.Tensor, scratch: "Scratch") -> torch.Tensor:
+def _kept_weight_sum(deltas: torch.Tensor, weights: torch.Tensor, scratch: Scratch) -> torch.Tensor:
     """mergekit's ``divisor = (weights * mask).sum(dim=0); divisor[divisor == 0] = 1`` with the
     mask read off the masked deltas (kept = nonzero), on the bits: -(|d| bits) is negative
     exactly for a nonzero d; shifted, it selects the weight's bits or +0."""
@@ -778,7 +795,7 @@ class _FastSCE(_FastKernel):
 # ---------------------------------------------------------------- exact rewrites of mergekit steps
 
 
-def _sum_entries(stacked: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _sum_entries(stacked: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``stacked.sum(dim=0)``, bit for bit, in fewer passes when there are two entries.
 
     torch reduces dim 0 by adding the rows, in order, to a +0 accumulator of the accumulate

@@ -33,7 +33,8 @@ import contextlib
 import copy
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
+from collections.abc import Iterator
 
 import torch
 import transformers
@@ -111,12 +112,10 @@ class PlannerRoute:
                 template, self.arch_info, trust_remote_code=options.trust_remote_code
             )
 
-    def plan(self, config: MergeConfiguration) -> tuple[list[ReturnTensor], Optional[Task]]:
+    def plan(self, config: MergeConfiguration) -> tuple[list[ReturnTensor], Task | None]:
         """Return one ``ReturnTensor`` per output tensor, and the tokenizer task (or None)."""
         # The planner rewrites the config (models -> modules.slices): give it a copy.
-        planner = MergePlanner(
-            copy.deepcopy(config), self.arch_info, self.options, self._out_config
-        )
+        planner = MergePlanner(copy.deepcopy(config), self.arch_info, self.options, self._out_config)
         planner._plan()
         targets = [
             ReturnTensor.model_construct(
@@ -138,9 +137,7 @@ class PlannerRoute:
             for index, task in enumerate(universe.tasks)
             if not isinstance(task, ReturnTensor) and task in inputs
         }
-        executor = Executor(
-            handles, math_device=device, storage_device=device, cached_values=cached
-        )
+        executor = Executor(handles, math_device=device, storage_device=device, cached_values=cached)
         executor.targets = set(handles)  # only used for membership tests in Executor._run
         return executor
 
@@ -151,9 +148,7 @@ class PlannerRoute:
         out = copy.deepcopy(self._out_config)
         if tokenizer_info is not None:
             pad = config.tokenizer.pad_to_multiple_of if config.tokenizer else None
-            mergekit.merge._update_config_vocab(
-                out, self.arch_info, tokenizer_info.tokenizer, pad_to_multiple_of=pad
-            )
+            mergekit.merge._update_config_vocab(out, self.arch_info, tokenizer_info.tokenizer, pad_to_multiple_of=pad)
         return out
 
 
@@ -196,8 +191,8 @@ class InMemoryMerger:
         template: MergeConfiguration,
         *,
         device: str = "cpu",
-        dtype: Optional[str] = None,
-        random_seed: Optional[int] = None,
+        dtype: str | None = None,
+        random_seed: int | None = None,
         fast_path: bool = True,
     ):
         self.template = template.model_copy(deep=True)
@@ -221,14 +216,12 @@ class InMemoryMerger:
         model_dtype = self._model_dtype(dtype, out_config, targets)
         self.model = _build_resident_model(out_config, model_dtype, self.device)
         self._targets = self._resident_tensors(targets)
-        self.fast_path = (
-            SparsifyingFastPath(self._inputs, self.device, random_seed) if fast_path else None
-        )
+        self.fast_path = SparsifyingFastPath(self._inputs, self.device, random_seed) if fast_path else None
         self.last_timings = MergeTimings()
 
     # ----------------------------------------------------------------- construction
 
-    def _model_dtype(self, dtype: Optional[str], out_config, targets: list[ReturnTensor]) -> torch.dtype:
+    def _model_dtype(self, dtype: str | None, out_config, targets: list[ReturnTensor]) -> torch.dtype:
         """``dtype`` if given, else the dtype mergekit writes for the template.
 
         That is asked of mergekit rather than copied from its rules: the first output tensor is
@@ -246,7 +239,7 @@ class InMemoryMerger:
         donor_dtype = getattr(out_config, "dtype", None) or torch.float32
         return dtype_from_name(donor_dtype) if isinstance(donor_dtype, str) else donor_dtype
 
-    def _load_inputs(self, targets: list[ReturnTensor], tokenizer_task: Optional[Task]) -> dict:
+    def _load_inputs(self, targets: list[ReturnTensor], tokenizer_task: Task | None) -> dict:
         """Execute, once, every task the merge tasks depend on (loads, gathers, tokenizer).
 
         The values are kept; candidates get them as mergekit ``Executor`` cached values.
@@ -267,9 +260,7 @@ class InMemoryMerger:
             values = {task: _owned(value) for task, value in load_run}
             cached = {handle: values[handle.task()] for handle in loads}
             if others:
-                derived = Executor(
-                    others, math_device=device, storage_device=device, cached_values=cached
-                )
+                derived = Executor(others, math_device=device, storage_device=device, cached_values=cached)
                 values.update(derived.run(quiet=True))
         return values
 
@@ -345,7 +336,7 @@ class InMemoryMerger:
         except Exception as error:
             raise CandidateError(f"merge failed: {type(error).__name__}: {error}") from error
 
-    def _store(self, name: str, value: Optional[torch.Tensor]) -> None:
+    def _store(self, name: str, value: torch.Tensor | None) -> None:
         if value is None:
             raise CandidateError(f"{name}: mergekit produced no tensor (optional weight skipped)")
         if value.is_floating_point() and not _all_finite(value):
@@ -415,7 +406,7 @@ def fresh_loader_cache(models: list[ModelReference]) -> Iterator[None]:
         evict()
 
 
-def _owned(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def _owned(tensor: torch.Tensor | None) -> torch.Tensor | None:
     """A copy in process memory of a (possibly file-mapped) CPU tensor."""
     if tensor is None or tensor.device.type != "cpu":
         return tensor
@@ -521,8 +512,7 @@ def _local_source_paths(config: MergeConfiguration) -> tuple[Path, ...]:
         path = Path(model.model.path)
         if not path.is_dir():
             raise InputError(
-                f"models: {model.model.path} is not a local model directory; "
-                "download it first and give its path"
+                f"models: {model.model.path} is not a local model directory; download it first and give its path"
             )
         paths.append(path.absolute())
     return tuple(paths)
