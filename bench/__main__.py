@@ -96,7 +96,7 @@ def summary_rows() -> list[tuple[str, str, str]]:
                 (
                     "linear merge vs memory-bandwidth bound",
                     f"{figures['merge_speed']['linear_x_bandwidth_bound']:.1f}x",
-                    "<= 1.5x",
+                    "<= 2x",
                 )
             )
     if "merge_scaling" in figures:

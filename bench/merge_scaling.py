@@ -202,9 +202,10 @@ def main(argv: list[str] | None = None) -> None:
 
     rungs = ["small"] if args.small else args.rungs.split(",")
     methods = args.methods.split(",")
+    load = os.getloadavg()[0]
     print(
         f"dtype {args.dtype}; torch threads {torch.get_num_threads()}; base + 2 experts per rung; "
-        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (a shared, loaded machine)"
+        f"load average {load:.1f} on {os.cpu_count()} CPUs" + (" (a loaded machine)" if load > 1.5 else " (quiet)")
     )
     header = (
         f"{'rung':<6}{'params':>8}{'method':>11}{'set-up s':>10}{'first s':>9}{'cand s':>9}"
