@@ -37,9 +37,9 @@ VARIANTS = {
 
 
 def run_variant(zoo, settings: dict, budget: int, seed: int, out: Path) -> list[dict]:
+    from mergekit_evolve import runner
     from mergekit_evolve.config import parse_config
     from mergekit_evolve.demo import demo_config
-    from mergekit_evolve import runner
     from mergekit_evolve.search.rundir import RunDir
 
     data = demo_config(zoo, "dfs", budget, seed)
@@ -64,8 +64,8 @@ def main() -> None:
 
     from mergekit_evolve.config import parse_config
     from mergekit_evolve.demo import demo_config
-    from mergekit_evolve.search.dfs_problem import DFSProblem
     from mergekit_evolve.fitness.factory import make_fitness
+    from mergekit_evolve.search.dfs_problem import DFSProblem
     from mergekit_evolve.zoo import build_zoo
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

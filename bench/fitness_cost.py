@@ -38,11 +38,10 @@ from mergekit_evolve.config import RacingConfig, parse_config
 from mergekit_evolve.fitness import Fitness
 from mergekit_evolve.fitness.runtime import ModelRunner, evaluation_mode
 from mergekit_evolve.search.cmaes import new_es
-from mergekit_evolve.search.executors import Job, evaluate_candidate
-from mergekit_evolve.search.records import Outcome
+from mergekit_evolve.search.executors import Job, evaluate_candidate, make_score
 from mergekit_evolve.search.problems import PSProblem
 from mergekit_evolve.search.racing import race
-from mergekit_evolve.search.executors import make_score
+from mergekit_evolve.search.records import Outcome
 from mergekit_evolve.zoo import build_zoo
 from mergekit_evolve.zoo.data import Skills, all_facts, to_script, value
 

@@ -45,8 +45,8 @@ from mergekit_evolve.config import parse_config
 from mergekit_evolve.fitness.generate import greedy_generate
 from mergekit_evolve.fitness.runtime import ModelRunner, evaluation_mode
 from mergekit_evolve.recipe.ps import to_merge_config
-from mergekit_evolve.search.dfs_problem import DFSProblem
 from mergekit_evolve.resources import resolve_device
+from mergekit_evolve.search.dfs_problem import DFSProblem
 from mergekit_evolve.search.problems import PSProblem
 from mergekit_evolve.zoo.random_models import random_config
 from mergekit_evolve.zoo.tokenizer import save_tokenizer

@@ -32,13 +32,12 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from mergekit_evolve.search.executors import Job  # noqa: E402
+from mergekit_evolve.fitness.factory import make_fitness  # noqa: E402
+from mergekit_evolve.runner import load_any_config  # noqa: E402
+from mergekit_evolve.search.executors import Job, make_executor, make_score  # noqa: E402
 from mergekit_evolve.search.loop import run_search  # noqa: E402
 from mergekit_evolve.search.problems import make_problem  # noqa: E402
 from mergekit_evolve.search.rundir import RunDir  # noqa: E402
-from mergekit_evolve.fitness.factory import make_fitness  # noqa: E402
-from mergekit_evolve.runner import load_any_config  # noqa: E402
-from mergekit_evolve.search.executors import make_executor, make_score  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "zoo-ps.yaml"
 SETUPS = {"local": ("local", None), "ray_1": ("ray", 1), "ray_2": ("ray", 2)}  # name -> (executor kind, workers)

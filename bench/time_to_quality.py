@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mergekit_evolve import runner
 from mergekit_evolve.config import load_config, parse_config
 from mergekit_evolve.demo import demo_config
-from mergekit_evolve import runner
 from mergekit_evolve.zoo import build_zoo
 
 MODES = ("off", "stop", "subsample", "auto")

@@ -14,9 +14,9 @@ from typing import Any
 
 import click
 
+from mergekit_evolve.atomic import atomic_write
 from mergekit_evolve.config import parse_config
 from mergekit_evolve.progress import note, step
-from mergekit_evolve.atomic import atomic_write
 from mergekit_evolve.search.rundir import RunDir
 
 # Whole generations of cma's default population (4 + 3 ln n): PS 28 x 11 (12 genes); DFS 18 x 17 (80 genes:

@@ -18,7 +18,8 @@ import numpy as np
 
 from mergekit_evolve.config import EvolveConfig, load_config, parse_config, source_models
 from mergekit_evolve.errors import InputError
-from mergekit_evolve.export.artifacts import best_writer, save_model as save_best_model
+from mergekit_evolve.export.artifacts import best_writer
+from mergekit_evolve.export.artifacts import save_model as save_best_model
 from mergekit_evolve.fitness.factory import make_fitness
 from mergekit_evolve.progress import note, step
 from mergekit_evolve.resources import resolve_device

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mergekit_evolve import runner
 from mergekit_evolve.config import parse_config
 from mergekit_evolve.errors import InputError
-from mergekit_evolve import runner
 from mergekit_evolve.zoo.random_models import make_random_model
 
 TOKEN = "hf_AUDITfakeTOKENdoNotLeak0123456789zz"

@@ -7,7 +7,6 @@ import json
 import torch
 from safetensors.torch import load_file
 
-
 ROWS = [
     "source: base",
     "source: script",

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from mergekit_evolve.config import parse_config
-from mergekit_evolve.search.dfs_problem import DFSProblem
 from mergekit_evolve.resources import default_dtype, resolve_device
+from mergekit_evolve.search.dfs_problem import DFSProblem
 from mergekit_evolve.search.problems import PSProblem, TemplateProblem
 
 

@@ -12,9 +12,9 @@ import transformers
 import yaml
 from safetensors.torch import load_file
 
+from mergekit_evolve import runner
 from mergekit_evolve.config import parse_config
 from mergekit_evolve.export.final import export_run
-from mergekit_evolve import runner
 
 TESTS = Path(__file__).parent
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mergekit_evolve.config import OptimizerConfig, parse_config
 from mergekit_evolve import runner
-from mergekit_evolve.search.dfs_search import block_paths, indicator_stds
+from mergekit_evolve.config import OptimizerConfig, parse_config
 from mergekit_evolve.search.cmaes import new_es
+from mergekit_evolve.search.dfs_search import block_paths, indicator_stds
 from mergekit_evolve.space.dfs import DFSSpace
 
 TESTS = Path(__file__).parent

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import transformers
 
+from mergekit_evolve import runner
 from mergekit_evolve.config import parse_config
 from mergekit_evolve.demo import demo_config
 from mergekit_evolve.errors import InputError
 from mergekit_evolve.fitness import Fitness
-from mergekit_evolve import runner
 from mergekit_evolve.search.records import Best
 from mergekit_evolve.search.validation import paired_difference
 

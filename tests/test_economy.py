@@ -9,19 +9,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from interrupting import StopAfter
 
+from mergekit_evolve import runner
 from mergekit_evolve.config import parse_config
 from mergekit_evolve.demo import demo_config
-from mergekit_evolve import runner
+from mergekit_evolve.export.artifacts import best_writer
 from mergekit_evolve.search import economy
 from mergekit_evolve.search.executors import LocalExecutor, evaluate_candidate
 from mergekit_evolve.search.loop import run_search
-from mergekit_evolve.export.artifacts import best_writer
-from mergekit_evolve.search.records import Best, Evaluation
 from mergekit_evolve.search.problems import make_problem
+from mergekit_evolve.search.records import Best, Evaluation
 from mergekit_evolve.search.rundir import RunDir
-
-from interrupting import StopAfter
 
 
 def zoo_config(zoo, mode: str, max_evals: int = 12) -> dict:

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mergekit_evolve import runner
 from mergekit_evolve.config import parse_config
 from mergekit_evolve.errors import InputError
 from mergekit_evolve.export.hub import UploadPlan, push_run, upload
-from mergekit_evolve import runner
 
 TESTS = Path(__file__).parent
 TOKEN = "hf_testSECRETtoken0123456789abcdef"

@@ -14,11 +14,11 @@ from click.testing import CliRunner
 
 pytest.importorskip("lm_eval")
 
+from mergekit_evolve import runner  # noqa: E402
 from mergekit_evolve.cli import main  # noqa: E402
 from mergekit_evolve.config import parse_config  # noqa: E402
 from mergekit_evolve.errors import InputError  # noqa: E402
 from mergekit_evolve.fitness.lm_eval_tasks import LmEvalFitness  # noqa: E402
-from mergekit_evolve import runner  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -311,8 +311,8 @@ def test_planner_route_private_names_and_equivalence(family):
     import importlib
 
     from mergekit.merge_methods import merge_state_dicts
-    from mergekit.options import MergeOptions
     from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
+    from mergekit.options import MergeOptions
     from mergekit.plan import MergePlanner
 
     for owner, attribute in PlannerRoute.PRIVATE_NAMES:

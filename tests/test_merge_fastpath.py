@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_family
 from mergekit.config import MergeConfiguration
 from safetensors.torch import load_file
 
-from conftest import make_family
 from mergekit_evolve.merge import InMemoryMerger, merge_to_disk
 from mergekit_evolve.merge.fastpath import FastMergeTask, UniformStream
 

@@ -7,16 +7,15 @@ import json
 from pathlib import Path
 
 import pytest
+from interrupting import StopAfter
 
+from mergekit_evolve import runner
 from mergekit_evolve.config import parse_config
 from mergekit_evolve.demo import demo_config
-from mergekit_evolve import runner
 from mergekit_evolve.search.executors import LocalExecutor
 from mergekit_evolve.search.loop import run_search
 from mergekit_evolve.search.problems import make_problem
 from mergekit_evolve.search.rundir import RunDir
-
-from interrupting import StopAfter
 
 
 def zoo_config(zoo, racing, max_evals=8, **optimizer) -> dict:

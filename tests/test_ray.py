@@ -10,8 +10,8 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from mergekit_evolve.config import parse_config  # noqa: E402
 from mergekit_evolve import runner  # noqa: E402
+from mergekit_evolve.config import parse_config  # noqa: E402
 
 TESTS = Path(__file__).parent
 

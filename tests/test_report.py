@@ -11,12 +11,12 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from mergekit_evolve import runner
 from mergekit_evolve.cli import main
 from mergekit_evolve.config import GenomeConfig, parse_config
 from mergekit_evolve.errors import InputError
-from mergekit_evolve.search.records import Evaluation
 from mergekit_evolve.export.report import plot_dfs_path, plot_fitness, ps_parameter_table, write_report
-from mergekit_evolve import runner
+from mergekit_evolve.search.records import Evaluation
 
 TESTS = Path(__file__).parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

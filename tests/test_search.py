@@ -14,8 +14,8 @@ import yaml
 from mergekit.config import MergeConfiguration
 from safetensors.torch import load_file
 
-from mergekit_evolve.config import load_config, parse_config
 from mergekit_evolve import runner
+from mergekit_evolve.config import load_config, parse_config
 
 TESTS = Path(__file__).parent
 

@@ -10,9 +10,9 @@ import pytest
 import yaml
 from mergekit.config import MergeConfiguration
 
+from mergekit_evolve import runner
 from mergekit_evolve.config import load_config, parse_config
 from mergekit_evolve.errors import InputError
-from mergekit_evolve import runner
 from mergekit_evolve.space.template import TemplateSpace
 
 TESTS = Path(__file__).parent

@@ -13,10 +13,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from mergekit_evolve import runner
 from mergekit_evolve.cli import main
 from mergekit_evolve.config import parse_config
 from mergekit_evolve.errors import InputError
-from mergekit_evolve import runner
 
 TESTS = Path(__file__).parent
 

@@ -7,9 +7,9 @@ DFS: the path, and when it folds exactly (``recipe.fold.why_not_foldable`` is No
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
 
 import numpy as np
 

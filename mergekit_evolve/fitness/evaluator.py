@@ -24,9 +24,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from mergekit_evolve.errors import TokenizerRequired
 from mergekit_evolve.fitness.callable_task import FitnessFunction, evaluate_callable, load_function
 from mergekit_evolve.fitness.choice import evaluate_choice, prepare_choice
-from mergekit_evolve.errors import TokenizerRequired
 from mergekit_evolve.fitness.data import Row, load_task_rows, token_id_rows
 from mergekit_evolve.fitness.generate import evaluate_generate, prepare_generate
 from mergekit_evolve.fitness.outcome import Outcome

@@ -63,8 +63,8 @@ other kernel consumes torch's generator in between). Inputs must be finite for b
 from __future__ import annotations
 
 import functools
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from mergekit.common import dtype_from_name

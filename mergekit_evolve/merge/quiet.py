@@ -8,8 +8,8 @@ setter forwards to ``dtype``); only the message is noise, and it is not ours to 
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class _DropTorchDtypeDeprecation(logging.Filter):

@@ -29,8 +29,8 @@ finalists' full scores in ``rescored.jsonl``.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
 

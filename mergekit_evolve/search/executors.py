@@ -16,10 +16,9 @@ import os
 import time
 import traceback
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
-from collections.abc import Callable
 
 import numpy as np
 

@@ -12,9 +12,9 @@ checked by genome). Nothing finished is evaluated twice and the same seed gives 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from collections.abc import Callable
 
 import numpy as np
 from tqdm.auto import tqdm

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, replace
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 
 from mergekit_evolve.config import RacingConfig
 from mergekit_evolve.errors import InputError

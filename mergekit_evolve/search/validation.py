@@ -17,9 +17,9 @@ decides the same (the search's own best is recorded, since ``state.best`` become
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 
 import numpy as np
 import yaml

@@ -9,7 +9,6 @@ import transformers
 
 from mergekit_evolve.errors import InputError
 
-
 # What transformers' tokenizers are loaded from; a folder with none of these has no tokenizer.
 TOKENIZER_FILES = (
     "tokenizer.json",
