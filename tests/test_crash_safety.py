@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import subprocess
-import time
+import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "torture.py"
@@ -25,22 +25,31 @@ def test_sigkill_and_resume_lose_nothing_and_change_nothing(tmp_path):
     assert result["stray_temp_files"] == []
 
 
+# The first process holds the run directory as `mergekit-evo run` does (RunDir.prepare takes the lock),
+# without the seconds a real run spends importing and loading models before it gets there.
+HOLDER = r"""
+import shutil, sys, time
+from mergekit_evolve.search.rundir import RunDir
+run = RunDir(sys.argv[1])
+run.prepare(fresh=True)
+shutil.copyfile(sys.argv[2], run.config)
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
 def test_a_second_process_on_the_same_run_directory_is_refused(tmp_path):
     models = torture.make_models(tmp_path)
     config = torture.write_config(tmp_path, models, max_evals=500)
     out = tmp_path / "out"
     first = subprocess.Popen(
-        torture.cli("run", str(config), "--out", str(out)),
-        env=torture.env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        [sys.executable, "-c", HOLDER, str(out), str(config)], env=torture.env(), stdout=subprocess.PIPE, text=True
     )
     try:
-        deadline = time.time() + 60
-        while not (out / "evaluations.jsonl").exists() and time.time() < deadline:
-            time.sleep(0.2)
+        assert first.stdout.readline().strip() == "locked"
         second = subprocess.run(torture.cli("resume", str(out)), env=torture.env(), capture_output=True, text=True)
         assert second.returncode == 2
+        assert second.stderr.startswith("error: ") and second.stderr.count("\n") == 1
         assert "another mergekit-evo process is running in this run directory" in second.stderr
     finally:
         first.kill()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -60,36 +59,34 @@ def lm_eval_config(family, task_dir, **extra) -> dict:
     }
 
 
-def test_score_on_the_resident_model_equals_the_lm_eval_cli(family, task_dir, tmp_path):
+def test_score_on_the_resident_model_equals_the_lm_eval_cli(family, task_dir, tmp_path, monkeypatch):
     config = parse_config(lm_eval_config(family, task_dir))
     tokenizer = transformers.AutoTokenizer.from_pretrained(family["expert0"])
     model = transformers.AutoModelForCausalLM.from_pretrained(family["expert0"], dtype="float32").eval()
     ours = LmEvalFitness(config, tokenizer).score(model)["tiny_sums"]
     out = tmp_path / "lm_eval_out"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lm_eval",
-            "--model",
-            "hf",
-            "--model_args",
-            f"pretrained={family['expert0']},dtype=float32",
-            "--tasks",
-            "tiny_sums",
-            "--include_path",
-            str(task_dir),
-            "--device",
-            "cpu",
-            "--batch_size",
-            "4",
-            "--output_path",
-            str(out),
-        ],
-        check=True,
-        capture_output=True,
-        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
-    )
+    # lm-eval's own command line, run in this process (a subprocess would pay ~15 s of imports again).
+    from lm_eval.__main__ import HarnessCLI
+
+    argv = [
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={family['expert0']},dtype=float32",
+        "--tasks",
+        "tiny_sums",
+        "--include_path",
+        str(task_dir),
+        "--device",
+        "cpu",
+        "--batch_size",
+        "4",
+        "--output_path",
+        str(out),
+    ]
+    monkeypatch.setattr(sys, "argv", ["lm_eval", *argv])
+    cli = HarnessCLI()
+    cli.execute(cli.parse_args())
     reported = json.loads(next(out.rglob("results_*.json")).read_text())["results"]["tiny_sums"]["acc,none"]
     assert ours == pytest.approx(reported, abs=1e-12)
 
