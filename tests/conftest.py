@@ -21,7 +21,13 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from mergekit_evolve.zoo.random_models import make_random_model  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The suite runs in two pytest-xdist workers (pyproject addopts): each worker, and the processes it starts,
+# uses one core's share of threads, so the two never oversubscribe the machine.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, min(2, os.cpu_count() or 1) // WORKERS)
+torch.set_num_threads(THREADS)
+if WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
 
 def make_family(root: Path, n_experts: int = 2, noise: float = 0.02, **kwargs) -> dict[str, Path]:
