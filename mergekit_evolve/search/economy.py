@@ -232,15 +232,6 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def describe(record: Evaluation) -> str:
-    """How a record's fitness was obtained, for summaries."""
-    if record.subsample:
-        return subsample_label(record)
-    if record.racing and record.racing.stopped_at is not None:
-        return f"racing estimate ({record.racing.fraction:.3g} of the rows)"
-    return "full"
-
-
 def tokens_of(records: Iterable[Evaluation]) -> int:
     return int(sum(r.tokens for r in records))
 

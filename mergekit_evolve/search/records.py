@@ -108,10 +108,6 @@ class Evaluation(Outcome, Position):
     def position(self) -> Position:
         return Position(**{name: getattr(self, name) for name in Position.model_fields})
 
-    @property
-    def outcome(self) -> Outcome:
-        return Outcome(**{name: getattr(self, name) for name in Outcome.model_fields})
-
     def beats(self, best: Best | None) -> bool:
         """Better than ``best``; ties go to the earlier candidate, whatever order workers finished in."""
         if self.fitness is None or not self.complete:  # a raced-out estimate never becomes the best
