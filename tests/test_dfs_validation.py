@@ -145,6 +145,10 @@ def test_ps_dfs_holds_back_rows_by_default_and_keeps_the_ps_model_without_eviden
     report = write_report(tmp_path / "run").read_text()  # the decision is in the report
     assert "| DFS result confirmed on held-back rows | validation on 30 script_math rows" in report
     assert "kept the start path" in report
+    from mergekit_evolve.export.model_card import build_card
+
+    card = build_card(tmp_path / "run", repo_id="me/evolved")  # and in the model card
+    assert "| DFS result confirmed on held-back rows | validation on 30 script_math rows" in card
     assert make_validation_gate(parse_config(demo_config(zoo, "dfs", 20, 0))) is None
 
 

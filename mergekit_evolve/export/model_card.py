@@ -265,7 +265,14 @@ def _settings_section(stages: list[Stage]) -> str:
     return "\n".join(lines)
 
 
-_RUN_ROWS = {"evaluations", "failed evaluations", "wall time", "evaluations per hour", "best fitness (selection data)"}
+_RUN_ROWS = {
+    "evaluations",
+    "failed evaluations",
+    "wall time",
+    "evaluations per hour",
+    "best fitness (selection data)",
+    "DFS result confirmed on held-back rows",  # dfs.validation: whether the DFS stage changed the PS model
+}
 
 
 def _settings_rows(stage: Stage) -> list[tuple[str, str]]:
