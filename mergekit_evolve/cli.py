@@ -19,11 +19,15 @@ from mergekit_evolve.progress import quiet_library_bars_off_terminal
 EXIT_FAILED = 1
 EXIT_INPUT = 2
 EXIT_INTERRUPTED = 130
-RUN_FOLDER_OPTION = {"run": "out", "resume": "run_dir"}  # commands that leave a resumable run when interrupted
 
 
-def friendly_errors(fn):
-    """Turn our errors into one line and an exit code; keep tracebacks for real bugs."""
+def friendly_errors(fn=None, *, resumable_from: tuple[str, ...] = ()):
+    """Turn our errors into one line and an exit code; keep tracebacks for real bugs.
+
+    ``resumable_from``: the options that name the run directory a command leaves resumable when it is
+    interrupted (the first one given); Ctrl-C then prints how to continue."""
+    if fn is None:
+        return functools.partial(friendly_errors, resumable_from=resumable_from)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -36,7 +40,7 @@ def friendly_errors(fn):
             click.echo(f"error: {err}", err=True)
             sys.exit(EXIT_FAILED)
         except KeyboardInterrupt:
-            out = kwargs.get(RUN_FOLDER_OPTION.get(fn.__name__, ""))
+            out = next((kwargs[name] for name in resumable_from if kwargs.get(name)), None)
             hint = f"; continue with: mergekit-evo resume {out}" if out else ""
             click.echo(f"\ninterrupted{hint}", err=True)
             sys.exit(EXIT_INTERRUPTED)
@@ -124,7 +128,7 @@ device_option = click.option(
 @click.option("--no-save-model", is_flag=True, help="Do not write the merged best model to OUT/model.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @mergekit_evolve_options
-@friendly_errors
+@friendly_errors(resumable_from=("out", "storage_path"))
 def run(
     config_file,
     out,
@@ -175,7 +179,7 @@ def run(
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--device", default=None, help="Override the device the run was started with.")
 @click.option("--quiet", is_flag=True)
-@friendly_errors
+@friendly_errors(resumable_from=("run_dir",))
 def resume(run_dir, device, quiet):
     """Continue an interrupted run from its last completed generation."""
     from mergekit_evolve import runner

@@ -322,3 +322,21 @@ def test_push_and_report_after_resume_and_of_the_demo_folder(demo_out, tmp_path)
         whole.exit_code == 2
         and f"(this folder holds 2: {demo_out / 'ps-seed0'}, {demo_out / 'ps-seed1'})" in whole.stderr
     )
+
+
+def test_ctrl_c_names_the_run_to_resume_however_the_folder_was_given(capsys):
+    """run --out DIR and mergekit-evolve's run --storage-path DIR both leave DIR resumable; report does not."""
+    from mergekit_evolve.cli import EXIT_INTERRUPTED, friendly_errors
+
+    def interrupted(**options):
+        raise KeyboardInterrupt
+
+    run = friendly_errors(interrupted, resumable_from=("out", "storage_path"))
+    for options in ({"out": "runs/a", "storage_path": None}, {"out": None, "storage_path": "runs/a"}):
+        with pytest.raises(SystemExit) as stopped:
+            run(**options)
+        assert stopped.value.code == EXIT_INTERRUPTED
+        assert capsys.readouterr().err == "\ninterrupted; continue with: mergekit-evo resume runs/a\n"
+    with pytest.raises(SystemExit):
+        friendly_errors(interrupted)(run_dir="runs/a")
+    assert capsys.readouterr().err == "\ninterrupted\n"
