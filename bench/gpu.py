@@ -34,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,10 @@ from mergekit_evolve.zoo.tokenizer import save_tokenizer
 
 FULL = dict(num_layers=32, hidden_size=4096, intermediate_size=14336, num_heads=32, num_kv_heads=8, vocab_size=32000)
 SMALL = dict(num_layers=4, hidden_size=256, intermediate_size=896, num_heads=4, num_kv_heads=2, vocab_size=1000)
-METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp")
+METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties", "sce", "slerp")
+# Methods also timed with the fast path off (mergekit's own kernels on the same resident merger),
+# their fast result checked bit for bit against mergekit's at full size.
+REFERENCE_METHODS = ("ties",)
 NOISE = 0.002  # expert = base + NOISE * N(0, 1): a tenth of the weights' 0.02 init std
 # Per-run counts (flags left unset take these); --small does less work so a loaded 2-core CPU finishes quickly.
 RUN = dict(repeats=3, new_tokens=64, gen_repeats=2, switches=2000)
@@ -182,17 +186,52 @@ def bench_ps(pool, rows, methods, args, device) -> tuple[dict, object, object]:
     log(f"PS merger set up in {setup_s:.1f} s (sources resident on {device}, dtype {loader.dtype})")
     out = {"dtype": loader.dtype, "setup_s": setup_s, "methods": {}}
     for method, problem in problems.items():
-        configs = [to_merge_config(c.recipe) for c in candidates(problem, args.repeats + 1, seed=1)]
-        merger.merge(configs[0])  # warm-up
-        runs = [(timed(lambda c=c: merger.merge(c), device)[1], merger.last_timings) for c in configs[1:]]
-        median = statistics.median_low(s for s, _ in runs)  # an actual run: its split adds up
-        split = next(t for s, t in runs if s == median)
-        out["methods"][method] = {"merge_s": median, **split.model_dump()}
-        log(f"PS merge {method}: {median:.3f} s per candidate")
+        figures = guarded(out, f"ps {method}", lambda p=problem: bench_method(merger, p, args, device))
+        if figures is not None:
+            out["methods"][method] = figures
+            log(f"PS merge {method}: {figures['merge_s']:.3f} s per candidate")
     last = "dare_ties" if "dare_ties" in problems else methods[-1]
     merger.merge(to_merge_config(candidates(problems[last], 1, seed=2)[0].recipe))
     out["generation_model"] = last
     return out, merger, loader.tokenizer
+
+
+def bench_method(merger, problem, args, device: str) -> dict:
+    """Median of ``args.repeats`` distinct candidates after a warm-up (which builds any state)."""
+    method = problem.config.genome.merge_method
+    configs = [to_merge_config(c.recipe) for c in candidates(problem, args.repeats + 1, seed=1)]
+    merger.merge(configs[0])  # warm-up
+    runs = [(timed(lambda c=c: merger.merge(c), device)[1], merger.last_timings) for c in configs[1:]]
+    median = statistics.median_low(s for s, _ in runs)  # an actual run: its split adds up
+    split = next(t for s, t in runs if s == median)
+    state = merger.fast_path.nbytes() if merger.fast_path is not None else {}
+    figures = {"merge_s": median, **split.model_dump(), "fast_path_state_gb": _gb(state)}
+    if method in args.reference.split(","):
+        figures["reference"] = versus_mergekit_kernel(merger, configs[-1], device)
+    return figures
+
+
+def _gb(sizes: dict[str, int]) -> dict[str, float]:
+    return {kind: round(n / 2**30, 2) for kind, n in sizes.items()}
+
+
+def versus_mergekit_kernel(merger, config, device: str) -> dict:
+    """One candidate with the fast path off (mergekit's kernels, same merger and seed), its
+    tensors kept on the CPU, then the same candidate on the fast path: time of each and whether
+    every tensor has the same bits."""
+    fast_path, merger.fast_path = merger.fast_path, None
+    try:
+        _, mergekit_s = timed(lambda: merger.merge(config), device)
+        expected = {name: t.detach().cpu() for name, t in merger.model.state_dict().items()}
+    finally:
+        merger.fast_path = fast_path
+    _, fast_s = timed(lambda: merger.merge(config), device)
+    state = merger.model.state_dict()
+    bits = lambda t: t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])  # noqa: E731
+    differ = [name for name, t in expected.items() if not torch.equal(bits(state[name].cpu()), bits(t))]
+    result = {"mergekit_kernel_s": mergekit_s, "fast_s": fast_s, "tensors": len(expected), "differ": len(differ)}
+    log(f"  vs mergekit's kernel: {mergekit_s:.3f} s -> {fast_s:.3f} s; {len(differ)}/{len(expected)} tensors differ")
+    return result
 
 
 def bench_generation(model, tokenizer, args, device) -> dict:
@@ -240,32 +279,44 @@ def bench_dfs(pool, rows, args, device) -> tuple[dict, object, object]:
 
 # ------------------------------------------------------------------------------------------- report
 def table(fig: dict) -> str:
-    mem = lambda key: "n/a" if fig["peak_gb"][key] is None else f"{fig['peak_gb'][key]:.1f}"  # noqa: E731
+    mem = lambda key: "n/a" if fig["peak_gb"].get(key) is None else f"{fig['peak_gb'][key]:.1f}"  # noqa: E731
+    ps, dfs = fig.get("ps") or {}, fig.get("dfs") or {}
     lines = ["| measure | value |", "|---|---|"]
-    lines += [
-        f"| PS merge {m} (s/candidate; plan/sched/exec/copy) | {r['merge_s']:.3f} "
-        f"({r['plan_s']:.3f}/{r['schedule_s']:.3f}/{r['execute_s']:.3f}/{r['copy_s']:.3f}) |"
-        for m, r in fig["ps"]["methods"].items()
-    ]
+    for m, r in ps.get("methods", {}).items():
+        lines.append(
+            f"| PS merge {m} (s/candidate; plan/sched/exec/copy) | {r['merge_s']:.3f} "
+            f"({r['plan_s']:.3f}/{r['schedule_s']:.3f}/{r['execute_s']:.3f}/{r['copy_s']:.3f}) |"
+        )
+        if "reference" in r:
+            ref = r["reference"]
+            lines.append(
+                f"| PS merge {m}: mergekit's kernel -> fast path (s), tensors differing | "
+                f"{ref['mergekit_kernel_s']:.3f} -> {ref['fast_s']:.3f}, {ref['differ']} of {ref['tensors']} |"
+            )
     for key, label in (
-        ("ps_generation", f"merged model ({fig['ps']['generation_model']})"),
+        ("ps_generation", f"merged model ({ps.get('generation_model')})"),
         ("dfs_generation", "DFS layer stack"),
     ):
-        g = fig[key]
+        g = fig.get(key)
+        if g:
+            lines.append(
+                f"| fitness generate, {label}: tokens/s (new tokens/s), batch {g['batch']} | "
+                f"{g['tokens_per_s']:,.0f} ({g['new_tokens_per_s']:,.0f}) |"
+            )
+    if dfs:
         lines.append(
-            f"| fitness generate, {label}: tokens/s (new tokens/s), batch {g['batch']} | "
-            f"{g['tokens_per_s']:,.0f} ({g['new_tokens_per_s']:,.0f}) |"
+            f"| DFS path switch (us) / genome decode (ms), T = {dfs['slots']} slots | {dfs['switch_us']:.1f} / "
+            f"{dfs['decode_ms']:.2f} |"
         )
-    d = fig["dfs"]
     lines += [
-        f"| DFS path switch (us) / genome decode (ms), T = {d['slots']} slots | {d['switch_us']:.1f} / "
-        f"{d['decode_ms']:.2f} |",
         f"| set-up: pool write / PS merger load / DFS pool load (s) | {fig['build_s']:.1f} / "
-        f"{fig['ps']['setup_s']:.1f} / {d['pool_load_s']:.1f} |",
+        f"{ps.get('setup_s', float('nan')):.1f} / {dfs.get('pool_load_s', float('nan')):.1f} |",
         f"| peak GPU GiB: PS merges / PS generation / DFS (pool + stack + generation) | {mem('ps')} / "
         f"{mem('generation')} / {mem('dfs')} |",
         f"| peak process RSS GiB | {fig['peak_rss_gb']:.1f} |",
     ]
+    for phase, error in {**fig.get("errors", {}), **ps.get("errors", {})}.items():
+        lines.append(f"| FAILED: {phase} | {error} |")
     return "\n".join(lines)
 
 
@@ -274,6 +325,11 @@ def parse_args(argv):
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cuda, cuda:N or cpu")
     parser.add_argument("--small", action="store_true", help="hidden 256, 4 layers, vocab 1000: seconds on a CPU")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument(
+        "--reference",
+        default=",".join(REFERENCE_METHODS),
+        help="methods also run on mergekit's kernels (same merger), with a bitwise check",
+    )
     parser.add_argument("--repeats", type=int, help="timed candidates per method, after a warm-up (3; --small 2)")
     parser.add_argument("--batch", type=int, default=32, help="prompts per generation batch")
     parser.add_argument("--prompt-tokens", type=int, default=64, help="longest prompt (shortest is half)")
@@ -297,24 +353,48 @@ def parse_args(argv):
 
 
 def run_phases(root: Path, shape: dict, args, device: str, fig: dict) -> None:
+    """Each phase in turn; a phase that fails is logged and recorded (``fig["errors"]``) and
+    the ones that do not depend on it still run, so one run on a lent GPU yields what it can."""
     rows = root / "rows.jsonl"  # a fitness file for the configs; the benchmark's prompts are random tokens
     rows.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
     pool, fig["build_s"] = timed(lambda: write_pool(root, shape, device, args.shard_mb), device)
     log(f"pool written in {fig['build_s']:.1f} s: base + 2 experts, Mistral {shape}, bf16")
+    methods = [m for m in args.methods.split(",") if m]
     reset_peak(device)
-    fig["ps"], merger, tokenizer = bench_ps(pool, rows, [m for m in args.methods.split(",") if m], args, device)
-    fig["peak_gb"]["ps"] = peak_gb(device)
-    fig["params"] = sum(p.numel() for p in merger.model.parameters())
+    ps = guarded(fig, "ps", lambda: bench_ps(pool, rows, methods, args, device))
+    if ps is not None:
+        fig["ps"], merger, tokenizer = ps
+        fig["peak_gb"]["ps"] = peak_gb(device)
+        fig["params"] = sum(p.numel() for p in merger.model.parameters())
+        reset_peak(device)
+        generate = lambda: bench_generation(merger.model, tokenizer, args, device)  # noqa: E731
+        fig["ps_generation"] = guarded(fig, "ps_generation", generate)
+        fig["peak_gb"]["generation"] = peak_gb(device)
+        del merger, ps
+    save(fig, args)
     reset_peak(device)
-    fig["ps_generation"] = bench_generation(merger.model, tokenizer, args, device)
-    fig["peak_gb"]["generation"] = peak_gb(device)
-    log(f"PS generation: {fig['ps_generation']['tokens_per_s']:,.0f} tokens/s")
-    del merger
-    reset_peak(device)
-    fig["dfs"], stack, tokenizer = bench_dfs(pool, rows, args, device)
-    fig["dfs_generation"] = bench_generation(stack, tokenizer, args, device)
-    fig["peak_gb"]["dfs"] = peak_gb(device)
-    log(f"DFS: switch {fig['dfs']['switch_us']:.1f} us, {fig['dfs_generation']['tokens_per_s']:,.0f} tokens/s")
+    dfs = guarded(fig, "dfs", lambda: bench_dfs(pool, rows, args, device))
+    if dfs is not None:
+        fig["dfs"], stack, tokenizer = dfs
+        fig["dfs_generation"] = guarded(fig, "dfs_generation", lambda: bench_generation(stack, tokenizer, args, device))
+        fig["peak_gb"]["dfs"] = peak_gb(device)
+        log(f"DFS: switch {fig['dfs']['switch_us']:.1f} us")
+    save(fig, args)
+
+
+def guarded(fig: dict, phase: str, run):
+    try:
+        return run()
+    except Exception as error:  # noqa: BLE001 - recorded, and the other phases go on
+        traceback.print_exc()
+        fig.setdefault("errors", {})[phase] = f"{type(error).__name__}: {error}"
+        log(f"phase {phase} FAILED: {fig['errors'][phase]}")
+        return None
+
+
+def save(fig: dict, args) -> None:
+    if args.json:
+        Path(args.json).write_text(json.dumps(fig, indent=2, default=str))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -338,7 +418,8 @@ def main(argv: list[str] | None = None) -> dict:
     fig["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     fig["wall_s"] = time.perf_counter() - STARTED
     print(
-        f"\n{fig['params'] / 1e6:,.1f}M parameters per model, dtype {fig['ps']['dtype']}, device {device}"
+        f"\n{fig.get('params', 0) / 1e6:,.1f}M parameters per model, dtype {fig.get('ps', {}).get('dtype')}, "
+        f"device {device}"
         f"{' (' + fig['gpu'] + ')' if fig['gpu'] else ''}, torch threads {fig['torch_threads']}"
         f"{', --small' if args.small else ''}, {fig['wall_s']:.0f} s after imports\n"
     )
@@ -348,8 +429,7 @@ def main(argv: list[str] | None = None) -> dict:
             "used.\n"
         )
     print(table(fig))
-    if args.json:
-        Path(args.json).write_text(json.dumps(fig, indent=2))
+    save(fig, args)
     return fig
 
 

@@ -342,3 +342,36 @@ def test_default_chunks_bitwise_equal_at_two_threads(tmp_path):
             _assert_bitwise(fast.merge(config), expected, f"{method} at two threads")
     finally:
         torch.set_num_threads(threads)
+
+
+RANDOM_METHODS = ("dare_ties", "dare_linear", "della", "della_linear")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("chunk", [None, 96])
+@pytest.mark.parametrize("family_name", list(SHAPES))
+def test_cuda_candidates_bitwise_equal_to_mergekit_kernels(chunk, family_name, families, monkeypatch):
+    """On a GPU: every method's candidates equal mergekit's CUDA kernels bit for bit, with the
+    accelerator's whole-tensor chunks and with many small ones. The random methods keep
+    mergekit's kernels there (CUDA's bernoulli is not reproduced): equal, and not fast."""
+    from mergekit_evolve.merge import fastpath
+
+    if chunk:
+        monkeypatch.setattr(fastpath, "ACCELERATOR_CHUNK_ELEMENTS", chunk)
+    dtype = "float32" if family_name == "fp32" else "bfloat16"
+    template = _template(families[family_name], dtype)
+    fast = InMemoryMerger(template, device="cuda", random_seed=SEED)
+    reference = InMemoryMerger(template, device="cuda", random_seed=SEED, fast_path=False)
+    rng = np.random.default_rng(abs(hash((family_name, chunk))) % 2**32)
+    for method in ("linear",) + SPARSIFYING:
+        for index in range(2):
+            if method == "linear":
+                config = _linear_candidate(families[family_name], dtype, rng)
+            else:
+                config = _candidate(method, families[family_name], dtype, rng)
+            expected = _state(reference.merge(config))
+            model = fast.merge(config)
+            assert next(model.parameters()).device.type == "cuda"
+            _assert_bitwise(model, expected, f"cuda {method} {family_name} candidate {index}")
+            fast_tasks = 0 if method in RANDOM_METHODS else len(expected)
+            assert fast.fast_path.last_fast_tasks == fast_tasks, method

@@ -104,6 +104,10 @@ INT32_MAX = 2**31 - 1
 # per entry) stay in a core's cache. A multiple of 64, so that every chunk but a tensor's last
 # runs torch's vectorised loops to the end, as one whole-tensor call does.
 CHUNK_ELEMENTS = 1 << 18
+# On an accelerator a chunk is one kernel launch per op, not a cache's worth: chunks this large
+# keep launch overhead small (a 7B model's largest tensor, its embedding, is ~131M elements) while
+# the scratch stays a few hundred MB.
+ACCELERATOR_CHUNK_ELEMENTS = 1 << 26
 _BITS_OF = {
     torch.float16: torch.int16,
     torch.bfloat16: torch.int16,
@@ -474,7 +478,7 @@ class _FastTaskArithmetic(_FastKernel):
             divisor[divisor.abs() < 1e-8] = 1
         out = self.output_for(base)
         flat_out = out.view(-1)
-        for chunk in _chunks(base.numel()):
+        for chunk in _chunks(base.numel(), base.device):
             mixed = self._mixed_delta(plans, weights, chunk, parameters, divisor)
             torch.add(self._base[chunk], mixed, out=flat_out[chunk])  # (base + mixed).to(base.dtype)
         return out
@@ -642,7 +646,7 @@ class _FastTaskArithmetic(_FastKernel):
         numel = self._base.numel()
         masked = self.fast.scratch.take(f"masked{index}", numel, work_dtype)
         magnitudes = self.fast.scratch.take("magnitudes", numel, work_dtype)
-        for chunk in _chunks(numel):
+        for chunk in _chunks(numel, self._base.device):
             if work_dtype == self._base.dtype:
                 torch.sub(plan.source[chunk], self._base[chunk], out=masked[chunk])
             else:
@@ -657,9 +661,10 @@ class _FastTaskArithmetic(_FastKernel):
             plan.scale = before / after
 
 
-def _chunks(numel: int):
-    for start in range(0, numel, CHUNK_ELEMENTS):
-        yield slice(start, min(start + CHUNK_ELEMENTS, numel))
+def _chunks(numel: int, device: torch.device):
+    size = CHUNK_ELEMENTS if device.type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
+    for start in range(0, numel, size):
+        yield slice(start, min(start + size, numel))
 
 
 def _below(values: torch.Tensor, limit: int, scratch: Scratch, role: str = "keep") -> torch.Tensor:
@@ -745,7 +750,7 @@ class _FastLinear(_FastKernel):
         sources = [tensor.reshape(-1) for tensor in batch.tensors]
         out = self.output_for(group.entries[0].tensor)
         flat_out = out.view(-1)
-        for chunk in _chunks(flat_out.numel()):
+        for chunk in _chunks(flat_out.numel(), flat_out.device):
             result = self.fast.scratch.take("linear", chunk.stop - chunk.start, dtype).zero_()
             for source, coefficient in zip(sources, coefficients):
                 result.addcmul_(source[chunk], coefficient)
