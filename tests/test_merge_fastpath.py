@@ -58,10 +58,12 @@ def families(tmp_path_factory) -> dict[str, dict[str, Path]]:
 
 def _value(rng: np.random.Generator, low: float, high: float, exact: tuple = ()):
     """A parameter value as a recipe writes it: scalar, layer gradient or per-filter list."""
+
     def draw():
         return (
             float(exact[rng.integers(len(exact))]) if exact and rng.random() < 0.25 else float(rng.uniform(low, high))
         )  # noqa: E731
+
     form = rng.integers(3)
     if form == 0:
         return draw()
