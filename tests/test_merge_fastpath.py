@@ -274,7 +274,7 @@ def test_config_key_turns_the_fast_path_off(family, tmp_path):
     assert all(torch.equal(_bits(models[True][n]), _bits(models[False][n])) for n in models[False])
 
 
-CHUNKED = ("linear", "ties", "dare_ties", "dare_linear", "breadcrumbs_ties", "della", "task_arithmetic")
+CHUNKED = ("linear", "ties", "dare_ties", "dare_linear", "breadcrumbs_ties", "della", "task_arithmetic", "sce")
 
 
 def _linear_candidate(family: dict[str, Path], dtype: str, rng: np.random.Generator) -> MergeConfiguration:
@@ -335,7 +335,7 @@ def test_default_chunks_bitwise_equal_at_two_threads(tmp_path):
         fast = InMemoryMerger(template, random_seed=SEED)
         reference = InMemoryMerger(template, random_seed=SEED, fast_path=False)
         rng = np.random.default_rng(11)
-        for method in ("linear", "ties", "dare_ties", "della"):
+        for method in ("linear", "ties", "dare_ties", "della", "sce"):
             if method == "linear":
                 config = _linear_candidate(family, "bfloat16", rng)
             else:
@@ -377,3 +377,54 @@ def test_cuda_candidates_bitwise_equal_to_mergekit_kernels(chunk, family_name, f
             _assert_bitwise(model, expected, f"cuda {method} {family_name} candidate {index}")
             fast_tasks = 0 if method in RANDOM_METHODS else len(expected)
             assert fast.fast_path.last_fast_tasks == fast_tasks, method
+
+
+@pytest.mark.parametrize("select_topk", [0.0, 0.001, 0.5, 1.0])
+def test_sce_selections_at_the_edges(select_topk, families, mergers):
+    """No element selected (density 0, or k rounding to 0: mergekit's own steps), half, all."""
+    fast, reference = mergers["bf16"]
+    family = families["bf16"]
+    config = _candidate("sce", family, "bfloat16", np.random.default_rng(5))
+    config = config.model_copy(update={"parameters": {"select_topk": select_topk, "int8_mask": True}})
+    expected = _state(reference.merge(config))
+    _assert_bitwise(fast.merge(config), expected, f"sce select_topk {select_topk}")
+    assert fast.fast_path.last_fast_tasks == len(expected)
+
+
+@pytest.mark.parametrize("method", ["ties", "linear"])
+def test_non_finite_results_written_in_place_are_caught(method, families, mergers):
+    """The fast kernels vouch for finiteness from their chunk sums; an overflow still fails."""
+    from mergekit_evolve.errors import CandidateError
+
+    fast, _ = mergers["fp32"]
+    family = families["fp32"]
+    if method == "linear":
+        models = [{"model": str(p), "parameters": {"weight": 3e38}} for p in family.values()]
+        config = {"merge_method": "linear", "models": models, "parameters": {"normalize": False}}
+    else:
+        experts = [
+            {"model": str(p), "parameters": {"weight": 1.0, "density": 0.9}} for n, p in family.items() if n != "base"
+        ]
+        config = {
+            "merge_method": "ties",
+            "base_model": str(family["base"]),
+            "models": [{"model": str(family["base"])}] + experts,
+            "parameters": {"normalize": False, "lambda": 1e39},  # overflows float32
+        }
+    with pytest.raises(CandidateError, match="NaN or infinite"):
+        fast.merge(MergeConfiguration.model_validate({**config, "dtype": "float32"}))
+    assert fast.fast_path.last_fast_tasks > 0
+
+
+def test_finite_total_vouches_only_for_finite_sums():
+    from mergekit_evolve.merge.fastpath import SparsifyingFastPath, _FiniteTotal
+
+    fast = SparsifyingFastPath({}, torch.device("cpu"), None)
+    for values, vouched in (([1.0, 2.0], True), ([1.0, float("inf")], False), ([3e38, 3e38], False)):
+        out = torch.tensor(values)
+        total = _FiniteTotal(out)
+        total.add(out[:1])
+        total.add(out[1:])
+        assert total.vouch(fast) is out
+        assert fast.known_finite(out) is vouched
+        fast.finite_outputs.clear()

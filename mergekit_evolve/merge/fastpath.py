@@ -42,7 +42,7 @@ kind (methods)                         bf16 sources       fp32 sources
 rank (ties, breadcrumbs[_ties])        2x (int32)         1x
 uniform stream (dare_*, della*)        2x (float32)       1x
 della rank (della, della_linear)       1x (+ stream)      1x (+ stream)
-sce order (per tensor, not per model)  3x / n_models      2x / n_models
+sce order (per tensor, not per model)  4x / n_models      3x / n_models
 =====================================  =================  =============
 
 plus a few bytes per tensor (l1 norms). Nothing is stored for task_arithmetic. Scratch reused by
@@ -211,6 +211,26 @@ def _nbytes(value: Any) -> int:
     return 0
 
 
+class _FiniteTotal:
+    """Sum of a kernel's output, chunk by chunk while each chunk is still in cache, for the
+    merger's NaN/inf check (which would otherwise read the whole output again): a finite sum
+    proves every element finite; a sum that is not (NaN, inf, or an overflow of finite values)
+    leaves the exact check to the merger."""
+
+    def __init__(self, out: torch.Tensor):
+        self.out = out
+        accumulate = torch.float64 if out.dtype == torch.float64 else torch.float32
+        self.total = torch.zeros((), dtype=accumulate, device=out.device)
+
+    def add(self, chunk: torch.Tensor) -> None:
+        self.total.add_(chunk.sum(dtype=self.total.dtype))
+
+    def vouch(self, fast: SparsifyingFastPath) -> torch.Tensor:
+        if bool(torch.isfinite(self.total)):
+            fast.finite_outputs.add(self.out.data_ptr())
+        return self.out
+
+
 class FastMergeTask(Task[torch.Tensor | None]):
     """Stands in for one ``ExecuteMergeMethodTask``: same arguments, label and priority (so
     mergekit's Executor schedules it exactly where it schedules the original), fast kernel."""
@@ -233,6 +253,10 @@ class FastMergeTask(Task[torch.Tensor | None]):
     def execute(self, tensors: dict, **_kwargs) -> torch.Tensor:
         return self.kernel.run(self.merge, tensors)
 
+    def execute_resident(self) -> torch.Tensor:
+        """``execute`` on the resident tensors its gather task yields (no Executor needed)."""
+        return self.kernel.run(self.merge, self.kernel.tensors)
+
 
 class SparsifyingFastPath:
     """Rewrites a candidate's planned merge tasks onto precomputed-state kernels where exact.
@@ -248,6 +272,11 @@ class SparsifyingFastPath:
         self.scratch = Scratch(device)
         self.stream = UniformStream(random_seed) if random_seed is not None else None
         self.last_fast_tasks = 0  # tensors of the last rewritten candidate on fast kernels
+        self.finite_outputs: set[int] = set()  # data_ptr of outputs whose chunk sums were finite
+
+    def known_finite(self, value: torch.Tensor) -> bool:
+        """True if a fast kernel of this candidate wrote ``value`` and saw it finite."""
+        return value.data_ptr() in self.finite_outputs
 
     def nbytes(self) -> dict[str, int]:
         """Bytes of precomputed state per kind (the uniform stream as ``stream``; the reused
@@ -262,6 +291,7 @@ class SparsifyingFastPath:
     def rewrite(self, targets: list[ReturnTensor], destinations: dict | None = None) -> list[ReturnTensor]:
         """``destinations``: output name -> the tensor (model parameter) the result ends up in;
         a fast kernel writes straight into it when dtype and shape match."""
+        self.finite_outputs.clear()
         kernels = [self._kernel_for(ret.tensor_task) for ret in targets]
         for ret, kernel in zip(targets, kernels):
             if kernel is not None and destinations:
@@ -359,6 +389,7 @@ class _FastKernel:
         self.fast = fast
         self.method = method
         gather = task.gather_tensors
+        self.tensors = tensors  # what the gather task yields: views of the resident sources
         self.numel = tensors[task.model_order[0]].numel()
         self.non_base = len(task.model_order) - (task.base_model is not None)
         self.base_key = (task.base_model, gather.weight_info[task.base_model].name) if task.base_model else ()
@@ -477,11 +508,11 @@ class _FastTaskArithmetic(_FastKernel):
             divisor = weights.sum(dim=0)
             divisor[divisor.abs() < 1e-8] = 1
         out = self.output_for(base)
-        flat_out = out.view(-1)
+        flat_out, total = out.view(-1), _FiniteTotal(out)
         for chunk in _chunks(base.numel(), base.device):
             mixed = self._mixed_delta(plans, weights, chunk, parameters, divisor)
-            torch.add(self._base[chunk], mixed, out=flat_out[chunk])  # (base + mixed).to(base.dtype)
-        return out
+            total.add(torch.add(self._base[chunk], mixed, out=flat_out[chunk]))  # (base + mixed).to(base.dtype)
+        return total.vouch(self.fast)
 
     def _mixed_delta(self, plans, weights, chunk: slice, parameters: dict, divisor) -> torch.Tensor:
         """mergekit's deltas -> weights -> consensus -> sum -> normalize -> lambda, on one chunk."""
@@ -749,32 +780,159 @@ class _FastLinear(_FastKernel):
         coefficients = weight.unbind(1)
         sources = [tensor.reshape(-1) for tensor in batch.tensors]
         out = self.output_for(group.entries[0].tensor)
-        flat_out = out.view(-1)
+        flat_out, total = out.view(-1), _FiniteTotal(out)
         for chunk in _chunks(flat_out.numel(), flat_out.device):
-            result = self.fast.scratch.take("linear", chunk.stop - chunk.start, dtype).zero_()
+            # accumulate in the output itself when it has the accumulator's dtype (no copy)
+            if out.dtype == dtype:
+                result = flat_out[chunk].zero_()
+            else:
+                result = self.fast.scratch.take("linear", chunk.stop - chunk.start, dtype).zero_()
             for source, coefficient in zip(sources, coefficients):
                 result.addcmul_(source[chunk], coefficient)
             if denominator is not None:
                 result.div_(denominator)
-            flat_out[chunk].copy_(result)  # result.to(first.dtype)
-        return out
+            if out.dtype != dtype:
+                flat_out[chunk].copy_(result)  # result.to(first.dtype)
+            total.add(flat_out[chunk])
+        return total.vouch(self.fast)
 
 
 class _FastSCE(_FastKernel):
-    """``mergekit.merge_methods.sce.sce_merge`` with the variance order precomputed."""
+    """``mergekit.merge_methods.sce.sce_merge`` in chunks, with the variance order precomputed.
 
-    kinds = ("sce_order",)
+    SCE's steps, as mergekit runs them on the stacked task vectors ``tv = model - base``:
+    top-k mask by |variance across models| (``select_topk``), per-model weight = mean of the
+    masked ``tv**2`` over the whole tensor (normalised to sum 1), sign election (kept: nonzero
+    ``tv`` whose sign is that of the column sum), ``sum(tv * w * kept) / sum(w * kept)`` with the
+    divisor clamped at 1e-6, plus base. The weights need the whole masked tensor (a mean, whose
+    rounding depends on torch's reduction over it): without a mask they are the same for every
+    candidate and computed once; with one, the masked vectors are made in full first, as
+    rescaled DARE entries are. The rest is elementwise and runs chunk by chunk.
+
+    The top-k set is ``rank < k`` when the k-th and (k+1)-th largest variances differ. When they
+    are equal, which of the equal ones ``torch.topk`` keeps is its own business: on CPU it is
+    asked again (unsorted: its set does not depend on ``sorted``, only the order within it,
+    and that saves the sort of k elements), on the stored magnitudes; elsewhere mergekit's
+    ``sce_mask`` is called.
+    """
+
+    kinds = ("sce_order", "sce_weights")
 
     def merge_group(self, group: TensorGroup, int8_mask: bool = False, select_topk: float = 1.0) -> torch.Tensor:
+        entries = group.non_base
+        if not entries:
+            return group.base.tensor
+        self._base, self._shape = group.base.tensor.view(-1), group.base.tensor.shape
+        self._sources = [entry.tensor.view(-1) for entry in entries]
+        self._models = tuple(entry.id for entry in entries)
+        if select_topk < 1:
+            keep = self._topk_keep(select_topk)
+            if keep is None:  # nothing kept, or topk's choice off the CPU: mergekit's own steps
+                return self._merge_whole(group, int8_mask, select_topk)
+            masked = self._masked_in_full(keep)
+            weights = self._weights_of(masked.view(len(entries), -1))
+        else:
+            masked = None
+            weights = self.fast.state.get("sce_weights", (*self._tensor_key(), torch.get_num_threads()), self._weights)
+        out = self.output_for(group.base.tensor)
+        flat_out, total = out.view(-1), _FiniteTotal(out)
+        for chunk in _chunks(self._base.numel(), self._base.device):
+            tvs = self._task_vectors(chunk, masked)
+            total.add(torch.add(self._base[chunk], self._merged_delta(tvs, weights), out=flat_out[chunk]))
+        return total.vouch(self.fast)
+
+    def _tensor_key(self) -> tuple:
+        return (self._models, tuple(self.source_names[m] for m in self._models), *self.base_key, self._base.dtype)
+
+    def _task_vectors(self, chunk: slice, masked: torch.Tensor | None) -> torch.Tensor:
+        """The (masked) task vectors on ``chunk``, stacked: (models, chunk)."""
+        size = chunk.stop - chunk.start
+        if masked is not None:
+            return masked.view(len(self._sources), -1)[:, chunk]
+        tvs = self.fast.scratch.take("tvs", len(self._sources) * size, self._base.dtype).view(-1, size)
+        for index, source in enumerate(self._sources):
+            torch.sub(source[chunk], self._base[chunk], out=tvs[index])
+        return tvs
+
+    def _masked_in_full(self, keep: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+        """``task_vectors * mask``: every model's task vector, top-k elements kept, in full."""
+        numel = self._base.numel()
+        masked = self.fast.scratch.take("masked0", len(self._sources) * numel, self._base.dtype)
+        rows = masked.view(len(self._sources), numel)
+        for chunk in _chunks(numel, self._base.device):
+            mask = keep(chunk)
+            for index, source in enumerate(self._sources):
+                torch.sub(source[chunk], self._base[chunk], out=rows[index, chunk])
+                _keep_only(rows[index, chunk], mask, self.fast.scratch)
+        return masked
+
+    def _weights(self) -> torch.Tensor:
+        """sce_weight of the unmasked task vectors (the same for every candidate)."""
+        numel = self._base.numel()
+        tvs = torch.stack([source - self._base for source in self._sources])
+        return self._weights_of(tvs.view(len(self._sources), numel))
+
+    def _weights_of(self, tvs: torch.Tensor) -> torch.Tensor:
+        """``mergekit.merge_methods.sce.sce_weight`` op for op, squares in reused scratch."""
+        squares = self.fast.scratch.take("magnitudes", tvs.numel(), tvs.dtype).view(tvs.shape)
+        weights = torch.square(tvs, out=squares).mean(dim=1)
+        weight_sum = torch.sum(weights).item()
+        if abs(weight_sum) < 1e-6:
+            return torch.ones_like(weights) / weights.shape[0]
+        return weights / weight_sum
+
+    def _merged_delta(self, tvs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``sum(tv * w * kept) / sum(w * kept).clamp(min=1e-6)`` on one chunk (kept: nonzero, with
+        the column sum's sign; a zero's sign never reaches a sum that starts from +0)."""
+        scratch = self.fast.scratch
+        entries, size = tvs.shape
+        dtype = tvs.dtype
+        bits, sign_shift, magnitude_bits, _ = _float_bits(dtype)
+        column_sum = scratch.take("column_sum", size, dtype)
+        torch.add(tvs[0], tvs[1], out=column_sum) if entries == 2 else torch.sum(tvs, dim=0, out=column_sum)
+        kept = scratch.take("agree", entries * size, bits).view(entries, size)
+        torch.bitwise_xor(tvs.view(bits), column_sum.view(bits).bitwise_not_(), out=kept)
+        kept.bitwise_right_shift_(sign_shift)  # -1 where the signs agree
+        nonzero = scratch.take("nonzero", entries * size, bits).view(entries, size)
+        torch.bitwise_and(tvs.view(bits), magnitude_bits, out=nonzero).neg_().bitwise_right_shift_(sign_shift)
+        kept.bitwise_and_(nonzero)
+        column = weights.to(dtype).unsqueeze(-1)
+        products = scratch.take("deltas", entries * size, dtype).view(entries, size)
+        torch.mul(tvs, column, out=products).view(bits).bitwise_and_(kept)
+        kept_weights = kept.bitwise_and_(column.view(bits)).view(dtype)
+        merged = _sum_entries(products, out=scratch.take("mixed", size, dtype))
+        divisor = _sum_entries(kept_weights, out=scratch.take("divisor", size, dtype))
+        return merged.div_(divisor.clamp_(min=1e-6))
+
+    def _topk_keep(self, density: float) -> Callable[[slice], torch.Tensor] | None:
+        """``sce_mask``'s selection as an int32 mask per chunk (None: let mergekit's code run)."""
+        nonzero, rank, sorted_magnitude, magnitude = self.fast.state.get(
+            "sce_order", self._tensor_key(), lambda: _sce_order(self._stacked_task_vectors())
+        )
+        k = int(nonzero * density)  # as sce_mask computes it (a 0-d tensor times a float)
+        if k == 0:
+            return None
+        if not (k < rank.numel() and bool(sorted_magnitude[k - 1] == sorted_magnitude[k])):
+            return lambda chunk: _below(rank[chunk], k, self.fast.scratch)
+        if magnitude is None:
+            return None
+        _, indices = torch.topk(magnitude, k=k, largest=True, sorted=False)
+        mask = self.fast.scratch.take("sce_keep", magnitude.numel(), torch.int32).zero_()
+        mask.index_fill_(0, indices, -1)
+        return lambda chunk: mask[chunk]
+
+    def _stacked_task_vectors(self) -> torch.Tensor:
+        """mergekit's ``task_vectors``: (models, *tensor shape)."""
+        return torch.stack([source - self._base for source in self._sources]).view(-1, *self._shape)
+
+    def _merge_whole(self, group: TensorGroup, int8_mask: bool, select_topk: float) -> torch.Tensor:
+        """mergekit's sce_merge, step for step, on the whole tensor (rare cases only)."""
         tensors = [entry.tensor for entry in group.non_base]
         base_tensor = group.base.tensor
-        if not tensors:
-            return base_tensor
         mask_dtype = torch.int8 if int8_mask else base_tensor.dtype
         task_vectors = torch.stack([t - base_tensor for t in tensors], dim=0)
-        if select_topk < 1:
-            mask = self._topk_mask(task_vectors, select_topk, mask_dtype, group)
-            task_vectors = task_vectors * mask.unsqueeze(0)
+        mask = sce_mask(task_vectors, select_topk, mask_dtype)
+        task_vectors = task_vectors * mask.unsqueeze(0)
         erase_mask = get_mask(task_vectors, method="sum", mask_dtype=mask_dtype)
         tv_weights = sce_weight(task_vectors)
         while tv_weights.dim() < task_vectors.dim():
@@ -783,18 +941,6 @@ class _FastSCE(_FastKernel):
         merged_tv = (task_vectors * erased_weights).sum(dim=0)
         final_tv = merged_tv / torch.sum(erased_weights, dim=0).clamp(min=1e-6)
         return base_tensor + final_tv
-
-    def _topk_mask(self, tvs: torch.Tensor, density: float, mask_dtype, group: TensorGroup) -> torch.Tensor:
-        if density <= 0:
-            return sce_mask(tvs, density, mask_dtype)
-        models = tuple(entry.id for entry in group.non_base)
-        key = (models, tuple(self.source_names[m] for m in models), *self.base_key, tvs.dtype)
-        nonzero, rank, sorted_magnitude = self.fast.state.get("sce_order", key, lambda: _sce_order(tvs))
-        k = int(nonzero * density)  # as sce_mask computes it (a 0-d tensor times a float)
-        boundary_tied = 0 < k < rank.numel() and not bool(sorted_magnitude[k - 1] > sorted_magnitude[k])
-        if k == 0 or boundary_tied:
-            return sce_mask(tvs, density, mask_dtype)  # topk decides among equal variances
-        return (rank < k).view(tvs.shape[1:]).to(mask_dtype)
 
 
 # ---------------------------------------------------------------- exact rewrites of mergekit steps
@@ -854,11 +1000,12 @@ def _della_rank_norm_x2(delta: torch.Tensor, work_dtype: torch.dtype) -> tuple[t
     return rank_norm_x2, torch.stack(torch.aminmax(rank_norm_x2))
 
 
-def _sce_order(tvs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """sce_mask's candidate-independent part: nonzero count, rank by |variance| (descending) and
-    the sorted magnitudes (to see whether the k-th and (k+1)-th are equal)."""
+def _sce_order(tvs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """sce_mask's candidate-independent part: nonzero count, rank by |variance| (descending), the
+    sorted magnitudes (to see whether the k-th and (k+1)-th are equal) and, on CPU, the
+    magnitudes themselves (what ``torch.topk`` is asked when they are)."""
     var = torch.var(tvs, dim=0, unbiased=False)
     nonzero = torch.count_nonzero(var)
     magnitude = var.abs().view(-1)
     order = torch.argsort(magnitude, descending=True)
-    return nonzero, _rank_of(order), magnitude[order]
+    return nonzero, _rank_of(order), magnitude[order], magnitude if magnitude.device.type == "cpu" else None

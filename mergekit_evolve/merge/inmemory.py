@@ -48,7 +48,7 @@ from mergekit.plan import MergePlanner
 from pydantic import BaseModel
 
 from mergekit_evolve.errors import CandidateError, InputError
-from mergekit_evolve.merge.fastpath import SparsifyingFastPath
+from mergekit_evolve.merge.fastpath import FastMergeTask, SparsifyingFastPath
 from mergekit_evolve.merge.quiet import mergekit_torch_dtype_quiet
 
 __all__ = ["InMemoryMerger", "MergeTimings"]
@@ -98,6 +98,7 @@ class PlannerRoute:
         ("mergekit.plan.MergePlanner", "_plan"),
         ("mergekit.plan.MergePlanner", "_tensors"),
         ("mergekit.plan.MergePlanner", "_tokenizer_task"),
+        ("mergekit.plan.MergePlanner", "_model_arch"),
         ("mergekit.merge", "_model_out_config"),
         ("mergekit.merge", "_update_config_vocab"),
     )
@@ -107,6 +108,7 @@ class PlannerRoute:
 
         self.options = options
         self.arch_info = get_architecture_info(template, options)
+        self._model_archs: dict[ModelReference, Any] = {}  # see _Planner
         with mergekit_torch_dtype_quiet():
             self._out_config = mergekit.merge._model_out_config(
                 template, self.arch_info, trust_remote_code=options.trust_remote_code
@@ -115,7 +117,8 @@ class PlannerRoute:
     def plan(self, config: MergeConfiguration) -> tuple[list[ReturnTensor], Task | None]:
         """Return one ``ReturnTensor`` per output tensor, and the tokenizer task (or None)."""
         # The planner rewrites the config (models -> modules.slices): give it a copy.
-        planner = MergePlanner(copy.deepcopy(config), self.arch_info, self.options, self._out_config)
+        planner = _Planner(copy.deepcopy(config), self.arch_info, self.options, self._out_config)
+        planner.model_archs = self._model_archs
         planner._plan()
         targets = [
             ReturnTensor.model_construct(
@@ -150,6 +153,19 @@ class PlannerRoute:
             pad = config.tokenizer.pad_to_multiple_of if config.tokenizer else None
             mergekit.merge._update_config_vocab(out, self.arch_info, tokenizer_info.tokenizer, pad_to_multiple_of=pad)
         return out
+
+
+class _Planner(MergePlanner):
+    """mergekit's planner, with each source's architecture (its transformers config, read from
+    disk) kept across candidates: a new planner per candidate would read every config again,
+    about a third of planning. The configs are only read, never changed, by planning."""
+
+    model_archs: dict
+
+    def _model_arch(self, model: ModelReference):
+        if model not in self.model_archs:
+            self.model_archs[model] = super()._model_arch(model)
+        return self.model_archs[model]
 
 
 class InMemoryMerger:
@@ -217,6 +233,7 @@ class InMemoryMerger:
         self.model = _build_resident_model(out_config, model_dtype, self.device)
         self._targets = self._resident_tensors(targets)
         self.fast_path = SparsifyingFastPath(self._inputs, self.device, random_seed) if fast_path else None
+        self._schedule_orders: dict[tuple, list[str] | None] = {}  # see _direct_order
         self.last_timings = MergeTimings()
 
     # ----------------------------------------------------------------- construction
@@ -304,14 +321,45 @@ class InMemoryMerger:
             if self.fast_path is not None:
                 targets = self.fast_path.rewrite(targets, destinations=self._targets)
             planned = time.perf_counter()
-            executor = self._executor(targets)
+            results = self._results(targets)
             scheduled = time.perf_counter()
             timings.plan_s, timings.schedule_s = planned - start, scheduled - planned
             with self._seeded_rng():
-                self._run(executor, timings)
+                self._run(results, timings)
             timings.execute_s = time.perf_counter() - scheduled - timings.copy_s
         self.last_timings = timings
         return self.model.eval()
+
+    def _results(self, targets: list[ReturnTensor]) -> Iterator[tuple[ReturnTensor, Any]]:
+        """(target, value) pairs, lazily: straight from the fast kernels when every target has
+        one, else through a mergekit Executor."""
+        direct = self._direct_order(targets)
+        if direct is None:
+            return self._executor(targets).run(quiet=True)
+        return ((ret, ret.execute(tensor=ret.tensor_task.execute_resident())) for ret in direct)
+
+    def _direct_order(self, targets: list[ReturnTensor]) -> list[ReturnTensor] | None:
+        """The targets in the order mergekit's Executor runs them, when every one is a fast task
+        (None otherwise), so such a candidate needs no task graph.
+
+        The order matters: random kernels take their draws in it. It is learnt from one Executor
+        per recipe structure (output names and methods) and reused: the schedule is a
+        topological sort by group label and priority over a graph whose shape, labels and task
+        indices depend on that structure only, never on parameter values.
+        """
+        if self.fast_path is None or not all(isinstance(ret.tensor_task, FastMergeTask) for ret in targets):
+            return None
+        key = tuple((ret.weight_info.name, ret.tensor_task.merge.method_name) for ret in targets)
+        if key not in self._schedule_orders:
+            schedule = self._route.executor(targets, self._inputs, self.device).schedule.tasks
+            ran = [h.task().merge.output_weight.name for h in schedule if isinstance(h.task(), FastMergeTask)]
+            complete = sorted(ran) == sorted(ret.weight_info.name for ret in targets)
+            self._schedule_orders[key] = ran if complete else None
+        order = self._schedule_orders[key]
+        if order is None:
+            return None
+        by_name = {ret.weight_info.name: ret for ret in targets}
+        return [by_name[name] for name in order]
 
     def _executor(self, targets: list[ReturnTensor]) -> Executor:
         executor = self._route.executor(targets, self._inputs, self.device)
@@ -324,9 +372,8 @@ class InMemoryMerger:
                 )
         return executor
 
-    def _run(self, executor: Executor, timings: MergeTimings) -> None:
+    def _run(self, results: Iterator[tuple[ReturnTensor, Any]], timings: MergeTimings) -> None:
         try:
-            results = executor.run(quiet=True)
             for task, value in results:
                 started = time.perf_counter()
                 self._store(task.weight_info.name, value)
@@ -339,11 +386,14 @@ class InMemoryMerger:
     def _store(self, name: str, value: torch.Tensor | None) -> None:
         if value is None:
             raise CandidateError(f"{name}: mergekit produced no tensor (optional weight skipped)")
-        if value.is_floating_point() and not _all_finite(value):
-            raise CandidateError(f"{name}: merged tensor has NaN or infinite values")
         target = self._targets[name]
-        if _is_storage_of(value, target):
-            return  # a fast kernel wrote it in place
+        in_place = _is_storage_of(value, target)  # a fast kernel wrote it into the model
+        # (such a kernel summed it chunk by chunk as it wrote it: no second read to check it)
+        known_finite = in_place and self.fast_path is not None and self.fast_path.known_finite(value)
+        if value.is_floating_point() and not known_finite and not _all_finite(value):
+            raise CandidateError(f"{name}: merged tensor has NaN or infinite values")
+        if in_place:
+            return
         if self._can_adopt(value, target):
             target.data = value  # a fresh tensor nobody else holds: take it, skip the copy
         else:
