@@ -51,7 +51,10 @@ SPARSIFYING = (
     "della_linear",
     "sce",
 )
-METHODS = ("linear", *SPARSIFYING, "slerp", "nuslerp", "multislerp", "nearswap", "model_stock", "karcher")
+# sce sparsifies by select_topk (0.6 here, like the other methods' densities); "sce_all" is sce
+# with select_topk 1 (mergekit's default: no sparsification), the row earlier tables measured.
+SCE_TOPK = 0.6
+METHODS = ("linear", *SPARSIFYING, "sce_all", "slerp", "nuslerp", "multislerp", "nearswap", "model_stock", "karcher")
 
 
 def build_family(root: Path, shape: dict, dtype: torch.dtype) -> dict[str, Path]:
@@ -83,6 +86,9 @@ def recipe(method: str, family: dict[str, Path], dtype: str) -> dict:
         {"model": m["model"], "parameters": {k: v for k, v in m["parameters"].items() if k in keep}} for m in experts
     ]
     config: dict = {"merge_method": method, "base_model": base, "dtype": dtype, "parameters": {}}
+    if method.startswith("sce"):
+        config["merge_method"] = "sce"
+        config["parameters"] = {"select_topk": SCE_TOPK if method == "sce" else 1.0}
     if method == "linear":
         config.pop("base_model")
         config["models"] = [{"model": base, "parameters": {"weight": 0.2}}] + strip({"weight"})
@@ -96,7 +102,7 @@ def recipe(method: str, family: dict[str, Path], dtype: str) -> dict:
         config["parameters"] = {"t": 0.4 if method == "slerp" else 0.02}
     elif method in ("nuslerp", "multislerp"):
         config["models"] = [{"model": base}] + strip({"weight"})
-    elif method in ("sce", "model_stock"):
+    elif method in ("sce", "sce_all", "model_stock"):
         config["models"] = [{"model": base}] + strip(set())
     elif method == "karcher":
         config.pop("base_model")
@@ -174,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.small and args.methods == parser.get_default("methods"):
         args.methods = "linear,dare_ties"  # two CLI round trips' worth of seconds
     if args.sparsifying:
-        args.methods = ",".join(("linear", *SPARSIFYING))
+        args.methods = ",".join(("linear", *SPARSIFYING, "sce_all"))
     methods = [m for m in args.methods.split(",") if m]
     transformers.utils.logging.disable_progress_bar()
     dtype = getattr(torch, args.dtype)

@@ -428,3 +428,29 @@ def test_finite_total_vouches_only_for_finite_sums():
         assert total.vouch(fast) is out
         assert fast.known_finite(out) is vouched
         fast.finite_outputs.clear()
+
+
+def test_state_over_the_memory_budget_keeps_mergekit_kernels(families, caplog):
+    """A method whose precomputed state would not fit runs mergekit's kernels (same tensors,
+    one warning); methods needing no state, and state that fits, stay fast."""
+    family = families["fp32"]
+    template = _template(family, "float32")
+    reference = InMemoryMerger(template, random_seed=SEED, fast_path=False)
+    rank_bytes = 4 * sum(p.numel() for p in reference.model.parameters()) * (len(family) - 1)
+    tight = InMemoryMerger(template, random_seed=SEED, fast_path_max_bytes=rank_bytes // 2)
+    rng = np.random.default_rng(3)
+    for _ in range(2):
+        config = _candidate("ties", family, "float32", rng)
+        expected = _state(reference.merge(config))
+        with caplog.at_level("WARNING", logger="mergekit_evolve.merge.fastpath"):
+            _assert_bitwise(tight.merge(config), expected, "ties over budget")
+        assert tight.fast_path.last_fast_tasks == 0
+        assert "rank_desc" not in tight.fast_path.nbytes()
+    assert len([r for r in caplog.records if "rank_desc state" in r.getMessage()]) == 1  # warned once
+    linear = _linear_candidate(family, "float32", rng)
+    _assert_bitwise(tight.merge(linear), _state(reference.merge(linear)), "linear")
+    assert tight.fast_path.last_fast_tasks == len(expected)
+    roomy = InMemoryMerger(template, random_seed=SEED, fast_path_max_bytes=2 * rank_bytes)
+    roomy.merge(config)
+    assert roomy.fast_path.last_fast_tasks == len(expected)
+    assert 0 < roomy.fast_path.nbytes()["rank_desc"] <= rank_bytes

@@ -63,6 +63,7 @@ other kernel consumes torch's generator in between). Inputs must be finite for b
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -90,6 +91,7 @@ from mergekit.sparsify import SparsificationMethod
 
 __all__ = ["SparsifyingFastPath", "FastMergeTask"]
 
+_log = logging.getLogger(__name__)
 RANDOM_SPARSIFIERS = (SparsificationMethod.random, SparsificationMethod.della_magprune)
 KINDS_OF_SPARSIFIER = {
     None: (),
@@ -203,6 +205,22 @@ class SourceState:
         return {kind: sum(_nbytes(v) for v in table.values()) for kind, table in self._kinds.items()}
 
 
+def _free_bytes(device: torch.device) -> int:
+    """Free memory on ``device``: CUDA's free bytes, else the system's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import psutil  # not Linux: accelerate (a mergekit dependency) brings it
+
+    return psutil.virtual_memory().available
+
+
 def _nbytes(value: Any) -> int:
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
@@ -263,11 +281,17 @@ class SparsifyingFastPath:
 
     ``inputs``: the merger's resident input values (task -> value), ``random_seed``: the seed
     every candidate runs with (``None``: random methods keep mergekit's kernels).
+    ``max_state_bytes``: the most precomputed state to hold; by default what fits in 80% of
+    the device's free memory (plus the state this candidate would drop) when a method's state
+    is first built. A method whose state does not fit keeps mergekit's kernels (a warning says
+    so once), so a 7B TIES search on a GPU without room for its ranks runs, only slower.
     """
 
-    def __init__(self, inputs: dict, device: torch.device, random_seed: int | None):
+    def __init__(self, inputs: dict, device: torch.device, random_seed: int | None, max_state_bytes: int | None = None):
         self._inputs = inputs
         self._device = device
+        self.max_state_bytes = max_state_bytes
+        self.refused: set[str] = set()  # kinds of state found too large (warned once each)
         self.state = SourceState()
         self.scratch = Scratch(device)
         self.stream = UniformStream(random_seed) if random_seed is not None else None
@@ -296,6 +320,7 @@ class SparsifyingFastPath:
         for ret, kernel in zip(targets, kernels):
             if kernel is not None and destinations:
                 kernel.destination = destinations.get(ret.weight_info.name)
+        kernels = self._within_budget(kernels)
         if any(k is not None and k.draws_random for k in kernels) and (self.stream is None or None in kernels):
             # Another kernel would draw from torch's generator in between: keep mergekit's
             # kernels for the random tasks, seeded as the merger seeds every candidate.
@@ -317,9 +342,43 @@ class SparsifyingFastPath:
             for ret, kernel in zip(targets, kernels)
         ]
 
+    def _within_budget(self, kernels: list) -> list:
+        """The kernels, less those needing state that is not resident and would not fit."""
+        resident = self._resident_kinds()
+        needed = {kind for k in kernels if k is not None for kind in k.kinds}
+        new = {
+            kind: sum(k.state_bytes(kind) for k in kernels if k is not None and kind in k.kinds)
+            for kind in needed - resident
+        }
+        if not sum(new.values()):
+            return kernels
+        held = self.state.nbytes() | ({"stream": self.stream.nbytes} if self.stream is not None else {})
+        kept = sum(n for kind, n in held.items() if kind in needed)
+        if self.max_state_bytes is not None:
+            room = self.max_state_bytes - kept
+        else:
+            room = 0.8 * (_free_bytes(self._device) + sum(held.values()) - kept)
+        if sum(new.values()) <= room:
+            return kernels
+        refused = set(new)
+        for kind in sorted(refused - self.refused):
+            _log.warning(
+                "merge fast path: %s state for this recipe needs %.2f GB, %.2f GB available on %s: "
+                "mergekit's own kernels run these tensors (same results, slower)",
+                kind,
+                new[kind] / 1e9,
+                max(room, 0) / 1e9,
+                self._device,
+            )
+        self.refused |= refused
+        return [None if k is not None and refused & set(k.kinds) else k for k in kernels]
+
+    def _resident_kinds(self) -> set[str]:
+        return self.state.built() | ({"stream"} if self.stream and self.stream.nbytes else set())
+
     def _make_room(self, needed: set[str]) -> None:
         """Building a kind not resident yet first frees the kinds this candidate does not use."""
-        resident = self.state.built() | ({"stream"} if self.stream and self.stream.nbytes else set())
+        resident = self._resident_kinds()
         if not needed - resident:
             return
         unused = resident - needed
@@ -391,6 +450,8 @@ class _FastKernel:
         gather = task.gather_tensors
         self.tensors = tensors  # what the gather task yields: views of the resident sources
         self.numel = tensors[task.model_order[0]].numel()
+        self.element_size = tensors[task.model_order[0]].element_size()
+        self.on_cpu = tensors[task.model_order[0]].device.type == "cpu"
         self.non_base = len(task.model_order) - (task.base_model is not None)
         self.base_key = (task.base_model, gather.weight_info[task.base_model].name) if task.base_model else ()
         self.source_names = {m: gather.weight_info[m].name for m in task.model_order}
@@ -398,6 +459,10 @@ class _FastKernel:
 
     def max_draws(self) -> int:
         return self.numel * self.non_base
+
+    def state_bytes(self, kind: str) -> int:
+        """Bytes of ``kind`` state this tensor needs (0: none, or too small to count)."""
+        return 0
 
     def source_key(self, model, dtype: torch.dtype) -> tuple:
         """Identifies a task vector: the model's source tensor minus the base's, in ``dtype``."""
@@ -492,6 +557,11 @@ class _FastTaskArithmetic(_FastKernel):
         self.sparsifier = method.sparsification_method
         self.kinds = KINDS_OF_SPARSIFIER[self.sparsifier]
         self.draws_random = self.sparsifier in RANDOM_SPARSIFIERS
+
+    def state_bytes(self, kind: str) -> int:
+        work_size = 2 if self.element_size == 2 else 4  # della's ranks: bf16 stays, else float32
+        per_element = {"rank_desc": 4, "rank_asc": 4, "stream": 4, "della_rank": work_size}.get(kind, 0)
+        return per_element * self.numel * self.non_base
 
     def merge_group(self, group: TensorGroup, **parameters) -> torch.Tensor:
         base = group.base.tensor
@@ -817,6 +887,12 @@ class _FastSCE(_FastKernel):
     """
 
     kinds = ("sce_order", "sce_weights")
+
+    def state_bytes(self, kind: str) -> int:
+        if kind != "sce_order":
+            return 0
+        magnitudes = 2 if self.on_cpu else 1  # sorted, and (CPU) as they are
+        return (4 + magnitudes * self.element_size) * self.numel
 
     def merge_group(self, group: TensorGroup, int8_mask: bool = False, select_topk: float = 1.0) -> torch.Tensor:
         entries = group.non_base

@@ -197,7 +197,9 @@ class InMemoryMerger:
     (``mergekit_evolve.merge.fastpath``; its docstring gives the bytes per method, at most about
     2x the non-base sources, held for one method at a time and built by the first candidate
     that needs it). ``fast_path=False`` runs mergekit's kernels for every candidate and holds no
-    extra memory; the tensors are the same either way.
+    extra memory; the tensors are the same either way. ``fast_path_max_bytes`` caps that state
+    (default: 80% of the device's free memory when it is built); a method whose state would
+    not fit keeps mergekit's kernels.
 
     Not thread-safe; one merger per process or per worker.
     """
@@ -210,6 +212,7 @@ class InMemoryMerger:
         dtype: str | None = None,
         random_seed: int | None = None,
         fast_path: bool = True,
+        fast_path_max_bytes: int | None = None,
     ):
         self.template = template.model_copy(deep=True)
         self.device = torch.device(device)
@@ -232,7 +235,11 @@ class InMemoryMerger:
         model_dtype = self._model_dtype(dtype, out_config, targets)
         self.model = _build_resident_model(out_config, model_dtype, self.device)
         self._targets = self._resident_tensors(targets)
-        self.fast_path = SparsifyingFastPath(self._inputs, self.device, random_seed) if fast_path else None
+        self.fast_path = (
+            SparsifyingFastPath(self._inputs, self.device, random_seed, max_state_bytes=fast_path_max_bytes)
+            if fast_path
+            else None
+        )
         self._schedule_orders: dict[tuple, list[str] | None] = {}  # see _direct_order
         self.last_timings = MergeTimings()
 
