@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import make_family
 from mergekit.config import MergeConfiguration
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from mergekit_evolve.merge import InMemoryMerger, merge_to_disk
 from mergekit_evolve.merge.fastpath import FastMergeTask, UniformStream
@@ -454,3 +454,39 @@ def test_state_over_the_memory_budget_keeps_mergekit_kernels(families, caplog):
     roomy.merge(config)
     assert roomy.fast_path.last_fast_tasks == len(expected)
     assert 0 < roomy.fast_path.nbytes()["rank_desc"] <= rank_bytes
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_signed_zeros_in_the_base_reach_the_result_as_in_mergekit(dtype, tmp_path):
+    """Where the base holds -0.0 and every weighted delta is a zero, mergekit's sums (which
+    start from +0) give +0 + base; a kernel that skipped that +0 would give -0. The fast path
+    keeps it exactly where the base has a -0 (and skips it elsewhere)."""
+    family = make_family(tmp_path, n_experts=2, num_layers=1, hidden_size=16, intermediate_size=24, num_heads=2)
+    name = "model.layers.0.mlp.up_proj.weight"
+    for member, path in family.items():
+        tensors = load_file(path / "model.safetensors")
+        tensors[name].view(-1)[:40] = -0.0 if member == "base" else 0.0
+        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    template = _template(family, dtype)
+    fast = InMemoryMerger(template, random_seed=SEED)
+    reference = InMemoryMerger(template, random_seed=SEED, fast_path=False)
+    experts = [str(p) for member, p in family.items() if member != "base"]
+    for method, extra in (("task_arithmetic", {}), ("ties", {"density": 1.0}), ("sce", None)):
+        models = [{"model": str(family["base"])}] + [
+            {"model": e, "parameters": {} if extra is None else {"weight": -0.6 - 0.1 * i, **extra}}
+            for i, e in enumerate(experts)
+        ]
+        parameters = {"normalize": False} if method != "sce" else {}
+        config = MergeConfiguration.model_validate(
+            {
+                "merge_method": method,
+                "base_model": str(family["base"]),
+                "models": models,
+                "parameters": parameters,
+                "dtype": dtype,
+            }
+        )
+        expected = _state(reference.merge(config))
+        _assert_bitwise(fast.merge(config), expected, f"{method} {dtype} with -0 in the base")
+        assert fast.fast_path.last_fast_tasks == len(expected)
+        assert _bits(expected[name]).view(-1)[:40].eq(0).all()  # +0 bits: the case is exercised

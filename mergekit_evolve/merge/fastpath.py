@@ -19,8 +19,10 @@ and builds each candidate with a few elementwise passes:
 * DELLA (``della``, ``della_linear``): the per-row normalised magnitude rank (``2 * rank_norm``,
   as mergekit computes it) plus the same uniform stream; ``probs`` and ``u < probs`` per candidate;
 * SCE: the variance order of the stacked task vectors; a candidate's top-k mask is ``rank < k``
-  when the k-th and (k+1)-th variances differ, and mergekit's own ``torch.topk`` otherwise (which
-  of several equal values topk keeps is its own business, so ties at the boundary go to it).
+  when the k-th and (k+1)-th variances differ, and ``torch.topk`` on the stored variances
+  otherwise (which of several equal values topk keeps is its own business, so ties at the
+  boundary go to it; on CPU unsorted, which keeps the same set); the per-model weights (a mean
+  over the whole masked tensor) are computed once when there is no mask.
 
 Everything else (task-vector arithmetic, rescaling, sign consensus, normalisation, lambda, dtype
 casts) is mergekit's own sequence of torch operations, replicated op for op, or mergekit's
@@ -30,9 +32,13 @@ the sign of a zero, which never reaches the result. All of it is elementwise (su
 the entries of one element), so it runs in chunks of ``CHUNK_ELEMENTS`` whose temporaries stay
 in cache and are reused from tensor to tensor and candidate to candidate (no allocation, no page
 faults), and the result is written straight into the model's parameter. ``linear`` runs the same
-way (mergekit's accumulate / divide / cast per chunk). ``tests/test_merge_fastpath.py`` checks
-bitwise equality against mergekit's kernels and against ``run_merge``, with many small chunks
-and at two torch threads too.
+way (mergekit's accumulate / divide / cast per chunk). Each chunk is summed as it is written,
+so the merger's NaN/inf check needs no second read of the output. On an accelerator a chunk is
+a whole tensor, or 64M elements (``ACCELERATOR_CHUNK_ELEMENTS``). When every tensor of a
+candidate takes the fast path, the merger runs the kernels directly, in the order mergekit's
+Executor would (learnt once per recipe structure), with no task graph per candidate.
+``tests/test_merge_fastpath.py`` checks bitwise equality against mergekit's kernels and against
+``run_merge``, with many small chunks, at two torch threads, and on CUDA where there is a GPU.
 
 State kept, per non-base source tensor, as a multiple of that source's bytes (bf16 sources / fp32):
 
@@ -42,7 +48,7 @@ kind (methods)                         bf16 sources       fp32 sources
 rank (ties, breadcrumbs[_ties])        2x (int32)         1x
 uniform stream (dare_*, della*)        2x (float32)       1x
 della rank (della, della_linear)       1x (+ stream)      1x (+ stream)
-sce order (per tensor, not per model)  4x / n_models      3x / n_models
+sce order (per tensor, not per model)  4x / n_models      3x / n_models   (on CUDA 3x / 2x)
 =====================================  =================  =============
 
 plus a few bytes per tensor (l1 norms). Nothing is stored for task_arithmetic. Scratch reused by
@@ -52,7 +58,8 @@ tensor, (entries + 1) x its size in the work dtype (0.4 GB for a 1B Llama's embe
 2 experts). State is built
 when a candidate first needs it, and building a kind frees the kinds that candidate does not
 use, so at most one method's state is resident: for a 1B-parameter family of base + 2 experts
-in bf16 (6 GB of sources) the largest, DELLA's, is 12 GB.
+in bf16 (6 GB of sources) the largest, DELLA's, is 12 GB. A method whose state would not fit
+(``max_state_bytes``, by default 80% of the device's free memory) keeps mergekit's kernels.
 
 Random methods take the fast path only on CPU (CUDA's Philox-based bernoulli is not reproduced)
 and only with a seeded merger, and only when every merge task of the candidate takes it (so no
@@ -297,6 +304,14 @@ class SparsifyingFastPath:
         self.stream = UniformStream(random_seed) if random_seed is not None else None
         self.last_fast_tasks = 0  # tensors of the last rewritten candidate on fast kernels
         self.finite_outputs: set[int] = set()  # data_ptr of outputs whose chunk sums were finite
+        self._negative_zeros: dict[tuple, bool] = {}
+
+    def base_has_negative_zero(self, key: tuple, base: torch.Tensor) -> bool:
+        """Whether a base tensor holds a -0.0 (found once per tensor and dtype; a few bits)."""
+        key = (*key, base.dtype)
+        if key not in self._negative_zeros:
+            self._negative_zeros[key] = _has_negative_zero(base)
+        return self._negative_zeros[key]
 
     def known_finite(self, value: torch.Tensor) -> bool:
         """True if a fast kernel of this candidate wrote ``value`` and saw it finite."""
@@ -569,6 +584,7 @@ class _FastTaskArithmetic(_FastKernel):
         if not entries:
             return base
         self._base, self._shape = base.view(-1), base.shape
+        self._base_negative_zero = self.fast.base_has_negative_zero(self.base_key, base)
         plans = [self._plan(index, entry, parameters) for index, entry in enumerate(entries)]
         weights = torch.tensor(
             [parameters["weight"][entry.id] for entry in entries], dtype=base.dtype, device=base.device
@@ -598,7 +614,7 @@ class _FastTaskArithmetic(_FastKernel):
         elif consensus:  # "count": mergekit's mask as is
             mask_dtype = torch.int8 if parameters["int8_mask"] else dtype
             deltas.mul_(get_mask(deltas, method=consensus, mask_dtype=mask_dtype))
-        mixed = _sum_entries(deltas, out=scratch.take("mixed", size, dtype))
+        mixed = _sum_entries(deltas, out=scratch.take("mixed", size, dtype), zero_sign=self._base_negative_zero)
         if parameters["normalize"]:
             if consensus:  # a kept (agreeing, nonzero) delta is exactly a nonzero one now
                 divisor = _kept_weight_sum(deltas, weights, scratch)
@@ -899,6 +915,7 @@ class _FastSCE(_FastKernel):
         if not entries:
             return group.base.tensor
         self._base, self._shape = group.base.tensor.view(-1), group.base.tensor.shape
+        self._base_negative_zero = self.fast.base_has_negative_zero(self.base_key, group.base.tensor)
         self._sources = [entry.tensor.view(-1) for entry in entries]
         self._models = tuple(entry.id for entry in entries)
         if select_topk < 1:
@@ -976,7 +993,7 @@ class _FastSCE(_FastKernel):
         products = scratch.take("deltas", entries * size, dtype).view(entries, size)
         torch.mul(tvs, column, out=products).view(bits).bitwise_and_(kept)
         kept_weights = kept.bitwise_and_(column.view(bits)).view(dtype)
-        merged = _sum_entries(products, out=scratch.take("mixed", size, dtype))
+        merged = _sum_entries(products, out=scratch.take("mixed", size, dtype), zero_sign=self._base_negative_zero)
         divisor = _sum_entries(kept_weights, out=scratch.take("divisor", size, dtype))
         return merged.div_(divisor.clamp_(min=1e-6))
 
@@ -1022,19 +1039,29 @@ class _FastSCE(_FastKernel):
 # ---------------------------------------------------------------- exact rewrites of mergekit steps
 
 
-def _sum_entries(stacked: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def _sum_entries(stacked: torch.Tensor, out: torch.Tensor | None = None, zero_sign: bool = True) -> torch.Tensor:
     """``stacked.sum(dim=0)``, bit for bit, in fewer passes when there are two entries.
 
     torch reduces dim 0 by adding the rows, in order, to a +0 accumulator of the accumulate
     type (float32 for bf16/fp16) and rounding once at the end; for two rows that is exactly
     ``(a + b) + 0`` in any dtype: the half-precision add also rounds float32(a) + float32(b)
     once, and the trailing ``+ 0`` turns a -0 into the +0 the accumulator gives.
-    (``tests/test_merge_fastpath.py::test_sum_entries_is_torch_sum`` checks this.)
+    ``zero_sign=False`` skips that ``+ 0`` where the caller knows the sign of a zero sum
+    cannot reach its result. (``tests/test_merge_fastpath.py::test_sum_entries_is_torch_sum``
+    checks this.)
     """
     if stacked.shape[0] != 2:
         return stacked.sum(dim=0) if out is None else torch.sum(stacked, dim=0, out=out)
     total = torch.add(stacked[0], stacked[1], out=out)
-    return total.add_(0.0)
+    return total.add_(0.0) if zero_sign else total
+
+
+def _has_negative_zero(tensor: torch.Tensor) -> bool:
+    """True if any element is -0.0: only then can the sign of a zero delta reach ``base + delta``
+    (-0 + -0 = -0, any other sum with a zero gives the other term or +0)."""
+    bits, sign_shift, _, _ = _float_bits(tensor.dtype)
+    sign_bit_only = torch.tensor(1, dtype=bits).bitwise_left_shift(sign_shift)
+    return bool((tensor.view(bits) == sign_bit_only).any())
 
 
 # ---------------------------------------------------------------- precomputation (exact replicas)
