@@ -51,6 +51,26 @@ BENCHES = {
 SCRIPTS = {"torture_economy": "torture"}  # entries that run another benchmark's script with other arguments
 
 
+def _gpu_rows(gpu: dict | None) -> list[tuple[str, str, str]]:
+    """The fast path against mergekit's kernel on a GPU, when bench/gpu.py ran on one."""
+    if not gpu or not str(gpu.get("device", "")).startswith("cuda"):
+        return []
+    rows = []
+    for method, numbers in gpu.get("ps", {}).get("methods", {}).items():
+        ref = numbers.get("reference")
+        if ref:
+            where = f"{gpu['gpu']}, {gpu['params'] / 1e9:.1f}B bf16"
+            times = f"{ref['mergekit_kernel_s']:.2f} s -> {ref['fast_s']:.2f} s"
+            rows.append(
+                (
+                    f"{method} candidate on {where}: mergekit's kernel -> fast path",
+                    f"{times}, {ref['differ']} of {ref['tensors']} tensors differ",
+                    "0 differ",
+                )
+            )
+    return rows
+
+
 def run(name: str) -> None:
     args, _ = BENCHES[name]
     OUT.mkdir(exist_ok=True)
@@ -113,6 +133,7 @@ def summary_rows() -> list[tuple[str, str, str]]:
                             "<= 3x (30M)",
                         )
                     )
+    rows += _gpu_rows(figures.get("gpu"))
     if "dfs_memory" in figures:
         d = figures["dfs_memory"]
         rows.append((f"DFS layer stack RSS, T = {d['hops']} hops", f"{d['stack_rss_x_pool']:.2f}x pool", "~1x pool"))
