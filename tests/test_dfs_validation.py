@@ -54,6 +54,12 @@ def small_dfs(zoo, **dfs) -> dict:
     return data
 
 
+def run_dfs(config, out: Path):
+    """A run on CPU, no progress bar, no saved model (a dict is parsed first)."""
+    config = parse_config(config) if isinstance(config, dict) else config
+    return runner.start(config, out, device="cpu", progress=False, save_model=False)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -61,13 +67,7 @@ def read_jsonl(path: Path) -> list[dict]:
 def test_the_search_sees_only_its_rows_and_a_better_search_score_alone_does_not_replace_the_start(zoo, tmp_path):
     """z = 100: no search result can pass, so the run returns model A's own path although the search
     found paths scoring higher on its 70 rows (without the gate the best of those would be returned)."""
-    summary = runner.start(
-        parse_config(small_dfs(zoo, validation=0.3, validation_z=100)),
-        tmp_path / "run",
-        device="cpu",
-        progress=False,
-        save_model=False,
-    )
+    summary = run_dfs(small_dfs(zoo, validation=0.3, validation_z=100), tmp_path / "run")
     records = read_jsonl(tmp_path / "run" / "evaluations.jsonl")
     assert {round(r["fitness"] * 70, 6) % 1 for r in records} == {0.0}  # scored on the 70 search rows
     decision = summary.validation
@@ -81,13 +81,7 @@ def test_the_search_sees_only_its_rows_and_a_better_search_score_alone_does_not_
 
 
 def test_the_search_best_replaces_the_start_when_it_wins_on_the_validation_rows(zoo, tmp_path):
-    summary = runner.start(
-        parse_config(small_dfs(zoo, validation=0.3, validation_z=0)),
-        tmp_path / "run",
-        device="cpu",
-        progress=False,
-        save_model=False,
-    )
+    summary = run_dfs(small_dfs(zoo, validation=0.3, validation_z=0), tmp_path / "run")
     decision = summary.validation
     assert decision.difference > 0 and decision.kept == "search_best"
     assert Best(**{k: getattr(summary.best, k) for k in Best.model_fields}) == decision.search_best.record
@@ -99,7 +93,7 @@ def test_the_search_best_replaces_the_start_when_it_wins_on_the_validation_rows(
 
 def test_gate_interrupted_between_its_two_scores_resumes_to_the_same_decision(zoo, tmp_path, monkeypatch):
     config = parse_config(small_dfs(zoo, validation=0.3))
-    reference = runner.start(config, tmp_path / "ref", device="cpu", progress=False, save_model=False)
+    reference = run_dfs(config, tmp_path / "ref")
     calls = {"n": 0}
     evaluate = Fitness.evaluate
 
@@ -112,7 +106,7 @@ def test_gate_interrupted_between_its_two_scores_resumes_to_the_same_decision(zo
 
     monkeypatch.setattr(Fitness, "evaluate", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        runner.start(config, tmp_path / "cut", device="cpu", progress=False, save_model=False)
+        run_dfs(config, tmp_path / "cut")
     assert [r["role"] for r in read_jsonl(tmp_path / "cut" / "validation.jsonl")] == ["start"]
     monkeypatch.setattr(Fitness, "evaluate", evaluate)
     resumed = runner.resume(tmp_path / "cut", progress=False)
@@ -131,7 +125,7 @@ def test_ps_dfs_holds_back_rows_by_default_and_keeps_the_ps_model_without_eviden
 
     data = demo_config(zoo, "ps+dfs", 12, 0)
     data["optimizer"]["popsize"] = 6
-    summary = runner.start(parse_config(data), tmp_path / "run", device="cpu", progress=False, save_model=False)
+    summary = run_dfs(data, tmp_path / "run")
     assert yaml.safe_load((tmp_path / "run" / "dfs" / "config.yaml").read_text())["dfs"]["validation"] == 0.3
     decision = summary.stages["dfs"].validation
     assert decision.rows == {"script_math": 30} and decision.z == 1.645

@@ -290,6 +290,12 @@ def _linear_candidate(family: dict[str, Path], dtype: str, rng: np.random.Genera
     )
 
 
+def _any_candidate(method: str, family: dict[str, Path], dtype: str, rng: np.random.Generator) -> MergeConfiguration:
+    if method == "linear":
+        return _linear_candidate(family, dtype, rng)
+    return _candidate(method, family, dtype, rng)
+
+
 @pytest.mark.parametrize("chunk", [64, 96])
 @pytest.mark.parametrize("family_name", list(SHAPES))
 def test_chunks_and_reused_buffers_bitwise_equal(chunk, family_name, families, mergers, monkeypatch):
@@ -303,10 +309,7 @@ def test_chunks_and_reused_buffers_bitwise_equal(chunk, family_name, families, m
     dtype = "float32" if family_name == "fp32" else "bfloat16"
     rng = np.random.default_rng(chunk)
     for method in CHUNKED * 2:
-        if method == "linear":
-            config = _linear_candidate(families[family_name], dtype, rng)
-        else:
-            config = _candidate(method, families[family_name], dtype, rng)
+        config = _any_candidate(method, families[family_name], dtype, rng)
         expected = _state(reference.merge(config))
         model = fast.merge(config)
         _assert_bitwise(model, expected, f"{method} {family_name} chunk {chunk}")
@@ -338,10 +341,7 @@ def test_default_chunks_bitwise_equal_at_two_threads(tmp_path):
         reference = InMemoryMerger(template, random_seed=SEED, fast_path=False)
         rng = np.random.default_rng(11)
         for method in ("linear", "ties", "dare_ties", "della", "sce"):
-            if method == "linear":
-                config = _linear_candidate(family, "bfloat16", rng)
-            else:
-                config = _candidate(method, family, "bfloat16", rng)
+            config = _any_candidate(method, family, "bfloat16", rng)
             expected = _state(reference.merge(config))
             _assert_bitwise(fast.merge(config), expected, f"{method} at two threads")
     finally:
@@ -369,10 +369,7 @@ def test_cuda_candidates_bitwise_equal_to_mergekit_kernels(chunk, family_name, f
     rng = np.random.default_rng(abs(hash((family_name, chunk))) % 2**32)
     for method in ("linear",) + SPARSIFYING:
         for index in range(2):
-            if method == "linear":
-                config = _linear_candidate(families[family_name], dtype, rng)
-            else:
-                config = _candidate(method, families[family_name], dtype, rng)
+            config = _any_candidate(method, families[family_name], dtype, rng)
             expected = _state(reference.merge(config))
             model = fast.merge(config)
             assert next(model.parameters()).device.type == "cuda"

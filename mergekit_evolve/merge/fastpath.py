@@ -92,7 +92,7 @@ from mergekit.merge_methods.generalized_task_arithmetic import (
     GeneralizedTaskArithmeticMerge,
     get_mask,
 )
-from mergekit.merge_methods.sce import sce_mask, sce_merge, sce_weight
+from mergekit.merge_methods.sce import sce_merge
 from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 from mergekit.sparsify import SparsificationMethod
 
@@ -574,8 +574,10 @@ class _FastTaskArithmetic(_FastKernel):
         self.draws_random = self.sparsifier in RANDOM_SPARSIFIERS
 
     def state_bytes(self, kind: str) -> int:
-        work_size = 2 if self.element_size == 2 else 4  # della's ranks: bf16 stays, else float32
-        per_element = {"rank_desc": 4, "rank_asc": 4, "stream": 4, "della_rank": work_size}.get(kind, 0)
+        if kind == "della_rank":  # ranks in the work dtype, as _della stores them
+            per_element = _cpu_work_dtype(next(iter(self.tensors.values()))).itemsize
+        else:
+            per_element = {"rank_desc": 4, "rank_asc": 4, "stream": 4}.get(kind, 0)
         return per_element * self.numel * self.non_base
 
     def merge_group(self, group: TensorGroup, **parameters) -> torch.Tensor:
@@ -898,8 +900,8 @@ class _FastSCE(_FastKernel):
     The top-k set is ``rank < k`` when the k-th and (k+1)-th largest variances differ. When they
     are equal, which of the equal ones ``torch.topk`` keeps is its own business: on CPU it is
     asked again (unsorted: its set does not depend on ``sorted``, only the order within it,
-    and that saves the sort of k elements), on the stored magnitudes; elsewhere mergekit's
-    ``sce_mask`` is called.
+    and that saves the sort of k elements), on the stored magnitudes; elsewhere mergekit's own
+    sce kernel merges that tensor.
     """
 
     kinds = ("sce_order", "sce_weights")
@@ -1019,21 +1021,8 @@ class _FastSCE(_FastKernel):
         return torch.stack([source - self._base for source in self._sources]).view(-1, *self._shape)
 
     def _merge_whole(self, group: TensorGroup, int8_mask: bool, select_topk: float) -> torch.Tensor:
-        """mergekit's sce_merge, step for step, on the whole tensor (rare cases only)."""
-        tensors = [entry.tensor for entry in group.non_base]
-        base_tensor = group.base.tensor
-        mask_dtype = torch.int8 if int8_mask else base_tensor.dtype
-        task_vectors = torch.stack([t - base_tensor for t in tensors], dim=0)
-        mask = sce_mask(task_vectors, select_topk, mask_dtype)
-        task_vectors = task_vectors * mask.unsqueeze(0)
-        erase_mask = get_mask(task_vectors, method="sum", mask_dtype=mask_dtype)
-        tv_weights = sce_weight(task_vectors)
-        while tv_weights.dim() < task_vectors.dim():
-            tv_weights = tv_weights.unsqueeze(-1)
-        erased_weights = tv_weights * erase_mask
-        merged_tv = (task_vectors * erased_weights).sum(dim=0)
-        final_tv = merged_tv / torch.sum(erased_weights, dim=0).clamp(min=1e-6)
-        return base_tensor + final_tv
+        """mergekit's own sce kernel on the whole tensor (rare cases only)."""
+        return self.method.merge_group(group, int8_mask=int8_mask, select_topk=select_topk)
 
 
 # ---------------------------------------------------------------- exact rewrites of mergekit steps
