@@ -19,7 +19,7 @@ from conftest import make_family
 from mergekit.config import MergeConfiguration
 from safetensors.torch import load_file, save_file
 
-from mergekit_evolve.merge import InMemoryMerger, merge_to_disk
+from mergekit_evolve.merge import InMemoryMerger, fused, merge_to_disk
 from mergekit_evolve.merge.fastpath import FastMergeTask, UniformStream
 
 SEED = 4321
@@ -299,12 +299,15 @@ def _any_candidate(method: str, family: dict[str, Path], dtype: str, rng: np.ran
 @pytest.mark.parametrize("chunk", [64, 96])
 @pytest.mark.parametrize("family_name", list(SHAPES))
 def test_chunks_and_reused_buffers_bitwise_equal(chunk, family_name, families, mergers, monkeypatch):
-    """Tensors split into many chunks (a 96-element chunk also splits torch's vector loops off
+    """The torch operations' path (where the fused C kernels are off or cannot take a tensor):
+    tensors split into many chunks (a 96-element chunk also splits torch's vector loops off
     their usual boundaries), scratch buffers reused across consecutive candidates of different
     methods and parameters, results written into the model's parameters: still mergekit's bits."""
-    from mergekit_evolve.merge import fastpath
+    from mergekit_evolve.merge import fastpath, fused
 
     monkeypatch.setattr(fastpath, "CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(fused, "supports", lambda *tensors: False)
+    monkeypatch.setattr(fused, "supports_linear", lambda: False)
     fast, reference = mergers[family_name]
     dtype = "float32" if family_name == "fp32" else "bfloat16"
     rng = np.random.default_rng(chunk)
@@ -318,6 +321,39 @@ def test_chunks_and_reused_buffers_bitwise_equal(chunk, family_name, families, m
     storages = {name: p.data_ptr() for name, p in fast.model.named_parameters()}
     fast.merge(_candidate("ties", families[family_name], dtype, rng))
     assert storages == {name: p.data_ptr() for name, p in fast.model.named_parameters()}  # written in place
+
+
+@pytest.mark.skipif(not fused.available(), reason="no C compiler: the fused kernels are off")
+@pytest.mark.parametrize("family_name", list(SHAPES))
+def test_fused_kernels_carry_the_candidates(family_name, families, mergers, monkeypatch):
+    """Where the fused C kernels are built they run every task-arithmetic-family and linear
+    tensor (phase one of each rescaled entry too), with mergekit's bits."""
+    calls = {name: 0 for name in ("linear", "mask_task_vector", "task_arithmetic")}
+
+    def counting(name: str):
+        kernel = getattr(fused, name)
+
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return kernel(*args, **kwargs)
+
+        return counted
+
+    for name in calls:
+        monkeypatch.setattr(fused, name, counting(name))
+    fast, reference = mergers[family_name]
+    dtype = "float32" if family_name == "fp32" else "bfloat16"
+    rng = np.random.default_rng(5)
+    tensors = 0
+    for method in ("linear", "ties", "dare_ties", "breadcrumbs", "della"):
+        config = _any_candidate(method, families[family_name], dtype, rng)
+        if method != "linear":
+            config.parameters["rescale"] = True  # phase one in full for every masked entry
+        expected = _state(reference.merge(config))
+        _assert_bitwise(fast.merge(config), expected, f"{method} {family_name} fused")
+        tensors += len(expected)
+    assert calls["linear"] + calls["task_arithmetic"] == tensors
+    assert calls["mask_task_vector"] > 0  # dare_ties and della rescale
 
 
 def test_default_chunks_bitwise_equal_at_two_threads(tmp_path):

@@ -96,6 +96,8 @@ from mergekit.merge_methods.sce import sce_merge
 from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 from mergekit.sparsify import SparsificationMethod
 
+from mergekit_evolve.merge import fused
+
 __all__ = ["SparsifyingFastPath", "FastMergeTask"]
 
 _log = logging.getLogger(__name__)
@@ -251,9 +253,14 @@ class _FiniteTotal:
         self.total.add_(chunk.sum(dtype=self.total.dtype))
 
     def vouch(self, fast: SparsifyingFastPath) -> torch.Tensor:
-        if bool(torch.isfinite(self.total)):
-            fast.finite_outputs.add(self.out.data_ptr())
-        return self.out
+        return _vouch(fast, self.out, bool(torch.isfinite(self.total)))
+
+
+def _vouch(fast: SparsifyingFastPath, out: torch.Tensor, finite: bool) -> torch.Tensor:
+    """Tells the merger that ``out``, just written by a fast kernel, is known finite (or not)."""
+    if finite:
+        fast.finite_outputs.add(out.data_ptr())
+    return out
 
 
 class FastMergeTask(Task[torch.Tensor | None]):
@@ -545,12 +552,15 @@ class _EntryPlan:
     several times slower than integer ops on CPU); ``zero``:
     the whole vector is zero; ``masked``/``scale``: a rescaled entry, whose masked vector was
     made in full first (its l1 norm needs every element) and is multiplied by ``scale`` here.
+    ``keys``/``key_range``: the same mask for the fused kernels, when it is ``lo <= key < hi``.
     """
 
     def __init__(self, source: torch.Tensor):
         self.source = source.view(-1)
         self.zero = False
         self.keep: Callable[[slice], torch.Tensor] | None = None
+        self.keys: torch.Tensor | None = None
+        self.key_range = (0, 0)
         self.masked: torch.Tensor | None = None
         self.scale: torch.Tensor | None = None
 
@@ -596,11 +606,47 @@ class _FastTaskArithmetic(_FastKernel):
             divisor = weights.sum(dim=0)
             divisor[divisor.abs() < 1e-8] = 1
         out = self.output_for(base)
+        entries = self._fused_entries(plans, weights, out)
+        if entries is not None:
+            finite = fused.task_arithmetic(
+                entries,
+                self._base,
+                out.view(-1),
+                consensus=self.method.consensus_method == ConsensusMethod.sum,
+                normalize=parameters["normalize"],
+                divisor=None if divisor is None else float(divisor),
+                lambda_=parameters["lambda"],
+            )
+            return _vouch(self.fast, out, finite)
         flat_out, total = out.view(-1), _FiniteTotal(out)
         for chunk in _chunks(base.numel(), base.device):
             mixed = self._mixed_delta(plans, weights, chunk, parameters, divisor)
             total.add(torch.add(self._base[chunk], mixed, out=flat_out[chunk]))  # (base + mixed).to(base.dtype)
         return total.vouch(self.fast)
+
+    def _fused_entries(self, plans: list[_EntryPlan], weights: torch.Tensor, out: torch.Tensor) -> list | None:
+        """The plans as the fused kernel's entries, or None where it cannot take them (another
+        dtype or device, a count consensus, more entries than it sums in torch's order, or a
+        mask that is not a key range: DELLA's without rescaling)."""
+        consensus = self.method.consensus_method
+        if len(plans) > fused.MAX_ENTRIES or consensus not in (None, ConsensusMethod.sum):
+            return None
+        if not fused.supports(self._base, out, *(plan.source for plan in plans)):
+            return None
+        entries = []
+        for plan, weight in zip(plans, weights.flatten().tolist()):
+            if plan.zero:
+                entries.append(fused.Entry(weight))
+            elif plan.masked is not None:
+                if plan.masked.dtype != self._base.dtype:
+                    return None
+                scale = None if plan.scale is None else float(plan.scale)
+                entries.append(fused.Entry(weight, masked=plan.masked, scale=scale))
+            elif plan.keep is not None and plan.keys is None:
+                return None
+            else:
+                entries.append(fused.Entry(weight, source=plan.source, keys=plan.keys, key_range=plan.key_range))
+        return entries
 
     def _mixed_delta(self, plans, weights, chunk: slice, parameters: dict, divisor) -> torch.Tensor:
         """mergekit's deltas -> weights -> consensus -> sum -> normalize -> lambda, on one chunk."""
@@ -680,6 +726,7 @@ class _FastTaskArithmetic(_FastKernel):
             lambda: _rank_of(_argsort_magnitude(self._task_vector(plan, dtype), descending=True)),
         )
         plan.keep = lambda chunk: _below(rank[chunk], k, self.fast.scratch)
+        plan.keys, plan.key_range = rank, (0, k)
         return dtype
 
     def _magnitude_outliers(self, plan: _EntryPlan, model, density: float, gamma: float) -> torch.dtype:
@@ -706,6 +753,7 @@ class _FastTaskArithmetic(_FastKernel):
             return kept
 
         plan.keep = keep
+        plan.keys, plan.key_range = rank, (start, stop)
         return dtype
 
     def _bernoulli(self, plan: _EntryPlan, density: float) -> torch.dtype:
@@ -719,6 +767,7 @@ class _FastTaskArithmetic(_FastKernel):
         draws = self.fast.stream.take(self._base.numel()).view(torch.int32)
         p_bits = int(torch.tensor(p, dtype=torch.float32).view(torch.int32))
         plan.keep = lambda chunk: _below(draws[chunk], p_bits, self.fast.scratch)
+        plan.keys, plan.key_range = draws, (0, p_bits)
         return work_dtype
 
     def _della(self, plan: _EntryPlan, model, density: float, epsilon: float) -> torch.dtype:
@@ -765,19 +814,25 @@ class _FastTaskArithmetic(_FastKernel):
         numel = self._base.numel()
         masked = self.fast.scratch.take(f"masked{index}", numel, work_dtype)
         magnitudes = self.fast.scratch.take("magnitudes", numel, work_dtype)
-        for chunk in _chunks(numel, self._base.device):
-            if work_dtype == self._base.dtype:
-                torch.sub(plan.source[chunk], self._base[chunk], out=masked[chunk])
-            else:
-                masked[chunk].copy_(plan.source[chunk] - self._base[chunk])
-            _keep_only(masked[chunk], plan.keep(chunk), self.fast.scratch)
-            torch.abs(masked[chunk], out=magnitudes[chunk])
+        if plan.keys is not None and work_dtype == self._base.dtype and fused.supports(plan.source, self._base):
+            fused.mask_task_vector(plan.source, self._base, plan.keys, plan.key_range, masked, magnitudes)
+        else:
+            self._mask_in_chunks(plan, work_dtype, masked, magnitudes)
         key = (*self.source_key(model, work_dtype), torch.get_num_threads())
         before = self.fast.state.get("l1", key, lambda: self._task_vector(plan, work_dtype).abs().sum())
         after = magnitudes.sum()
         plan.masked = masked
         if not (before < RESCALE_EPS or after < RESCALE_EPS):
             plan.scale = before / after
+
+    def _mask_in_chunks(self, plan: _EntryPlan, work_dtype, masked: torch.Tensor, magnitudes: torch.Tensor) -> None:
+        for chunk in _chunks(masked.numel(), self._base.device):
+            if work_dtype == self._base.dtype:
+                torch.sub(plan.source[chunk], self._base[chunk], out=masked[chunk])
+            else:
+                masked[chunk].copy_(plan.source[chunk] - self._base[chunk])
+            _keep_only(masked[chunk], plan.keep(chunk), self.fast.scratch)
+            torch.abs(masked[chunk], out=magnitudes[chunk])
 
 
 def _chunks(numel: int, device: torch.device):
@@ -869,6 +924,10 @@ class _FastLinear(_FastKernel):
         sources = [tensor.reshape(-1) for tensor in batch.tensors]
         out = self.output_for(group.entries[0].tensor)
         flat_out, total = out.view(-1), _FiniteTotal(out)
+        if dtype == torch.float32 and weight.shape[0] == 1 and fused.supports_linear():
+            if fused.supports(out, *sources):
+                divide_by = None if denominator is None else float(denominator)
+                return _vouch(self.fast, out, fused.linear(sources, weight[0].tolist(), divide_by, flat_out))
         for chunk in _chunks(flat_out.numel(), flat_out.device):
             # accumulate in the output itself when it has the accumulator's dtype (no copy)
             if out.dtype == dtype:

@@ -1,0 +1,285 @@
+/* Fused elementwise merge kernels for the CPU fast path (mergekit_evolve/merge/fused.py).
+ *
+ * Each function does, for every element of [begin, end), exactly the arithmetic that
+ * fastpath.py's chain of torch operations does (which tests/test_merge_fastpath.py proves equal
+ * to mergekit's kernels), in one pass instead of one pass per operation: every float32
+ * operation below is one IEEE operation rounded once (built with -ffp-contract=off, no fast-math:
+ * no fused multiply-adds, no reassociation), and every bfloat16 operation is torch's: widen to
+ * float32, operate, round to nearest even. tests/test_merge_fused.py checks each kernel against
+ * those torch operations bit for bit, edge values included.
+ *
+ * dtype codes: 0 = float32, 1 = bfloat16. Return value: 1 if every output element is finite.
+ */
+#include <stdint.h>
+#include <math.h>
+#include <string.h>
+
+#define DT_F32 0
+#define DT_BF16 1
+#define BLOCK 256
+#define MAX_ENTRIES 4
+
+/* Every kernel is written once for a dtype argument and instantiated per dtype (the dtype is
+ * a constant in each instance, so each loop compiles to straight vector code). */
+#define SPECIALIZE static inline __attribute__((always_inline))
+/* On x86-64 each exported kernel is also built for AVX2 and picked at load time by the CPU it
+ * runs on (wider vectors; the same IEEE operations, so the same bits). */
+#if defined(__x86_64__) && defined(__GNUC__)
+#define EXPORTED __attribute__((target_clones("avx2", "default")))
+#else
+#define EXPORTED
+#endif
+
+static inline float bits_to_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t f32_to_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float bf16_to_f32(uint16_t h) { return bits_to_f32((uint32_t)h << 16); }
+
+/* torch's round_to_nearest_even (c10/util/BFloat16.h): NaN becomes a quiet NaN. */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u = f32_to_bits(f);
+    uint16_t rounded = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    return (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)0x7fc0 : rounded;
+}
+
+/* A float32 value rounded to the representable values of dtype (a no-op for float32). */
+SPECIALIZE float round_to(float x, int dtype) { return dtype == DT_BF16 ? bf16_to_f32(f32_to_bf16(x)) : x; }
+
+SPECIALIZE float load(const void *data, int dtype, int64_t j) {
+    return dtype == DT_BF16 ? bf16_to_f32(((const uint16_t *)data)[j]) : ((const float *)data)[j];
+}
+
+/* Stores x (already rounded to dtype) and returns 1 if it is not finite. */
+SPECIALIZE int store(void *data, int dtype, int64_t j, float x) {
+    uint32_t u = f32_to_bits(x);
+    if (dtype == DT_BF16)
+        ((uint16_t *)data)[j] = (uint16_t)(u >> 16);
+    else
+        ((float *)data)[j] = x;
+    return (u & 0x7f800000u) == 0x7f800000u;
+}
+
+/* ------------------------------------------------------------------------------------- linear
+ * mergekit's linear_merge per element: acc = +0; acc = acc + source_i * coefficient_i (float32,
+ * torch's addcmul_); acc = acc / denominator (when normalize); out = acc cast to out_dtype.
+ * Whether torch's addcmul_ rounds the product before adding depends on how torch was built for
+ * this CPU (its AVX2/AVX512 kernels fuse them into one FMA), so there are two versions; fused.py
+ * asks torch which one it computes before using either. */
+#define LINEAR_BODY(MULTIPLY_ADD)                                                                        \
+    int bad = 0;                                                                                        \
+    for (int64_t start = begin; start < end; start += BLOCK) {                                          \
+        int64_t stop = start + BLOCK < end ? start + BLOCK : end;                                       \
+        float acc[BLOCK];                                                                               \
+        for (int64_t j = start; j < stop; j++) acc[j - start] = 0.0f;                                   \
+        for (int i = 0; i < n; i++) {                                                                   \
+            const float c = coefficients[i];                                                            \
+            if (source_dtypes[i] == DT_BF16) {                                                          \
+                const uint16_t *s = (const uint16_t *)sources[i];                                       \
+                for (int64_t j = start; j < stop; j++)                                                  \
+                    acc[j - start] = MULTIPLY_ADD(bf16_to_f32(s[j]), c, acc[j - start]);                \
+            } else {                                                                                    \
+                const float *s = (const float *)sources[i];                                             \
+                for (int64_t j = start; j < stop; j++) acc[j - start] = MULTIPLY_ADD(s[j], c, acc[j - start]); \
+            }                                                                                           \
+        }                                                                                               \
+        if (normalize)                                                                                  \
+            for (int64_t j = start; j < stop; j++) acc[j - start] = acc[j - start] / denominator;       \
+        if (out_dtype == DT_BF16) {                                                                     \
+            uint16_t *o = (uint16_t *)out;                                                              \
+            for (int64_t j = start; j < stop; j++) {                                                    \
+                uint16_t h = f32_to_bf16(acc[j - start]);                                               \
+                o[j] = h;                                                                               \
+                bad |= (h & 0x7f80u) == 0x7f80u;                                                        \
+            }                                                                                           \
+        } else {                                                                                        \
+            float *o = (float *)out;                                                                    \
+            for (int64_t j = start; j < stop; j++) {                                                    \
+                o[j] = acc[j - start];                                                                  \
+                bad |= (f32_to_bits(acc[j - start]) & 0x7f800000u) == 0x7f800000u;                      \
+            }                                                                                           \
+        }                                                                                               \
+    }                                                                                                   \
+    return !bad;
+
+#define SEPARATE(x, c, acc) ((acc) + (x) * (c))
+#define FUSED(x, c, acc) fmaf((x), (c), (acc))
+
+EXPORTED int linear(int n, const void *const *sources, const int *source_dtypes, const float *coefficients,
+           int normalize, float denominator, void *out, int out_dtype, int64_t begin, int64_t end) {
+    LINEAR_BODY(SEPARATE)
+}
+
+#if defined(__x86_64__)
+/* Built for FMA hardware only inside this function; fused.py calls it only where has_fma(). */
+__attribute__((target("avx2,fma")))
+#endif
+int linear_fma(int n, const void *const *sources, const int *source_dtypes, const float *coefficients,
+               int normalize, float denominator, void *out, int out_dtype, int64_t begin, int64_t end) {
+    LINEAR_BODY(FUSED)
+}
+
+int has_fma(void) {
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return 1; /* ARMv8 and later always have a fused multiply-add */
+#endif
+}
+
+/* --------------------------------------------------------------------- sparsified task vectors */
+/* v if lo <= key < hi, else +0: a bit mask, not a branch (random keeps would mispredict). */
+SPECIALIZE float keep_or_zero(float v, int32_t key, int32_t lo, int32_t hi) {
+    uint32_t keep = (uint32_t)0 - (uint32_t)((key >= lo) & (key < hi));
+    return bits_to_f32(f32_to_bits(v) & keep);
+}
+
+
+/* Phase one of a rescaled sparsifier: masked = keep ? (source - base) : +0, in dtype, and its
+ * magnitudes |masked| (which torch then sums, in its own order, for the l1 rescale). */
+SPECIALIZE void mask_task_vector_as(const int dtype, const void *source, const void *base, const int32_t *keys,
+                                    int32_t key_lo, int32_t key_hi, void *masked, void *magnitudes,
+                                    int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; j++) {
+        float d = round_to(load(source, dtype, j) - load(base, dtype, j), dtype);
+        float m = keep_or_zero(d, keys[j], key_lo, key_hi);
+        store(masked, dtype, j, m);
+        store(magnitudes, dtype, j, bits_to_f32(f32_to_bits(m) & 0x7fffffffu));
+    }
+}
+
+EXPORTED int mask_task_vector(int dtype, const void *source, const void *base, const int32_t *keys, int32_t key_lo,
+                     int32_t key_hi, void *masked, void *magnitudes, int64_t begin, int64_t end) {
+    if (dtype == DT_BF16)
+        mask_task_vector_as(DT_BF16, source, base, keys, key_lo, key_hi, masked, magnitudes, begin, end);
+    else
+        mask_task_vector_as(DT_F32, source, base, keys, key_lo, key_hi, masked, magnitudes, begin, end);
+    return 1;
+}
+
+/* One non-base entry of a task-arithmetic merge.
+ *   kind 0: the zero vector;
+ *   kind 1: a masked vector made by phase one (dtype), times scale when has_scale;
+ *   kind 2: source - base (dtype), kept where key_lo <= keys[j] < key_hi (keys: a magnitude
+ *           rank or the bits of a uniform draw, all >= 0; NULL keeps every element). A dropped
+ *           element is +0, as fastpath.py's bit-and with a 0/-1 mask makes it.
+ * weight and scale are dtype values held in float32. */
+typedef struct {
+    int32_t kind;
+    int32_t has_scale;
+    float scale;
+    float weight;
+    const void *data;
+    const int32_t *keys;
+    int32_t key_lo;
+    int32_t key_hi;
+} entry_t;
+
+/* d[k] = entry * weight over one block: deltas.mul_(weights) after sparsification. */
+SPECIALIZE void weighted_delta(const int dtype, const entry_t *e, const void *base, int64_t start, int64_t size,
+                               float *restrict d) {
+    const float w = e->weight;
+    if (e->kind == 0) {
+        for (int64_t k = 0; k < size; k++) d[k] = round_to(0.0f * w, dtype);
+    } else if (e->kind == 1 && e->has_scale) {
+        for (int64_t k = 0; k < size; k++)
+            d[k] = round_to(round_to(load(e->data, dtype, start + k) * e->scale, dtype) * w, dtype);
+    } else if (e->kind == 1) {
+        for (int64_t k = 0; k < size; k++) d[k] = round_to(load(e->data, dtype, start + k) * w, dtype);
+    } else if (e->keys) {
+        const int32_t *keys = e->keys + start, lo = e->key_lo, hi = e->key_hi;
+        for (int64_t k = 0; k < size; k++) {
+            float v = round_to(load(e->data, dtype, start + k) - load(base, dtype, start + k), dtype);
+            v = keep_or_zero(v, keys[k], lo, hi);
+            d[k] = round_to(v * w, dtype);
+        }
+    } else {
+        for (int64_t k = 0; k < size; k++)
+            d[k] = round_to(round_to(load(e->data, dtype, start + k) - load(base, dtype, start + k), dtype) * w, dtype);
+    }
+}
+
+/* Phase two, GeneralizedTaskArithmeticMerge after sparsification, per element:
+ *   d_i = (entry_i) * weight_i                                   deltas.mul_(weights)
+ *   consensus: s = sum_i d_i; d_i kept iff sign(d_i) == sign(s)  TIES sign election
+ *   mixed = sum_i d_i                                            sum(dim=0): +0, add in order, round once
+ *   normalize: mixed / divisor, divisor = sum of the weights of nonzero kept d_i with
+ *              consensus (0 -> 1), else the given divisor
+ *   mixed = mixed * lambda_ (when apply_lambda)
+ *   out = base + mixed
+ * Sums run entry by entry in order, as torch's sum over dim 0 adds up to 4 rows. The entries'
+ * weighted deltas are made block by block (one loop per entry kind); the rest is one loop per
+ * element, instantiated per entry count so that it compiles to registers only. */
+SPECIALIZE int mix_block(const int dtype, const int n, float d[MAX_ENTRIES][BLOCK], const uint32_t *weight_bits,
+                         const void *base, void *out, int64_t start, int64_t size, const int consensus,
+                         const int normalize, float divisor, const int apply_lambda, float lambda_) {
+    int bad = 0;
+    for (int64_t k = 0; k < size; k++) {
+        float v[MAX_ENTRIES];
+        for (int i = 0; i < n; i++) v[i] = d[i][k];
+        if (consensus) {
+            float s = 0.0f;
+            for (int i = 0; i < n; i++) s = s + v[i];
+            uint32_t sign = f32_to_bits(round_to(s, dtype)) & 0x80000000u;
+            for (int i = 0; i < n; i++) { /* +0 where the sign bit differs from the sum's */
+                uint32_t bits = f32_to_bits(v[i]);
+                v[i] = bits_to_f32(bits & (((bits ^ sign) >> 31) - 1u));
+            }
+        }
+        float mixed = 0.0f;
+        for (int i = 0; i < n; i++) mixed = mixed + v[i];
+        mixed = round_to(mixed, dtype);
+        if (normalize && consensus) {
+            float q = 0.0f; /* mergekit's (weights * mask).sum(dim=0); divisor[divisor == 0] = 1 */
+            for (int i = 0; i < n; i++) {
+                uint32_t nonzero = (uint32_t)0 - (uint32_t)((f32_to_bits(v[i]) & 0x7fffffffu) != 0);
+                q = q + bits_to_f32(weight_bits[i] & nonzero);
+            }
+            uint32_t total = f32_to_bits(round_to(q, dtype));
+            uint32_t zero = (uint32_t)0 - (uint32_t)((total & 0x7fffffffu) == 0);
+            mixed = round_to(mixed / bits_to_f32((total & ~zero) | (0x3f800000u & zero)), dtype);
+        } else if (normalize) {
+            mixed = round_to(mixed / divisor, dtype);
+        }
+        if (apply_lambda) mixed = round_to(mixed * lambda_, dtype);
+        bad |= store(out, dtype, start + k, round_to(load(base, dtype, start + k) + mixed, dtype));
+    }
+    return bad;
+}
+
+SPECIALIZE int task_arithmetic_as(const int dtype, const int n, const entry_t *entries, const void *base, void *out,
+                                  int consensus, int normalize, float divisor, int apply_lambda, float lambda_,
+                                  int64_t begin, int64_t end) {
+    int bad = 0;
+    uint32_t weight_bits[MAX_ENTRIES];
+    for (int i = 0; i < n; i++) weight_bits[i] = f32_to_bits(entries[i].weight);
+    for (int64_t start = begin; start < end; start += BLOCK) {
+        const int64_t size = start + BLOCK < end ? BLOCK : end - start;
+        float d[MAX_ENTRIES][BLOCK];
+        for (int i = 0; i < n; i++) weighted_delta(dtype, &entries[i], base, start, size, d[i]);
+        /* the flags are loop invariant: each combination gets its own straight loop */
+        if (consensus && normalize)
+            bad |= mix_block(dtype, n, d, weight_bits, base, out, start, size, 1, 1, divisor, apply_lambda, lambda_);
+        else if (consensus)
+            bad |= mix_block(dtype, n, d, weight_bits, base, out, start, size, 1, 0, divisor, apply_lambda, lambda_);
+        else
+            bad |= mix_block(dtype, n, d, weight_bits, base, out, start, size, 0, normalize, divisor, apply_lambda,
+                             lambda_);
+    }
+    return !bad;
+}
+
+#define TASK_ARITHMETIC_ARGS entries, base, out, consensus, normalize, divisor, apply_lambda, lambda_, begin, end
+#define FOR_DTYPE(N) (dtype == DT_BF16 ? task_arithmetic_as(DT_BF16, N, TASK_ARITHMETIC_ARGS) \
+                                       : task_arithmetic_as(DT_F32, N, TASK_ARITHMETIC_ARGS))
+
+EXPORTED int task_arithmetic(int dtype, int n, const entry_t *entries, const void *base, void *out, int consensus,
+                             int normalize, float divisor, int apply_lambda, float lambda_, int64_t begin,
+                             int64_t end) {
+    switch (n) {
+    case 1: return FOR_DTYPE(1);
+    case 2: return FOR_DTYPE(2);
+    case 3: return FOR_DTYPE(3);
+    case 4: return FOR_DTYPE(4);
+    default: return -1;
+    }
+}

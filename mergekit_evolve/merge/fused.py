@@ -1,0 +1,274 @@
+"""Fused CPU kernels for the fast path: one pass over memory per merge instead of one per op.
+
+On a CPU the fast path's chunked torch operations run near memory speed each, but a DARE-TIES
+candidate chains about twenty of them per element and a linear merge five, so a candidate costs
+several times the memory traffic it needs. ``fused.c`` does the same arithmetic per element in
+one pass (see its header for the exactness argument); ``tests/test_merge_fused.py`` checks every
+kernel against fastpath.py's torch operations bit for bit, and tests/test_merge_fastpath.py
+checks the fast path with these kernels against mergekit's own.
+
+The kernels are plain C (no torch headers: a build takes well under a second), compiled on first
+use with the system C compiler (``$CC`` or ``cc``) into the user cache
+(``$MERGEKIT_EVOLVE_CACHE`` or ``~/.cache/mergekit_evolve``, keyed by the source, the flags and
+the compiler) and loaded with ctypes, which releases the GIL during a call: a tensor is split
+into one contiguous range per torch thread, run on a small thread pool. Without a compiler, or
+with ``MERGEKIT_EVOLVE_FUSED=0``, the fast path keeps its torch operations (same bits, slower).
+Float32 and bfloat16 tensors on CPU only; anything else keeps the torch operations.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["available", "supports", "supports_linear", "Entry", "linear", "mask_task_vector", "task_arithmetic"]
+
+_log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("fused.c")
+# No fused multiply-add, no fast-math: each C operation is one IEEE operation, as in torch.
+FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno")
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+MAX_ENTRIES = 4  # fused.c's MAX_ENTRIES: torch sums up to 4 rows in order, more in another order
+MIN_ELEMENTS_PER_THREAD = 1 << 16  # below this a second thread costs more than it saves
+ALIGN = 64  # elements; thread ranges start on whole cache lines
+
+
+class _Entry(ctypes.Structure):
+    _fields_ = [
+        ("kind", ctypes.c_int32),
+        ("has_scale", ctypes.c_int32),
+        ("scale", ctypes.c_float),
+        ("weight", ctypes.c_float),
+        ("data", ctypes.c_void_p),
+        ("keys", ctypes.c_void_p),
+        ("key_lo", ctypes.c_int32),
+        ("key_hi", ctypes.c_int32),
+    ]
+
+
+@dataclass
+class Entry:
+    """One non-base entry of ``task_arithmetic``: ``masked`` (phase one's vector, times ``scale``
+    unless None), or ``source`` - base kept where ``keys[j]`` is in ``key_range`` (all kept when
+    ``keys`` is None), or the zero vector when both are None. ``weight``: its value in the dtype."""
+
+    weight: float
+    masked: torch.Tensor | None = None
+    scale: float | None = None
+    source: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    key_range: tuple[int, int] = (0, 0)
+
+    def as_struct(self) -> _Entry:
+        keys = 0 if self.keys is None else self.keys.data_ptr()
+        if self.masked is not None:
+            scale = 0.0 if self.scale is None else self.scale
+            return _Entry(1, self.scale is not None, scale, self.weight, self.masked.data_ptr(), 0, 0, 0)
+        if self.source is not None:
+            return _Entry(2, 0, 0.0, self.weight, self.source.data_ptr(), keys, *self.key_range)
+        return _Entry(0, 0, 0.0, self.weight, 0, 0, 0, 0)
+
+
+def _cache_dir() -> Path:
+    cache = os.environ.get("MERGEKIT_EVOLVE_CACHE")
+    return (Path(cache) if cache else Path.home() / ".cache" / "mergekit_evolve") / "kernels"
+
+
+def _compile(compiler: str) -> Path:
+    """The shared library for this source, flags and compiler, built once into the cache."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(), platform.machine().encode()]))
+    target = _cache_dir() / f"fused-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: a concurrent process sees the whole library or none.
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        command = [compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"]
+        subprocess.run(command, capture_output=True, text=True, check=True)
+        os.replace(built, target)
+    return target
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("MERGEKIT_EVOLVE_FUSED", "1") == "0":
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None or platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"):
+        _log.info("fused merge kernels off: no C compiler (set CC) on this %s machine", platform.machine())
+        return None
+    try:
+        library = ctypes.CDLL(str(_compile(compiler)))
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = getattr(error, "stderr", "") or error
+        _log.warning("fused merge kernels off (the fast path stays exact, only slower): %s", str(detail)[-500:])
+        return None
+    i64, vp, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+    library.linear.argtypes = library.linear_fma.argtypes = [i32, vp, vp, vp, i32, f32, vp, i32, i64, i64]
+    library.has_fma.argtypes, library.has_fma.restype = [], ctypes.c_int
+    library.mask_task_vector.argtypes = [i32, vp, vp, vp, ctypes.c_int32, ctypes.c_int32, vp, vp, i64, i64]
+    library.task_arithmetic.argtypes = [i32, i32, vp, vp, vp, i32, i32, f32, i32, f32, i64, i64]
+    for function in (library.linear, library.linear_fma, library.mask_task_vector, library.task_arithmetic):
+        function.restype = ctypes.c_int
+    return library
+
+
+def available() -> bool:
+    """Whether the fused kernels are built and loaded (compiled on the first call)."""
+    return _library() is not None
+
+
+def supports(*tensors: torch.Tensor | None) -> bool:
+    """Whether the kernels can take these tensors: contiguous float32/bfloat16 on CPU."""
+    return available() and all(
+        t is None or (t.device.type == "cpu" and t.dtype in DTYPE_CODES and t.is_contiguous()) for t in tensors
+    )
+
+
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergekit-evo-fused")
+
+
+def _run(function, numel: int, *arguments) -> bool:
+    """``function(*arguments, begin, end)`` over [0, numel), in one contiguous range per torch
+    thread; True if every call found its outputs finite."""
+    parts = max(1, min(torch.get_num_threads(), numel // MIN_ELEMENTS_PER_THREAD))
+    if parts == 1:
+        return _checked(function(*arguments, 0, numel))
+    step = -(-numel // parts // ALIGN) * ALIGN
+    ranges = [(start, min(start + step, numel)) for start in range(0, numel, step)]
+    # the other ranges on the pool, the first one here meanwhile
+    others = [_pool(parts).submit(function, *arguments, *r) for r in ranges[1:]]
+    first = _checked(function(*arguments, *ranges[0]))
+    return all([_checked(future.result()) for future in others]) and first
+
+
+def _checked(result: int) -> bool:
+    if result < 0:
+        raise ValueError(f"fused kernel refused its arguments (code {result})")
+    return bool(result)
+
+
+@functools.cache
+def _linear_kernel():
+    """The C linear kernel that computes what torch's ``addcmul_`` computes here (a product
+    rounded then added, or one fused multiply-add: it depends on torch's build for this CPU),
+    found by asking torch on a probe; None if neither does."""
+    generator = torch.Generator().manual_seed(0)
+    sources = [torch.randn(4099, generator=generator) * scale for scale in (1.0, 7.0, 0.03)]
+    weight = torch.tensor([[0.3, -1.7, 2.9]])
+    expected = torch.zeros(4099)  # as mergekit's linear_merge accumulates
+    for source, coefficient in zip(sources, weight.unbind(1)):
+        expected.addcmul_(source, coefficient)
+    library = _library()
+    candidates = [library.linear_fma, library.linear] if library.has_fma() else [library.linear]
+    for kernel in candidates:
+        out = torch.empty(4099)
+        _call_linear(kernel, sources, weight[0].tolist(), None, out)
+        if torch.equal(out.view(torch.int32), expected.view(torch.int32)):
+            return kernel
+    _log.warning("fused linear kernel off: torch's addcmul_ rounds differently from both C versions here")
+    return None
+
+
+def supports_linear() -> bool:
+    """Whether the fused linear kernel reproduces torch's arithmetic on this machine."""
+    return available() and _linear_kernel() is not None
+
+
+def linear(
+    sources: list[torch.Tensor], coefficients: list[float], denominator: float | None, out: torch.Tensor
+) -> bool:
+    """mergekit's linear merge of flat ``sources`` into flat ``out`` (float32 accumulation);
+    True if every output is finite. Only where ``supports_linear()``."""
+    return _call_linear(_linear_kernel(), sources, coefficients, denominator, out)
+
+
+def _call_linear(kernel, sources, coefficients, denominator, out) -> bool:
+    n = len(sources)
+    pointers = (ctypes.c_void_p * n)(*(s.data_ptr() for s in sources))
+    dtypes = (ctypes.c_int * n)(*(DTYPE_CODES[s.dtype] for s in sources))
+    values = (ctypes.c_float * n)(*coefficients)
+    normalize = denominator is not None
+    return _run(
+        kernel,
+        out.numel(),
+        n,
+        pointers,
+        dtypes,
+        values,
+        int(normalize),
+        denominator if normalize else 1.0,
+        out.data_ptr(),
+        DTYPE_CODES[out.dtype],
+    )
+
+
+def mask_task_vector(
+    source: torch.Tensor,
+    base: torch.Tensor,
+    keys: torch.Tensor | None,
+    key_range: tuple[int, int],
+    masked: torch.Tensor,
+    magnitudes: torch.Tensor,
+) -> None:
+    """``masked = keep ? source - base : +0`` and ``magnitudes = |masked|`` (all one dtype)."""
+    _run(
+        _library().mask_task_vector,
+        base.numel(),
+        DTYPE_CODES[base.dtype],
+        source.data_ptr(),
+        base.data_ptr(),
+        0 if keys is None else keys.data_ptr(),
+        *key_range,
+        masked.data_ptr(),
+        magnitudes.data_ptr(),
+    )
+
+
+def task_arithmetic(
+    entries: list[Entry],
+    base: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    consensus: bool,
+    normalize: bool,
+    divisor: float | None,
+    lambda_: float,
+) -> bool:
+    """GeneralizedTaskArithmeticMerge's phase two (weights, TIES sign consensus, sum, normalize,
+    lambda, + base) into flat ``out``; ``divisor``: the fixed divisor of a normalized merge
+    without consensus. True if every output is finite."""
+    if len(entries) > MAX_ENTRIES:
+        raise ValueError(f"fused task_arithmetic takes at most {MAX_ENTRIES} entries, got {len(entries)}")
+    structs = (_Entry * len(entries))(*(entry.as_struct() for entry in entries))
+    return _run(
+        _library().task_arithmetic,
+        base.numel(),
+        DTYPE_CODES[base.dtype],
+        len(entries),
+        structs,
+        base.data_ptr(),
+        out.data_ptr(),
+        int(consensus),
+        int(normalize),
+        1.0 if divisor is None else divisor,
+        int(lambda_ != 1),
+        lambda_,
+    )

@@ -1,0 +1,158 @@
+"""The fused C kernels (mergekit_evolve/merge/fused.c) against mergekit's own torch arithmetic,
+bit for bit, on random values and the edge cases (signed zeros, subnormals, overflow to inf,
+bfloat16 rounding ties), at one and two threads. End-to-end equality with mergekit's merge
+methods, through the fast path, is tests/test_merge_fastpath.py's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from mergekit.merge_methods.generalized_task_arithmetic import get_mask
+
+from mergekit_evolve.merge import fused
+
+pytestmark = pytest.mark.skipif(not fused.available(), reason="no C compiler: the fused kernels are off")
+
+DTYPES = [torch.float32, torch.bfloat16]
+SIZES = [1, 63, 1000, 200_003]  # the last one splits across two threads
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
+def _values(size: int, dtype: torch.dtype, generator: torch.Generator, scale: float = 1.0) -> torch.Tensor:
+    """Random values with every kind of edge case sprinkled in."""
+    values = torch.randn(size, generator=generator) * scale
+    special = torch.tensor([0.0, -0.0, 1e-40, -1e-40, 3e38, -3e38, 1.0, -1.0, 2.0**-126])
+    picks = torch.randint(0, size, (max(1, size // 50),), generator=generator)
+    values[picks] = special[torch.randint(0, len(special), picks.shape, generator=generator)]
+    return values.to(dtype)
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.view(torch.int16 if tensor.element_size() == 2 else torch.int32)
+
+
+def _assert_bitwise(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    differ = (_bits(actual) != _bits(expected)).nonzero().flatten()
+    assert differ.numel() == 0, (
+        f"{differ.numel()} of {actual.numel()} differ; first at {differ[0].item()}: "
+        f"{actual[differ[0]].item()!r} vs {expected[differ[0]].item()!r}"
+    )
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("source_dtype", DTYPES)
+@pytest.mark.parametrize("size", SIZES)
+def test_linear_is_mergekits_accumulation(size, source_dtype, out_dtype, normalize, threads):
+    generator = torch.Generator().manual_seed(size)
+    sources = [_values(size, source_dtype, generator, scale) for scale in (1.0, 3.0, 0.01)]
+    weight = torch.tensor([[0.2, -0.7, 1.3]])  # mergekit packs the weights as float32 [batch, n]
+    denominator = weight.sum(dim=1)
+    expected = torch.zeros(size)  # linear_merge: zeros, addcmul_ per input, div_, cast
+    for source, coefficient in zip(sources, weight.unbind(1)):
+        expected.addcmul_(source, coefficient)
+    if normalize:
+        expected.div_(denominator)
+    expected = expected.to(out_dtype)
+    out = torch.empty(size, dtype=out_dtype)
+    finite = fused.linear(sources, weight[0].tolist(), float(denominator) if normalize else None, out)
+    _assert_bitwise(out, expected)
+    assert finite == bool(torch.isfinite(expected).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", SIZES)
+def test_mask_task_vector_is_masked_delta_and_magnitudes(size, dtype, threads):
+    generator = torch.Generator().manual_seed(size + 1)
+    base, source = _values(size, dtype, generator), _values(size, dtype, generator)
+    keys = torch.randint(0, 1000, (size,), dtype=torch.int32, generator=generator)
+    masked, magnitudes = torch.empty(size, dtype=dtype), torch.empty(size, dtype=dtype)
+    fused.mask_task_vector(source, base, keys, (100, 700), masked, magnitudes)
+    keep = (keys >= 100) & (keys < 700)
+    expected = (source - base) * keep  # mergekit's tensor * mask; a dropped element becomes +0 here
+    expected[~keep] = 0.0
+    _assert_bitwise(masked, expected)
+    _assert_bitwise(magnitudes, expected.abs())
+
+
+def _mergekit_phase_two(deltas, weights, base, consensus: bool, normalize: bool, lambda_: float) -> torch.Tensor:
+    """GeneralizedTaskArithmeticMerge.merge_group after sparsification, as mergekit writes it."""
+    deltas = torch.stack(deltas)
+    weights = torch.tensor(weights, dtype=deltas.dtype).unsqueeze(-1)
+    deltas.mul_(weights)
+    if consensus:
+        mask = get_mask(deltas, method="sum", mask_dtype=deltas.dtype)
+        mixed = (deltas * mask).sum(dim=0)
+        divisor = (weights * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(dim=0)
+        divisor = weights.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        mixed /= divisor
+    if lambda_ != 1:
+        mixed *= lambda_
+    return (base + mixed).to(base.dtype)
+
+
+@pytest.mark.parametrize("lambda_", [1.0, 0.73])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("consensus", [True, False])
+@pytest.mark.parametrize("entries", [1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_task_arithmetic_is_mergekits_phase_two(dtype, entries, consensus, normalize, lambda_, threads):
+    size = 200_003
+    generator = torch.Generator().manual_seed(entries * 7 + consensus)
+    base = _values(size, dtype, generator)
+    weights = [float(torch.tensor(w, dtype=dtype)) for w in (0.6, -0.35, 1.1, 0.25, 0.9)[:entries]]
+    deltas, plans = [], []
+    for index in range(entries):
+        source = _values(size, dtype, generator, scale=1.5)
+        kind = index % 3
+        if kind == 0:  # source - base kept on a rank window (magnitude pruning)
+            keys = torch.randperm(size, generator=generator).to(torch.int32)
+            keep = (keys >= 1000) & (keys < size // 2)
+            delta = source - base
+            deltas.append(torch.where(keep, delta, torch.zeros((), dtype=dtype)))
+            plans.append(fused.Entry(weights[index], source=source, keys=keys, key_range=(1000, size // 2)))
+        elif kind == 1:  # a masked vector times its l1 rescale factor (DARE)
+            masked = _values(size, dtype, generator)
+            scale = torch.tensor(1.37, dtype=dtype)
+            deltas.append(masked * scale)
+            plans.append(fused.Entry(weights[index], masked=masked, scale=float(scale)))
+        else:  # source - base, nothing pruned
+            deltas.append(source - base)
+            plans.append(fused.Entry(weights[index], source=source))
+    expected = _mergekit_phase_two(deltas, weights, base, consensus, normalize, lambda_)
+    divisor = None
+    if normalize and not consensus:
+        total = torch.tensor(weights, dtype=dtype).sum()
+        divisor = 1.0 if abs(float(total)) < 1e-8 else float(total)
+    out = torch.empty_like(base)
+    finite = fused.task_arithmetic(
+        plans, base, out, consensus=consensus, normalize=normalize, divisor=divisor, lambda_=lambda_
+    )
+    _assert_bitwise(out, expected)
+    assert finite == bool(torch.isfinite(expected).all())
+
+
+def test_zero_entries_and_refusals():
+    base = torch.randn(1000)
+    out = torch.empty_like(base)
+    assert fused.task_arithmetic(
+        [fused.Entry(0.5)], base, out, consensus=True, normalize=True, divisor=None, lambda_=1.0
+    )
+    assert torch.equal(out, base)  # a zero task vector leaves the base (mergekit: base + 0)
+    assert fused.supports(base) and not fused.supports(base.double()) and not fused.supports(base[::2])
+    with pytest.raises(ValueError, match="at most 4 entries"):
+        fused.task_arithmetic(
+            [fused.Entry(1.0)] * 5, base, out, consensus=False, normalize=False, divisor=None, lambda_=1.0
+        )
