@@ -913,6 +913,9 @@ class _FastLinear(_FastKernel):
         from mergekit.merge_methods.base import BatchOptions
         from mergekit.merge_methods.batching import prepare_batches
 
+        out = self.output_for(group.entries[0].tensor)
+        if fused.supports_linear() and self._fused_takes(group, out):
+            return self._fused(group, parameters, out)
         spec = self.method.spec
         (prepared,) = prepare_batches((group,), [parameters], spec, BatchOptions(), input_dtypes=[None])
         batch, packed = prepared.pack(spec)
@@ -922,12 +925,7 @@ class _FastLinear(_FastKernel):
         denominator = weight.sum(dim=1) if packed["normalize"] else None
         coefficients = weight.unbind(1)
         sources = [tensor.reshape(-1) for tensor in batch.tensors]
-        out = self.output_for(group.entries[0].tensor)
         flat_out, total = out.view(-1), _FiniteTotal(out)
-        if dtype == torch.float32 and weight.shape[0] == 1 and fused.supports_linear():
-            if fused.supports(out, *sources):
-                divide_by = None if denominator is None else float(denominator)
-                return _vouch(self.fast, out, fused.linear(sources, weight[0].tolist(), divide_by, flat_out))
         for chunk in _chunks(flat_out.numel(), flat_out.device):
             # accumulate in the output itself when it has the accumulator's dtype (no copy)
             if out.dtype == dtype:
@@ -942,6 +940,22 @@ class _FastLinear(_FastKernel):
                 flat_out[chunk].copy_(result)  # result.to(first.dtype)
             total.add(flat_out[chunk])
         return total.vouch(self.fast)
+
+    @staticmethod
+    def _fused_takes(group: TensorGroup, out: torch.Tensor) -> bool:
+        """One dtype throughout (so mergekit's packing converts nothing), float32 or bfloat16."""
+        dtype = out.dtype
+        return all(entry.tensor.dtype == dtype for entry in group.entries) and fused.supports(
+            out, *(entry.tensor for entry in group.entries)
+        )
+
+    def _fused(self, group: TensorGroup, parameters: dict, out: torch.Tensor) -> torch.Tensor:
+        """The fused kernel, with the weights as mergekit packs them for one group: a float32
+        row in the group's order (``TensorBatch.pack``); its sum over the row the denominator."""
+        weight = torch.tensor([[parameters["weight"][entry.id] for entry in group.entries]], dtype=torch.float32)
+        denominator = float(weight.sum(dim=1)) if parameters["normalize"] else None
+        sources = [entry.tensor.view(-1) for entry in group.entries]
+        return _vouch(self.fast, out, fused.linear(sources, weight[0].tolist(), denominator, out.view(-1)))
 
 
 class _FastSCE(_FastKernel):

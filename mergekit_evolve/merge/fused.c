@@ -13,6 +13,9 @@
 #include <stdint.h>
 #include <math.h>
 #include <string.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #define DT_F32 0
 #define DT_BF16 1
@@ -58,6 +61,50 @@ SPECIALIZE int store(void *data, int dtype, int64_t j, float x) {
     return (u & 0x7f800000u) == 0x7f800000u;
 }
 
+/* Stores values[0..size) at out[start..) in dtype (rounding float32 to bfloat16 as torch does)
+ * and returns 1 if any stored value is not finite. With stream, a whole aligned block goes out
+ * with non-temporal stores: an output larger than the cache is not read again soon, and a normal
+ * store would first read each line it writes (a third more memory traffic for a merge). */
+SPECIALIZE int store_block(void *out, const int dtype, int64_t start, const float *values, int64_t size,
+                           int stream) {
+    int bad = 0;
+    if (dtype == DT_BF16) {
+        uint16_t packed[BLOCK], *o = (uint16_t *)out + start;
+        for (int64_t k = 0; k < size; k++) {
+            packed[k] = f32_to_bf16(values[k]);
+            bad |= (packed[k] & 0x7f80u) == 0x7f80u;
+        }
+#if defined(__SSE2__)
+        if (stream && size == BLOCK && ((uintptr_t)o & 15) == 0) {
+            for (int64_t k = 0; k < size; k += 8) _mm_stream_si128((__m128i *)(o + k), _mm_loadu_si128((__m128i *)(packed + k)));
+            return bad;
+        }
+#endif
+        memcpy(o, packed, size * sizeof(uint16_t));
+        return bad;
+    }
+    float *o = (float *)out + start;
+    for (int64_t k = 0; k < size; k++) bad |= (f32_to_bits(values[k]) & 0x7f800000u) == 0x7f800000u;
+#if defined(__SSE2__)
+    if (stream && size == BLOCK && ((uintptr_t)o & 15) == 0) {
+        for (int64_t k = 0; k < size; k += 4) _mm_stream_ps(o + k, _mm_loadu_ps(values + k));
+        return bad;
+    }
+#endif
+    memcpy(o, values, size * sizeof(float));
+    return bad;
+}
+
+/* Streaming stores are weakly ordered: fence them before the caller reads the output. */
+static inline void _mm_sfence_if_available(void) {
+#if defined(__SSE2__)
+    _mm_sfence();
+#endif
+}
+
+/* Ranges at least this long (2 MB of float32: past a core's L2) are written with streaming stores. */
+#define STREAM_MIN_ELEMENTS (1 << 19)
+
 /* ------------------------------------------------------------------------------------- linear
  * mergekit's linear_merge per element: acc = +0; acc = acc + source_i * coefficient_i (float32,
  * torch's addcmul_); acc = acc / denominator (when normalize); out = acc cast to out_dtype.
@@ -66,6 +113,7 @@ SPECIALIZE int store(void *data, int dtype, int64_t j, float x) {
  * asks torch which one it computes before using either. */
 #define LINEAR_BODY(MULTIPLY_ADD)                                                                        \
     int bad = 0;                                                                                        \
+    const int stream = end - begin >= STREAM_MIN_ELEMENTS;                                              \
     for (int64_t start = begin; start < end; start += BLOCK) {                                          \
         int64_t stop = start + BLOCK < end ? start + BLOCK : end;                                       \
         float acc[BLOCK];                                                                               \
@@ -83,21 +131,9 @@ SPECIALIZE int store(void *data, int dtype, int64_t j, float x) {
         }                                                                                               \
         if (normalize)                                                                                  \
             for (int64_t j = start; j < stop; j++) acc[j - start] = acc[j - start] / denominator;       \
-        if (out_dtype == DT_BF16) {                                                                     \
-            uint16_t *o = (uint16_t *)out;                                                              \
-            for (int64_t j = start; j < stop; j++) {                                                    \
-                uint16_t h = f32_to_bf16(acc[j - start]);                                               \
-                o[j] = h;                                                                               \
-                bad |= (h & 0x7f80u) == 0x7f80u;                                                        \
-            }                                                                                           \
-        } else {                                                                                        \
-            float *o = (float *)out;                                                                    \
-            for (int64_t j = start; j < stop; j++) {                                                    \
-                o[j] = acc[j - start];                                                                  \
-                bad |= (f32_to_bits(acc[j - start]) & 0x7f800000u) == 0x7f800000u;                      \
-            }                                                                                           \
-        }                                                                                               \
+        bad |= store_block(out, out_dtype, start, acc, stop - start, stream);                         \
     }                                                                                                   \
+    _mm_sfence_if_available();                                                                          \
     return !bad;
 
 #define SEPARATE(x, c, acc) ((acc) + (x) * (c))
