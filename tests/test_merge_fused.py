@@ -12,6 +12,7 @@ from mergekit.merge_methods.generalized_task_arithmetic import get_mask
 from mergekit_evolve.merge import fused
 
 pytestmark = pytest.mark.skipif(not fused.available(), reason="no C compiler: the fused kernels are off")
+needs_linear = pytest.mark.skipif(not fused.supports_linear(), reason="torch's addcmul_ is neither C version here")
 
 DTYPES = [torch.float32, torch.bfloat16]
 SIZES = [1, 63, 1000, 200_003]  # the last one splits across two threads
@@ -46,22 +47,23 @@ def _assert_bitwise(actual: torch.Tensor, expected: torch.Tensor) -> None:
     )
 
 
+@needs_linear
+@pytest.mark.parametrize("n", [1, 3, 4, 6])  # up to 4 unrolled, then block by block
 @pytest.mark.parametrize("normalize", [True, False])
-@pytest.mark.parametrize("out_dtype", DTYPES)
-@pytest.mark.parametrize("source_dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("size", SIZES)
-def test_linear_is_mergekits_accumulation(size, source_dtype, out_dtype, normalize, threads):
+def test_linear_is_mergekits_accumulation(size, dtype, normalize, n, threads):
     generator = torch.Generator().manual_seed(size)
-    sources = [_values(size, source_dtype, generator, scale) for scale in (1.0, 3.0, 0.01)]
-    weight = torch.tensor([[0.2, -0.7, 1.3]])  # mergekit packs the weights as float32 [batch, n]
+    sources = [_values(size, dtype, generator, scale) for scale in (1.0, 3.0, 0.01, 0.5, 9.0, 0.2)[:n]]
+    weight = torch.tensor([[0.2, -0.7, 1.3, 0.45, -0.05, 0.8][:n]])  # mergekit packs them as float32 [batch, n]
     denominator = weight.sum(dim=1)
     expected = torch.zeros(size)  # linear_merge: zeros, addcmul_ per input, div_, cast
     for source, coefficient in zip(sources, weight.unbind(1)):
         expected.addcmul_(source, coefficient)
     if normalize:
         expected.div_(denominator)
-    expected = expected.to(out_dtype)
-    out = torch.empty(size, dtype=out_dtype)
+    expected = expected.to(dtype)
+    out = torch.empty(size, dtype=dtype)
     finite = fused.linear(sources, weight[0].tolist(), float(denominator) if normalize else None, out)
     _assert_bitwise(out, expected)
     assert finite == bool(torch.isfinite(expected).all())

@@ -119,7 +119,7 @@ def _library() -> ctypes.CDLL | None:
         _log.warning("fused merge kernels off (the fast path stays exact, only slower): %s", str(detail)[-500:])
         return None
     i64, vp, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
-    library.linear.argtypes = library.linear_fma.argtypes = [i32, vp, vp, vp, i32, f32, vp, i32, i64, i64]
+    library.linear.argtypes = library.linear_fma.argtypes = [i32, i32, vp, vp, i32, f32, vp, i64, i64]
     library.has_fma.argtypes, library.has_fma.restype = [], ctypes.c_int
     library.mask_task_vector.argtypes = [i32, vp, vp, vp, ctypes.c_int32, ctypes.c_int32, vp, vp, i64, i64]
     library.task_arithmetic.argtypes = [i32, i32, vp, vp, vp, i32, i32, f32, i32, f32, i64, i64]
@@ -195,28 +195,28 @@ def supports_linear() -> bool:
 def linear(
     sources: list[torch.Tensor], coefficients: list[float], denominator: float | None, out: torch.Tensor
 ) -> bool:
-    """mergekit's linear merge of flat ``sources`` into flat ``out`` (float32 accumulation);
-    True if every output is finite. Only where ``supports_linear()``."""
+    """mergekit's linear merge of flat ``sources`` into flat ``out``, all of one dtype (float32
+    accumulation); True if every output is finite. Only where ``supports_linear()``."""
     return _call_linear(_linear_kernel(), sources, coefficients, denominator, out)
 
 
 def _call_linear(kernel, sources, coefficients, denominator, out) -> bool:
+    if any(source.dtype != out.dtype for source in sources):
+        raise ValueError("fused linear takes sources of the output's dtype")
     n = len(sources)
     pointers = (ctypes.c_void_p * n)(*(s.data_ptr() for s in sources))
-    dtypes = (ctypes.c_int * n)(*(DTYPE_CODES[s.dtype] for s in sources))
     values = (ctypes.c_float * n)(*coefficients)
     normalize = denominator is not None
     return _run(
         kernel,
         out.numel(),
+        DTYPE_CODES[out.dtype],
         n,
         pointers,
-        dtypes,
         values,
         int(normalize),
         denominator if normalize else 1.0,
         out.data_ptr(),
-        DTYPE_CODES[out.dtype],
     )
 
 
