@@ -53,16 +53,6 @@ SPECIALIZE float load(const void *data, int dtype, int64_t j) {
     return dtype == DT_BF16 ? bf16_to_f32(((const uint16_t *)data)[j]) : ((const float *)data)[j];
 }
 
-/* Stores x (already rounded to dtype) and returns 1 if it is not finite. */
-SPECIALIZE int store(void *data, int dtype, int64_t j, float x) {
-    uint32_t u = f32_to_bits(x);
-    if (dtype == DT_BF16)
-        ((uint16_t *)data)[j] = (uint16_t)(u >> 16);
-    else
-        ((float *)data)[j] = x;
-    return (u & 0x7f800000u) == 0x7f800000u;
-}
-
 /* Stores values[0..size) at out[start..) in dtype (rounding float32 to bfloat16 as torch does)
  * and returns 1 if any stored value is not finite. With stream, a whole aligned block goes out
  * with non-temporal stores: an output larger than the cache is not read again soon, and a normal
@@ -255,12 +245,19 @@ SPECIALIZE float keep_or_zero(float v, int32_t key, int32_t lo, int32_t hi) {
 SPECIALIZE void mask_task_vector_as(const int dtype, const void *source, const void *base, const int32_t *keys,
                                     int32_t key_lo, int32_t key_hi, void *masked, void *magnitudes,
                                     int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; j++) {
-        float d = round_to(load(source, dtype, j) - load(base, dtype, j), dtype);
-        float m = keep_or_zero(d, keys[j], key_lo, key_hi);
-        store(masked, dtype, j, m);
-        store(magnitudes, dtype, j, bits_to_f32(f32_to_bits(m) & 0x7fffffffu));
+    const int stream = end - begin >= STREAM_MIN_ELEMENTS;
+    for (int64_t start = begin; start < end; start += BLOCK) {
+        const int64_t size = start + BLOCK < end ? BLOCK : end - start;
+        float m[BLOCK], a[BLOCK];
+        for (int64_t k = 0; k < size; k++) {
+            int64_t j = start + k;
+            m[k] = keep_or_zero(round_to(load(source, dtype, j) - load(base, dtype, j), dtype), keys[j], key_lo, key_hi);
+            a[k] = bits_to_f32(f32_to_bits(m[k]) & 0x7fffffffu);
+        }
+        store_block(masked, dtype, start, m, size, stream);
+        store_block(magnitudes, dtype, start, a, size, stream);
     }
+    fence_streaming_stores();
 }
 
 EXPORTED int mask_task_vector(int dtype, const void *source, const void *base, const int32_t *keys, int32_t key_lo,
@@ -325,10 +322,9 @@ SPECIALIZE void weighted_delta(const int dtype, const entry_t *e, const void *ba
  * Sums run entry by entry in order, as torch's sum over dim 0 adds up to 4 rows. The entries'
  * weighted deltas are made block by block (one loop per entry kind); the rest is one loop per
  * element, instantiated per entry count so that it compiles to registers only. */
-SPECIALIZE int mix_block(const int dtype, const int n, float d[MAX_ENTRIES][BLOCK], const uint32_t *weight_bits,
-                         const void *base, void *out, int64_t start, int64_t size, const int consensus,
-                         const int normalize, float divisor, const int apply_lambda, float lambda_) {
-    int bad = 0;
+SPECIALIZE void mix_block(const int dtype, const int n, float d[MAX_ENTRIES][BLOCK], const uint32_t *weight_bits,
+                          const void *base, float *merged, int64_t start, int64_t size, const int consensus,
+                          const int normalize, float divisor, const int apply_lambda, float lambda_) {
     for (int64_t k = 0; k < size; k++) {
         float v[MAX_ENTRIES];
         for (int i = 0; i < n; i++) v[i] = d[i][k];
@@ -357,30 +353,32 @@ SPECIALIZE int mix_block(const int dtype, const int n, float d[MAX_ENTRIES][BLOC
             mixed = round_to(mixed / divisor, dtype);
         }
         if (apply_lambda) mixed = round_to(mixed * lambda_, dtype);
-        bad |= store(out, dtype, start + k, round_to(load(base, dtype, start + k) + mixed, dtype));
+        merged[k] = round_to(load(base, dtype, start + k) + mixed, dtype);
     }
-    return bad;
 }
 
 SPECIALIZE int task_arithmetic_as(const int dtype, const int n, const entry_t *entries, const void *base, void *out,
                                   int consensus, int normalize, float divisor, int apply_lambda, float lambda_,
                                   int64_t begin, int64_t end) {
     int bad = 0;
+    const int stream = end - begin >= STREAM_MIN_ELEMENTS;
     uint32_t weight_bits[MAX_ENTRIES];
     for (int i = 0; i < n; i++) weight_bits[i] = f32_to_bits(entries[i].weight);
     for (int64_t start = begin; start < end; start += BLOCK) {
         const int64_t size = start + BLOCK < end ? BLOCK : end - start;
-        float d[MAX_ENTRIES][BLOCK];
+        float d[MAX_ENTRIES][BLOCK], merged[BLOCK];
         for (int i = 0; i < n; i++) weighted_delta(dtype, &entries[i], base, start, size, d[i]);
         /* the flags are loop invariant: each combination gets its own straight loop */
         if (consensus && normalize)
-            bad |= mix_block(dtype, n, d, weight_bits, base, out, start, size, 1, 1, divisor, apply_lambda, lambda_);
+            mix_block(dtype, n, d, weight_bits, base, merged, start, size, 1, 1, divisor, apply_lambda, lambda_);
         else if (consensus)
-            bad |= mix_block(dtype, n, d, weight_bits, base, out, start, size, 1, 0, divisor, apply_lambda, lambda_);
+            mix_block(dtype, n, d, weight_bits, base, merged, start, size, 1, 0, divisor, apply_lambda, lambda_);
         else
-            bad |= mix_block(dtype, n, d, weight_bits, base, out, start, size, 0, normalize, divisor, apply_lambda,
-                             lambda_);
+            mix_block(dtype, n, d, weight_bits, base, merged, start, size, 0, normalize, divisor, apply_lambda,
+                      lambda_);
+        bad |= store_block(out, dtype, start, merged, size, stream);
     }
+    fence_streaming_stores();
     return !bad;
 }
 
