@@ -34,11 +34,17 @@ in cache and are reused from tensor to tensor and candidate to candidate (no all
 faults), and the result is written straight into the model's parameter. ``linear`` runs the same
 way (mergekit's accumulate / divide / cast per chunk). Each chunk is summed as it is written,
 so the merger's NaN/inf check needs no second read of the output. On an accelerator a chunk is
-a whole tensor, or 64M elements (``ACCELERATOR_CHUNK_ELEMENTS``). When every tensor of a
-candidate takes the fast path, the merger runs the kernels directly, in the order mergekit's
-Executor would (learnt once per recipe structure), with no task graph per candidate.
+a whole tensor, or 64M elements (``ACCELERATOR_CHUNK_ELEMENTS``). On a CPU with a C compiler,
+``fused.py``'s kernels do the same arithmetic in one pass per element instead of one per
+operation: linear, the task-arithmetic family after sparsification (up to 4 experts, float32 or
+bfloat16, sum or no consensus), and the masked vectors of a rescaled entry whose mask is a rank
+or draw range; SCE, DELLA's probabilities and the rest keep the chunked operations. When every
+tensor of a candidate takes the fast path, the merger runs the kernels directly, in the order
+mergekit's Executor would (learnt once per recipe structure), with no task graph per candidate.
 ``tests/test_merge_fastpath.py`` checks bitwise equality against mergekit's kernels and against
-``run_merge``, with many small chunks, at two torch threads, and on CUDA where there is a GPU.
+``run_merge`` (the fused kernels, and the chunked operations with many small chunks), at two
+torch threads, and on CUDA where there is a GPU; ``tests/test_merge_fused.py`` checks the fused
+kernels against mergekit's torch arithmetic, edge values included.
 
 State kept, per non-base source tensor, as a multiple of that source's bytes (bf16 sources / fp32):
 
@@ -814,7 +820,9 @@ class _FastTaskArithmetic(_FastKernel):
         numel = self._base.numel()
         masked = self.fast.scratch.take(f"masked{index}", numel, work_dtype)
         magnitudes = self.fast.scratch.take("magnitudes", numel, work_dtype)
-        if plan.keys is not None and work_dtype == self._base.dtype and fused.supports(plan.source, self._base):
+        # float32 only: in bfloat16 the fused pass is bound by its rounding emulation and measured
+        # no faster than the chunked operations (bench/merge_scaling.py, 37M)
+        if plan.keys is not None and work_dtype == self._base.dtype == torch.float32 and fused.supports(self._base):
             fused.mask_task_vector(plan.source, self._base, plan.keys, plan.key_range, masked, magnitudes)
         else:
             self._mask_in_chunks(plan, work_dtype, masked, magnitudes)

@@ -39,33 +39,45 @@ static inline float bits_to_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return
 static inline uint32_t f32_to_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static inline float bf16_to_f32(uint16_t h) { return bits_to_f32((uint32_t)h << 16); }
 
-/* torch's round_to_nearest_even (c10/util/BFloat16.h): NaN becomes a quiet NaN. */
+/* torch's round_to_nearest_even (c10/util/BFloat16.h): NaN becomes a quiet NaN. Bit operations
+ * only, no branch or select, so that every loop using it vectorises. */
 static inline uint16_t f32_to_bf16(float f) {
     uint32_t u = f32_to_bits(f);
-    uint16_t rounded = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-    return (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)0x7fc0 : rounded;
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    uint32_t nan = (uint32_t)0 - (uint32_t)((u & 0x7fffffffu) > 0x7f800000u);
+    return (uint16_t)((rounded & ~nan) | (0x7fc0u & nan));
+}
+
+/* f32_to_bf16 then back to float32, kept in 32-bit lanes (no narrowing to 16 bits and back). */
+static inline float round_bf16(float f) {
+    uint32_t u = f32_to_bits(f);
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    uint32_t nan = (uint32_t)0 - (uint32_t)((u & 0x7fffffffu) > 0x7f800000u);
+    return bits_to_f32((rounded & ~nan) | (0x7fc00000u & nan));
 }
 
 /* A float32 value rounded to the representable values of dtype (a no-op for float32). */
-SPECIALIZE float round_to(float x, int dtype) { return dtype == DT_BF16 ? bf16_to_f32(f32_to_bf16(x)) : x; }
+SPECIALIZE float round_to(float x, int dtype) { return dtype == DT_BF16 ? round_bf16(x) : x; }
 
 SPECIALIZE float load(const void *data, int dtype, int64_t j) {
     return dtype == DT_BF16 ? bf16_to_f32(((const uint16_t *)data)[j]) : ((const float *)data)[j];
 }
 
-/* Stores values[0..size) at out[start..) in dtype (rounding float32 to bfloat16 as torch does)
+/* Stores values[0..size) at out[start..) in dtype (rounding float32 to bfloat16 as torch does,
+ * unless the caller says they are ``rounded`` already)
  * and returns 1 if any stored value is not finite. With stream, a whole aligned block goes out
  * with non-temporal stores: an output larger than the cache is not read again soon, and a normal
  * store would first read each line it writes (a third more memory traffic for a merge). */
 SPECIALIZE int store_block(void *out, const int dtype, int64_t start, const float *values, int64_t size,
-                           int stream) {
+                           int stream, const int rounded) {
     int bad = 0;
     if (dtype == DT_BF16) {
         uint16_t packed[BLOCK], *o = (uint16_t *)out + start;
-        for (int64_t k = 0; k < size; k++) {
-            packed[k] = f32_to_bf16(values[k]);
-            bad |= (packed[k] & 0x7f80u) == 0x7f80u;
-        }
+        if (rounded) /* already bfloat16 values: their upper halves */
+            for (int64_t k = 0; k < size; k++) packed[k] = (uint16_t)(f32_to_bits(values[k]) >> 16);
+        else
+            for (int64_t k = 0; k < size; k++) packed[k] = f32_to_bf16(values[k]);
+        for (int64_t k = 0; k < size; k++) bad |= (packed[k] & 0x7f80u) == 0x7f80u;
 #if defined(__SSE2__)
         if (stream && size == BLOCK && ((uintptr_t)o & 15) == 0) {
             for (int64_t k = 0; k < size; k += 8) _mm_stream_si128((__m128i *)(o + k), _mm_loadu_si128((__m128i *)(packed + k)));
@@ -97,6 +109,8 @@ static inline void fence_streaming_stores(void) {
 /* Ranges at least this long (256 KB of float32) are written with streaming stores: a merged tensor
  * is not read again before the whole model is written. */
 #define STREAM_MIN_ELEMENTS (1 << 16)
+/* Outputs that are read again right away stream only from this size (32 MB of float32). */
+#define STREAM_REREAD_MIN_ELEMENTS (1 << 23)
 
 /* ------------------------------------------------------------------------------------- linear
  * mergekit's linear_merge per element: acc = +0; acc = acc + source_i * coefficient_i (float32,
@@ -134,7 +148,7 @@ SPECIALIZE int linear_as(const int fused, const int dtype, const int n, const in
             if (normalize)
                 for (int64_t k = 0; k < size; k++) acc[k] = acc[k] / denominator;
         }
-        bad |= store_block(out, dtype, start, acc, size, stream);
+        bad |= store_block(out, dtype, start, acc, size, stream, 0);
     }
     fence_streaming_stores();
     return !bad;
@@ -245,7 +259,8 @@ SPECIALIZE float keep_or_zero(float v, int32_t key, int32_t lo, int32_t hi) {
 SPECIALIZE void mask_task_vector_as(const int dtype, const void *source, const void *base, const int32_t *keys,
                                     int32_t key_lo, int32_t key_hi, void *masked, void *magnitudes,
                                     int64_t begin, int64_t end) {
-    const int stream = end - begin >= STREAM_MIN_ELEMENTS;
+    /* both are read again at once (the sum, phase two): streamed only when far past the cache */
+    const int stream = end - begin >= STREAM_REREAD_MIN_ELEMENTS;
     for (int64_t start = begin; start < end; start += BLOCK) {
         const int64_t size = start + BLOCK < end ? BLOCK : end - start;
         float m[BLOCK], a[BLOCK];
@@ -254,8 +269,8 @@ SPECIALIZE void mask_task_vector_as(const int dtype, const void *source, const v
             m[k] = keep_or_zero(round_to(load(source, dtype, j) - load(base, dtype, j), dtype), keys[j], key_lo, key_hi);
             a[k] = bits_to_f32(f32_to_bits(m[k]) & 0x7fffffffu);
         }
-        store_block(masked, dtype, start, m, size, stream);
-        store_block(magnitudes, dtype, start, a, size, stream);
+        store_block(masked, dtype, start, m, size, stream, 1);
+        store_block(magnitudes, dtype, start, a, size, stream, 1);
     }
     fence_streaming_stores();
 }
@@ -325,6 +340,9 @@ SPECIALIZE void weighted_delta(const int dtype, const entry_t *e, const void *ba
 SPECIALIZE void mix_block(const int dtype, const int n, float d[MAX_ENTRIES][BLOCK], const uint32_t *weight_bits,
                           const void *base, float *merged, int64_t start, int64_t size, const int consensus,
                           const int normalize, float divisor, const int apply_lambda, float lambda_) {
+    /* x * 1 == x exactly (and a rounded x rounds to itself): a multiply instead of a branch,
+     * which would keep the loop from vectorising */
+    const float lambda_factor = apply_lambda ? lambda_ : 1.0f;
     for (int64_t k = 0; k < size; k++) {
         float v[MAX_ENTRIES];
         for (int i = 0; i < n; i++) v[i] = d[i][k];
@@ -352,7 +370,7 @@ SPECIALIZE void mix_block(const int dtype, const int n, float d[MAX_ENTRIES][BLO
         } else if (normalize) {
             mixed = round_to(mixed / divisor, dtype);
         }
-        if (apply_lambda) mixed = round_to(mixed * lambda_, dtype);
+        mixed = round_to(mixed * lambda_factor, dtype);
         merged[k] = round_to(load(base, dtype, start + k) + mixed, dtype);
     }
 }
@@ -373,10 +391,11 @@ SPECIALIZE int task_arithmetic_as(const int dtype, const int n, const entry_t *e
             mix_block(dtype, n, d, weight_bits, base, merged, start, size, 1, 1, divisor, apply_lambda, lambda_);
         else if (consensus)
             mix_block(dtype, n, d, weight_bits, base, merged, start, size, 1, 0, divisor, apply_lambda, lambda_);
+        else if (normalize)
+            mix_block(dtype, n, d, weight_bits, base, merged, start, size, 0, 1, divisor, apply_lambda, lambda_);
         else
-            mix_block(dtype, n, d, weight_bits, base, merged, start, size, 0, normalize, divisor, apply_lambda,
-                      lambda_);
-        bad |= store_block(out, dtype, start, merged, size, stream);
+            mix_block(dtype, n, d, weight_bits, base, merged, start, size, 0, 0, divisor, apply_lambda, lambda_);
+        bad |= store_block(out, dtype, start, merged, size, stream, 1);
     }
     fence_streaming_stores();
     return !bad;

@@ -13,7 +13,9 @@ use with the system C compiler (``$CC`` or ``cc``) into the user cache
 the compiler) and loaded with ctypes, which releases the GIL during a call: a tensor is split
 into one contiguous range per torch thread, run on a small thread pool. Without a compiler, or
 with ``MERGEKIT_EVOLVE_FUSED=0``, the fast path keeps its torch operations (same bits, slower).
-Float32 and bfloat16 tensors on CPU only; anything else keeps the torch operations.
+Float32 and bfloat16 tensors on CPU only; anything else keeps the torch operations. (bfloat16
+arithmetic is emulated in float32 with a rounding after each operation, so the bfloat16 kernels
+are compute-bound: fastpath.py uses ``mask_task_vector`` for float32 only, where it pays.)
 """
 
 from __future__ import annotations
