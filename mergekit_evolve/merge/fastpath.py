@@ -820,9 +820,7 @@ class _FastTaskArithmetic(_FastKernel):
         numel = self._base.numel()
         masked = self.fast.scratch.take(f"masked{index}", numel, work_dtype)
         magnitudes = self.fast.scratch.take("magnitudes", numel, work_dtype)
-        # float32 only: in bfloat16 the fused pass is bound by its rounding emulation and measured
-        # no faster than the chunked operations (bench/merge_scaling.py, 37M)
-        if plan.keys is not None and work_dtype == self._base.dtype == torch.float32 and fused.supports(self._base):
+        if plan.keys is not None and work_dtype == self._base.dtype and fused.supports(self._base):
             fused.mask_task_vector(plan.source, self._base, plan.keys, plan.key_range, masked, magnitudes)
         else:
             self._mask_in_chunks(plan, work_dtype, masked, magnitudes)

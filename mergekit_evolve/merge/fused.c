@@ -5,8 +5,9 @@
  * to mergekit's kernels), in one pass instead of one pass per operation: every float32
  * operation below is one IEEE operation rounded once (built with -ffp-contract=off, no fast-math:
  * no fused multiply-adds, no reassociation), and every bfloat16 operation is torch's: widen to
- * float32, operate, round to nearest even. tests/test_merge_fused.py checks each kernel against
- * those torch operations bit for bit, edge values included.
+ * float32, operate, round to nearest even (which NaN a NaN result is may differ: see
+ * round_bf16). tests/test_merge_fused.py checks each kernel against those torch operations bit
+ * for bit, edge values included.
  *
  * dtype codes: 0 = float32, 1 = bfloat16. Return value: 1 if every output element is finite.
  */
@@ -48,12 +49,15 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)((rounded & ~nan) | (0x7fc0u & nan));
 }
 
-/* f32_to_bf16 then back to float32, kept in 32-bit lanes (no narrowing to 16 bits and back). */
+/* f32_to_bf16 then back to float32, kept in 32-bit lanes (no narrowing to 16 bits and back).
+ * Without torch's NaN canonicalisation: every NaN these kernels can meet has its low 16 bits
+ * clear (the hardware's default NaN, or one propagated from a bfloat16 input; the float32
+ * constants are finite), so adding the rounding bias leaves it a NaN; only which NaN may differ
+ * from torch's, and a candidate with a NaN is rejected anyway. Half the operations per rounding
+ * in kernels that round after every operation. */
 static inline float round_bf16(float f) {
     uint32_t u = f32_to_bits(f);
-    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-    uint32_t nan = (uint32_t)0 - (uint32_t)((u & 0x7fffffffu) > 0x7f800000u);
-    return bits_to_f32((rounded & ~nan) | (0x7fc00000u & nan));
+    return bits_to_f32((u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u);
 }
 
 /* A float32 value rounded to the representable values of dtype (a no-op for float32). */

@@ -14,8 +14,8 @@ the compiler) and loaded with ctypes, which releases the GIL during a call: a te
 into one contiguous range per torch thread, run on a small thread pool. Without a compiler, or
 with ``MERGEKIT_EVOLVE_FUSED=0``, the fast path keeps its torch operations (same bits, slower).
 Float32 and bfloat16 tensors on CPU only; anything else keeps the torch operations. (bfloat16
-arithmetic is emulated in float32 with a rounding after each operation, so the bfloat16 kernels
-are compute-bound: fastpath.py uses ``mask_task_vector`` for float32 only, where it pays.)
+arithmetic is emulated in float32 with a rounding after each operation, as torch's CPU kernels
+do, so the bfloat16 kernels are bound by computation more than by memory on two cores.)
 """
 
 from __future__ import annotations
