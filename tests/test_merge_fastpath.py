@@ -51,6 +51,18 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fused_at_any_size():
+    """The families' tensors are tiny: let the fused kernels take them anyway (the chunked torch
+    operations are tested by turning the kernels off)."""
+    from mergekit_evolve.merge import fastpath
+
+    threshold = fastpath.FUSED_MIN_ELEMENTS
+    fastpath.FUSED_MIN_ELEMENTS = 0
+    yield
+    fastpath.FUSED_MIN_ELEMENTS = threshold
+
+
 @pytest.fixture(scope="module")
 def families(tmp_path_factory) -> dict[str, dict[str, Path]]:
     return {name: make_family(tmp_path_factory.mktemp(name), **shape) for name, shape in SHAPES.items()}

@@ -125,6 +125,8 @@ CHUNK_ELEMENTS = 1 << 18
 # keep launch overhead small (a 7B model's largest tensor, its embedding, is ~131M elements) while
 # the scratch stays a few hundred MB.
 ACCELERATOR_CHUNK_ELEMENTS = 1 << 26
+# Tensors from this size on run the fused C kernels on CPU (fused.py), where they are built.
+FUSED_MIN_ELEMENTS = 1 << 16
 _BITS_OF = {
     torch.float16: torch.int16,
     torch.bfloat16: torch.int16,
@@ -637,7 +639,7 @@ class _FastTaskArithmetic(_FastKernel):
         consensus = self.method.consensus_method
         if len(plans) > fused.MAX_ENTRIES or consensus not in (None, ConsensusMethod.sum):
             return None
-        if not fused.supports(self._base, out, *(plan.source for plan in plans)):
+        if not _fused_takes(self._base, out, *(plan.source for plan in plans)):
             return None
         entries = []
         for plan, weight in zip(plans, weights.flatten().tolist()):
@@ -820,7 +822,7 @@ class _FastTaskArithmetic(_FastKernel):
         numel = self._base.numel()
         masked = self.fast.scratch.take(f"masked{index}", numel, work_dtype)
         magnitudes = self.fast.scratch.take("magnitudes", numel, work_dtype)
-        if plan.keys is not None and work_dtype == self._base.dtype and fused.supports(self._base):
+        if plan.keys is not None and work_dtype == self._base.dtype and _fused_takes(self._base):
             fused.mask_task_vector(plan.source, self._base, plan.keys, plan.key_range, masked, magnitudes)
         else:
             self._mask_in_chunks(plan, work_dtype, masked, magnitudes)
@@ -839,6 +841,13 @@ class _FastTaskArithmetic(_FastKernel):
                 masked[chunk].copy_(plan.source[chunk] - self._base[chunk])
             _keep_only(masked[chunk], plan.keep(chunk), self.fast.scratch)
             torch.abs(masked[chunk], out=magnitudes[chunk])
+
+
+def _fused_takes(first: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether the fused C kernels run this tensor: large enough to gain from them (smaller ones
+    are a few chunked operations; a family of small models, such as the zoo, never even builds
+    the library) and of a kind they take."""
+    return first.numel() >= FUSED_MIN_ELEMENTS and fused.supports(first, *others)
 
 
 def _chunks(numel: int, device: torch.device):
@@ -920,7 +929,7 @@ class _FastLinear(_FastKernel):
         from mergekit.merge_methods.batching import prepare_batches
 
         out = self.output_for(group.entries[0].tensor)
-        if fused.supports_linear() and self._fused_takes(group, out):
+        if self._fused_takes(group, out) and fused.supports_linear():
             return self._fused(group, parameters, out)
         spec = self.method.spec
         (prepared,) = prepare_batches((group,), [parameters], spec, BatchOptions(), input_dtypes=[None])
@@ -951,7 +960,7 @@ class _FastLinear(_FastKernel):
     def _fused_takes(group: TensorGroup, out: torch.Tensor) -> bool:
         """One dtype throughout (so mergekit's packing converts nothing), float32 or bfloat16."""
         dtype = out.dtype
-        return all(entry.tensor.dtype == dtype for entry in group.entries) and fused.supports(
+        return all(entry.tensor.dtype == dtype for entry in group.entries) and _fused_takes(
             out, *(entry.tensor for entry in group.entries)
         )
 

@@ -4,7 +4,8 @@
  * fastpath.py's chain of torch operations does (which tests/test_merge_fastpath.py proves equal
  * to mergekit's kernels), in one pass instead of one pass per operation: every float32
  * operation below is one IEEE operation rounded once (built with -ffp-contract=off, no fast-math:
- * no fused multiply-adds, no reassociation), and every bfloat16 operation is torch's: widen to
+ * no reassociation, and a fused multiply-add only where torch's own kernel has one: linear_fma),
+ * and every bfloat16 operation is torch's: widen to
  * float32, operate, round to nearest even (which NaN a NaN result is may differ: see
  * round_bf16). tests/test_merge_fused.py checks each kernel against those torch operations bit
  * for bit, edge values included.
