@@ -822,7 +822,7 @@ class _FastTaskArithmetic(_FastKernel):
         numel = self._base.numel()
         masked = self.fast.scratch.take(f"masked{index}", numel, work_dtype)
         magnitudes = self.fast.scratch.take("magnitudes", numel, work_dtype)
-        if plan.keys is not None and work_dtype == self._base.dtype and _fused_takes(self._base):
+        if plan.keys is not None and work_dtype == self._base.dtype and _fused_takes(self._base, plan.source):
             fused.mask_task_vector(plan.source, self._base, plan.keys, plan.key_range, masked, magnitudes)
         else:
             self._mask_in_chunks(plan, work_dtype, masked, magnitudes)
@@ -929,7 +929,7 @@ class _FastLinear(_FastKernel):
         from mergekit.merge_methods.batching import prepare_batches
 
         out = self.output_for(group.entries[0].tensor)
-        if self._fused_takes(group, out) and fused.supports_linear():
+        if self._one_fused_dtype(group, out) and fused.supports_linear():
             return self._fused(group, parameters, out)
         spec = self.method.spec
         (prepared,) = prepare_batches((group,), [parameters], spec, BatchOptions(), input_dtypes=[None])
@@ -957,7 +957,7 @@ class _FastLinear(_FastKernel):
         return total.vouch(self.fast)
 
     @staticmethod
-    def _fused_takes(group: TensorGroup, out: torch.Tensor) -> bool:
+    def _one_fused_dtype(group: TensorGroup, out: torch.Tensor) -> bool:
         """One dtype throughout (so mergekit's packing converts nothing), float32 or bfloat16."""
         dtype = out.dtype
         return all(entry.tensor.dtype == dtype for entry in group.entries) and _fused_takes(
