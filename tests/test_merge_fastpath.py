@@ -503,11 +503,16 @@ def test_state_over_the_memory_budget_keeps_mergekit_kernels(families, caplog):
     assert 0 < roomy.fast_path.nbytes()["rank_desc"] <= rank_bytes
 
 
+@pytest.mark.parametrize("fused_kernels", [True, False], ids=["fused", "chunked"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_signed_zeros_in_the_base_reach_the_result_as_in_mergekit(dtype, tmp_path):
+def test_signed_zeros_in_the_base_reach_the_result_as_in_mergekit(dtype, fused_kernels, tmp_path, monkeypatch):
     """Where the base holds -0.0 and every weighted delta is a zero, mergekit's sums (which
-    start from +0) give +0 + base; a kernel that skipped that +0 would give -0. The fast path
-    keeps it exactly where the base has a -0 (and skips it elsewhere)."""
+    start from +0) give +0 + base; a kernel that skipped that +0 would give -0. The chunked
+    path keeps it exactly where the base has a -0 (and skips it elsewhere); the fused kernels
+    always add it."""
+    if not fused_kernels:
+        monkeypatch.setattr(fused, "supports", lambda *tensors: False)
+        monkeypatch.setattr(fused, "supports_linear", lambda: False)
     family = make_family(tmp_path, n_experts=2, num_layers=1, hidden_size=16, intermediate_size=24, num_heads=2)
     name = "model.layers.0.mlp.up_proj.weight"
     for member, path in family.items():

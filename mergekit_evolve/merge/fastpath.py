@@ -604,7 +604,6 @@ class _FastTaskArithmetic(_FastKernel):
         if not entries:
             return base
         self._base, self._shape = base.view(-1), base.shape
-        self._base_negative_zero = self.fast.base_has_negative_zero(self.base_key, base)
         plans = [self._plan(index, entry, parameters) for index, entry in enumerate(entries)]
         weights = torch.tensor(
             [parameters["weight"][entry.id] for entry in entries], dtype=base.dtype, device=base.device
@@ -626,6 +625,8 @@ class _FastTaskArithmetic(_FastKernel):
                 lambda_=parameters["lambda"],
             )
             return _vouch(self.fast, out, finite)
+        # (the fused kernel always sums as torch does; the chunked one may skip a +0, see _sum_entries)
+        self._base_negative_zero = self.fast.base_has_negative_zero(self.base_key, base)
         flat_out, total = out.view(-1), _FiniteTotal(out)
         for chunk in _chunks(base.numel(), base.device):
             mixed = self._mixed_delta(plans, weights, chunk, parameters, divisor)
@@ -733,8 +734,7 @@ class _FastTaskArithmetic(_FastKernel):
             self.source_key(model, dtype),
             lambda: _rank_of(_argsort_magnitude(self._task_vector(plan, dtype), descending=True)),
         )
-        plan.keep = lambda chunk: _below(rank[chunk], k, self.fast.scratch)
-        plan.keys, plan.key_range = rank, (0, k)
+        self._keep_in_range(plan, rank, 0, k)
         return dtype
 
     def _magnitude_outliers(self, plan: _EntryPlan, model, density: float, gamma: float) -> torch.dtype:
@@ -753,16 +753,21 @@ class _FastTaskArithmetic(_FastKernel):
             self.source_key(model, dtype),
             lambda: _rank_of(_argsort_magnitude(self._task_vector(plan, dtype), descending=False)),
         )
+        self._keep_in_range(plan, rank, start, stop)
+        return dtype
+
+    def _keep_in_range(self, plan: _EntryPlan, keys: torch.Tensor, low: int, high: int) -> None:
+        """Keep the elements whose key (int32, >= 0: a rank, or a uniform draw's bits) is in
+        [low, high): the fused kernels take the range itself, the chunked path this mask."""
+        plan.keys, plan.key_range = keys, (low, high)
 
         def keep(chunk: slice) -> torch.Tensor:
-            kept = _below(rank[chunk], stop, self.fast.scratch)
-            if start > 0:
-                kept.bitwise_and_(_below(rank[chunk], start, self.fast.scratch, "below").bitwise_not_())
+            kept = _below(keys[chunk], high, self.fast.scratch)
+            if low > 0:
+                kept.bitwise_and_(_below(keys[chunk], low, self.fast.scratch, "below").bitwise_not_())
             return kept
 
         plan.keep = keep
-        plan.keys, plan.key_range = rank, (start, stop)
-        return dtype
 
     def _bernoulli(self, plan: _EntryPlan, density: float) -> torch.dtype:
         """``mergekit.sparsify.bernoulli`` on CPU: keep iff the next uniform draw is < density
@@ -774,8 +779,7 @@ class _FastTaskArithmetic(_FastKernel):
         # For floats >= 0, u < p exactly when u's bits, read as an integer, are below p's.
         draws = self.fast.stream.take(self._base.numel()).view(torch.int32)
         p_bits = int(torch.tensor(p, dtype=torch.float32).view(torch.int32))
-        plan.keep = lambda chunk: _below(draws[chunk], p_bits, self.fast.scratch)
-        plan.keys, plan.key_range = draws, (0, p_bits)
+        self._keep_in_range(plan, draws, 0, p_bits)
         return work_dtype
 
     def _della(self, plan: _EntryPlan, model, density: float, epsilon: float) -> torch.dtype:
