@@ -339,8 +339,9 @@ def test_chunks_and_reused_buffers_bitwise_equal(chunk, family_name, families, m
 @pytest.mark.parametrize("family_name", list(SHAPES))
 def test_fused_kernels_carry_the_candidates(family_name, families, mergers, monkeypatch):
     """Where the fused C kernels are built they run every task-arithmetic-family and linear
-    tensor (and phase one of each rescaled entry whose mask is a key range), with mergekit's bits."""
-    calls = {name: 0 for name in ("linear", "mask_task_vector", "task_arithmetic")}
+    tensor (and phase one of each rescaled entry whose mask is a key range, from the stored task
+    vectors), with mergekit's bits."""
+    calls = {name: 0 for name in ("linear", "mask_task_vector", "masked_magnitudes", "task_arithmetic")}
 
     def counting(name: str):
         kernel = getattr(fused, name)
@@ -365,7 +366,32 @@ def test_fused_kernels_carry_the_candidates(family_name, families, mergers, monk
         _assert_bitwise(fast.merge(config), expected, f"{method} {family_name} fused")
         tensors += len(expected)
     assert calls["linear"] + calls["task_arithmetic"] == tensors
-    assert calls["mask_task_vector"] > 0  # dare_ties' (della's keep probabilities are not a key range)
+    # dare_ties' phase one, from the stored task vectors (della's keep probabilities are not a key range)
+    assert calls["masked_magnitudes"] > 0 and calls["mask_task_vector"] == 0
+
+
+def test_task_vectors_over_the_budget_are_left_out(families, monkeypatch, caplog):
+    """Stored task vectors are optional state: where they do not fit beside the needed state,
+    the fused kernels read source and base instead (one warning), with the same bits."""
+    phase_one = []
+    kernel = fused.mask_task_vector
+    monkeypatch.setattr(fused, "mask_task_vector", lambda *a, **k: phase_one.append(1) or kernel(*a, **k))
+    family = families["fp32"]
+    template = _template(family, "float32")
+    reference = InMemoryMerger(template, random_seed=SEED, fast_path=False)
+    stream_bytes = 4 * sum(p.numel() for p in reference.model.parameters()) * (len(family) - 1)
+    tight = InMemoryMerger(template, random_seed=SEED, fast_path_max_bytes=stream_bytes * 3 // 2)
+    rng = np.random.default_rng(8)
+    for _ in range(2):
+        config = _candidate("dare_ties", family, "float32", rng)
+        config.parameters["rescale"] = True
+        with caplog.at_level("WARNING", logger="mergekit_evolve.merge.fastpath"):
+            _assert_bitwise(tight.merge(config), _state(reference.merge(config)), "dare_ties without task vectors")
+        assert tight.fast_path.last_fast_tasks == len(reference.model.state_dict())
+    sizes = tight.fast_path.nbytes()
+    assert "task_vector" not in sizes and 0 < sizes["stream"] <= stream_bytes
+    assert phase_one  # the masked vectors made from source and base
+    assert len([r for r in caplog.records if "task_vector state" in r.getMessage()]) == 1
 
 
 def test_default_chunks_bitwise_equal_at_two_threads(tmp_path):

@@ -40,10 +40,14 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _assert_bitwise(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """Equal bit patterns, except that a NaN may be another NaN (torch canonicalises the NaNs it
-    rounds to bfloat16, the kernels keep them; the fast path's contract is for finite results)."""
-    both_nan = actual.isnan() & expected.isnan()
-    differ = ((_bits(actual) != _bits(expected)) & ~both_nan).nonzero().flatten()
+    """Equal bit patterns, except that a NaN may be another NaN or an inf (torch canonicalises
+    the NaNs it rounds to bfloat16, the kernels keep them; where an overflowed delta loses the
+    sign election mergekit multiplies it by 0, giving NaN, and the kernels drop it, leaving the
+    other infinite entry). Either way the element is not finite, and the merger rejects such a
+    candidate: the fast path's contract is for finite results."""
+    not_finite = ~actual.isfinite() & ~expected.isfinite()
+    either_nan = not_finite & (actual.isnan() | expected.isnan())
+    differ = ((_bits(actual) != _bits(expected)) & ~either_nan).nonzero().flatten()
     assert differ.numel() == 0, (
         f"{differ.numel()} of {actual.numel()} differ; first at {differ[0].item()}: "
         f"{actual[differ[0]].item()!r} vs {expected[differ[0]].item()!r}"
@@ -87,6 +91,18 @@ def test_mask_task_vector_is_masked_delta_and_magnitudes(size, dtype, threads):
     _assert_bitwise(magnitudes, expected.abs())
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", SIZES)
+def test_masked_magnitudes_are_those_of_the_masked_task_vector(size, dtype, threads):
+    generator = torch.Generator().manual_seed(size + 2)
+    task_vector = _values(size, dtype, generator)
+    keys = torch.randint(0, 1000, (size,), dtype=torch.int32, generator=generator)
+    magnitudes = torch.empty(size, dtype=dtype)
+    fused.masked_magnitudes(task_vector, keys, (100, 700), magnitudes)
+    keep = (keys >= 100) & (keys < 700)
+    _assert_bitwise(magnitudes, (task_vector * keep).abs())  # mergekit: (delta * mask).abs()
+
+
 def _mergekit_phase_two(deltas, weights, base, consensus: bool, normalize: bool, lambda_: float) -> torch.Tensor:
     """GeneralizedTaskArithmeticMerge.merge_group after sparsification, as mergekit writes it."""
     deltas = torch.stack(deltas)
@@ -121,7 +137,7 @@ def test_task_arithmetic_is_mergekits_phase_two(dtype, entries, consensus, norma
     deltas, plans = [], []
     for index in range(entries):
         source = _values(size, dtype, generator, scale=1.5)
-        kind = index % 3
+        kind = (index + 2 * entries) % 6  # every kind appears at some entry count
         if kind == 0:  # source - base kept on a rank window (magnitude pruning)
             keys = torch.randperm(size, generator=generator).to(torch.int32)
             keep = (keys >= 1000) & (keys < size // 2)
@@ -133,9 +149,30 @@ def test_task_arithmetic_is_mergekits_phase_two(dtype, entries, consensus, norma
             scale = torch.tensor(1.37, dtype=dtype)
             deltas.append(masked * scale)
             plans.append(fused.Entry(weights[index], masked=masked, scale=float(scale)))
-        else:  # source - base, nothing pruned
+        elif kind == 2:  # source - base, nothing pruned
             deltas.append(source - base)
             plans.append(fused.Entry(weights[index], source=source))
+        elif kind == 3:  # a stored task vector kept on a draw range, times its rescale (DARE)
+            task_vector = source - base
+            keys = torch.randint(0, 2**24, (size,), dtype=torch.int32, generator=generator)
+            keep = keys < 2**23
+            scale = torch.tensor(0.61, dtype=dtype)
+            deltas.append(torch.where(keep, task_vector, torch.zeros((), dtype=dtype)) * scale)
+            kept = dict(keys=keys, key_range=(0, 2**23), scale=float(scale))
+            plans.append(fused.Entry(weights[index], task_vector=task_vector, **kept))
+        elif kind == 4:  # a stored task vector, nothing pruned
+            deltas.append(source - base)
+            plans.append(fused.Entry(weights[index], task_vector=source - base))
+        else:  # a stored task vector's signs on phase one's magnitudes, times the rescale (DARE)
+            task_vector = source - base
+            keys = torch.randint(0, 2**24, (size,), dtype=torch.int32, generator=generator)
+            magnitudes = torch.empty_like(task_vector)
+            fused.masked_magnitudes(task_vector, keys, (2**20, 2**23), magnitudes)
+            keep = (keys >= 2**20) & (keys < 2**23)
+            scale = torch.tensor(2.3, dtype=dtype)
+            deltas.append(torch.where(keep, task_vector, torch.zeros((), dtype=dtype)) * scale)
+            stored = dict(task_vector=task_vector, magnitudes=magnitudes, scale=float(scale))
+            plans.append(fused.Entry(weights[index], **stored))
     expected = _mergekit_phase_two(deltas, weights, base, consensus, normalize, lambda_)
     divisor = None
     if normalize and not consensus:

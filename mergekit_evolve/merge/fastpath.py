@@ -108,6 +108,13 @@ __all__ = ["SparsifyingFastPath", "FastMergeTask"]
 
 _log = logging.getLogger(__name__)
 RANDOM_SPARSIFIERS = (SparsificationMethod.random, SparsificationMethod.della_magprune)
+# Sparsifiers whose mask is a range of per-element keys: the fused kernels can read a stored
+# task vector instead of source and base.
+KEYED_SPARSIFIERS = (
+    SparsificationMethod.magnitude,
+    SparsificationMethod.magnitude_outliers,
+    SparsificationMethod.random,
+)
 KINDS_OF_SPARSIFIER = {
     None: (),
     SparsificationMethod.magnitude: ("rank_desc", "l1"),
@@ -355,7 +362,7 @@ class SparsifyingFastPath:
             # Another kernel would draw from torch's generator in between: keep mergekit's
             # kernels for the random tasks, seeded as the merger seeds every candidate.
             kernels = [None if k is not None and k.draws_random else k for k in kernels]
-        self._make_room({kind for k in kernels if k is not None for kind in k.kinds})
+        self._make_room({kind for k in kernels if k is not None for kind in k.kinds_in_use})
         self.last_fast_tasks = sum(k is not None for k in kernels)
         draws = sum(k.max_draws() for k in kernels if k is not None and k.draws_random)
         if draws:
@@ -373,15 +380,28 @@ class SparsifyingFastPath:
         ]
 
     def _within_budget(self, kernels: list) -> list:
-        """The kernels, less those needing state that is not resident and would not fit."""
+        """The kernels, less those needing state that is not resident and would not fit; then
+        the optional state on top where it fits (kernels run without it where it does not)."""
+        refused = self._unaffordable([k for k in kernels if k is not None], optional=False)
+        kernels = [None if k is not None and refused & set(k.kinds) else k for k in kernels]
+        live = [k for k in kernels if k is not None]
+        for k in live:
+            k.use_optional = True
+        skipped = self._unaffordable(live, optional=True)
+        for k in live:
+            k.use_optional = not skipped & set(k.optional_kinds)
+        return kernels
+
+    def _unaffordable(self, kernels: list, optional: bool) -> set[str]:
+        """Kinds of state these kernels need (``optional``: also their optional kinds) that are
+        not resident and would not fit beside what stays (warned once each); with ``optional``
+        only optional kinds are refused (the needed ones passed the first round)."""
+        kinds_of = (lambda k: k.kinds_in_use) if optional else (lambda k: k.kinds)
         resident = self._resident_kinds()
-        needed = {kind for k in kernels if k is not None for kind in k.kinds}
-        new = {
-            kind: sum(k.state_bytes(kind) for k in kernels if k is not None and kind in k.kinds)
-            for kind in needed - resident
-        }
+        needed = {kind for k in kernels for kind in kinds_of(k)}
+        new = {kind: sum(k.state_bytes(kind) for k in kernels if kind in kinds_of(k)) for kind in needed - resident}
         if not sum(new.values()):
-            return kernels
+            return set()
         held = self.state.nbytes() | ({"stream": self.stream.nbytes} if self.stream is not None else {})
         kept = sum(n for kind, n in held.items() if kind in needed)
         if self.max_state_bytes is not None:
@@ -389,19 +409,21 @@ class SparsifyingFastPath:
         else:
             room = 0.8 * (_free_bytes(self._device) + sum(held.values()) - kept)
         if sum(new.values()) <= room:
-            return kernels
-        refused = set(new)
+            return set()
+        refused = {kind for k in kernels for kind in k.optional_kinds if kind in new} if optional else set(new)
         for kind in sorted(refused - self.refused):
             _log.warning(
-                "merge fast path: %s state for this recipe needs %.2f GB, %.2f GB available on %s: "
-                "mergekit's own kernels run these tensors (same results, slower)",
+                "merge fast path: %s state for this recipe needs %.2f GB, %.2f GB available on %s: %s",
                 kind,
                 new[kind] / 1e9,
                 max(room, 0) / 1e9,
                 self._device,
+                "these tensors run without it (same results, a little slower)"
+                if optional
+                else "mergekit's own kernels run these tensors (same results, slower)",
             )
         self.refused |= refused
-        return [None if k is not None and refused & set(k.kinds) else k for k in kernels]
+        return refused
 
     def _resident_kinds(self) -> set[str]:
         return self.state.built() | ({"stream"} if self.stream and self.stream.nbytes else set())
@@ -471,7 +493,8 @@ def _simple_inputs(task: ExecuteMergeMethodTask, tensors: dict | None) -> bool:
 class _FastKernel:
     """What ``ExecuteMergeMethodTask.execute`` does for simple inputs, with a fast method."""
 
-    kinds: tuple[str, ...] = ()
+    kinds: tuple[str, ...] = ()  # state it needs
+    optional_kinds: tuple[str, ...] = ()  # state that speeds it up where memory allows
     draws_random = False
 
     def __init__(self, fast: SparsifyingFastPath, method, task: ExecuteMergeMethodTask, tensors: dict):
@@ -486,6 +509,11 @@ class _FastKernel:
         self.base_key = (task.base_model, gather.weight_info[task.base_model].name) if task.base_model else ()
         self.source_names = {m: gather.weight_info[m].name for m in task.model_order}
         self.destination: torch.Tensor | None = None  # set by rewrite: where the result goes
+        self.use_optional = True  # cleared by rewrite when the optional state does not fit
+
+    @property
+    def kinds_in_use(self) -> tuple[str, ...]:
+        return self.kinds + (self.optional_kinds if self.use_optional else ())
 
     def max_draws(self) -> int:
         return self.numel * self.non_base
@@ -571,6 +599,8 @@ class _EntryPlan:
         self.key_range = (0, 0)
         self.masked: torch.Tensor | None = None
         self.scale: torch.Tensor | None = None
+        self.task_vector: torch.Tensor | None = None
+        self.magnitudes: torch.Tensor | None = None
 
 
 class _FastTaskArithmetic(_FastKernel):
@@ -590,13 +620,24 @@ class _FastTaskArithmetic(_FastKernel):
         self.sparsifier = method.sparsification_method
         self.kinds = KINDS_OF_SPARSIFIER[self.sparsifier]
         self.draws_random = self.sparsifier in RANDOM_SPARSIFIERS
+        if self.sparsifier in KEYED_SPARSIFIERS and _fused_takes(*tensors.values()):
+            self.optional_kinds = ("task_vector",)
 
     def state_bytes(self, kind: str) -> int:
         if kind == "della_rank":  # ranks in the work dtype, as _della stores them
             per_element = _cpu_work_dtype(next(iter(self.tensors.values()))).itemsize
         else:
-            per_element = {"rank_desc": 4, "rank_asc": 4, "stream": 4}.get(kind, 0)
+            per_element = {"rank_desc": 4, "rank_asc": 4, "stream": 4, "task_vector": self.element_size}.get(kind, 0)
         return per_element * self.numel * self.non_base
+
+    def _stored_task_vector(self, plan: _EntryPlan, model) -> torch.Tensor | None:
+        """``source - base`` in the base's dtype, stored once (the fused kernels read it instead of
+        the source and the base, and skip a subtraction and rounding per element); None where
+        the optional state is not in use or phase two does not run fused."""
+        if not (self._fused_phase_two and "task_vector" in self.kinds_in_use):
+            return None
+        dtype = self._base.dtype
+        return self.fast.state.get("task_vector", self.source_key(model, dtype), lambda: plan.source - self._base)
 
     def merge_group(self, group: TensorGroup, **parameters) -> torch.Tensor:
         base = group.base.tensor
@@ -604,6 +645,8 @@ class _FastTaskArithmetic(_FastKernel):
         if not entries:
             return base
         self._base, self._shape = base.view(-1), base.shape
+        out = self.output_for(base)
+        self._fused_phase_two = self._fused_takes_phase_two(entries, out)
         plans = [self._plan(index, entry, parameters) for index, entry in enumerate(entries)]
         weights = torch.tensor(
             [parameters["weight"][entry.id] for entry in entries], dtype=base.dtype, device=base.device
@@ -612,8 +655,7 @@ class _FastTaskArithmetic(_FastKernel):
         if parameters["normalize"] and not self.method.consensus_method:
             divisor = weights.sum(dim=0)
             divisor[divisor.abs() < 1e-8] = 1
-        out = self.output_for(base)
-        entries = self._fused_entries(plans, weights, out)
+        entries = self._fused_entries(plans, weights) if self._fused_phase_two else None
         if entries is not None:
             finite = fused.task_arithmetic(
                 entries,
@@ -633,23 +675,28 @@ class _FastTaskArithmetic(_FastKernel):
             total.add(torch.add(self._base[chunk], mixed, out=flat_out[chunk]))  # (base + mixed).to(base.dtype)
         return total.vouch(self.fast)
 
-    def _fused_entries(self, plans: list[_EntryPlan], weights: torch.Tensor, out: torch.Tensor) -> list | None:
-        """The plans as the fused kernel's entries, or None where it cannot take them (another
-        dtype or device, a count consensus, more entries than it sums in torch's order, or a
-        mask that is not a key range: DELLA's without rescaling)."""
+    def _fused_takes_phase_two(self, entries: tuple[TensorEntry, ...], out: torch.Tensor) -> bool:
+        """Whether the fused kernel can run phase two: not for another dtype or device, a count
+        consensus, or more entries than it sums in torch's order."""
         consensus = self.method.consensus_method
-        if len(plans) > fused.MAX_ENTRIES or consensus not in (None, ConsensusMethod.sum):
-            return None
-        if not _fused_takes(self._base, out, *(plan.source for plan in plans)):
-            return None
+        if len(entries) > fused.MAX_ENTRIES or consensus not in (None, ConsensusMethod.sum):
+            return False
+        return _fused_takes(self._base, out, *(entry.tensor.view(-1) for entry in entries))
+
+    def _fused_entries(self, plans: list[_EntryPlan], weights: torch.Tensor) -> list | None:
+        """The plans as the fused kernel's entries, or None where it cannot take them (a mask
+        that is not a key range: DELLA's without rescaling)."""
         entries = []
         for plan, weight in zip(plans, weights.flatten().tolist()):
+            scale = None if plan.scale is None else float(plan.scale)
             if plan.zero:
                 entries.append(fused.Entry(weight))
+            elif plan.task_vector is not None:
+                kept = dict(magnitudes=plan.magnitudes, keys=plan.keys, key_range=plan.key_range)
+                entries.append(fused.Entry(weight, task_vector=plan.task_vector, scale=scale, **kept))
             elif plan.masked is not None:
                 if plan.masked.dtype != self._base.dtype:
                     return None
-                scale = None if plan.scale is None else float(plan.scale)
                 entries.append(fused.Entry(weight, masked=plan.masked, scale=scale))
             elif plan.keep is not None and plan.keys is None:
                 return None
@@ -700,6 +747,7 @@ class _FastTaskArithmetic(_FastKernel):
 
     def _plan(self, index: int, entry: TensorEntry, parameters: dict) -> _EntryPlan:
         plan = _EntryPlan(entry.tensor)
+        plan.task_vector = self._stored_task_vector(plan, entry.id)
         if not self.sparsifier or parameters["density"][entry.id] >= 1:
             return plan
         model, density = entry.id, parameters["density"][entry.id]
@@ -824,16 +872,21 @@ class _FastTaskArithmetic(_FastKernel):
         The l1 norm of the unmasked task vector is computed once (keyed by torch's thread
         count too, since a parallel sum's rounding depends on how it is split)."""
         numel = self._base.numel()
-        masked = self.fast.scratch.take(f"masked{index}", numel, work_dtype)
-        magnitudes = self.fast.scratch.take("magnitudes", numel, work_dtype)
-        if plan.keys is not None and work_dtype == self._base.dtype and _fused_takes(self._base, plan.source):
-            fused.mask_task_vector(plan.source, self._base, plan.keys, plan.key_range, masked, magnitudes)
+        stored = plan.task_vector is not None and plan.keys is not None and work_dtype == self._base.dtype
+        if stored:  # phase two makes the masked vector from the task vector's signs and these
+            magnitudes = plan.magnitudes = self.fast.scratch.take(f"magnitudes{index}", numel, work_dtype)
+            fused.masked_magnitudes(plan.task_vector, plan.keys, plan.key_range, magnitudes)
         else:
-            self._mask_in_chunks(plan, work_dtype, masked, magnitudes)
+            plan.task_vector = None
+            magnitudes = self.fast.scratch.take("magnitudes", numel, work_dtype)
+            plan.masked = self.fast.scratch.take(f"masked{index}", numel, work_dtype)
+            if plan.keys is not None and work_dtype == self._base.dtype and _fused_takes(self._base, plan.source):
+                fused.mask_task_vector(plan.source, self._base, plan.keys, plan.key_range, plan.masked, magnitudes)
+            else:
+                self._mask_in_chunks(plan, work_dtype, plan.masked, magnitudes)
         key = (*self.source_key(model, work_dtype), torch.get_num_threads())
         before = self.fast.state.get("l1", key, lambda: self._task_vector(plan, work_dtype).abs().sum())
         after = magnitudes.sum()
-        plan.masked = masked
         if not (before < RESCALE_EPS or after < RESCALE_EPS):
             plan.scale = before / after
 

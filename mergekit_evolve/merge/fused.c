@@ -32,7 +32,7 @@
 /* On x86-64 each exported kernel is also built for AVX2 and picked at load time by the CPU it
  * runs on (wider vectors; the same IEEE operations, so the same bits). */
 #if defined(__x86_64__) && defined(__GNUC__)
-#define EXPORTED __attribute__((target_clones("avx2", "default")))
+#define EXPORTED __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #else
 #define EXPORTED
 #endif
@@ -289,12 +289,46 @@ EXPORTED int mask_task_vector(int dtype, const void *source, const void *base, c
     return 1;
 }
 
+/* Phase one of a rescaled sparsifier when the task vector (source - base, rounded to dtype) is
+ * stored: magnitudes = keep ? |tv| : +0, on the bits (no arithmetic at all). Phase two then
+ * takes the masked vector's values from the task vector's signs and these magnitudes (entry
+ * kind 4), so the masked vector is never written. */
+SPECIALIZE void masked_magnitudes_as(const int dtype, const void *tv, const int32_t *keys, int32_t key_lo,
+                                     int32_t key_hi, void *magnitudes, int64_t begin, int64_t end) {
+    if (dtype == DT_BF16) {
+        const uint16_t *t = (const uint16_t *)tv;
+        uint16_t *m = (uint16_t *)magnitudes;
+        for (int64_t j = begin; j < end; j++)
+            m[j] = (uint16_t)(t[j] & 0x7fffu & -(uint16_t)((keys[j] >= key_lo) & (keys[j] < key_hi)));
+    } else {
+        const uint32_t *t = (const uint32_t *)tv;
+        uint32_t *m = (uint32_t *)magnitudes;
+        for (int64_t j = begin; j < end; j++)
+            m[j] = t[j] & 0x7fffffffu & ((uint32_t)0 - (uint32_t)((keys[j] >= key_lo) & (keys[j] < key_hi)));
+    }
+}
+
+EXPORTED int masked_magnitudes(int dtype, const void *tv, const int32_t *keys, int32_t key_lo, int32_t key_hi,
+                               void *magnitudes, int64_t begin, int64_t end) {
+    if (dtype == DT_BF16)
+        masked_magnitudes_as(DT_BF16, tv, keys, key_lo, key_hi, magnitudes, begin, end);
+    else
+        masked_magnitudes_as(DT_F32, tv, keys, key_lo, key_hi, magnitudes, begin, end);
+    return 1;
+}
+
 /* One non-base entry of a task-arithmetic merge.
  *   kind 0: the zero vector;
  *   kind 1: a masked vector made by phase one (dtype), times scale when has_scale;
  *   kind 2: source - base (dtype), kept where key_lo <= keys[j] < key_hi (keys: a magnitude
  *           rank or the bits of a uniform draw, all >= 0; NULL keeps every element). A dropped
- *           element is +0, as fastpath.py's bit-and with a 0/-1 mask makes it.
+ *           element is +0, as fastpath.py's bit-and with a 0/-1 mask makes it;
+ *   kind 3: a stored task vector (source - base, already in dtype), kept by keys as in kind 2,
+ *           times scale when has_scale;
+ *   kind 4: sign of a stored task vector (data) | magnitudes (masked_magnitudes' output) times
+ *           scale when has_scale: phase two of a rescaled entry, the masked vector's values
+ *           made from what phase one wrote anyway (a dropped element is +-0: a zero's sign
+ *           never reaches the result, as in fastpath.py's masks).
  * weight and scale are dtype values held in float32. */
 typedef struct {
     int32_t kind;
@@ -305,7 +339,17 @@ typedef struct {
     const int32_t *keys;
     int32_t key_lo;
     int32_t key_hi;
+    const void *magnitudes;
 } entry_t;
+
+/* The value whose sign is sign_of[j]'s and whose other bits are magnitude[j]'s. */
+SPECIALIZE float signed_magnitude(const int dtype, const void *sign_of, const void *magnitude, int64_t j) {
+    if (dtype == DT_BF16) {
+        uint16_t bits = (((const uint16_t *)sign_of)[j] & 0x8000u) | ((const uint16_t *)magnitude)[j];
+        return bf16_to_f32(bits);
+    }
+    return bits_to_f32((((const uint32_t *)sign_of)[j] & 0x80000000u) | ((const uint32_t *)magnitude)[j]);
+}
 
 /* d[k] = entry * weight over one block: deltas.mul_(weights) after sparsification. */
 SPECIALIZE void weighted_delta(const int dtype, const entry_t *e, const void *base, int64_t start, int64_t size,
@@ -318,6 +362,23 @@ SPECIALIZE void weighted_delta(const int dtype, const entry_t *e, const void *ba
             d[k] = round_to(round_to(load(e->data, dtype, start + k) * e->scale, dtype) * w, dtype);
     } else if (e->kind == 1) {
         for (int64_t k = 0; k < size; k++) d[k] = round_to(load(e->data, dtype, start + k) * w, dtype);
+    } else if (e->kind == 4) {
+        const float scale = e->has_scale ? e->scale : 1.0f;
+        for (int64_t k = 0; k < size; k++) {
+            float v = signed_magnitude(dtype, e->data, e->magnitudes, start + k);
+            d[k] = round_to(round_to(v * scale, dtype) * w, dtype);
+        }
+    } else if (e->kind == 3) {
+        const int32_t *keys = e->keys ? e->keys + start : 0, lo = e->key_lo, hi = e->key_hi;
+        const float scale = e->has_scale ? e->scale : 1.0f; /* x * 1 == x: no branch in the loop */
+        if (keys)
+            for (int64_t k = 0; k < size; k++) {
+                float v = keep_or_zero(load(e->data, dtype, start + k), keys[k], lo, hi);
+                d[k] = round_to(round_to(v * scale, dtype) * w, dtype);
+            }
+        else
+            for (int64_t k = 0; k < size; k++)
+                d[k] = round_to(round_to(load(e->data, dtype, start + k) * scale, dtype) * w, dtype);
     } else if (e->keys) {
         const int32_t *keys = e->keys + start, lo = e->key_lo, hi = e->key_hi;
         for (int64_t k = 0; k < size; k++) {
@@ -345,16 +406,15 @@ SPECIALIZE void weighted_delta(const int dtype, const entry_t *e, const void *ba
 SPECIALIZE void mix_block(const int dtype, const int n, float d[MAX_ENTRIES][BLOCK], const uint32_t *weight_bits,
                           const void *base, float *merged, int64_t start, int64_t size, const int consensus,
                           const int normalize, float divisor, const int apply_lambda, float lambda_) {
-    /* x * 1 == x exactly (and a rounded x rounds to itself): a multiply instead of a branch,
-     * which would keep the loop from vectorising */
-    const float lambda_factor = apply_lambda ? lambda_ : 1.0f;
+    /* (each flag is a constant in each instance: no branch inside the loop) */
     for (int64_t k = 0; k < size; k++) {
         float v[MAX_ENTRIES];
         for (int i = 0; i < n; i++) v[i] = d[i][k];
         if (consensus) {
             float s = 0.0f;
             for (int i = 0; i < n; i++) s = s + v[i];
-            uint32_t sign = f32_to_bits(round_to(s, dtype)) & 0x80000000u;
+            /* rounding keeps the sign (of a NaN too: its low 16 bits are clear, see round_bf16) */
+            uint32_t sign = f32_to_bits(s) & 0x80000000u;
             for (int i = 0; i < n; i++) { /* +0 where the sign bit differs from the sum's */
                 uint32_t bits = f32_to_bits(v[i]);
                 v[i] = bits_to_f32(bits & (((bits ^ sign) >> 31) - 1u));
@@ -375,10 +435,16 @@ SPECIALIZE void mix_block(const int dtype, const int n, float d[MAX_ENTRIES][BLO
         } else if (normalize) {
             mixed = round_to(mixed / divisor, dtype);
         }
-        mixed = round_to(mixed * lambda_factor, dtype);
+        if (apply_lambda) mixed = round_to(mixed * lambda_, dtype);
         merged[k] = round_to(load(base, dtype, start + k) + mixed, dtype);
     }
 }
+
+#define MIX_BLOCK(CONSENSUS, NORMALIZE)                                                                     \
+    (apply_lambda ? mix_block(dtype, n, d, weight_bits, base, merged, start, size, CONSENSUS, NORMALIZE, divisor, 1, \
+                              lambda_)                                                                        \
+                  : mix_block(dtype, n, d, weight_bits, base, merged, start, size, CONSENSUS, NORMALIZE, divisor, 0, \
+                              lambda_))
 
 SPECIALIZE int task_arithmetic_as(const int dtype, const int n, const entry_t *entries, const void *base, void *out,
                                   int consensus, int normalize, float divisor, int apply_lambda, float lambda_,
@@ -393,13 +459,13 @@ SPECIALIZE int task_arithmetic_as(const int dtype, const int n, const entry_t *e
         for (int i = 0; i < n; i++) weighted_delta(dtype, &entries[i], base, start, size, d[i]);
         /* the flags are loop invariant: each combination gets its own straight loop */
         if (consensus && normalize)
-            mix_block(dtype, n, d, weight_bits, base, merged, start, size, 1, 1, divisor, apply_lambda, lambda_);
+            MIX_BLOCK(1, 1);
         else if (consensus)
-            mix_block(dtype, n, d, weight_bits, base, merged, start, size, 1, 0, divisor, apply_lambda, lambda_);
+            MIX_BLOCK(1, 0);
         else if (normalize)
-            mix_block(dtype, n, d, weight_bits, base, merged, start, size, 0, 1, divisor, apply_lambda, lambda_);
+            MIX_BLOCK(0, 1);
         else
-            mix_block(dtype, n, d, weight_bits, base, merged, start, size, 0, 0, divisor, apply_lambda, lambda_);
+            MIX_BLOCK(0, 0);
         bad |= store_block(out, dtype, start, merged, size, stream, 1);
     }
     fence_streaming_stores();

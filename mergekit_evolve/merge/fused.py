@@ -35,7 +35,16 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "supports", "supports_linear", "Entry", "linear", "mask_task_vector", "task_arithmetic"]
+__all__ = [
+    "available",
+    "supports",
+    "supports_linear",
+    "Entry",
+    "linear",
+    "mask_task_vector",
+    "masked_magnitudes",
+    "task_arithmetic",
+]
 
 _log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("fused.c")
@@ -57,6 +66,7 @@ class _Entry(ctypes.Structure):
         ("keys", ctypes.c_void_p),
         ("key_lo", ctypes.c_int32),
         ("key_hi", ctypes.c_int32),
+        ("magnitudes", ctypes.c_void_p),
     ]
 
 
@@ -64,20 +74,30 @@ class _Entry(ctypes.Structure):
 class Entry:
     """One non-base entry of ``task_arithmetic``: ``masked`` (phase one's vector, times ``scale``
     unless None), or ``source`` - base kept where ``keys[j]`` is in ``key_range`` (all kept when
-    ``keys`` is None), or the zero vector when both are None. ``weight``: its value in the dtype."""
+    ``keys`` is None), or a stored ``task_vector`` (source - base in the dtype) kept the same way
+    and times ``scale`` unless None, or (with ``magnitudes``, from ``masked_magnitudes``) the
+    task vector's signs on those magnitudes times ``scale``, or the zero vector when all are
+    None. ``weight``: its value in the dtype."""
 
     weight: float
     masked: torch.Tensor | None = None
     scale: float | None = None
     source: torch.Tensor | None = None
+    task_vector: torch.Tensor | None = None
+    magnitudes: torch.Tensor | None = None
     keys: torch.Tensor | None = None
     key_range: tuple[int, int] = (0, 0)
 
     def as_struct(self) -> _Entry:
         keys = 0 if self.keys is None else self.keys.data_ptr()
+        has_scale, scale = self.scale is not None, 0.0 if self.scale is None else self.scale
         if self.masked is not None:
-            scale = 0.0 if self.scale is None else self.scale
-            return _Entry(1, self.scale is not None, scale, self.weight, self.masked.data_ptr(), 0, 0, 0)
+            return _Entry(1, has_scale, scale, self.weight, self.masked.data_ptr(), 0, 0, 0)
+        if self.task_vector is not None and self.magnitudes is not None:
+            magnitudes = self.magnitudes.data_ptr()
+            return _Entry(4, has_scale, scale, self.weight, self.task_vector.data_ptr(), 0, 0, 0, magnitudes)
+        if self.task_vector is not None:
+            return _Entry(3, has_scale, scale, self.weight, self.task_vector.data_ptr(), keys, *self.key_range)
         if self.source is not None:
             return _Entry(2, 0, 0.0, self.weight, self.source.data_ptr(), keys, *self.key_range)
         return _Entry(0, 0, 0.0, self.weight, 0, 0, 0, 0)
@@ -124,8 +144,10 @@ def _library() -> ctypes.CDLL | None:
     library.linear.argtypes = library.linear_fma.argtypes = [i32, i32, vp, vp, i32, f32, vp, i64, i64]
     library.has_fma.argtypes, library.has_fma.restype = [], ctypes.c_int
     library.mask_task_vector.argtypes = [i32, vp, vp, vp, ctypes.c_int32, ctypes.c_int32, vp, vp, i64, i64]
+    library.masked_magnitudes.argtypes = [i32, vp, vp, ctypes.c_int32, ctypes.c_int32, vp, i64, i64]
     library.task_arithmetic.argtypes = [i32, i32, vp, vp, vp, i32, i32, f32, i32, f32, i64, i64]
-    for function in (library.linear, library.linear_fma, library.mask_task_vector, library.task_arithmetic):
+    kernels = (library.linear, library.linear_fma, library.mask_task_vector, library.masked_magnitudes)
+    for function in (*kernels, library.task_arithmetic):
         function.restype = ctypes.c_int
     return library
 
@@ -240,6 +262,22 @@ def mask_task_vector(
         0 if keys is None else keys.data_ptr(),
         *key_range,
         masked.data_ptr(),
+        magnitudes.data_ptr(),
+    )
+
+
+def masked_magnitudes(
+    task_vector: torch.Tensor, keys: torch.Tensor, key_range: tuple[int, int], magnitudes: torch.Tensor
+) -> None:
+    """``magnitudes = |task_vector|`` where ``keys[j]`` is in ``key_range``, else +0 (one dtype):
+    what the l1 rescale sums, when phase two reads the stored task vector itself."""
+    _run(
+        _library().masked_magnitudes,
+        task_vector.numel(),
+        DTYPE_CODES[task_vector.dtype],
+        task_vector.data_ptr(),
+        keys.data_ptr(),
+        *key_range,
         magnitudes.data_ptr(),
     )
 
