@@ -38,7 +38,12 @@ a whole tensor, or 64M elements (``ACCELERATOR_CHUNK_ELEMENTS``). On a CPU with 
 ``fused.py``'s kernels do the same arithmetic in one pass per element instead of one per
 operation: linear, the task-arithmetic family after sparsification (up to 4 experts, float32 or
 bfloat16, sum or no consensus), and the masked vectors of a rescaled entry whose mask is a rank
-or draw range; SCE, DELLA's probabilities and the rest keep the chunked operations. When every
+or draw range; SCE, DELLA's probabilities and the rest keep the chunked operations. Where the
+fused kernels run a keyed sparsifier (ties, breadcrumbs, dare), the task vectors themselves
+(``source - base`` in the dtype) are stored once where memory allows (optional state: without
+it the kernels read source and base), so a candidate does no subtraction: DARE's phase one
+writes only the kept magnitudes (what the l1 rescale sums) and phase two takes the masked
+values from the task vectors' signs and those magnitudes. When every
 tensor of a candidate takes the fast path, the merger runs the kernels directly, in the order
 mergekit's Executor would (learnt once per recipe structure), with no task graph per candidate.
 ``tests/test_merge_fastpath.py`` checks bitwise equality against mergekit's kernels and against
@@ -55,6 +60,7 @@ rank (ties, breadcrumbs[_ties])        2x (int32)         1x
 uniform stream (dare_*, della*)        2x (float32)       1x
 della rank (della, della_linear)       1x (+ stream)      1x (+ stream)
 sce order (per tensor, not per model)  4x / n_models      3x / n_models   (on CUDA 3x / 2x)
+task vector (optional; ties, dare_*)   1x                 1x
 =====================================  =================  =============
 
 plus a few bytes per tensor (l1 norms). Nothing is stored for task_arithmetic. Scratch reused by
@@ -65,7 +71,9 @@ tensor, (entries + 1) x its size in the work dtype (0.4 GB for a 1B Llama's embe
 when a candidate first needs it, and building a kind frees the kinds that candidate does not
 use, so at most one method's state is resident: for a 1B-parameter family of base + 2 experts
 in bf16 (6 GB of sources) the largest, DELLA's, is 12 GB. A method whose state would not fit
-(``max_state_bytes``, by default 80% of the device's free memory) keeps mergekit's kernels.
+(``max_state_bytes``, by default 80% of the device's free memory) keeps mergekit's kernels;
+optional state that would not fit on top of the needed state is left out (a 1B family in bf16
+on 24 GB keeps the ranks or draws, not the task vectors).
 
 Random methods take the fast path only on CPU (CUDA's Philox-based bernoulli is not reproduced)
 and only with a seeded merger, and only when every merge task of the candidate takes it (so no
@@ -506,7 +514,8 @@ class _FastKernel:
         self.element_size = tensors[task.model_order[0]].element_size()
         self.on_cpu = tensors[task.model_order[0]].device.type == "cpu"
         self.non_base = len(task.model_order) - (task.base_model is not None)
-        self.base_key = (task.base_model, gather.weight_info[task.base_model].name) if task.base_model else ()
+        # state keys name models by their string (a pydantic model hashes its fields on every lookup)
+        self.base_key = (str(task.base_model), gather.weight_info[task.base_model].name) if task.base_model else ()
         self.source_names = {m: gather.weight_info[m].name for m in task.model_order}
         self.destination: torch.Tensor | None = None  # set by rewrite: where the result goes
         self.use_optional = True  # cleared by rewrite when the optional state does not fit
@@ -524,7 +533,7 @@ class _FastKernel:
 
     def source_key(self, model, dtype: torch.dtype) -> tuple:
         """Identifies a task vector: the model's source tensor minus the base's, in ``dtype``."""
-        return (model, self.source_names[model], *self.base_key, dtype)
+        return (str(model), self.source_names[model], *self.base_key, dtype)
 
     def run(self, task: ExecuteMergeMethodTask, tensors: dict) -> torch.Tensor:
         entries = tuple(
@@ -821,13 +830,8 @@ class _FastTaskArithmetic(_FastKernel):
         """``mergekit.sparsify.bernoulli`` on CPU: keep iff the next uniform draw is < density
         (density as ``full_like`` stores it, in the work dtype)."""
         work_dtype = _cpu_work_dtype(self._base)
-        p = torch.full((1,), density, dtype=work_dtype).item()
-        if not 0 <= p <= 1:
-            raise RuntimeError(f"bernoulli: expected 0 <= p <= 1, got density {density}")
-        # For floats >= 0, u < p exactly when u's bits, read as an integer, are below p's.
         draws = self.fast.stream.take(self._base.numel()).view(torch.int32)
-        p_bits = int(torch.tensor(p, dtype=torch.float32).view(torch.int32))
-        self._keep_in_range(plan, draws, 0, p_bits)
+        self._keep_in_range(plan, draws, 0, _bernoulli_bound(density, work_dtype))
         return work_dtype
 
     def _della(self, plan: _EntryPlan, model, density: float, epsilon: float) -> torch.dtype:
@@ -885,9 +889,14 @@ class _FastTaskArithmetic(_FastKernel):
             else:
                 self._mask_in_chunks(plan, work_dtype, plan.masked, magnitudes)
         key = (*self.source_key(model, work_dtype), torch.get_num_threads())
-        before = self.fast.state.get("l1", key, lambda: self._task_vector(plan, work_dtype).abs().sum())
+        before, before_value = self.fast.state.get(
+            "l1", key, lambda: _with_value(self._task_vector(plan, work_dtype).abs().sum())
+        )
         after = magnitudes.sum()
-        if not (before < RESCALE_EPS or after < RESCALE_EPS):
+        # mergekit's ``before < eps or after < eps``, on python floats (one conversion instead of
+        # two tensor comparisons per entry; torch compares in the tensor's dtype, so eps in it)
+        eps = _in_dtype(RESCALE_EPS, work_dtype)
+        if not (before_value < eps or after.item() < eps):
             plan.scale = before / after
 
     def _mask_in_chunks(self, plan: _EntryPlan, work_dtype, masked: torch.Tensor, magnitudes: torch.Tensor) -> None:
@@ -898,6 +907,27 @@ class _FastTaskArithmetic(_FastKernel):
                 masked[chunk].copy_(plan.source[chunk] - self._base[chunk])
             _keep_only(masked[chunk], plan.keep(chunk), self.fast.scratch)
             torch.abs(masked[chunk], out=magnitudes[chunk])
+
+
+@functools.lru_cache(maxsize=4096)
+def _bernoulli_bound(density: float, work_dtype: torch.dtype) -> int:
+    """The draws' bits that ``bernoulli(full_like(delta, density))`` keeps are those below this:
+    p is density as ``full_like`` stores it in the work dtype, and for floats >= 0, u < p
+    exactly when u's bits, read as an integer, are below p's."""
+    p = torch.full((1,), density, dtype=work_dtype).item()
+    if not 0 <= p <= 1:
+        raise RuntimeError(f"bernoulli: expected 0 <= p <= 1, got density {density}")
+    return int(torch.tensor(p, dtype=torch.float32).view(torch.int32))
+
+
+@functools.cache
+def _in_dtype(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to ``dtype`` (how torch compares a tensor of that dtype with it)."""
+    return torch.tensor(value, dtype=dtype).item()
+
+
+def _with_value(total: torch.Tensor) -> tuple[torch.Tensor, float]:
+    return total, total.item()
 
 
 def _fused_takes(first: torch.Tensor, *others: torch.Tensor) -> bool:
@@ -1082,7 +1112,8 @@ class _FastSCE(_FastKernel):
         return total.vouch(self.fast)
 
     def _tensor_key(self) -> tuple:
-        return (self._models, tuple(self.source_names[m] for m in self._models), *self.base_key, self._base.dtype)
+        models = tuple(str(m) for m in self._models)
+        return (models, tuple(self.source_names[m] for m in self._models), *self.base_key, self._base.dtype)
 
     def _task_vectors(self, chunk: slice, masked: torch.Tensor | None) -> torch.Tensor:
         """The (masked) task vectors on ``chunk``, stacked: (models, chunk)."""

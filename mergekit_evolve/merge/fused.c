@@ -29,8 +29,8 @@
 /* Every kernel is written once for a dtype argument and instantiated per dtype (the dtype is
  * a constant in each instance, so each loop compiles to straight vector code). */
 #define SPECIALIZE static inline __attribute__((always_inline))
-/* On x86-64 each exported kernel is also built for AVX2 and picked at load time by the CPU it
- * runs on (wider vectors; the same IEEE operations, so the same bits). */
+/* On x86-64 each exported kernel is also built for AVX-512 (x86-64-v4) and AVX2 and picked at
+ * load time by the CPU it runs on (wider vectors; the same IEEE operations, so the same bits). */
 #if defined(__x86_64__) && defined(__GNUC__)
 #define EXPORTED __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #else

@@ -7,8 +7,9 @@ one pass (see its header for the exactness argument); ``tests/test_merge_fused.p
 kernel against fastpath.py's torch operations bit for bit, and tests/test_merge_fastpath.py
 checks the fast path with these kernels against mergekit's own.
 
-The kernels are plain C (no torch headers), compiled on first use (about 12 s on two cores, once
-per machine and version) with the system C compiler (``$CC`` or ``cc``) into the user cache
+The kernels are plain C (no torch headers), compiled on first use (about 30 s on two cores, once
+per machine and version; on x86-64 each kernel is built for AVX-512, AVX2 and the baseline, and
+the CPU picks one at load time) with the system C compiler (``$CC`` or ``cc``) into the user cache
 (``$MERGEKIT_EVOLVE_CACHE`` or ``~/.cache/mergekit_evolve``, keyed by the source, the flags and
 the compiler) and loaded with ctypes, which releases the GIL during a call: a tensor is split
 into one contiguous range per torch thread, run on a small thread pool. Without a compiler, or
