@@ -629,7 +629,7 @@ class _FastTaskArithmetic(_FastKernel):
         self.sparsifier = method.sparsification_method
         self.kinds = KINDS_OF_SPARSIFIER[self.sparsifier]
         self.draws_random = self.sparsifier in RANDOM_SPARSIFIERS
-        if self.sparsifier in KEYED_SPARSIFIERS and _fused_takes(*tensors.values()):
+        if self.sparsifier in KEYED_SPARSIFIERS and self._fused_method() and _fused_takes(*tensors.values()):
             self.optional_kinds = ("task_vector",)
 
     def state_bytes(self, kind: str) -> int:
@@ -684,13 +684,16 @@ class _FastTaskArithmetic(_FastKernel):
             total.add(torch.add(self._base[chunk], mixed, out=flat_out[chunk]))  # (base + mixed).to(base.dtype)
         return total.vouch(self.fast)
 
-    def _fused_takes_phase_two(self, entries: tuple[TensorEntry, ...], out: torch.Tensor) -> bool:
-        """Whether the fused kernel can run phase two: not for another dtype or device, a count
-        consensus, or more entries than it sums in torch's order."""
+    def _fused_method(self) -> bool:
+        """Whether the fused phase two takes this merge at all: not a count consensus, nor more
+        entries than it sums in torch's order."""
         consensus = self.method.consensus_method
-        if len(entries) > fused.MAX_ENTRIES or consensus not in (None, ConsensusMethod.sum):
-            return False
-        return _fused_takes(self._base, out, *(entry.tensor.view(-1) for entry in entries))
+        return self.non_base <= fused.MAX_ENTRIES and consensus in (None, ConsensusMethod.sum)
+
+    def _fused_takes_phase_two(self, entries: tuple[TensorEntry, ...], out: torch.Tensor) -> bool:
+        """Whether the fused kernel runs phase two here: the method, and these tensors (mergekit
+        may have cast them to the recipe's dtype) of a dtype and device it takes."""
+        return self._fused_method() and _fused_takes(self._base, out, *(entry.tensor.view(-1) for entry in entries))
 
     def _fused_entries(self, plans: list[_EntryPlan], weights: torch.Tensor) -> list | None:
         """The plans as the fused kernel's entries, or None where it cannot take them (a mask
