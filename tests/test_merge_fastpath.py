@@ -341,7 +341,7 @@ def test_fused_kernels_carry_the_candidates(family_name, families, mergers, monk
     """Where the fused C kernels are built they run every task-arithmetic-family and linear
     tensor (and phase one of each rescaled entry whose mask is a key range, from the stored task
     vectors), with mergekit's bits."""
-    calls = {name: 0 for name in ("linear", "mask_task_vector", "masked_magnitudes", "task_arithmetic")}
+    calls = {name: 0 for name in ("linear", "mask_task_vector", "masked_magnitudes", "task_arithmetic", "sce")}
 
     def counting(name: str):
         kernel = getattr(fused, name)
@@ -358,14 +358,16 @@ def test_fused_kernels_carry_the_candidates(family_name, families, mergers, monk
     dtype = "float32" if family_name == "fp32" else "bfloat16"
     rng = np.random.default_rng(5)
     tensors = 0
-    for method in ("linear", "ties", "dare_ties", "breadcrumbs", "della"):
+    for method in ("linear", "ties", "dare_ties", "breadcrumbs", "della", "sce"):
         config = _any_candidate(method, families[family_name], dtype, rng)
-        if method != "linear":
+        if method == "sce":
+            config.parameters["select_topk"] = 0.6  # a top-k mask that keeps something
+        elif method != "linear":
             config.parameters["rescale"] = True  # phase one in full for every masked entry
         expected = _state(reference.merge(config))
         _assert_bitwise(fast.merge(config), expected, f"{method} {family_name} fused")
         tensors += len(expected)
-    assert calls["linear"] + calls["task_arithmetic"] == tensors
+    assert calls["linear"] + calls["task_arithmetic"] + calls["sce"] == tensors
     # dare_ties' phase one, from the stored task vectors (della's keep probabilities are not a key range)
     assert calls["masked_magnitudes"] > 0 and calls["mask_task_vector"] == 0
 

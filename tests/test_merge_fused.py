@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from mergekit.merge_methods.base import TensorEntry, TensorGroup
 from mergekit.merge_methods.generalized_task_arithmetic import get_mask
+from mergekit.merge_methods.sce import sce_merge, sce_weight
 
 from mergekit_evolve.merge import fused
 
@@ -182,6 +184,37 @@ def test_task_arithmetic_is_mergekits_phase_two(dtype, entries, consensus, norma
     finite = fused.task_arithmetic(
         plans, base, out, consensus=consensus, normalize=normalize, divisor=divisor, lambda_=lambda_
     )
+    _assert_bitwise(out, expected)
+    assert finite == bool(torch.isfinite(expected).all())
+
+
+@pytest.mark.parametrize("stored", [False, True], ids=["from-sources", "masked-vectors"])
+@pytest.mark.parametrize("entries", [1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sce_is_mergekits_sce_merge(dtype, entries, stored, threads):
+    """mergekit's sce_merge (no top-k mask) against the kernel given the sources, or the task
+    vectors as phase one's masked vectors (what the fast path passes after its top-k mask)."""
+    size = 200_003
+    generator = torch.Generator().manual_seed(entries * 11 + stored)
+    # finite weights: large task vectors overflow mergekit's mean of squares to inf, making every
+    # weight NaN (a non-finite candidate either way); subnormals, signed zeros and ties stay
+    base = _values(size, dtype, generator).clamp(-1e15, 1e15)
+    sources = [_values(size, dtype, generator, scale=1.5).clamp(-1e15, 1e15) for _ in range(entries)]
+    sources[0][: size // 3] = base[: size // 3]  # zero task vectors: excluded from sign election and divisor
+    group = TensorGroup(
+        entries=(TensorEntry(id="base", tensor=base, is_base=True),)
+        + tuple(TensorEntry(id=index, tensor=source) for index, source in enumerate(sources))
+    )
+    expected = sce_merge.merge_group(group, int8_mask=False, select_topk=1.0)  # mergekit's own kernel
+    task_vectors = torch.stack([source - base for source in sources])
+    weights = sce_weight(task_vectors).tolist()
+    if stored:
+        plans = [fused.Entry(1.0, masked=tv) for tv in task_vectors]
+    else:
+        plans = [fused.Entry(1.0, source=source) for source in sources]
+    out = torch.empty_like(base)
+    min_divisor = torch.tensor(1e-6, dtype=dtype).item()
+    finite = fused.sce(plans, weights, base, out, min_divisor=min_divisor)
     _assert_bitwise(out, expected)
     assert finite == bool(torch.isfinite(expected).all())
 

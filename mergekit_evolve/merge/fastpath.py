@@ -1095,7 +1095,6 @@ class _FastSCE(_FastKernel):
         if not entries:
             return group.base.tensor
         self._base, self._shape = group.base.tensor.view(-1), group.base.tensor.shape
-        self._base_negative_zero = self.fast.base_has_negative_zero(self.base_key, group.base.tensor)
         self._sources = [entry.tensor.view(-1) for entry in entries]
         self._models = tuple(entry.id for entry in entries)
         if select_topk < 1:
@@ -1108,11 +1107,26 @@ class _FastSCE(_FastKernel):
             masked = None
             weights = self.fast.state.get("sce_weights", (*self._tensor_key(), torch.get_num_threads()), self._weights)
         out = self.output_for(group.base.tensor)
+        if len(entries) <= fused.MAX_ENTRIES and _fused_takes(self._base, out, *self._sources):
+            return self._fused(masked, weights, out)
+        self._base_negative_zero = self.fast.base_has_negative_zero(self.base_key, group.base.tensor)
         flat_out, total = out.view(-1), _FiniteTotal(out)
         for chunk in _chunks(self._base.numel(), self._base.device):
             tvs = self._task_vectors(chunk, masked)
             total.add(torch.add(self._base[chunk], self._merged_delta(tvs, weights), out=flat_out[chunk]))
         return total.vouch(self.fast)
+
+    def _fused(self, masked: torch.Tensor | None, weights: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The fused kernel: the (masked) task vectors as entries of weight 1, the per-model
+        weights and clamp bound as values of the dtype, as mergekit's arithmetic holds them."""
+        dtype = self._base.dtype
+        if masked is None:
+            entries = [fused.Entry(1.0, source=source) for source in self._sources]
+        else:
+            entries = [fused.Entry(1.0, masked=row) for row in masked.view(len(self._sources), -1)]
+        model_weights = weights.to(dtype).tolist()
+        finite = fused.sce(entries, model_weights, self._base, out.view(-1), min_divisor=_in_dtype(1e-6, dtype))
+        return _vouch(self.fast, out, finite)
 
     def _tensor_key(self) -> tuple:
         models = tuple(str(m) for m in self._models)

@@ -487,3 +487,66 @@ EXPORTED int task_arithmetic(int dtype, int n, const entry_t *entries, const voi
     default: return -1;
     }
 }
+
+/* ------------------------------------------------------------------------------------------ SCE
+ * mergekit.merge_methods.sce.sce_merge after its top-k mask, per element (d[i] = tv_i: the
+ * entries are made with weight 1, which changes no value):
+ *   s = sum_i tv_i; kept_i: tv_i nonzero with the sign of s     sign_consensus_mask(tvs, "sum")
+ *   merged = sum_i tv_i * w_i over the kept                      (tvs * erased_weights).sum(dim=0)
+ *   divisor = sum_i w_i over the kept, at least min_divisor      .clamp(min=1e-6), 1e-6 in dtype
+ *   out = base + merged / divisor
+ * w_i: the per-model SCE weights, dtype values. As in mix_block, a dropped element is +0 (mergekit
+ * multiplies it by 0: +-0, or NaN for an infinite one; the candidate is non-finite either way). */
+SPECIALIZE void sce_block(const int dtype, const int n, float d[MAX_ENTRIES][BLOCK], const float *weights,
+                          const void *base, float *merged, int64_t start, int64_t size, float min_divisor) {
+    uint32_t weight_bits[MAX_ENTRIES];
+    for (int i = 0; i < n; i++) weight_bits[i] = f32_to_bits(weights[i]);
+    for (int64_t k = 0; k < size; k++) {
+        float s = 0.0f;
+        for (int i = 0; i < n; i++) s = s + d[i][k];
+        const uint32_t sign = f32_to_bits(s) & 0x80000000u; /* rounding keeps the sign */
+        float m = 0.0f, q = 0.0f;
+        for (int i = 0; i < n; i++) {
+            const uint32_t bits = f32_to_bits(d[i][k]);
+            const uint32_t nonzero = (uint32_t)0 - (uint32_t)((bits & 0x7fffffffu) != 0);
+            const uint32_t keep = (((bits ^ sign) >> 31) - 1u) & nonzero;
+            m = m + bits_to_f32(f32_to_bits(round_to(d[i][k] * weights[i], dtype)) & keep);
+            q = q + bits_to_f32(weight_bits[i] & keep);
+        }
+        m = round_to(m, dtype);
+        q = round_to(q, dtype);
+        q = q < min_divisor ? min_divisor : q; /* a NaN stays NaN, as in torch's clamp */
+        merged[k] = round_to(load(base, dtype, start + k) + round_to(m / q, dtype), dtype);
+    }
+}
+
+SPECIALIZE int sce_as(const int dtype, const int n, const entry_t *entries, const float *weights, const void *base,
+                      void *out, float min_divisor, int64_t begin, int64_t end) {
+    int bad = 0;
+    const int stream = end - begin >= STREAM_MIN_ELEMENTS;
+    for (int64_t start = begin; start < end; start += BLOCK) {
+        const int64_t size = start + BLOCK < end ? BLOCK : end - start;
+        float d[MAX_ENTRIES][BLOCK], merged[BLOCK];
+        for (int i = 0; i < n; i++) weighted_delta(dtype, &entries[i], base, start, size, d[i]);
+        sce_block(dtype, n, d, weights, base, merged, start, size, min_divisor);
+        bad |= store_block(out, dtype, start, merged, size, stream, 1);
+    }
+    fence_streaming_stores();
+    return !bad;
+}
+
+#define SCE_FOR_DTYPE(N) (dtype == DT_BF16 ? sce_as(DT_BF16, N, entries, weights, base, out, min_divisor, begin, end) \
+                                           : sce_as(DT_F32, N, entries, weights, base, out, min_divisor, begin, end))
+
+EXPORTED int sce(int dtype, int n, const entry_t *entries, const float *weights, const void *base, void *out,
+                 float min_divisor, int64_t begin, int64_t end) {
+    for (int i = 0; i < n; i++)
+        if (entries[i].weight != 1.0f) return -2; /* the entries are the task vectors themselves */
+    switch (n) {
+    case 1: return SCE_FOR_DTYPE(1);
+    case 2: return SCE_FOR_DTYPE(2);
+    case 3: return SCE_FOR_DTYPE(3);
+    case 4: return SCE_FOR_DTYPE(4);
+    default: return -1;
+    }
+}

@@ -45,6 +45,7 @@ __all__ = [
     "mask_task_vector",
     "masked_magnitudes",
     "task_arithmetic",
+    "sce",
 ]
 
 _log = logging.getLogger(__name__)
@@ -147,8 +148,9 @@ def _library() -> ctypes.CDLL | None:
     library.mask_task_vector.argtypes = [i32, vp, vp, vp, ctypes.c_int32, ctypes.c_int32, vp, vp, i64, i64]
     library.masked_magnitudes.argtypes = [i32, vp, vp, ctypes.c_int32, ctypes.c_int32, vp, i64, i64]
     library.task_arithmetic.argtypes = [i32, i32, vp, vp, vp, i32, i32, f32, i32, f32, i64, i64]
+    library.sce.argtypes = [i32, i32, vp, vp, vp, vp, f32, i64, i64]
     kernels = (library.linear, library.linear_fma, library.mask_task_vector, library.masked_magnitudes)
-    for function in (*kernels, library.task_arithmetic):
+    for function in (*kernels, library.task_arithmetic, library.sce):
         function.restype = ctypes.c_int
     return library
 
@@ -312,4 +314,25 @@ def task_arithmetic(
         1.0 if divisor is None else divisor,
         int(lambda_ != 1),
         lambda_,
+    )
+
+
+def sce(entries: list[Entry], weights: list[float], base: torch.Tensor, out: torch.Tensor, min_divisor: float) -> bool:
+    """mergekit's ``sce_merge`` after its top-k mask into flat ``out``: ``entries`` are the (masked)
+    task vectors, each with weight 1.0; ``weights`` the per-model SCE weights and ``min_divisor``
+    1e-6, both as values of the dtype. True if every output is finite."""
+    if len(entries) > MAX_ENTRIES:
+        raise ValueError(f"fused sce takes at most {MAX_ENTRIES} entries, got {len(entries)}")
+    structs = (_Entry * len(entries))(*(entry.as_struct() for entry in entries))
+    values = (ctypes.c_float * len(weights))(*weights)
+    return _run(
+        _library().sce,
+        base.numel(),
+        DTYPE_CODES[base.dtype],
+        len(entries),
+        structs,
+        values,
+        base.data_ptr(),
+        out.data_ptr(),
+        min_divisor,
     )
