@@ -37,8 +37,9 @@ so the merger's NaN/inf check needs no second read of the output. On an accelera
 a whole tensor, or 64M elements (``ACCELERATOR_CHUNK_ELEMENTS``). On a CPU with a C compiler,
 ``fused.py``'s kernels do the same arithmetic in one pass per element instead of one per
 operation: linear, the task-arithmetic family after sparsification (up to 4 experts, float32 or
-bfloat16, sum or no consensus), and the masked vectors of a rescaled entry whose mask is a rank
-or draw range; SCE, DELLA's probabilities and the rest keep the chunked operations. Where the
+bfloat16, sum or no consensus), the masked vectors of a rescaled entry whose mask is a rank
+or draw range, and SCE's merge pass after its top-k mask; SCE's mask and weights, DELLA's
+probabilities and the rest keep the chunked operations. Where the
 fused kernels run a keyed sparsifier (ties, breadcrumbs, dare), the task vectors themselves
 (``source - base`` in the dtype) are stored once where memory allows (optional state: without
 it the kernels read source and base), so a candidate does no subtraction: DARE's phase one
