@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from mergekit_evolve.errors import CandidateError, InputError
 from mergekit_evolve.merge import InMemoryMerger, merge_to_disk
 from mergekit_evolve.merge.inmemory import PlannerRoute
+from mergekit_evolve.merge.replan import recipe_structure
 from mergekit_evolve.zoo.random_models import make_random_model
 
 SEED = 1234
@@ -357,6 +358,128 @@ def test_planner_route_private_names_and_equivalence(family):
         parameters={"weight": 1.0, "normalize": True},
     )
     _assert_state_equal(merged, expected)
+
+
+def _structure_recipes(m: dict[str, Path], module: str) -> dict[str, dict]:
+    """The engine's recipes plus the other two ways to write one: slices (per-slice and
+    per-source parameters) and modules (module-level parameters)."""
+    base, e1, e2 = (str(m[k]) for k in ("base", "e1", "e2"))
+    by_filter = [{"filter": "mlp", "value": 0.3}, {"value": [0.5, 0.9]}]
+
+    def slices(*unweighted):
+        def sources(low, high, first, second):
+            return [
+                {"model": e1, "layer_range": [low, high], "parameters": first},
+                {"model": e2, "layer_range": [low, high], "parameters": second},
+                *({"model": model, "layer_range": [low, high]} for model in unweighted),
+            ]
+
+        first = {"weight": [0.2, 0.8], "density": 0.5}
+        second = {"weight": 0.3, "density": by_filter}
+        return [
+            {"sources": sources(0, 2, first, {"weight": 0.5}), "parameters": {"density": 0.7}},
+            {"sources": sources(2, 4, second, {"weight": by_filter, "density": 0.4})},
+        ]
+
+    recipes = dict(_recipes(m))
+    recipes["ties_slices"] = {"merge_method": "ties", "base_model": base, "slices": slices(base), "dtype": "float32"}
+    recipes["linear_modules"] = {
+        "merge_method": "linear",
+        "modules": {module: {"slices": slices(), "parameters": {"weight": 0.25}}},
+        "parameters": {"normalize": False},
+        "dtype": "float32",
+    }
+    return recipes
+
+
+def _new_values(setting, rng: np.random.Generator):
+    """``setting`` with every float scaled by a random factor in [0.5, 1) (the same shape:
+    lists, filters; densities stay densities, DELLA's epsilon stays within them)."""
+    if isinstance(setting, float):
+        return round(setting * float(rng.uniform(0.5, 1.0)), 4)
+    if isinstance(setting, list):
+        return [_new_values(item, rng) for item in setting]
+    if isinstance(setting, dict):
+        return {key: value if key == "filter" else _new_values(value, rng) for key, value in setting.items()}
+    return setting
+
+
+def _revalued(recipe: dict, rng: np.random.Generator) -> dict:
+    """The recipe with new values in every ``parameters`` block (same structure)."""
+    if isinstance(recipe, list):
+        return [_revalued(item, rng) for item in recipe]
+    if not isinstance(recipe, dict):
+        return recipe
+    return {
+        key: {name: _new_values(v, rng) for name, v in value.items()} if key == "parameters" else _revalued(value, rng)
+        for key, value in recipe.items()
+    }
+
+
+def _task_fields(target) -> tuple:
+    """A planned target's task, with its gather task compared by what it gathers (a plan's
+    gather tasks hold maps that compare by identity)."""
+    fields = dict(target.tensor_task.__dict__)
+    gather = fields.pop("gather_tensors")
+    return target.weight_info, target.dtype, fields, dict(gather.weight_info.items()), gather.dtype
+
+
+def test_replanned_candidates_equal_fresh_plans(family):
+    """A candidate of a structure planned before re-resolves only its parameters; the tasks
+    equal mergekit's planner's, for every method and every way to write a recipe."""
+    from mergekit.options import MergeOptions
+
+    rng = np.random.default_rng(0)
+    template = _config(_recipes(family)["linear"])
+    route = PlannerRoute(template, MergeOptions(quiet=True))
+    module = next(iter(route.arch_info.modules))
+    for name, recipe in _structure_recipes(family, module).items():
+        first = _config(recipe)
+        planned, _ = route.plan(first)
+        skeleton = route._skeletons[recipe_structure(first)]
+        assert skeleton is not None, name
+        assert [_task_fields(t) for t in planned] == [_task_fields(t) for t in route._plan_in_full(first)[0]], name
+        for _ in range(2):
+            revalued = _revalued(recipe, rng)
+            replanned, _ = route.plan(_config(revalued))
+            fresh, _, _ = route._plan_in_full(_config(revalued))
+            assert [_task_fields(t) for t in replanned] == [_task_fields(t) for t in fresh], name
+            # it did take the skeleton's route (its gather tasks, not new ones) ...
+            assert all(a.tensor_task.gather_tensors is b.tensor_task.gather_tensors for a, b in zip(replanned, planned))
+        # ... and not vacuously: where there were values to change, the parameters changed
+        if revalued != recipe:
+            parameters = [(t.tensor_task.parameters, t.tensor_task.input_parameters) for t in replanned]
+            assert parameters != [(t.tensor_task.parameters, t.tensor_task.input_parameters) for t in planned], name
+
+
+def test_structure_excludes_values_only(family):
+    recipe = _recipes(family)["ties"]
+    structure = recipe_structure(_config(recipe))
+    assert recipe_structure(_config(_revalued(recipe, np.random.default_rng(1)))) == structure
+    for change in ("dtype", "merge_method", "layers"):
+        other = _recipes(family)["ties"]
+        if change == "dtype":
+            other["dtype"] = "bfloat16"
+        elif change == "merge_method":
+            other["merge_method"] = "dare_ties"
+        else:
+            other["models"] = other["models"][:-1]
+        assert recipe_structure(_config(other)) != structure, change
+
+
+def test_replanned_merges_equal_first_merges(family, merger):
+    """Merged by a merger whose skeleton, kernels and checked groups come from an earlier
+    candidate, a recipe gives the tensors a fresh merger (full plan, new kernels) gives."""
+    rng = np.random.default_rng(2)
+    for method in ("linear", "ties", "dare_ties", "della", "sce", "slerp"):
+        recipe = _recipes(family)[method]
+        merger.merge(_config(recipe))  # the structure's skeleton and kernels
+        candidate = _config(_revalued(recipe, rng))
+        replanned = _snapshot(merger.merge(candidate))
+        # (a template of another structure: the fresh merger plans the candidate in full)
+        fresh = InMemoryMerger(_config(_recipes(family)["ram"]), random_seed=SEED).merge(candidate)
+        _assert_state_equal(fresh, replanned)
+        assert any(not torch.equal(replanned[n], t) for n, t in _snapshot(merger.merge(_config(recipe))).items())
 
 
 def test_tokenizer_source_union_resizes_like_run_merge(family, tmp_path):

@@ -95,6 +95,7 @@ from mergekit.graph import Task
 from mergekit.io.tasks import GatherTensors, ReturnTensor
 from mergekit.merge_methods import get as get_method
 from mergekit.merge_methods.base import (
+    BatchOptions,
     GroupMergeMethod,
     ParameterScope,
     PerInputValues,
@@ -102,6 +103,8 @@ from mergekit.merge_methods.base import (
     TensorGroup,
     TensorMetadata,
 )
+from mergekit.merge_methods.batching import prepare_batches
+from mergekit.merge_methods.dtype import promoted_dtype
 from mergekit.merge_methods.generalized_task_arithmetic import (
     ConsensusMethod,
     GeneralizedTaskArithmeticMerge,
@@ -336,6 +339,9 @@ class SparsifyingFastPath:
         self.last_fast_tasks = 0  # tensors of the last rewritten candidate on fast kernels
         self.finite_outputs: set[int] = set()  # data_ptr of outputs whose chunk sums were finite
         self._negative_zeros: dict[tuple, bool] = {}
+        # id(gather task) -> (gather task, merge task, kernel or None) of the last candidate
+        self._kernels: dict[int, tuple] = {}
+        self._next_kernels: dict[int, tuple] = {}
 
     def base_has_negative_zero(self, key: tuple, base: torch.Tensor) -> bool:
         """Whether a base tensor holds a -0.0 (found once per tensor and dtype; a few bits)."""
@@ -363,9 +369,10 @@ class SparsifyingFastPath:
         a fast kernel writes straight into it when dtype and shape match."""
         self.finite_outputs.clear()
         kernels = [self._kernel_for(ret.tensor_task) for ret in targets]
+        self._kernels, self._next_kernels = self._next_kernels, {}  # keep this candidate's only
         for ret, kernel in zip(targets, kernels):
-            if kernel is not None and destinations:
-                kernel.destination = destinations.get(ret.weight_info.name)
+            if kernel is not None:  # (a kernel reused from the last candidate had one too)
+                kernel.destination = destinations.get(ret.weight_info.name) if destinations else None
         kernels = self._within_budget(kernels)
         if any(k is not None and k.draws_random for k in kernels) and (self.stream is None or None in kernels):
             # Another kernel would draw from torch's generator in between: keep mergekit's
@@ -448,8 +455,20 @@ class SparsifyingFastPath:
             self.stream.clear()
 
     def _kernel_for(self, task: Task) -> _FastKernel | None:
+        """The kernel for ``task``; the same object as last candidate's for a task re-planned
+        from the same skeleton (same gather task object, method and inputs: see replan.py)."""
         if not isinstance(task, ExecuteMergeMethodTask):
             return None
+        key = id(task.gather_tensors)
+        known = self._kernels.get(key)
+        if known is not None and known[0] is task.gather_tensors and _same_inputs(known[1], task):
+            kernel = known[2]
+        else:
+            kernel = self._new_kernel(task)
+        self._next_kernels[key] = (task.gather_tensors, task, kernel)
+        return kernel
+
+    def _new_kernel(self, task: ExecuteMergeMethodTask) -> _FastKernel | None:
         method = get_method(task.method_name)
         if method is get_method("linear"):
             kernel_class = _FastLinear
@@ -479,6 +498,42 @@ class SparsifyingFastPath:
         if not all(load in self._inputs for load in loads.values()):
             return None
         return gather.execute(**{name: self._inputs[load] for name, load in loads.items()})
+
+
+def _has_dtype(group: TensorGroup, dtype: torch.dtype) -> bool:
+    return all(entry.tensor.dtype == dtype for entry in group.entries)
+
+
+def _bound_parameters(spec, task: ExecuteMergeMethodTask, group: TensorGroup) -> dict:
+    """The task's resolved parameters bound to the group's entries, as the adapter binds them
+    (per-input values for every entry, or for the non-base ones, in entry order)."""
+    parameters = dict(task.parameters.items())
+    if not spec.input_parameters:
+        return parameters
+    # the entries' ids are the task's own model objects: find their values by identity
+    # (a ModelReference hashes all its fields on every lookup)
+    by_identity = {id(model): values for model, values in task.input_parameters.items()}
+    values_of = [by_identity.get(id(entry.id)) or task.input_parameters[entry.id] for entry in group.entries]
+    for parameter in spec.input_parameters:
+        scope = [
+            (entry.id, values[parameter.name])
+            for entry, values in zip(group.entries, values_of)
+            if parameter.scope == ParameterScope.INPUT or not entry.is_base
+        ]
+        parameters[parameter.name] = PerInputValues(scope)
+    return parameters
+
+
+def _same_inputs(known: ExecuteMergeMethodTask, task: ExecuteMergeMethodTask) -> bool:
+    """``task`` merges what ``known`` merged the same way (a copy of it with other parameters)."""
+    return (
+        known.method_name == task.method_name
+        and known.model_order is task.model_order
+        and known.base_model is task.base_model
+        and known.output_weight is task.output_weight
+        and known.dtype == task.dtype
+        and known.out_dtype == task.out_dtype
+    )
 
 
 def _simple_inputs(task: ExecuteMergeMethodTask, tensors: dict | None) -> bool:
@@ -520,6 +575,8 @@ class _FastKernel:
         self.source_names = {m: gather.weight_info[m].name for m in task.model_order}
         self.destination: torch.Tensor | None = None  # set by rewrite: where the result goes
         self.use_optional = True  # cleared by rewrite when the optional state does not fit
+        self._group: TensorGroup | None = None  # the checked group of the resident tensors
+        self._group_aligned = False  # its inputs all have the work dtype already
 
     @property
     def kinds_in_use(self) -> tuple[str, ...]:
@@ -537,6 +594,29 @@ class _FastKernel:
         return (str(model), self.source_names[model], *self.base_key, dtype)
 
     def run(self, task: ExecuteMergeMethodTask, tensors: dict) -> torch.Tensor:
+        """What ``ExecuteMergeMethodTask.execute`` does for these inputs, this kernel as method.
+
+        On the resident tensors (``execute_resident``) the group is built and checked once: a
+        kernel serves copies of one task only (``_same_inputs``), whose entries, order and
+        checks do not depend on parameter values."""
+        resident = tensors is self.tensors
+        group = self._group if resident else None
+        if group is None:
+            group = self._checked_group(task, tensors)
+            if resident:
+                self._group = group
+                self._group_aligned = _has_dtype(group, dtype_from_name(task.dtype) or promoted_dtype(group))
+        parameters = _bound_parameters(self.method.spec, task, group)
+        out_dtype = dtype_from_name(task.out_dtype)
+        if resident and self._group_aligned:
+            return self._execute_aligned(group, parameters, out_dtype)
+        # mergekit's dtype alignment, autocast guard, shape check and out_dtype cast.
+        (result,) = _GroupKernel(self)._execute_resolved(
+            (group,), [parameters], dtype=dtype_from_name(task.dtype), out_dtype=out_dtype
+        )
+        return result
+
+    def _checked_group(self, task: ExecuteMergeMethodTask, tensors: dict) -> TensorGroup:
         entries = tuple(
             TensorEntry(id=model, tensor=tensors[model], is_base=model == task.base_model) for model in task.model_order
         )
@@ -545,20 +625,21 @@ class _FastKernel:
             [entry.id for entry in entries], task.base_model, group_name=task.output_weight.name
         )
         group.validate_tensors()
-        parameters = dict(task.parameters.items())
-        for parameter in self.method.spec.input_parameters:
-            inputs = entries if parameter.scope == ParameterScope.INPUT else group.non_base
-            parameters[parameter.name] = PerInputValues(
-                [(entry.id, task.input_parameters[entry.id][parameter.name]) for entry in inputs]
-            )
-        # mergekit's dtype alignment, autocast guard, shape check and out_dtype cast.
-        (result,) = _GroupKernel(self)._execute_resolved(
-            (group,),
-            [parameters],
-            dtype=dtype_from_name(task.dtype),
-            out_dtype=dtype_from_name(task.out_dtype),
-        )
-        return result
+        return group
+
+    def _execute_aligned(self, group: TensorGroup, parameters: dict, out_dtype: torch.dtype | None) -> torch.Tensor:
+        """``GroupMergeMethod._execute`` for one group whose inputs all have the work dtype
+        already (its ``align_dtype`` would hand back the same tensors): autocast guard, the
+        kernel, shape check, out_dtype cast."""
+        like = group.entries[0].tensor
+        if torch.is_autocast_enabled(like.device.type):
+            with torch.autocast(device_type=like.device.type, enabled=False):
+                result = self.merge_group(group, **parameters)
+        else:  # the guard would change nothing (and costs more than a small tensor's merge)
+            result = self.merge_group(group, **parameters)
+        if not isinstance(result, torch.Tensor) or result.shape != like.shape:
+            raise TypeError(f"Merge method {self.method.spec.name} must return a tensor of shape {like.shape}")
+        return result.to(dtype=out_dtype) if out_dtype is not None else result
 
     def merge_group(self, group: TensorGroup, **parameters) -> torch.Tensor:
         raise NotImplementedError
@@ -1016,9 +1097,6 @@ class _FastLinear(_FastKernel):
     element the same arithmetic, without the float32 accumulator of a whole tensor."""
 
     def merge_group(self, group: TensorGroup, **parameters) -> torch.Tensor:
-        from mergekit.merge_methods.base import BatchOptions
-        from mergekit.merge_methods.batching import prepare_batches
-
         out = self.output_for(group.entries[0].tensor)
         if self._one_fused_dtype(group, out) and fused.supports_linear():
             return self._fused(group, parameters, out)
@@ -1058,10 +1136,19 @@ class _FastLinear(_FastKernel):
     def _fused(self, group: TensorGroup, parameters: dict, out: torch.Tensor) -> torch.Tensor:
         """The fused kernel, with the weights as mergekit packs them for one group: a float32
         row in the group's order (``TensorBatch.pack``); its sum over the row the denominator."""
-        weight = torch.tensor([[parameters["weight"][entry.id] for entry in group.entries]], dtype=torch.float32)
-        denominator = float(weight.sum(dim=1)) if parameters["normalize"] else None
+        weights = tuple(parameters["weight"][entry.id] for entry in group.entries)
+        coefficients, denominator = _packed_weights(weights, bool(parameters["normalize"]))
         sources = [entry.tensor.view(-1) for entry in group.entries]
-        return _vouch(self.fast, out, fused.linear(sources, weight[0].tolist(), denominator, out.view(-1)))
+        return _vouch(self.fast, out, fused.linear(sources, coefficients, denominator, out.view(-1)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _packed_weights(weights: tuple, normalize: bool) -> tuple[tuple[float, ...], float | None]:
+    """The weights as mergekit packs them for one group (a float32 row), and the row's float32
+    sum when normalising. Cached: the tensors of one layer (and of a whole recipe without
+    gradients) share their weights, and torch.tensor costs more than the kernel of a norm."""
+    row = torch.tensor([weights], dtype=torch.float32)
+    return tuple(row[0].tolist()), float(row.sum(dim=1)) if normalize else None
 
 
 class _FastSCE(_FastKernel):

@@ -30,6 +30,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,7 +221,7 @@ def supports_linear() -> bool:
 
 
 def linear(
-    sources: list[torch.Tensor], coefficients: list[float], denominator: float | None, out: torch.Tensor
+    sources: list[torch.Tensor], coefficients: Sequence[float], denominator: float | None, out: torch.Tensor
 ) -> bool:
     """mergekit's linear merge of flat ``sources`` into flat ``out``, all of one dtype (float32
     accumulation); True if every output is finite. Only where ``supports_linear()``."""

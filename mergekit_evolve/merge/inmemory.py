@@ -8,6 +8,8 @@ everything around the merge:
 * source tensors are read from disk once (at construction) and stay resident on ``device``;
   every candidate's task graph gets them as pre-computed values of its input tasks, so no
   candidate touches the disk or mergekit's process-wide ``LoaderCache``;
+* a recipe structure is planned by mergekit once; later candidates of it only re-resolve
+  their parameter values into that plan (``mergekit_evolve/merge/replan.py``);
 * one transformers model is built once; each candidate's output tensors are copied into it by
   name, or written straight into its parameters by the fast-path kernels (no model objects, no
   files per candidate);
@@ -38,6 +40,7 @@ from typing import Any
 
 import torch
 import transformers
+from mergekit import merge_methods
 from mergekit.architecture import get_architecture_info
 from mergekit.common import ModelReference, dtype_from_name
 from mergekit.config import MergeConfiguration
@@ -50,6 +53,7 @@ from pydantic import BaseModel
 from mergekit_evolve.errors import CandidateError, InputError
 from mergekit_evolve.merge.fastpath import FastMergeTask, SparsifyingFastPath
 from mergekit_evolve.merge.quiet import mergekit_torch_dtype_quiet
+from mergekit_evolve.merge.replan import PlanSkeleton, recipe_structure
 
 __all__ = ["InMemoryMerger", "MergeTimings"]
 
@@ -57,7 +61,7 @@ __all__ = ["InMemoryMerger", "MergeTimings"]
 class MergeTimings(BaseModel):
     """Where the time of one ``InMemoryMerger.merge`` call went, in seconds."""
 
-    plan_s: float = 0.0  # MergePlanner over a copy of the config
+    plan_s: float = 0.0  # mergekit's planner (a new recipe structure) or re-resolved parameters
     schedule_s: float = 0.0  # task graph + execution order (mergekit Executor set-up)
     execute_s: float = 0.0  # mergekit merge-method code
     copy_s: float = 0.0  # finiteness check + copy into the resident model
@@ -90,15 +94,26 @@ class PlannerRoute:
     list scan is quadratic (~0.1 s per candidate for a 12-layer model), so the route swaps the
     list for a set after construction.
 
+    Planning is most of a linear candidate's Python time, so a config whose recipe structure
+    was planned before (same everything but parameter values) is not planned again: its
+    parameters are re-resolved into the earlier plan's tasks (``replan.PlanSkeleton``, kept for
+    the last ``MAX_STRUCTURES`` structures). For that it relies on ``MergePlanner.plan_tensor``
+    taking ``(weight, weights_in, models, cfg_reader)`` and on ``ConfigReader.parameter_sources``
+    (public in mergekit 0.1.5); ``tests/test_merge_engine.py`` checks re-planned tasks equal
+    freshly planned ones for every method and recipe form.
+
     ``PRIVATE_NAMES`` lists them; ``tests/test_merge_engine.py`` checks that they exist and that
     this route still produces what ``merge_state_dicts`` and ``mergekit-yaml`` produce.
     """
+
+    MAX_STRUCTURES = 8  # skeletons kept (a search has one or a few recipe structures)
 
     PRIVATE_NAMES = (
         ("mergekit.plan.MergePlanner", "_plan"),
         ("mergekit.plan.MergePlanner", "_tensors"),
         ("mergekit.plan.MergePlanner", "_tokenizer_task"),
         ("mergekit.plan.MergePlanner", "_model_arch"),
+        ("mergekit.plan.MergePlanner", "plan_tensor"),
         ("mergekit.merge", "_model_out_config"),
         ("mergekit.merge", "_update_config_vocab"),
     )
@@ -109,14 +124,35 @@ class PlannerRoute:
         self.options = options
         self.arch_info = get_architecture_info(template, options)
         self._model_archs: dict[ModelReference, Any] = {}  # see _Planner
+        self._skeletons: dict[str, PlanSkeleton | None] = {}  # recipe structure -> its plan
         with mergekit_torch_dtype_quiet():
             self._out_config = mergekit.merge._model_out_config(
                 template, self.arch_info, trust_remote_code=options.trust_remote_code
             )
 
     def plan(self, config: MergeConfiguration) -> tuple[list[ReturnTensor], Task | None]:
-        """Return one ``ReturnTensor`` per output tensor, and the tokenizer task (or None)."""
-        # The planner rewrites the config (models -> modules.slices): give it a copy.
+        """Return one ``ReturnTensor`` per output tensor, and the tokenizer task (or None).
+
+        The first config of a recipe structure is planned by mergekit's planner; later ones
+        of that structure re-resolve only their parameters (``replan.PlanSkeleton``)."""
+        structure = recipe_structure(config)
+        if structure in self._skeletons:
+            skeleton = self._skeletons.pop(structure)
+            self._skeletons[structure] = skeleton  # most recently used last
+            if skeleton is None:
+                return self._plan_in_full(config)[:2]
+            return skeleton.replan(config), skeleton.tokenizer_task
+        skeleton = PlanSkeleton.build(config, self._plan_in_full, merge_methods.get(config.merge_method).spec)
+        self._skeletons[structure] = skeleton
+        while len(self._skeletons) > self.MAX_STRUCTURES:
+            del self._skeletons[next(iter(self._skeletons))]
+        if skeleton is None:
+            return self._plan_in_full(config)[:2]
+        return skeleton.targets, skeleton.tokenizer_task
+
+    def _plan_in_full(self, config: MergeConfiguration) -> tuple[list[ReturnTensor], Task | None, list]:
+        """mergekit's planner on a copy of ``config`` (it rewrites models -> modules.slices);
+        also each target's ``(name, inputs, ConfigReader)``, for ``PlanSkeleton``."""
         planner = _Planner(copy.deepcopy(config), self.arch_info, self.options, self._out_config)
         planner.model_archs = self._model_archs
         planner._plan()
@@ -128,7 +164,7 @@ class PlannerRoute:
             )
             for weight, task in planner._tensors
         ]
-        return targets, planner._tokenizer_task
+        return targets, planner._tokenizer_task, planner.tensor_sources
 
     @staticmethod
     def executor(targets: list[ReturnTensor], inputs: dict, device: torch.device) -> Executor:
@@ -162,10 +198,21 @@ class _Planner(MergePlanner):
 
     model_archs: dict
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tensor_sources: list[tuple] = []  # per planned tensor: (name, inputs, reader)
+
     def _model_arch(self, model: ModelReference):
         if model not in self.model_archs:
             self.model_archs[model] = super()._model_arch(model)
         return self.model_archs[model]
+
+    def plan_tensor(self, weight, weights_in, models, cfg_reader):
+        planned = len(self._tensors)
+        super().plan_tensor(weight, weights_in, models, cfg_reader)
+        if len(self._tensors) > planned:  # (an optional weight no input has is skipped)
+            inputs = {model: weight_in.name for model, weight_in in zip(models, weights_in)}
+            self.tensor_sources.append((weight.name, inputs, cfg_reader))
 
 
 class InMemoryMerger:
