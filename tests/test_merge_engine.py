@@ -482,6 +482,23 @@ def test_replanned_merges_equal_first_merges(family, merger):
         assert any(not torch.equal(replanned[n], t) for n, t in _snapshot(merger.merge(_config(recipe))).items())
 
 
+def test_small_models_never_build_the_fused_kernels(family, monkeypatch):
+    """Tensors as small as the zoo's stay on the chunked torch path: merging them (first and
+    re-planned candidates) never asks for the C library (a ~30 s compile on first use)."""
+    from mergekit_evolve.merge import fused
+
+    def refuse():
+        raise AssertionError("the fused kernels' library was asked for")
+
+    monkeypatch.setattr(fused, "_library", refuse)
+    merger = InMemoryMerger(_template(family), random_seed=SEED)
+    rng = np.random.default_rng(3)
+    for method in ("linear", "ties", "dare_ties", "sce"):
+        merger.merge(_config(_recipes(family)[method]))
+        merger.merge(_config(_revalued(_recipes(family)[method], rng)))
+        assert merger.fast_path.last_fast_tasks > 0
+
+
 def test_tokenizer_source_union_resizes_like_run_merge(family, tmp_path):
     recipe = _recipes(family)["linear"]
     recipe["tokenizer_source"] = "union"

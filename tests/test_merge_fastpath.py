@@ -354,6 +354,9 @@ def test_fused_kernels_carry_the_candidates(family_name, families, mergers, monk
 
     for name in calls:
         monkeypatch.setattr(fused, name, counting(name))
+    batched = []  # linear tensors written into the model go to a batch, one kernel call for all
+    add = fused.LinearBatch.add
+    monkeypatch.setattr(fused.LinearBatch, "add", lambda batch, *a, **k: batched.append(1) or add(batch, *a, **k))
     fast, reference = mergers[family_name]
     dtype = "float32" if family_name == "fp32" else "bfloat16"
     rng = np.random.default_rng(5)
@@ -367,7 +370,8 @@ def test_fused_kernels_carry_the_candidates(family_name, families, mergers, monk
         expected = _state(reference.merge(config))
         _assert_bitwise(fast.merge(config), expected, f"{method} {family_name} fused")
         tensors += len(expected)
-    assert calls["linear"] + calls["task_arithmetic"] + calls["sce"] == tensors
+    assert calls["linear"] + len(batched) + calls["task_arithmetic"] + calls["sce"] == tensors
+    assert len(batched) > 0
     # dare_ties' phase one, from the stored task vectors (della's keep probabilities are not a key range)
     assert calls["masked_magnitudes"] > 0 and calls["mask_task_vector"] == 0
 

@@ -65,17 +65,50 @@ def test_linear_is_mergekits_accumulation(size, dtype, normalize, n, threads):
     generator = torch.Generator().manual_seed(size)
     sources = [_values(size, dtype, generator, scale) for scale in (1.0, 3.0, 0.01, 0.5, 9.0, 0.2)[:n]]
     weight = torch.tensor([[0.2, -0.7, 1.3, 0.45, -0.05, 0.8][:n]])  # mergekit packs them as float32 [batch, n]
-    denominator = weight.sum(dim=1)
-    expected = torch.zeros(size)  # linear_merge: zeros, addcmul_ per input, div_, cast
+    expected = _mergekit_linear(sources, weight, normalize, dtype)
+    out = torch.empty(size, dtype=dtype)
+    finite = fused.linear(sources, weight[0].tolist(), float(weight.sum(dim=1)) if normalize else None, out)
+    _assert_bitwise(out, expected)
+    assert finite == bool(torch.isfinite(expected).all())
+
+
+def _mergekit_linear(sources: list[torch.Tensor], weight: torch.Tensor, normalize: bool, dtype) -> torch.Tensor:
+    """linear_merge's arithmetic: float32 zeros, addcmul_ per input, div_ by the weights' sum, cast."""
+    expected = torch.zeros(sources[0].numel())
     for source, coefficient in zip(sources, weight.unbind(1)):
         expected.addcmul_(source, coefficient)
     if normalize:
-        expected.div_(denominator)
-    expected = expected.to(dtype)
-    out = torch.empty(size, dtype=dtype)
-    finite = fused.linear(sources, weight[0].tolist(), float(denominator) if normalize else None, out)
-    _assert_bitwise(out, expected)
-    assert finite == bool(torch.isfinite(expected).all())
+        expected.div_(weight.sum(dim=1))
+    return expected.to(dtype)
+
+
+@needs_linear
+def test_linear_batch_is_linear_per_tensor(threads):
+    """A batch (one kernel call per thread for all its tensors, a tensor's elements split
+    between the threads where the shares meet) gives each tensor linear's bits and its own
+    finiteness; dtypes, input counts and normalisation may differ from tensor to tensor."""
+    generator = torch.Generator().manual_seed(7)
+    shapes = [(200_003, torch.float32, 3, True), (1, torch.bfloat16, 1, False), (63, torch.float32, 6, False)]
+    shapes += [(70_001, torch.bfloat16, 4, True), (1000, torch.float32, 2, True), (131_072, torch.bfloat16, 3, False)]
+    batch, jobs, finite = fused.LinearBatch(), [], {}
+    for index, (size, dtype, n, normalize) in enumerate(shapes):
+        sources = [_values(size, dtype, generator, scale) for scale in (1.0, 3.0, 0.01, 0.5, 9.0, 0.2)[:n]]
+        if index == 0:  # one surely finite (no huge values) ...
+            sources = [torch.randn(size, generator=generator).to(dtype) for _ in range(n)]
+        if index == 4:  # ... and one surely not: only its flag says so
+            sources[0][17] = float("inf")
+        weight = torch.rand(1, n, generator=generator) * 2 - 0.5
+        out = torch.full((size,), 7.0, dtype=dtype)
+        denominator = float(weight.sum(dim=1)) if normalize else None
+        batch.add(sources, weight[0].tolist(), denominator, out, lambda ok, index=index: finite.update({index: ok}))
+        jobs.append((out, _mergekit_linear(sources, weight, normalize, dtype)))
+    assert len(batch) == len(shapes) and not finite  # nothing runs before run()
+    batch.run()
+    assert len(batch) == 0
+    for index, (out, expected) in enumerate(jobs):
+        _assert_bitwise(out, expected)
+        assert finite[index] == bool(torch.isfinite(expected).all()), index
+    assert finite[4] is False and finite[0] is True
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

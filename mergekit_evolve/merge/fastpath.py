@@ -86,7 +86,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -339,6 +339,8 @@ class SparsifyingFastPath:
         self.last_fast_tasks = 0  # tensors of the last rewritten candidate on fast kernels
         self.finite_outputs: set[int] = set()  # data_ptr of outputs whose chunk sums were finite
         self._negative_zeros: dict[tuple, bool] = {}
+        self._batching = False  # ``execute`` is running: linear kernels may queue their work
+        self._batch: fused.LinearBatch | None = None
         # id(gather task) -> (gather task, merge task, kernel or None) of the last candidate
         self._kernels: dict[int, tuple] = {}
         self._next_kernels: dict[int, tuple] = {}
@@ -394,6 +396,29 @@ class SparsifyingFastPath:
             )
             for ret, kernel in zip(targets, kernels)
         ]
+
+    def execute(self, targets: list[ReturnTensor]) -> Iterator[tuple[ReturnTensor, Any]]:
+        """``(target, value)`` for targets that all run on fast kernels, in this order (the
+        schedule's: random kernels take their draws in it). Linear kernels writing straight
+        into the model are queued and run as one batch of the fused kernels before any value
+        is handed out (nothing reads those outputs before). Lazy: runs on the first ``next``."""
+        self._batching, self._batch = True, None
+        try:
+            values = [ret.tensor_task.execute_resident() for ret in targets]
+            if self._batch is not None:
+                self._batch.run()
+        finally:
+            self._batching, self._batch = False, None
+        for ret, value in zip(targets, values):
+            yield ret, ret.execute(tensor=value)
+
+    def linear_batch(self) -> fused.LinearBatch | None:
+        """The batch linear kernels queue into while ``execute`` runs (None otherwise); made by
+        the first kernel that uses it (so models too small for the fused kernels never build
+        their library)."""
+        if self._batching and self._batch is None:
+            self._batch = fused.LinearBatch()
+        return self._batch
 
     def _within_budget(self, kernels: list) -> list:
         """The kernels, less those needing state that is not resident and would not fit; then
@@ -577,6 +602,7 @@ class _FastKernel:
         self.use_optional = True  # cleared by rewrite when the optional state does not fit
         self._group: TensorGroup | None = None  # the checked group of the resident tensors
         self._group_aligned = False  # its inputs all have the work dtype already
+        self.may_defer = False  # set by run: the result is not read before the merger stores it
 
     @property
     def kinds_in_use(self) -> tuple[str, ...]:
@@ -609,7 +635,12 @@ class _FastKernel:
         parameters = _bound_parameters(self.method.spec, task, group)
         out_dtype = dtype_from_name(task.out_dtype)
         if resident and self._group_aligned:
-            return self._execute_aligned(group, parameters, out_dtype)
+            # the result may be left to a batch only when nothing here reads it (no cast)
+            self.may_defer = out_dtype is None or _has_dtype(group, out_dtype)
+            try:
+                return self._execute_aligned(group, parameters, out_dtype)
+            finally:
+                self.may_defer = False
         # mergekit's dtype alignment, autocast guard, shape check and out_dtype cast.
         (result,) = _GroupKernel(self)._execute_resolved(
             (group,), [parameters], dtype=dtype_from_name(task.dtype), out_dtype=out_dtype
@@ -1139,7 +1170,14 @@ class _FastLinear(_FastKernel):
         weights = tuple(parameters["weight"][entry.id] for entry in group.entries)
         coefficients, denominator = _packed_weights(weights, bool(parameters["normalize"]))
         sources = [entry.tensor.view(-1) for entry in group.entries]
+        batch = self.fast.linear_batch() if self.may_defer and self._writes_destination(out) else None
+        if batch is not None:  # written by the batch before the merger reads it; vouched for then
+            batch.add(sources, coefficients, denominator, out.view(-1), lambda finite: _vouch(self.fast, out, finite))
+            return out
         return _vouch(self.fast, out, fused.linear(sources, coefficients, denominator, out.view(-1)))
+
+    def _writes_destination(self, out: torch.Tensor) -> bool:
+        return self.destination is not None and out.data_ptr() == self.destination.data_ptr()
 
 
 @functools.lru_cache(maxsize=1024)

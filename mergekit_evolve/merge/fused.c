@@ -242,6 +242,35 @@ int linear_fma(int dtype, int n, const void *const *sources, const float *coeffi
     LINEAR_DISPATCH(1, DT_F32)
 }
 
+/* A batch of linear merges in one call: a candidate's tensors of one recipe (fused.py's
+ * LinearBatch) without a call, a thread hand-off and the Python between them per tensor. Each job
+ * is one tensor's range [begin, end), with linear()'s arguments; finite: written here. */
+typedef struct {
+    int32_t dtype;
+    int32_t n;
+    int32_t normalize;
+    float denominator;
+    const void *const *sources;
+    const float *coefficients;
+    void *out;
+    int64_t begin;
+    int64_t end;
+    int32_t finite;
+} LinearJob;
+
+int linear_batch(int fma, LinearJob *jobs, int count) {
+    for (int i = 0; i < count; i++) {
+        LinearJob *job = &jobs[i];
+        const int finite = fma ? linear_fma(job->dtype, job->n, job->sources, job->coefficients, job->normalize,
+                                            job->denominator, job->out, job->begin, job->end)
+                               : linear(job->dtype, job->n, job->sources, job->coefficients, job->normalize,
+                                        job->denominator, job->out, job->begin, job->end);
+        if (finite < 0) return finite;
+        job->finite = finite;
+    }
+    return 1;
+}
+
 int has_fma(void) {
 #if defined(__x86_64__)
     __builtin_cpu_init();

@@ -390,7 +390,7 @@ class InMemoryMerger:
         direct = self._direct_order(targets)
         if direct is None:
             return self._executor(targets).run(quiet=True)
-        return ((ret, ret.execute(tensor=ret.tensor_task.execute_resident())) for ret in direct)
+        return self.fast_path.execute(direct)
 
     def _direct_order(self, targets: list[ReturnTensor]) -> list[ReturnTensor] | None:
         """The targets in the order mergekit's Executor runs them, when every one is a fast task
