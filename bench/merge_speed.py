@@ -5,7 +5,8 @@
 
 Builds a random Llama-shaped family (a base and two "fine-tunes" = base + seeded noise) in a temp
 dir, no downloads. For each merge method it times one candidate through ``InMemoryMerger.merge``
-(median of --repeats, after one warm-up; split into plan / schedule / execute / copy) and through
+(median of --repeats, after one warm-up; split into plan / schedule / execute / copy;
+the timed candidates alternate between two value sets of the recipe, as a search's do) and through
 ``mergekit-yaml CONFIG OUT`` in a subprocess plus loading OUT with transformers (what an on-disk
 search pays per candidate). It also measures this machine's memory bandwidth with a large torch
 add and prints the bandwidth bound of a linear merge (read every input once, write the output
@@ -125,16 +126,37 @@ def measure_bandwidth(num_bytes: int) -> float:
     return 3 * num_bytes / best
 
 
+def other_values(config: MergeConfiguration) -> MergeConfiguration:
+    """The same recipe with every per-model float parameter (weights, densities, epsilons) 10%
+    smaller: a search's next candidate (same structure, new values). Global parameters stay
+    (sce's select_topk decides which of its code paths runs: its rows keep theirs)."""
+
+    def smaller(setting):
+        if isinstance(setting, float):
+            return setting * 0.9
+        if isinstance(setting, list):
+            return [smaller(item) for item in setting]
+        return setting
+
+    other = config.model_copy(deep=True)
+    for block in other.models or []:
+        if block.parameters:
+            block.parameters = {name: smaller(value) for name, value in block.parameters.items()}
+    return other
+
+
 def time_in_memory(merger: InMemoryMerger, config: MergeConfiguration, repeats: int):
     """Median seconds per candidate (and its split), after a first candidate whose time is
-    returned too: it builds the fast path's precomputed state for the method."""
+    returned too: it builds the fast path's precomputed state for the method. The timed
+    candidates alternate between ``config`` and ``other_values(config)``."""
     start = time.perf_counter()
     merger.merge(config)  # warm-up; builds the method's precomputed state
     first = time.perf_counter() - start
+    candidates = [other_values(config), config]
     totals, splits = [], []
-    for _ in range(repeats):
+    for index in range(repeats):
         start = time.perf_counter()
-        merger.merge(config)
+        merger.merge(candidates[index % 2])
         totals.append(time.perf_counter() - start)
         splits.append(merger.last_timings)
     median = statistics.median(totals)

@@ -46,7 +46,11 @@ it the kernels read source and base), so a candidate does no subtraction: DARE's
 writes only the kept magnitudes (what the l1 rescale sums) and phase two takes the masked
 values from the task vectors' signs and those magnitudes. When every
 tensor of a candidate takes the fast path, the merger runs the kernels directly, in the order
-mergekit's Executor would (learnt once per recipe structure), with no task graph per candidate.
+mergekit's Executor would (learnt once per recipe structure), with no task graph per candidate;
+a re-planned candidate (``replan.py``) reuses the last one's kernels and checked input groups, and
+its linear tensors written into the model are queued and run as one batch of the fused kernel
+(one call per thread for all of them: ~100 tensors of a 100M model are otherwise ~100 calls,
+thread hand-offs and Python in between, a third of a linear candidate).
 ``tests/test_merge_fastpath.py`` checks bitwise equality against mergekit's kernels and against
 ``run_merge`` (the fused kernels, and the chunked operations with many small chunks), at two
 torch threads, and on CUDA where there is a GPU; ``tests/test_merge_fused.py`` checks the fused

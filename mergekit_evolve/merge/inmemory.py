@@ -18,7 +18,8 @@ everything around the merge:
 * sparsifying methods (TIES, DARE, breadcrumbs, DELLA, SCE, and task arithmetic) run on
   ``SparsifyingFastPath`` kernels (``mergekit_evolve/merge/fastpath.py``): what does not change
   between candidates (magnitude order of each task vector, the seeded random draws) is computed
-  once, each candidate costs a few elementwise passes, and the tensors stay bitwise mergekit's.
+  once, each candidate costs a few elementwise passes, and the tensors stay bitwise mergekit's
+  (linear's tensors, in one batch of the fused kernel per candidate).
 
 About mergekit's ``LoaderCache``: it is process-wide, keyed by model reference, and its loaders
 keep the last opened shard mapped, so a model rewritten in place in the same process could be
