@@ -52,8 +52,10 @@ _STRUCTURE_EXCLUDE = {
 
 def recipe_structure(config: MergeConfiguration) -> str:
     """Everything of ``config`` but its parameter values: two configs with the same structure
-    plan the same tasks in the same order, apart from the tasks' parameters."""
-    return json.dumps(config.model_dump(mode="json", exclude=_STRUCTURE_EXCLUDE), sort_keys=True)
+    plan the same tasks in the same order, apart from the tasks' parameters. (Keys keep their
+    order: mergekit plans modules in the order they are written, and ``parameter_owners`` walks
+    them so.)"""
+    return json.dumps(config.model_dump(mode="json", exclude=_STRUCTURE_EXCLUDE))
 
 
 def parameter_owners(config: MergeConfiguration) -> list[BaseModel]:
