@@ -606,7 +606,7 @@ class _FastKernel:
         self.use_optional = True  # cleared by rewrite when the optional state does not fit
         self._group: TensorGroup | None = None  # the checked group of the resident tensors
         self._group_aligned = False  # its inputs all have the work dtype already
-        self.may_defer = False  # set by run: the result is not read before the merger stores it
+        self.may_defer = False  # the resident group's result is not read before the merger stores it
 
     @property
     def kinds_in_use(self) -> tuple[str, ...]:
@@ -631,20 +631,17 @@ class _FastKernel:
         checks do not depend on parameter values."""
         resident = tensors is self.tensors
         group = self._group if resident else None
+        out_dtype = dtype_from_name(task.out_dtype)
         if group is None:
             group = self._checked_group(task, tensors)
             if resident:
                 self._group = group
                 self._group_aligned = _has_dtype(group, dtype_from_name(task.dtype) or promoted_dtype(group))
+                # a result may be left to a batch only where nothing here reads it (no cast)
+                self.may_defer = self._group_aligned and (out_dtype is None or _has_dtype(group, out_dtype))
         parameters = _bound_parameters(self.method.spec, task, group)
-        out_dtype = dtype_from_name(task.out_dtype)
         if resident and self._group_aligned:
-            # the result may be left to a batch only when nothing here reads it (no cast)
-            self.may_defer = out_dtype is None or _has_dtype(group, out_dtype)
-            try:
-                return self._execute_aligned(group, parameters, out_dtype)
-            finally:
-                self.may_defer = False
+            return self._execute_aligned(group, parameters, out_dtype)
         # mergekit's dtype alignment, autocast guard, shape check and out_dtype cast.
         (result,) = _GroupKernel(self)._execute_resolved(
             (group,), [parameters], dtype=dtype_from_name(task.dtype), out_dtype=out_dtype

@@ -231,15 +231,19 @@ def linear(
 
 
 def _call_linear(kernel, sources, coefficients, denominator, out) -> bool:
+    return _run(kernel, out.numel(), *_linear_arguments(sources, coefficients, denominator, out))
+
+
+def _linear_arguments(sources, coefficients, denominator, out) -> tuple:
+    """The C linear kernels' arguments before the range: (dtype, n, source pointers,
+    coefficients, normalize, denominator, out); the two arrays must outlive the call."""
     if any(source.dtype != out.dtype for source in sources):
         raise ValueError("fused linear takes sources of the output's dtype")
     n = len(sources)
     pointers = (ctypes.c_void_p * n)(*(s.data_ptr() for s in sources))
     values = (ctypes.c_float * n)(*coefficients)
     normalize = denominator is not None
-    return _run(
-        kernel,
-        out.numel(),
+    return (
         DTYPE_CODES[out.dtype],
         n,
         pointers,
@@ -275,7 +279,7 @@ class LinearBatch:
     Only where ``supports_linear()``; an output must not be read before ``run``."""
 
     def __init__(self):
-        self._jobs: list[tuple] = []  # (job template, numel, keep-alive arrays, on_done)
+        self._jobs: list[tuple] = []  # (linear's arguments, numel, tensors to keep alive, on_done)
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -289,15 +293,8 @@ class LinearBatch:
         on_done: Callable[[bool], None],
     ) -> None:
         """Queue ``linear(sources, coefficients, denominator, out)``; ``on_done(finite)`` after."""
-        if any(source.dtype != out.dtype for source in sources):
-            raise ValueError("fused linear takes sources of the output's dtype")
-        n = len(sources)
-        pointers = (ctypes.c_void_p * n)(*(s.data_ptr() for s in sources))
-        values = (ctypes.c_float * n)(*coefficients)
-        normalize = denominator is not None
-        job = (DTYPE_CODES[out.dtype], n, int(normalize), denominator if normalize else 1.0)
-        job += (ctypes.addressof(pointers), ctypes.addressof(values), out.data_ptr())
-        self._jobs.append((job, out.numel(), (pointers, values, out, sources), on_done))
+        arguments = _linear_arguments(sources, coefficients, denominator, out)
+        self._jobs.append((arguments, out.numel(), (out, sources), on_done))
 
     def run(self) -> None:
         """Merge every queued tensor: the elements of all of them split into one contiguous
@@ -334,9 +331,9 @@ class LinearBatch:
     def _array(self, segments: list[tuple]) -> ctypes.Array:
         array = (_LinearJob * len(segments))()
         for slot, (index, begin, end) in zip(array, segments):
-            slot.dtype, slot.n, slot.normalize, slot.denominator, slot.sources, slot.coefficients, slot.out = (
-                self._jobs[index][0]
-            )
+            dtype, n, pointers, values, normalize, denominator, out = self._jobs[index][0]
+            slot.dtype, slot.n, slot.normalize, slot.denominator, slot.out = dtype, n, normalize, denominator, out
+            slot.sources, slot.coefficients = ctypes.addressof(pointers), ctypes.addressof(values)
             slot.begin, slot.end = begin, end
         return array
 

@@ -137,19 +137,18 @@ class PlannerRoute:
         The first config of a recipe structure is planned by mergekit's planner; later ones
         of that structure re-resolve only their parameters (``replan.PlanSkeleton``)."""
         structure = recipe_structure(config)
-        if structure in self._skeletons:
+        first = structure not in self._skeletons
+        if first:
+            spec = merge_methods.get(config.merge_method).spec
+            skeleton = PlanSkeleton.build(config, self._plan_in_full, spec)
+            while len(self._skeletons) >= self.MAX_STRUCTURES:
+                del self._skeletons[next(iter(self._skeletons))]
+        else:
             skeleton = self._skeletons.pop(structure)
-            self._skeletons[structure] = skeleton  # most recently used last
-            if skeleton is None:
-                return self._plan_in_full(config)[:2]
-            return skeleton.replan(config), skeleton.tokenizer_task
-        skeleton = PlanSkeleton.build(config, self._plan_in_full, merge_methods.get(config.merge_method).spec)
-        self._skeletons[structure] = skeleton
-        while len(self._skeletons) > self.MAX_STRUCTURES:
-            del self._skeletons[next(iter(self._skeletons))]
-        if skeleton is None:
+        self._skeletons[structure] = skeleton  # most recently used last
+        if skeleton is None:  # a structure replan.py cannot trace
             return self._plan_in_full(config)[:2]
-        return skeleton.targets, skeleton.tokenizer_task
+        return (skeleton.targets if first else skeleton.replan(config)), skeleton.tokenizer_task
 
     def _plan_in_full(self, config: MergeConfiguration) -> tuple[list[ReturnTensor], Task | None, list]:
         """mergekit's planner on a copy of ``config`` (it rewrites models -> modules.slices);
