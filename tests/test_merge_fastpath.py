@@ -342,21 +342,16 @@ def test_fused_kernels_carry_the_candidates(family_name, families, mergers, monk
     tensor (and phase one of each rescaled entry whose mask is a key range, from the stored task
     vectors), with mergekit's bits."""
     calls = {name: 0 for name in ("linear", "mask_task_vector", "masked_magnitudes", "task_arithmetic", "sce")}
-
-    def counting(name: str):
-        kernel = getattr(fused, name)
-
-        def counted(*args, **kwargs):
-            calls[name] += 1
-            return kernel(*args, **kwargs)
-
-        return counted
-
     for name in calls:
-        monkeypatch.setattr(fused, name, counting(name))
-    batched = []  # linear tensors written into the model go to a batch, one kernel call for all
-    add = fused.LinearBatch.add
-    monkeypatch.setattr(fused.LinearBatch, "add", lambda batch, *a, **k: batched.append(1) or add(batch, *a, **k))
+        monkeypatch.setattr(fused, name, _counted(getattr(fused, name), calls, name))
+    # tensors written straight into the model go to a batch, one kernel call per thread for all
+    batched = {"linear": 0, "task_arithmetic": 0, "masked_magnitudes": 0}
+    for batch_class, method, name in [
+        (fused.LinearBatch, "add", "linear"),
+        (fused.TaskArithmeticBatch, "add", "task_arithmetic"),
+        (fused.TaskArithmeticBatch, "add_phase_one", "masked_magnitudes"),
+    ]:
+        monkeypatch.setattr(batch_class, method, _counted(getattr(batch_class, method), batched, name))
     fast, reference = mergers[family_name]
     dtype = "float32" if family_name == "fp32" else "bfloat16"
     rng = np.random.default_rng(5)
@@ -370,10 +365,43 @@ def test_fused_kernels_carry_the_candidates(family_name, families, mergers, monk
         expected = _state(reference.merge(config))
         _assert_bitwise(fast.merge(config), expected, f"{method} {family_name} fused")
         tensors += len(expected)
-    assert calls["linear"] + len(batched) + calls["task_arithmetic"] + calls["sce"] == tensors
-    assert len(batched) > 0
+    merged = calls["linear"] + calls["task_arithmetic"] + calls["sce"]
+    assert merged + batched["linear"] + batched["task_arithmetic"] == tensors
+    assert batched["linear"] > 0 and batched["task_arithmetic"] > 0
     # dare_ties' phase one, from the stored task vectors (della's keep probabilities are not a key range)
-    assert calls["masked_magnitudes"] > 0 and calls["mask_task_vector"] == 0
+    assert calls["masked_magnitudes"] + batched["masked_magnitudes"] > 0 and calls["mask_task_vector"] == 0
+
+
+def _counted(function, counts: dict, name: str):
+    def counted(*args, **kwargs):
+        counts[name] += 1
+        return function(*args, **kwargs)
+
+    return counted
+
+
+@pytest.mark.skipif(not fused.available(), reason="no C compiler: the fused kernels are off")
+@pytest.mark.parametrize("arena_bytes", [0, 6000])
+@pytest.mark.parametrize("family_name", list(SHAPES))
+def test_task_arithmetic_batches_of_any_size_bitwise_equal(arena_bytes, family_name, families, mergers, monkeypatch):
+    """A candidate's queued task-arithmetic merges run whenever their phase-one buffers would
+    overfill the arena (0: one tensor per batch, the arena grown to each; a few KB: several
+    tensors per batch, cut anywhere), with later tensors planned in between: still mergekit's bits."""
+    from mergekit_evolve.merge import fastpath
+
+    monkeypatch.setattr(fastpath, "PHASE_ONE_ARENA_BYTES", arena_bytes)
+    runs = {"run": 0}
+    monkeypatch.setattr(fused.TaskArithmeticBatch, "run", _counted(fused.TaskArithmeticBatch.run, runs, "run"))
+    fast, reference = mergers[family_name]
+    dtype = "float32" if family_name == "fp32" else "bfloat16"
+    rng = np.random.default_rng(arena_bytes)
+    for method in ("dare_ties", "della", "dare_linear", "ties"):
+        config = _candidate(method, families[family_name], dtype, rng)
+        config.parameters["rescale"] = True  # every masked entry has a phase one (arena buffer)
+        before = runs["run"]
+        expected = _state(reference.merge(config))
+        _assert_bitwise(fast.merge(config), expected, f"{method} {family_name} arena {arena_bytes}")
+        assert runs["run"] - before > 2  # the candidate ran in several batches
 
 
 def test_task_vectors_over_the_budget_are_left_out(families, monkeypatch, caplog):

@@ -221,6 +221,53 @@ def test_task_arithmetic_is_mergekits_phase_two(dtype, entries, consensus, norma
     assert finite == bool(torch.isfinite(expected).all())
 
 
+def test_task_arithmetic_batch_is_phase_one_then_phase_two_per_tensor(threads):
+    """A batch runs every queued phase one (masked_magnitudes), then asks each tensor for its
+    entries (where the fast path sums the magnitudes into scales), then phase two of every
+    tensor in one call per thread: each tensor gets the single calls' bits and its own
+    finiteness, whatever its dtype, entry count, flags and size (shares cut inside tensors)."""
+    generator = torch.Generator().manual_seed(11)
+    shapes = [(200_003, torch.bfloat16, 2, True, True), (1, torch.float32, 1, False, False)]
+    shapes += [(70_001, torch.float32, 3, True, False), (131_072, torch.bfloat16, 4, False, True)]
+    batch, expected, finite, asked = fused.TaskArithmeticBatch(), [], {}, []
+    for index, (size, dtype, n, consensus, normalize) in enumerate(shapes):
+        values = _values if index else lambda size, dtype, generator, scale=1.0: torch.randn(size).to(dtype) * scale
+        base = values(size, dtype, generator)  # (the first tensor surely finite: no edge values)
+        if index == 1:  # one surely not finite: only its flag says so
+            base[0] = float("inf")
+        weights = [float(torch.tensor(w, dtype=dtype)) for w in (0.6, -0.35, 1.1, 0.25)[:n]]
+        task_vectors = [values(size, dtype, generator, scale=0.5) for _ in range(n)]
+        keys = [torch.randint(0, 2**24, (size,), dtype=torch.int32, generator=generator) for _ in range(n)]
+        magnitudes = [torch.full((size,), 5.0, dtype=dtype) for _ in range(n)]
+        singles = [torch.empty_like(m) for m in magnitudes]
+        for tv, key, queued, single in zip(task_vectors, keys, magnitudes, singles):
+            batch.add_phase_one(tv, key, (2**20, 2**23), queued)
+            fused.masked_magnitudes(tv, key, (2**20, 2**23), single)
+
+        def entries(index=index, tvs=task_vectors, mags=magnitudes, singles=singles, weights=weights, dtype=dtype):
+            for queued, single in zip(mags, singles):  # phase one ran before any tensor is asked
+                _assert_bitwise(queued, single)
+            asked.append(index)
+            scales = [float(torch.tensor(1.5, dtype=dtype) / (1 + m.float().sum()).to(dtype)) for m in mags]
+            return [
+                fused.Entry(w, task_vector=tv, magnitudes=m, scale=c) for w, tv, m, c in zip(weights, tvs, mags, scales)
+            ]
+
+        arguments = dict(consensus=consensus, normalize=normalize, divisor=1.7 if normalize else None, lambda_=0.8)
+        out = torch.full((size,), 9.0, dtype=dtype)
+        batch.add(entries, base, out, **arguments, on_done=lambda ok, index=index: finite.update({index: ok}))
+        expected.append((out, base, entries, arguments))
+    assert len(batch) == len(shapes) and not finite and not asked  # nothing runs before run()
+    batch.run()
+    assert len(batch) == 0 and asked == list(range(len(shapes)))
+    for index, (out, base, entries, arguments) in enumerate(expected):
+        single = torch.empty_like(out)
+        ok = fused.task_arithmetic(entries(), base, single, **arguments)
+        _assert_bitwise(out, single)
+        assert finite[index] == ok
+    assert finite[1] is False and finite[0] is True
+
+
 @pytest.mark.parametrize("stored", [False, True], ids=["from-sources", "masked-vectors"])
 @pytest.mark.parametrize("entries", [1, 2, 3, 4])
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -150,6 +150,10 @@ CHUNK_ELEMENTS = 1 << 18
 ACCELERATOR_CHUNK_ELEMENTS = 1 << 26
 # Tensors from this size on run the fused C kernels on CPU (fused.py), where they are built.
 FUSED_MIN_ELEMENTS = 1 << 16
+# Phase-one magnitudes queued for one task-arithmetic batch (the batch runs when they would
+# exceed this, or the largest tensor's need): a few MB stay in the caches from the kernel that
+# writes them to torch's sum and phase two; more saves a few calls per candidate.
+PHASE_ONE_ARENA_BYTES = 64 << 20
 _BITS_OF = {
     torch.float16: torch.int16,
     torch.bfloat16: torch.int16,
@@ -343,8 +347,11 @@ class SparsifyingFastPath:
         self.last_fast_tasks = 0  # tensors of the last rewritten candidate on fast kernels
         self.finite_outputs: set[int] = set()  # data_ptr of outputs whose chunk sums were finite
         self._negative_zeros: dict[tuple, bool] = {}
-        self._batching = False  # ``execute`` is running: linear kernels may queue their work
+        self._batching = False  # ``execute`` is running: kernels may queue their work
         self._batch: fused.LinearBatch | None = None
+        self._task_batch: fused.TaskArithmeticBatch | None = None
+        self._arena: torch.Tensor | None = None  # phase-one buffers of the queued task-arithmetic merges
+        self._arena_used = 0  # bytes of it they hold
         # id(gather task) -> (gather task, merge task, kernel or None) of the last candidate
         self._kernels: dict[int, tuple] = {}
         self._next_kernels: dict[int, tuple] = {}
@@ -406,13 +413,15 @@ class SparsifyingFastPath:
         schedule's: random kernels take their draws in it). Linear kernels writing straight
         into the model are queued and run as one batch of the fused kernels before any value
         is handed out (nothing reads those outputs before). Lazy: runs on the first ``next``."""
-        self._batching, self._batch = True, None
+        self._batching, self._batch, self._task_batch = True, None, None
+        self._arena, self._arena_used = None, 0
         try:
             values = [ret.tensor_task.execute_resident() for ret in targets]
-            if self._batch is not None:
-                self._batch.run()
+            for batch in (self._batch, self._task_batch):
+                if batch is not None:
+                    batch.run()
         finally:
-            self._batching, self._batch = False, None
+            self._batching, self._batch, self._task_batch, self._arena = False, None, None, None
         for ret, value in zip(targets, values):
             yield ret, ret.execute(tensor=value)
 
@@ -423,6 +432,31 @@ class SparsifyingFastPath:
         if self._batching and self._batch is None:
             self._batch = fused.LinearBatch()
         return self._batch
+
+    def task_arithmetic_batch(self, phase_one_bytes: int) -> fused.TaskArithmeticBatch | None:
+        """The batch task-arithmetic kernels queue into while ``execute`` runs (None otherwise),
+        with room for ``phase_one_bytes`` more of phase-one buffers (``phase_one_buffer``): where
+        the arena is full, what is queued runs first."""
+        if not self._batching:
+            return None
+        if self._task_batch is None:
+            self._task_batch = fused.TaskArithmeticBatch()
+        if self._arena is None or self._arena_used + phase_one_bytes > self._arena.numel():
+            if self._arena_used:
+                self._task_batch.run()
+                self._arena_used = 0
+            size = max(PHASE_ONE_ARENA_BYTES, phase_one_bytes)
+            self._arena = self.scratch.take("phase_one", size, torch.uint8)  # (nothing queued holds it)
+        return self._task_batch
+
+    def phase_one_buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """The next slice of the phase-one arena, for a magnitudes buffer queued in the
+        task-arithmetic batch (room reserved with ``task_arithmetic_batch``)."""
+        start, nbytes = self._arena_used, numel * dtype.itemsize
+        self._arena_used += arena_bytes(numel, dtype)
+        if self._arena_used > self._arena.numel():
+            raise RuntimeError("phase-one arena overrun: the batch reserved too little room")
+        return self._arena[start : start + nbytes].view(dtype)
 
     def _within_budget(self, kernels: list) -> list:
         """The kernels, less those needing state that is not resident and would not fit; then
@@ -676,6 +710,9 @@ class _FastKernel:
     def merge_group(self, group: TensorGroup, **parameters) -> torch.Tensor:
         raise NotImplementedError
 
+    def _writes_destination(self, out: torch.Tensor) -> bool:
+        return self.destination is not None and out.data_ptr() == self.destination.data_ptr()
+
     def output_for(self, like: torch.Tensor) -> torch.Tensor:
         """Where to write a result shaped like ``like``: the destination's storage when it can
         take it as is (the merger then has nothing to copy), else a new tensor."""
@@ -724,6 +761,7 @@ class _EntryPlan:
         self.scale: torch.Tensor | None = None
         self.task_vector: torch.Tensor | None = None
         self.magnitudes: torch.Tensor | None = None
+        self.rescale: tuple | None = None  # (l1 before, its value, work dtype): scale not made yet
 
 
 class _FastTaskArithmetic(_FastKernel):
@@ -770,6 +808,10 @@ class _FastTaskArithmetic(_FastKernel):
         self._base, self._shape = base.view(-1), base.shape
         out = self.output_for(base)
         self._fused_phase_two = self._fused_takes_phase_two(entries, out)
+        batch = None
+        if self._fused_phase_two and self.may_defer and self._writes_destination(out):
+            batch = self.fast.task_arithmetic_batch(self.non_base * arena_bytes(base.numel(), base.dtype))
+        self._phase_one = [] if batch is not None else None  # _mask_and_rescale queues phase one here
         plans = [self._plan(index, entry, parameters) for index, entry in enumerate(entries)]
         weights = torch.tensor(
             [parameters["weight"][entry.id] for entry in entries], dtype=base.dtype, device=base.device
@@ -779,17 +821,26 @@ class _FastTaskArithmetic(_FastKernel):
             divisor = weights.sum(dim=0)
             divisor[divisor.abs() < 1e-8] = 1
         entries = self._fused_entries(plans, weights) if self._fused_phase_two else None
-        if entries is not None:
-            finite = fused.task_arithmetic(
-                entries,
-                self._base,
-                out.view(-1),
-                consensus=self.method.consensus_method == ConsensusMethod.sum,
-                normalize=parameters["normalize"],
-                divisor=None if divisor is None else float(divisor),
-                lambda_=parameters["lambda"],
+        arguments = dict(
+            consensus=self.method.consensus_method == ConsensusMethod.sum,
+            normalize=parameters["normalize"],
+            divisor=None if divisor is None else float(divisor),
+            lambda_=parameters["lambda"],
+        )
+        if entries is not None and batch is not None:  # written by the batch before the merger reads it
+            for job in self._phase_one:
+                batch.add_phase_one(*job)
+            on_done = functools.partial(_vouch, self.fast, out)
+            batch.add(
+                lambda: self._rescaled_entries(plans, weights), self._base, out.view(-1), **arguments, on_done=on_done
             )
-            return _vouch(self.fast, out, finite)
+            return out
+        if self._phase_one:  # queued for a batch that cannot take this merge: now, then
+            for job in self._phase_one:
+                fused.masked_magnitudes(*job)
+            entries = self._rescaled_entries(plans, weights)
+        if entries is not None:
+            return _vouch(self.fast, out, fused.task_arithmetic(entries, self._base, out.view(-1), **arguments))
         # (the fused kernel always sums as torch does; the chunked one may skip a +0, see _sum_entries)
         self._base_negative_zero = self.fast.base_has_negative_zero(self.base_key, base)
         flat_out, total = out.view(-1), _FiniteTotal(out)
@@ -808,6 +859,14 @@ class _FastTaskArithmetic(_FastKernel):
         """Whether the fused kernel runs phase two here: the method, and these tensors (mergekit
         may have cast them to the recipe's dtype) of a dtype and device it takes."""
         return self._fused_method() and _fused_takes(self._base, out, *(entry.tensor.view(-1) for entry in entries))
+
+    def _rescaled_entries(self, plans: list[_EntryPlan], weights: torch.Tensor) -> list:
+        """The fused entries once the queued phase ones have run: their scales first."""
+        for plan in plans:
+            if plan.rescale is not None:
+                self._set_scale(plan, plan.magnitudes, *plan.rescale)
+                plan.rescale = None
+        return self._fused_entries(plans, weights)
 
     def _fused_entries(self, plans: list[_EntryPlan], weights: torch.Tensor) -> list | None:
         """The plans as the fused kernel's entries, or None where it cannot take them (a mask
@@ -993,22 +1052,35 @@ class _FastTaskArithmetic(_FastKernel):
         The l1 norm of the unmasked task vector is computed once (keyed by torch's thread
         count too, since a parallel sum's rounding depends on how it is split)."""
         numel = self._base.numel()
+        key = (*self.source_key(model, work_dtype), torch.get_num_threads())
+        before, before_value = self.fast.state.get(
+            "l1", key, lambda: _with_value(self._task_vector(plan, work_dtype).abs().sum())
+        )
         stored = plan.task_vector is not None and plan.keys is not None and work_dtype == self._base.dtype
+        if stored and self._phase_one is not None:  # run by the batch; the scale made after it
+            magnitudes = plan.magnitudes = self.fast.phase_one_buffer(numel, work_dtype)
+            self._phase_one.append((plan.task_vector, plan.keys, plan.key_range, magnitudes))
+            plan.rescale = (before, before_value, work_dtype)
+            return
         if stored:  # phase two makes the masked vector from the task vector's signs and these
             magnitudes = plan.magnitudes = self.fast.scratch.take(f"magnitudes{index}", numel, work_dtype)
             fused.masked_magnitudes(plan.task_vector, plan.keys, plan.key_range, magnitudes)
         else:
             plan.task_vector = None
             magnitudes = self.fast.scratch.take("magnitudes", numel, work_dtype)
-            plan.masked = self.fast.scratch.take(f"masked{index}", numel, work_dtype)
+            if self._phase_one is not None:  # read by the batch's phase two, after later tensors
+                plan.masked = self.fast.phase_one_buffer(numel, work_dtype)
+            else:
+                plan.masked = self.fast.scratch.take(f"masked{index}", numel, work_dtype)
             if plan.keys is not None and work_dtype == self._base.dtype and _fused_takes(self._base, plan.source):
                 fused.mask_task_vector(plan.source, self._base, plan.keys, plan.key_range, plan.masked, magnitudes)
             else:
                 self._mask_in_chunks(plan, work_dtype, plan.masked, magnitudes)
-        key = (*self.source_key(model, work_dtype), torch.get_num_threads())
-        before, before_value = self.fast.state.get(
-            "l1", key, lambda: _with_value(self._task_vector(plan, work_dtype).abs().sum())
-        )
+        self._set_scale(plan, magnitudes, before, before_value, work_dtype)
+
+    @staticmethod
+    def _set_scale(plan: _EntryPlan, magnitudes: torch.Tensor, before, before_value: float, work_dtype) -> None:
+        """mergekit's rescale: ``before / after`` unless either l1 norm is below its eps."""
         after = magnitudes.sum()
         # mergekit's ``before < eps or after < eps``, on python floats (one conversion instead of
         # two tensor comparisons per entry; torch compares in the tensor's dtype, so eps in it)
@@ -1024,6 +1096,12 @@ class _FastTaskArithmetic(_FastKernel):
                 masked[chunk].copy_(plan.source[chunk] - self._base[chunk])
             _keep_only(masked[chunk], plan.keep(chunk), self.fast.scratch)
             torch.abs(masked[chunk], out=magnitudes[chunk])
+
+
+def arena_bytes(numel: int, dtype: torch.dtype) -> int:
+    """Bytes a buffer takes in the phase-one arena: whole 64-byte lines, so that every buffer
+    starts aligned as torch aligns its allocations (a sum's vector loop sees the same layout)."""
+    return -(-numel * dtype.itemsize // 64) * 64
 
 
 @functools.lru_cache(maxsize=4096)
@@ -1176,9 +1254,6 @@ class _FastLinear(_FastKernel):
             batch.add(sources, coefficients, denominator, out.view(-1), lambda finite: _vouch(self.fast, out, finite))
             return out
         return _vouch(self.fast, out, fused.linear(sources, coefficients, denominator, out.view(-1)))
-
-    def _writes_destination(self, out: torch.Tensor) -> bool:
-        return self.destination is not None and out.data_ptr() == self.destination.data_ptr()
 
 
 @functools.lru_cache(maxsize=1024)

@@ -44,6 +44,7 @@ __all__ = [
     "Entry",
     "linear",
     "LinearBatch",
+    "TaskArithmeticBatch",
     "mask_task_vector",
     "masked_magnitudes",
     "task_arithmetic",
@@ -152,8 +153,10 @@ def _library() -> ctypes.CDLL | None:
     library.task_arithmetic.argtypes = [i32, i32, vp, vp, vp, i32, i32, f32, i32, f32, i64, i64]
     library.sce.argtypes = [i32, i32, vp, vp, vp, vp, f32, i64, i64]
     library.linear_batch.argtypes = [i32, vp, i32]
+    library.masked_magnitudes_batch.argtypes = library.task_arithmetic_batch.argtypes = [vp, i32]
     kernels = (library.linear, library.linear_fma, library.mask_task_vector, library.masked_magnitudes)
-    for function in (*kernels, library.task_arithmetic, library.sce, library.linear_batch):
+    batches = (library.linear_batch, library.masked_magnitudes_batch, library.task_arithmetic_batch)
+    for function in (*kernels, library.task_arithmetic, library.sce, *batches):
         function.restype = ctypes.c_int
     return library
 
@@ -271,6 +274,40 @@ class _LinearJob(ctypes.Structure):
     ]
 
 
+def _shares(numels: Sequence[int]) -> list[list[tuple[int, int, int]]]:
+    """The elements of a batch's items (``numels``) split into one contiguous share per torch
+    thread, cut on whole cache lines: per share, its ``(item, begin, end)`` segments."""
+    total = sum(numels)
+    parts = max(1, min(torch.get_num_threads(), total // MIN_ELEMENTS_PER_THREAD))
+    share = -(-total // parts)
+    per_part: list[list[tuple[int, int, int]]] = [[] for _ in range(parts)]
+    offset = 0
+    for index, numel in enumerate(numels):
+        cuts = [min(numel, max(0, -(-(k * share - offset) // ALIGN) * ALIGN)) for k in range(1, parts)]
+        for part, (begin, end) in enumerate(zip([0, *cuts], [*cuts, numel])):
+            if begin < end:
+                per_part[part].append((index, begin, end))
+        offset += numel
+    return [segments for segments in per_part if segments]
+
+
+def _run_shares(function, arrays: list[ctypes.Array], *leading) -> None:
+    """``function(*leading, jobs, count)`` per share's job array: the first here, the others on
+    the pool meanwhile."""
+    others = [_pool(len(arrays)).submit(function, *leading, ctypes.addressof(a), len(a)) for a in arrays[1:]]
+    _checked(function(*leading, ctypes.addressof(arrays[0]), len(arrays[0])))
+    for future in others:
+        _checked(future.result())
+
+
+def _finite_per_item(count: int, shares: list[list[tuple]], arrays: list[ctypes.Array]) -> list[bool]:
+    finite = [True] * count
+    for segments, array in zip(shares, arrays):
+        for (index, _, _), job in zip(segments, array):
+            finite[index] = finite[index] and bool(job.finite)
+    return finite
+
+
 class LinearBatch:
     """Linear merges collected (``add``) and then run in one call of the kernels per thread
     (``run``): each tensor gets exactly ``linear``'s per-element arithmetic; what is saved is a
@@ -297,43 +334,161 @@ class LinearBatch:
         self._jobs.append((arguments, out.numel(), (out, sources), on_done))
 
     def run(self) -> None:
-        """Merge every queued tensor: the elements of all of them split into one contiguous
-        share per torch thread (cut on whole cache lines); then each ``on_done``."""
+        """Merge every queued tensor, then call each ``on_done``."""
         if not self._jobs:
             return
-        total = sum(numel for _, numel, _, _ in self._jobs)
-        parts = max(1, min(torch.get_num_threads(), total // MIN_ELEMENTS_PER_THREAD))
-        share = -(-total // parts)
-        per_part: list[list[tuple]] = [[] for _ in range(parts)]
-        offset = 0
-        for index, (_, numel, _, _) in enumerate(self._jobs):
-            cuts = [min(numel, max(0, -(-(k * share - offset) // ALIGN) * ALIGN)) for k in range(1, parts)]
-            for part, (begin, end) in enumerate(zip([0, *cuts], [*cuts, numel])):
-                if begin < end:
-                    per_part[part].append((index, begin, end))
-            offset += numel
-        per_part = [segments for segments in per_part if segments]
-        arrays = [self._array(segments) for segments in per_part]
-        fma = int(_linear_kernel() is _library().linear_fma)
-        function = _library().linear_batch
-        others = [_pool(parts).submit(function, fma, ctypes.addressof(a), len(a)) for a in arrays[1:]]
-        _checked(function(fma, ctypes.addressof(arrays[0]), len(arrays[0])))
-        for future in others:
-            _checked(future.result())
-        finite = [True] * len(self._jobs)
-        for segments, array in zip(per_part, arrays):
-            for (index, _, _), job in zip(segments, array):
-                finite[index] = finite[index] and bool(job.finite)
         jobs, self._jobs = self._jobs, []
-        for (_, _, _, on_done), ok in zip(jobs, finite):
-            on_done(ok)
+        shares = _shares([numel for _, numel, _, _ in jobs])
+        arrays = [self._array(jobs, segments) for segments in shares]
+        _run_shares(_library().linear_batch, arrays, int(_linear_kernel() is _library().linear_fma))
+        for (_, _, _, on_done), finite in zip(jobs, _finite_per_item(len(jobs), shares, arrays)):
+            on_done(finite)
 
-    def _array(self, segments: list[tuple]) -> ctypes.Array:
+    @staticmethod
+    def _array(jobs: list[tuple], segments: list[tuple]) -> ctypes.Array:
         array = (_LinearJob * len(segments))()
         for slot, (index, begin, end) in zip(array, segments):
-            dtype, n, pointers, values, normalize, denominator, out = self._jobs[index][0]
+            dtype, n, pointers, values, normalize, denominator, out = jobs[index][0]
             slot.dtype, slot.n, slot.normalize, slot.denominator, slot.out = dtype, n, normalize, denominator, out
             slot.sources, slot.coefficients = ctypes.addressof(pointers), ctypes.addressof(values)
+            slot.begin, slot.end = begin, end
+        return array
+
+
+class _MagnitudesJob(ctypes.Structure):
+    """fused.c's MagnitudesJob: one range of one entry's phase one."""
+
+    _fields_ = [
+        ("dtype", ctypes.c_int32),
+        ("key_lo", ctypes.c_int32),
+        ("key_hi", ctypes.c_int32),
+        ("task_vector", ctypes.c_void_p),
+        ("keys", ctypes.c_void_p),
+        ("magnitudes", ctypes.c_void_p),
+        ("begin", ctypes.c_int64),
+        ("end", ctypes.c_int64),
+    ]
+
+
+class _TaskArithmeticJob(ctypes.Structure):
+    """fused.c's TaskArithmeticJob: one range of one tensor's phase two."""
+
+    _fields_ = [
+        ("dtype", ctypes.c_int32),
+        ("n", ctypes.c_int32),
+        ("consensus", ctypes.c_int32),
+        ("normalize", ctypes.c_int32),
+        ("divisor", ctypes.c_float),
+        ("apply_lambda", ctypes.c_int32),
+        ("lambda_", ctypes.c_float),
+        ("finite", ctypes.c_int32),
+        ("entries", ctypes.c_void_p),
+        ("base", ctypes.c_void_p),
+        ("out", ctypes.c_void_p),
+        ("begin", ctypes.c_int64),
+        ("end", ctypes.c_int64),
+    ]
+
+
+@dataclass
+class _QueuedMerge:
+    entries: Callable[[], list[Entry]]
+    base: torch.Tensor
+    out: torch.Tensor
+    flags: tuple[int, int, float, int, float]  # consensus, normalize, divisor, apply_lambda, lambda_
+    on_done: Callable[[bool], None]
+
+
+class TaskArithmeticBatch:
+    """``task_arithmetic`` merges (and the ``masked_magnitudes`` phase one their rescaled entries
+    need) collected and run in two calls of the kernels per thread: ``run`` does phase one of
+    every queued entry, then asks each tensor for its entries (``add``'s ``entries``: where torch
+    sums the magnitudes and the scales are made, between the two calls), then phase two of every
+    tensor. Each element gets exactly the single calls' arithmetic. An output, and a magnitudes
+    buffer, must not be read before ``run`` (or its ``entries`` call)."""
+
+    def __init__(self):
+        self._phase_one: list[tuple] = []  # (task vector, keys, key range, magnitudes)
+        self._merges: list[_QueuedMerge] = []
+
+    def __len__(self) -> int:
+        return len(self._merges)
+
+    def add_phase_one(
+        self, task_vector: torch.Tensor, keys: torch.Tensor, key_range: tuple[int, int], magnitudes: torch.Tensor
+    ) -> None:
+        """Queue ``masked_magnitudes(task_vector, keys, key_range, magnitudes)``."""
+        if not (task_vector.dtype == magnitudes.dtype and keys.dtype == torch.int32):
+            raise ValueError("fused masked_magnitudes takes int32 keys and magnitudes of the task vector's dtype")
+        self._phase_one.append((task_vector, keys, key_range, magnitudes))
+
+    def add(
+        self,
+        entries: Callable[[], list[Entry]],
+        base: torch.Tensor,
+        out: torch.Tensor,
+        *,
+        consensus: bool,
+        normalize: bool,
+        divisor: float | None,
+        lambda_: float,
+        on_done: Callable[[bool], None],
+    ) -> None:
+        """Queue ``task_arithmetic(entries(), base, out, ...)``; ``on_done(finite)`` after."""
+        flags = (int(consensus), int(normalize), 1.0 if divisor is None else divisor, int(lambda_ != 1), lambda_)
+        self._merges.append(_QueuedMerge(entries, base, out, flags, on_done))
+
+    def run(self) -> None:
+        """Phase one of every queued entry, each tensor's ``entries``, phase two of every tensor,
+        then each ``on_done``."""
+        phase_one, self._phase_one = self._phase_one, []
+        merges, self._merges = self._merges, []
+        if phase_one:
+            shares = _shares([task_vector.numel() for task_vector, _, _, _ in phase_one])
+            _run_shares(_library().masked_magnitudes_batch, [self._phase_one_array(phase_one, s) for s in shares])
+        if not merges:
+            return
+        structs = [self._entry_structs(merge.entries()) for merge in merges]
+        shares = _shares([merge.base.numel() for merge in merges])
+        arrays = [self._phase_two_array(merges, structs, segments) for segments in shares]
+        _run_shares(_library().task_arithmetic_batch, arrays)
+        for merge, finite in zip(merges, _finite_per_item(len(merges), shares, arrays)):
+            merge.on_done(finite)
+
+    @staticmethod
+    def _entry_structs(entries: list[Entry]) -> ctypes.Array:
+        if len(entries) > MAX_ENTRIES:
+            raise ValueError(f"fused task_arithmetic takes at most {MAX_ENTRIES} entries, got {len(entries)}")
+        return (_Entry * len(entries))(*(entry.as_struct() for entry in entries))
+
+    @staticmethod
+    def _phase_one_array(phase_one: list[tuple], segments: list[tuple]) -> ctypes.Array:
+        array = (_MagnitudesJob * len(segments))()
+        for slot, (index, begin, end) in zip(array, segments):
+            task_vector, keys, (key_lo, key_hi), magnitudes = phase_one[index]
+            slot.dtype, slot.key_lo, slot.key_hi = DTYPE_CODES[task_vector.dtype], key_lo, key_hi
+            slot.task_vector, slot.keys, slot.magnitudes = (
+                task_vector.data_ptr(),
+                keys.data_ptr(),
+                magnitudes.data_ptr(),
+            )
+            slot.begin, slot.end = begin, end
+        return array
+
+    @staticmethod
+    def _phase_two_array(
+        merges: list[_QueuedMerge], structs: list[ctypes.Array], segments: list[tuple]
+    ) -> ctypes.Array:
+        array = (_TaskArithmeticJob * len(segments))()
+        for slot, (index, begin, end) in zip(array, segments):
+            merge = merges[index]
+            slot.dtype, slot.n = DTYPE_CODES[merge.base.dtype], len(structs[index])
+            slot.consensus, slot.normalize, slot.divisor, slot.apply_lambda, slot.lambda_ = merge.flags
+            slot.entries, slot.base, slot.out = (
+                ctypes.addressof(structs[index]),
+                merge.base.data_ptr(),
+                merge.out.data_ptr(),
+            )
             slot.begin, slot.end = begin, end
         return array
 
