@@ -242,9 +242,15 @@ int linear_fma(int dtype, int n, const void *const *sources, const float *coeffi
     LINEAR_DISPATCH(1, DT_F32)
 }
 
+/* Batches: every thread of fused.py's pool calls the batch function with the same job array and
+ * counter, and each takes the next job not taken yet until none is left. A thread that starts
+ * late (woken late, or its core busy with something else a while: torch's idle OpenMP threads
+ * spin for a time after each parallel operation) takes fewer jobs instead of finishing last. */
+static inline int next_job(int32_t *counter) { return __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED); }
+
 /* A batch of linear merges in one call: a candidate's tensors of one recipe (fused.py's
  * LinearBatch) without a call, a thread hand-off and the Python between them per tensor. Each job
- * is one tensor's range [begin, end), with linear()'s arguments; finite: written here. */
+ * is one piece [begin, end) of one tensor, with linear()'s arguments; finite: written here. */
 typedef struct {
     int32_t dtype;
     int32_t n;
@@ -258,8 +264,8 @@ typedef struct {
     int32_t finite;
 } LinearJob;
 
-int linear_batch(int fma, LinearJob *jobs, int count) {
-    for (int i = 0; i < count; i++) {
+int linear_batch(int fma, LinearJob *jobs, int count, int32_t *counter) {
+    for (int i; (i = next_job(counter)) < count;) {
         LinearJob *job = &jobs[i];
         const int finite = fma ? linear_fma(job->dtype, job->n, job->sources, job->coefficients, job->normalize,
                                             job->denominator, job->out, job->begin, job->end)
@@ -520,7 +526,7 @@ EXPORTED int task_arithmetic(int dtype, int n, const entry_t *entries, const voi
 /* A candidate's task-arithmetic tensors in two calls per thread (fused.py's TaskArithmeticBatch):
  * phase one of every stored rescaled entry (masked_magnitudes), then, once torch has summed those
  * magnitudes and the scales are known, phase two of every tensor (task_arithmetic). Each job is one
- * range [begin, end) of one tensor with the single call's arguments; the arithmetic per element
+ * piece [begin, end) of one tensor with the single call's arguments; the arithmetic per element
  * is exactly the single call's. What is saved: a call, a thread hand-off and the Python around
  * them per tensor and entry, and short ranges that the hardware prefetchers barely start on. */
 typedef struct {
@@ -534,8 +540,8 @@ typedef struct {
     int64_t end;
 } MagnitudesJob;
 
-int masked_magnitudes_batch(const MagnitudesJob *jobs, int count) {
-    for (int i = 0; i < count; i++) {
+int masked_magnitudes_batch(const MagnitudesJob *jobs, int count, int32_t *counter) {
+    for (int i; (i = next_job(counter)) < count;) {
         const MagnitudesJob *job = &jobs[i];
         masked_magnitudes(job->dtype, job->task_vector, job->keys, job->key_lo, job->key_hi, job->magnitudes,
                           job->begin, job->end);
@@ -559,8 +565,8 @@ typedef struct {
     int64_t end;
 } TaskArithmeticJob;
 
-int task_arithmetic_batch(TaskArithmeticJob *jobs, int count) {
-    for (int i = 0; i < count; i++) {
+int task_arithmetic_batch(TaskArithmeticJob *jobs, int count, int32_t *counter) {
+    for (int i; (i = next_job(counter)) < count;) {
         TaskArithmeticJob *job = &jobs[i];
         const int finite = task_arithmetic(job->dtype, job->n, job->entries, job->base, job->out, job->consensus,
                                            job->normalize, job->divisor, job->apply_lambda, job->lambda_,

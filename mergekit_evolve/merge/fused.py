@@ -12,7 +12,9 @@ per machine and version; on x86-64 each kernel is built for AVX-512, AVX2 and th
 the CPU picks one at load time) with the system C compiler (``$CC`` or ``cc``) into the user cache
 (``$MERGEKIT_EVOLVE_CACHE`` or ``~/.cache/mergekit_evolve``, keyed by the source, the flags and
 the compiler) and loaded with ctypes, which releases the GIL during a call: a tensor is split
-into one contiguous range per torch thread, run on a small thread pool. Without a compiler, or
+into one contiguous range per torch thread, run on a small thread pool; a batch (a candidate's
+linear or task-arithmetic tensors written straight into the model) is cut into pieces that the
+threads take in turn, in one call each. Without a compiler, or
 with ``MERGEKIT_EVOLVE_FUSED=0``, the fast path keeps its torch operations (same bits, slower).
 Float32 and bfloat16 tensors on CPU only; anything else keeps the torch operations. (bfloat16
 arithmetic is emulated in float32 with a rounding after each operation, as torch's CPU kernels
@@ -58,6 +60,7 @@ FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 MAX_ENTRIES = 4  # fused.c's MAX_ENTRIES: torch sums up to 4 rows in order, more in another order
 MIN_ELEMENTS_PER_THREAD = 1 << 16  # below this a second thread costs more than it saves
+PIECES_PER_THREAD = 16  # a batch's pieces per thread (fewer: a late thread holds the others up)
 ALIGN = 64  # elements; thread ranges start on whole cache lines
 
 
@@ -152,8 +155,8 @@ def _library() -> ctypes.CDLL | None:
     library.masked_magnitudes.argtypes = [i32, vp, vp, ctypes.c_int32, ctypes.c_int32, vp, i64, i64]
     library.task_arithmetic.argtypes = [i32, i32, vp, vp, vp, i32, i32, f32, i32, f32, i64, i64]
     library.sce.argtypes = [i32, i32, vp, vp, vp, vp, f32, i64, i64]
-    library.linear_batch.argtypes = [i32, vp, i32]
-    library.masked_magnitudes_batch.argtypes = library.task_arithmetic_batch.argtypes = [vp, i32]
+    library.linear_batch.argtypes = [i32, vp, i32, vp]
+    library.masked_magnitudes_batch.argtypes = library.task_arithmetic_batch.argtypes = [vp, i32, vp]
     kernels = (library.linear, library.linear_fma, library.mask_task_vector, library.masked_magnitudes)
     batches = (library.linear_batch, library.masked_magnitudes_batch, library.task_arithmetic_batch)
     for function in (*kernels, library.task_arithmetic, library.sce, *batches):
@@ -274,37 +277,35 @@ class _LinearJob(ctypes.Structure):
     ]
 
 
-def _shares(numels: Sequence[int]) -> list[list[tuple[int, int, int]]]:
-    """The elements of a batch's items (``numels``) split into one contiguous share per torch
-    thread, cut on whole cache lines: per share, its ``(item, begin, end)`` segments."""
-    total = sum(numels)
-    parts = max(1, min(torch.get_num_threads(), total // MIN_ELEMENTS_PER_THREAD))
-    share = -(-total // parts)
-    per_part: list[list[tuple[int, int, int]]] = [[] for _ in range(parts)]
-    offset = 0
-    for index, numel in enumerate(numels):
-        cuts = [min(numel, max(0, -(-(k * share - offset) // ALIGN) * ALIGN)) for k in range(1, parts)]
-        for part, (begin, end) in enumerate(zip([0, *cuts], [*cuts, numel])):
-            if begin < end:
-                per_part[part].append((index, begin, end))
-        offset += numel
-    return [segments for segments in per_part if segments]
+def _pieces(numels: Sequence[int]) -> list[tuple[int, int, int]]:
+    """A batch's items (``numels`` elements each) cut into ``(item, begin, end)`` pieces that the
+    threads take in turn (fused.c's ``next_job``): about ``PIECES_PER_THREAD`` per thread, cut on
+    whole cache lines, none under ``MIN_ELEMENTS_PER_THREAD`` elements unless its item is."""
+    threads = torch.get_num_threads()
+    size = max(MIN_ELEMENTS_PER_THREAD, -(-sum(numels) // (threads * PIECES_PER_THREAD) // ALIGN) * ALIGN)
+    return [
+        (index, begin, min(begin + size, numel))
+        for index, numel in enumerate(numels)
+        for begin in range(0, numel, size)
+    ]
 
 
-def _run_shares(function, arrays: list[ctypes.Array], *leading) -> None:
-    """``function(*leading, jobs, count)`` per share's job array: the first here, the others on
-    the pool meanwhile."""
-    others = [_pool(len(arrays)).submit(function, *leading, ctypes.addressof(a), len(a)) for a in arrays[1:]]
-    _checked(function(*leading, ctypes.addressof(arrays[0]), len(arrays[0])))
+def _run_pieces(function, array: ctypes.Array, elements: int, *leading) -> None:
+    """``function(*leading, jobs, count, counter)`` on this thread and, where the ``elements``
+    are enough for more, on the pool meanwhile: each call takes pieces until none is left."""
+    counter = ctypes.c_int32(0)
+    arguments = (*leading, ctypes.addressof(array), len(array), ctypes.addressof(counter))
+    threads = max(1, min(torch.get_num_threads(), elements // MIN_ELEMENTS_PER_THREAD))
+    others = [_pool(threads).submit(function, *arguments) for _ in range(threads - 1)]
+    _checked(function(*arguments))
     for future in others:
         _checked(future.result())
 
 
-def _finite_per_item(count: int, shares: list[list[tuple]], arrays: list[ctypes.Array]) -> list[bool]:
+def _finite_per_item(count: int, pieces: list[tuple], array: ctypes.Array) -> list[bool]:
     finite = [True] * count
-    for segments, array in zip(shares, arrays):
-        for (index, _, _), job in zip(segments, array):
-            finite[index] = finite[index] and bool(job.finite)
+    for (index, _, _), job in zip(pieces, array):
+        finite[index] = finite[index] and bool(job.finite)
     return finite
 
 
@@ -338,16 +339,18 @@ class LinearBatch:
         if not self._jobs:
             return
         jobs, self._jobs = self._jobs, []
-        shares = _shares([numel for _, numel, _, _ in jobs])
-        arrays = [self._array(jobs, segments) for segments in shares]
-        _run_shares(_library().linear_batch, arrays, int(_linear_kernel() is _library().linear_fma))
-        for (_, _, _, on_done), finite in zip(jobs, _finite_per_item(len(jobs), shares, arrays)):
+        numels = [numel for _, numel, _, _ in jobs]
+        pieces = _pieces(numels)
+        fma = int(_linear_kernel() is _library().linear_fma)
+        array = self._array(jobs, pieces)
+        _run_pieces(_library().linear_batch, array, sum(numels), fma)
+        for (_, _, _, on_done), finite in zip(jobs, _finite_per_item(len(jobs), pieces, array)):
             on_done(finite)
 
     @staticmethod
-    def _array(jobs: list[tuple], segments: list[tuple]) -> ctypes.Array:
-        array = (_LinearJob * len(segments))()
-        for slot, (index, begin, end) in zip(array, segments):
+    def _array(jobs: list[tuple], pieces: list[tuple]) -> ctypes.Array:
+        array = (_LinearJob * len(pieces))()
+        for slot, (index, begin, end) in zip(array, pieces):
             dtype, n, pointers, values, normalize, denominator, out = jobs[index][0]
             slot.dtype, slot.n, slot.normalize, slot.denominator, slot.out = dtype, n, normalize, denominator, out
             slot.sources, slot.coefficients = ctypes.addressof(pointers), ctypes.addressof(values)
@@ -444,15 +447,17 @@ class TaskArithmeticBatch:
         phase_one, self._phase_one = self._phase_one, []
         merges, self._merges = self._merges, []
         if phase_one:
-            shares = _shares([task_vector.numel() for task_vector, _, _, _ in phase_one])
-            _run_shares(_library().masked_magnitudes_batch, [self._phase_one_array(phase_one, s) for s in shares])
+            numels = [task_vector.numel() for task_vector, _, _, _ in phase_one]
+            pieces = _pieces(numels)
+            _run_pieces(_library().masked_magnitudes_batch, self._phase_one_array(phase_one, pieces), sum(numels))
         if not merges:
             return
         structs = [self._entry_structs(merge.entries()) for merge in merges]
-        shares = _shares([merge.base.numel() for merge in merges])
-        arrays = [self._phase_two_array(merges, structs, segments) for segments in shares]
-        _run_shares(_library().task_arithmetic_batch, arrays)
-        for merge, finite in zip(merges, _finite_per_item(len(merges), shares, arrays)):
+        numels = [merge.base.numel() for merge in merges]
+        pieces = _pieces(numels)
+        array = self._phase_two_array(merges, structs, pieces)
+        _run_pieces(_library().task_arithmetic_batch, array, sum(numels))
+        for merge, finite in zip(merges, _finite_per_item(len(merges), pieces, array)):
             merge.on_done(finite)
 
     @staticmethod
@@ -462,9 +467,9 @@ class TaskArithmeticBatch:
         return (_Entry * len(entries))(*(entry.as_struct() for entry in entries))
 
     @staticmethod
-    def _phase_one_array(phase_one: list[tuple], segments: list[tuple]) -> ctypes.Array:
-        array = (_MagnitudesJob * len(segments))()
-        for slot, (index, begin, end) in zip(array, segments):
+    def _phase_one_array(phase_one: list[tuple], pieces: list[tuple]) -> ctypes.Array:
+        array = (_MagnitudesJob * len(pieces))()
+        for slot, (index, begin, end) in zip(array, pieces):
             task_vector, keys, (key_lo, key_hi), magnitudes = phase_one[index]
             slot.dtype, slot.key_lo, slot.key_hi = DTYPE_CODES[task_vector.dtype], key_lo, key_hi
             slot.task_vector, slot.keys, slot.magnitudes = (
@@ -476,11 +481,9 @@ class TaskArithmeticBatch:
         return array
 
     @staticmethod
-    def _phase_two_array(
-        merges: list[_QueuedMerge], structs: list[ctypes.Array], segments: list[tuple]
-    ) -> ctypes.Array:
-        array = (_TaskArithmeticJob * len(segments))()
-        for slot, (index, begin, end) in zip(array, segments):
+    def _phase_two_array(merges: list[_QueuedMerge], structs: list[ctypes.Array], pieces: list[tuple]) -> ctypes.Array:
+        array = (_TaskArithmeticJob * len(pieces))()
+        for slot, (index, begin, end) in zip(array, pieces):
             merge = merges[index]
             slot.dtype, slot.n = DTYPE_CODES[merge.base.dtype], len(structs[index])
             slot.consensus, slot.normalize, slot.divisor, slot.apply_lambda, slot.lambda_ = merge.flags
