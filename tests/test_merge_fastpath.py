@@ -209,6 +209,34 @@ def test_uniform_stream_is_what_bernoulli_draws():
     assert torch.equal(della, (stream.take(300).view(10, 30) < probs).float())
 
 
+def test_high_halves_of_the_draws_decide_bernoulli_against_bfloat16_densities():
+    """DARE in bfloat16 keeps u < p for a bfloat16 p: the int16 high halves of the draws' bits
+    (half the stream's memory) decide it exactly, for every bfloat16 p in [0, 1]; and they are
+    the high halves of the float32 stream, made in blocks or not, switching forms or not."""
+    from mergekit_evolve.merge.fastpath import _bernoulli_bound
+
+    sizes = (5000, 3, 70_001)
+    floats, halves = UniformStream(SEED), UniformStream(SEED)
+    halves.GENERATE_ELEMENTS = 1000  # blocks end inside the tensors
+    floats.reserve(sum(sizes))
+    halves.reserve(100)  # float32 first: switching forms starts the stream again
+    halves.reserve(sum(sizes), high_halves=True)
+    assert halves._values.dtype == torch.int16 and 2 * halves.nbytes == floats.nbytes
+    assert torch.equal(halves._values, (floats._values.view(torch.int32) >> 16).to(torch.int16))
+    # every bfloat16 value in [0, 1] against the first 2000 draws
+    p = torch.arange(0, 0x3F81, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    u = floats._values[:2000]
+    assert torch.equal(u[None, :] < p.float()[:, None], halves._values[None, :2000] < (p.view(torch.int16)[:, None]))
+    densities = (0.3, 2**-9, 0.999, 0.55)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        masks = [torch.bernoulli(torch.full((n,), d, dtype=torch.bfloat16)) for n, d in zip(sizes, densities)]
+    halves.begin()
+    for mask, n, d in zip(masks, sizes, densities):
+        kept = halves.take(n) < (_bernoulli_bound(d, torch.bfloat16) >> 16)
+        assert torch.equal(mask.bool(), kept)
+
+
 def test_state_is_one_method_at_a_time(families, tmp_path):
     family = families["fp32"]
     merger = InMemoryMerger(_template(family, "float32"), random_seed=SEED)
@@ -232,6 +260,23 @@ def test_state_is_one_method_at_a_time(families, tmp_path):
     merger.merge(_candidate("dare_ties", family, "float32", rng))
     sizes = merger.fast_path.nbytes()
     assert "rank_desc" not in sizes and sizes["stream"] == 4 * expert_elements
+
+
+def test_bfloat16_dare_keeps_half_the_draws(families, mergers):
+    """DARE in bfloat16 keeps the draws' high halves (2 bytes per element instead of 4); DELLA,
+    which compares them with float32 probabilities, the float32 draws: each with mergekit's bits."""
+    family = families["bf16"]
+    fast, reference = mergers["bf16"]
+    expert_elements = sum(
+        t.numel() for name, p in family.items() if name != "base" for t in load_file(p / "model.safetensors").values()
+    )
+    rng = np.random.default_rng(13)
+    for method, per_element in (("dare_linear", 2), ("della", 4), ("dare_ties", 2)):
+        config = _candidate(method, family, "bfloat16", rng)
+        config.models[1].parameters["density"] = 0.5  # at least one expert draws
+        expected = _state(reference.merge(config))
+        _assert_bitwise(fast.merge(config), expected, f"{method} bf16")
+        assert fast.fast_path.nbytes()["stream"] == per_element * expert_elements, method
 
 
 def test_unseeded_random_methods_keep_mergekit_kernels(families):

@@ -138,6 +138,41 @@ def test_masked_magnitudes_are_those_of_the_masked_task_vector(size, dtype, thre
     _assert_bitwise(magnitudes, (task_vector * keep).abs())  # mergekit: (delta * mask).abs()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_high_half_keys_keep_what_the_full_draws_keep(dtype, threads):
+    """Keys given as the int16 high halves of the draws' bits, with the range's bound shifted
+    alike (DARE against a bfloat16 density, whose bits' low half is zero), keep exactly what
+    the int32 draws keep: phase one (both forms) and phase two's keyed entries (kinds 2 and 3)."""
+    size = 200_003
+    generator = torch.Generator().manual_seed(size + 5)
+    draws = torch.rand(size, generator=generator)
+    keys32, keys16 = draws.view(torch.int32), (draws.view(torch.int32) >> 16).to(torch.int16)
+    p = torch.tensor(0.4, dtype=torch.bfloat16).float()
+    full, half = (0, int(p.view(torch.int32))), (0, int(p.view(torch.int32)) >> 16)
+    base, source = _values(size, dtype, generator), _values(size, dtype, generator)
+    task_vector = source - base
+    expected = torch.where(draws < p, task_vector, torch.zeros((), dtype=dtype))
+    for keys, key_range in ((keys32, full), (keys16, half)):
+        magnitudes = torch.empty_like(task_vector)
+        fused.masked_magnitudes(task_vector, keys, key_range, magnitudes)
+        _assert_bitwise(magnitudes, expected.abs())
+        masked, magnitudes = torch.empty_like(task_vector), torch.empty_like(task_vector)
+        fused.mask_task_vector(source, base, keys, key_range, masked, magnitudes)
+        _assert_bitwise(masked, expected)
+    merged = []
+    for keys, key_range in ((keys32, full), (keys16, half)):
+        entries = [
+            fused.Entry(0.75, source=source, keys=keys, key_range=key_range),
+            fused.Entry(0.375, task_vector=task_vector, keys=keys, key_range=key_range, scale=1.25),
+        ]
+        out = torch.empty_like(base)
+        fused.task_arithmetic(entries, base, out, consensus=True, normalize=False, divisor=None, lambda_=1.0)
+        merged.append(out)
+    _assert_bitwise(merged[1], merged[0])
+    with pytest.raises(ValueError, match="int32 or int16 keys"):
+        fused.masked_magnitudes(task_vector, keys32.to(torch.int64), full, torch.empty_like(task_vector))
+
+
 def _mergekit_phase_two(deltas, weights, base, consensus: bool, normalize: bool, lambda_: float) -> torch.Tensor:
     """GeneralizedTaskArithmeticMerge.merge_group after sparsification, as mergekit writes it."""
     deltas = torch.stack(deltas)

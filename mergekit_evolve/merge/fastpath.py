@@ -169,34 +169,52 @@ class UniformStream:
     ``torch.bernoulli(p)`` on CPU draws one ``uniform_real_distribution<float>`` value per element
     (24 random bits) and returns ``u < p``; ``torch.rand`` draws the same values from the same
     generator state. ``begin()`` rewinds the cursor for a candidate; ``take(n)`` hands out the
-    next n draws, as the next ``bernoulli`` call of a mergekit merge would consume them.
+    next n draws, as the next ``bernoulli`` call of a mergekit merge would consume them: float32
+    values, or with ``high_halves`` the high 16 bits of each one's bits (int16, half the memory).
+    Those decide ``u < p`` exactly where p is a bfloat16 value (DARE in bfloat16 draws against
+    ``full_like(delta, density)`` in bfloat16): p's low 16 bits are zero, so for floats >= 0,
+    ``bits(u) < bits(p)`` exactly when ``bits(u) >> 16 < bits(p) >> 16``.
     """
+
+    GENERATE_ELEMENTS = 1 << 22  # draws made at a time (a float32 block, then its high halves)
 
     def __init__(self, seed: int):
         self.seed = seed
+        self.high_halves = False
         self.clear()
 
     def clear(self) -> None:
         """Forget the draws made so far (the next ``reserve`` regenerates them)."""
         self._generator = torch.Generator().manual_seed(self.seed)
-        self._values = torch.empty(0)
+        self._values = torch.empty(0, dtype=torch.int16 if self.high_halves else torch.float32)
         self._cursor = 0
 
     @property
     def nbytes(self) -> int:
         return self._values.numel() * self._values.element_size()
 
-    def reserve(self, count: int) -> None:
+    def reserve(self, count: int, high_halves: bool = False) -> None:
+        """At least ``count`` draws, kept as float32 or as their ``high_halves``: a change of
+        form starts the stream again (it is made in order, so it cannot be converted back)."""
+        if high_halves != self.high_halves:
+            self.high_halves = high_halves
+            self.clear()
         missing = count - self._values.numel()
         if missing > 0:  # continue the same stream: the generator is where the last draw left it
-            more = torch.rand(missing, generator=self._generator)
+            more = torch.cat([self._generate(n) for n in _block_sizes(missing, self.GENERATE_ELEMENTS)])
             self._values = more if not self._values.numel() else torch.cat([self._values, more])
+
+    def _generate(self, count: int) -> torch.Tensor:
+        draws = torch.rand(count, generator=self._generator)
+        if not self.high_halves:
+            return draws
+        return draws.view(torch.int32).bitwise_right_shift_(16).to(torch.int16)  # 0 <= u < 1: 0..0x3f7f
 
     def begin(self) -> None:
         self._cursor = 0
 
     def take(self, count: int) -> torch.Tensor:
-        self.reserve(self._cursor + count)
+        self.reserve(self._cursor + count, self.high_halves)
         draws = self._values[self._cursor : self._cursor + count]
         self._cursor += count
         return draws
@@ -393,9 +411,9 @@ class SparsifyingFastPath:
             kernels = [None if k is not None and k.draws_random else k for k in kernels]
         self._make_room({kind for k in kernels if k is not None for kind in k.kinds_in_use})
         self.last_fast_tasks = sum(k is not None for k in kernels)
-        draws = sum(k.max_draws() for k in kernels if k is not None and k.draws_random)
-        if draws:
-            self.stream.reserve(draws)
+        random = [k for k in kernels if k is not None and k.draws_random]
+        if random:
+            self.stream.reserve(sum(k.max_draws() for k in random), all(k.high_halves_suffice for k in random))
             self.stream.begin()
         return [
             ret
@@ -623,6 +641,7 @@ class _FastKernel:
     kinds: tuple[str, ...] = ()  # state it needs
     optional_kinds: tuple[str, ...] = ()  # state that speeds it up where memory allows
     draws_random = False
+    high_halves_suffice = False  # its draws are compared with bfloat16 values only (UniformStream)
 
     def __init__(self, fast: SparsifyingFastPath, method, task: ExecuteMergeMethodTask, tensors: dict):
         self.fast = fast
@@ -781,6 +800,9 @@ class _FastTaskArithmetic(_FastKernel):
         self.sparsifier = method.sparsification_method
         self.kinds = KINDS_OF_SPARSIFIER[self.sparsifier]
         self.draws_random = self.sparsifier in RANDOM_SPARSIFIERS
+        # bernoulli against a bfloat16 density (DELLA compares with float32 probabilities)
+        bfloat16_work = _cpu_work_dtype(next(iter(tensors.values()))) == torch.bfloat16
+        self.high_halves_suffice = self.sparsifier == SparsificationMethod.random and bfloat16_work
         if self.sparsifier in KEYED_SPARSIFIERS and self._fused_method() and _fused_takes(*tensors.values()):
             self.optional_kinds = ("task_vector",)
 
@@ -788,7 +810,10 @@ class _FastTaskArithmetic(_FastKernel):
         if kind == "della_rank":  # ranks in the work dtype, as _della stores them
             per_element = _cpu_work_dtype(next(iter(self.tensors.values()))).itemsize
         else:
-            per_element = {"rank_desc": 4, "rank_asc": 4, "stream": 4, "task_vector": self.element_size}.get(kind, 0)
+            stream = 2 if self.high_halves_suffice else 4
+            per_element = {"rank_desc": 4, "rank_asc": 4, "stream": stream, "task_vector": self.element_size}.get(
+                kind, 0
+            )
         return per_element * self.numel * self.non_base
 
     def _stored_task_vector(self, plan: _EntryPlan, model) -> torch.Tensor | None:
@@ -990,8 +1015,9 @@ class _FastTaskArithmetic(_FastKernel):
         return dtype
 
     def _keep_in_range(self, plan: _EntryPlan, keys: torch.Tensor, low: int, high: int) -> None:
-        """Keep the elements whose key (int32, >= 0: a rank, or a uniform draw's bits) is in
-        [low, high): the fused kernels take the range itself, the chunked path this mask."""
+        """Keep the elements whose key (>= 0: an int32 rank, a uniform draw's int32 bits, or
+        their int16 high halves) is in [low, high): the fused kernels take the range itself, the
+        chunked path this mask."""
         plan.keys, plan.key_range = keys, (low, high)
 
         def keep(chunk: slice) -> torch.Tensor:
@@ -1006,8 +1032,13 @@ class _FastTaskArithmetic(_FastKernel):
         """``mergekit.sparsify.bernoulli`` on CPU: keep iff the next uniform draw is < density
         (density as ``full_like`` stores it, in the work dtype)."""
         work_dtype = _cpu_work_dtype(self._base)
-        draws = self.fast.stream.take(self._base.numel()).view(torch.int32)
-        self._keep_in_range(plan, draws, 0, _bernoulli_bound(density, work_dtype))
+        draws, bound = self.fast.stream.take(self._base.numel()), _bernoulli_bound(density, work_dtype)
+        if draws.dtype == torch.int16:  # their high halves: exact against a bfloat16 density
+            if work_dtype != torch.bfloat16:
+                raise RuntimeError("the draws' high halves decide bernoulli only against bfloat16 densities")
+            self._keep_in_range(plan, draws, 0, bound >> 16)
+        else:
+            self._keep_in_range(plan, draws.view(torch.int32), 0, bound)
         return work_dtype
 
     def _della(self, plan: _EntryPlan, model, density: float, epsilon: float) -> torch.dtype:
@@ -1028,7 +1059,7 @@ class _FastTaskArithmetic(_FastKernel):
         low, high = torch.aminmax(extremes * epsilon + (density - epsilon))
         if not (bool(low >= 0) and bool(high <= 1)):  # torch.bernoulli refuses these
             raise RuntimeError("bernoulli: expected 0 <= p <= 1 (della probabilities out of range)")
-        draws = self.fast.stream.take(self._base.numel()).view(torch.int32)
+        draws = self.fast.stream.take(self._base.numel()).view(torch.int32)  # (float32 draws: rewrite)
 
         def keep(chunk: slice) -> torch.Tensor:
             size = chunk.stop - chunk.start
@@ -1102,6 +1133,10 @@ def arena_bytes(numel: int, dtype: torch.dtype) -> int:
     """Bytes a buffer takes in the phase-one arena: whole 64-byte lines, so that every buffer
     starts aligned as torch aligns its allocations (a sum's vector loop sees the same layout)."""
     return -(-numel * dtype.itemsize // 64) * 64
+
+
+def _block_sizes(count: int, block: int) -> list[int]:
+    return [min(block, count - start) for start in range(0, count, block)]
 
 
 @functools.lru_cache(maxsize=4096)

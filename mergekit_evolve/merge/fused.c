@@ -293,12 +293,20 @@ SPECIALIZE float keep_or_zero(float v, int32_t key, int32_t lo, int32_t hi) {
     return bits_to_f32(f32_to_bits(v) & keep);
 }
 
+/* Keys are int32 (ranks; the bits of float32 uniform draws) or, with key16, uint16 (the high
+ * halves of those draws' bits: all DARE compares them with where the density is a bfloat16
+ * value, whose low 16 bits are zero; fastpath.py's UniformStream). key16 is a constant in each
+ * instance, so each loop reads one width. */
+SPECIALIZE int32_t key_at(const void *keys, const int key16, int64_t j) {
+    return key16 ? (int32_t)((const uint16_t *)keys)[j] : ((const int32_t *)keys)[j];
+}
+
 
 /* Phase one of a rescaled sparsifier: masked = keep ? (source - base) : +0, in dtype, and its
  * magnitudes |masked| (which torch then sums, in its own order, for the l1 rescale). */
-SPECIALIZE void mask_task_vector_as(const int dtype, const void *source, const void *base, const int32_t *keys,
-                                    int32_t key_lo, int32_t key_hi, void *masked, void *magnitudes,
-                                    int64_t begin, int64_t end) {
+SPECIALIZE void mask_task_vector_as(const int dtype, const void *source, const void *base, const void *keys,
+                                    const int key16, int32_t key_lo, int32_t key_hi, void *masked,
+                                    void *magnitudes, int64_t begin, int64_t end) {
     /* both are read again at once (the sum, phase two): streamed only when far past the cache */
     const int stream = end - begin >= STREAM_REREAD_MIN_ELEMENTS;
     for (int64_t start = begin; start < end; start += BLOCK) {
@@ -306,7 +314,8 @@ SPECIALIZE void mask_task_vector_as(const int dtype, const void *source, const v
         float m[BLOCK], a[BLOCK];
         for (int64_t k = 0; k < size; k++) {
             int64_t j = start + k;
-            m[k] = keep_or_zero(round_to(load(source, dtype, j) - load(base, dtype, j), dtype), keys[j], key_lo, key_hi);
+            m[k] = keep_or_zero(round_to(load(source, dtype, j) - load(base, dtype, j), dtype), key_at(keys, key16, j),
+                                key_lo, key_hi);
             a[k] = bits_to_f32(f32_to_bits(m[k]) & 0x7fffffffu);
         }
         store_block(masked, dtype, start, m, size, stream, 1);
@@ -315,12 +324,18 @@ SPECIALIZE void mask_task_vector_as(const int dtype, const void *source, const v
     fence_streaming_stores();
 }
 
-EXPORTED int mask_task_vector(int dtype, const void *source, const void *base, const int32_t *keys, int32_t key_lo,
-                     int32_t key_hi, void *masked, void *magnitudes, int64_t begin, int64_t end) {
-    if (dtype == DT_BF16)
-        mask_task_vector_as(DT_BF16, source, base, keys, key_lo, key_hi, masked, magnitudes, begin, end);
+#define MASK_ARGS(KEY16) source, base, keys, KEY16, key_lo, key_hi, masked, magnitudes, begin, end
+EXPORTED int mask_task_vector(int dtype, const void *source, const void *base, const void *keys, int key16,
+                              int32_t key_lo, int32_t key_hi, void *masked, void *magnitudes, int64_t begin,
+                              int64_t end) {
+    if (dtype == DT_BF16 && key16)
+        mask_task_vector_as(DT_BF16, MASK_ARGS(1));
+    else if (dtype == DT_BF16)
+        mask_task_vector_as(DT_BF16, MASK_ARGS(0));
+    else if (key16)
+        mask_task_vector_as(DT_F32, MASK_ARGS(1));
     else
-        mask_task_vector_as(DT_F32, source, base, keys, key_lo, key_hi, masked, magnitudes, begin, end);
+        mask_task_vector_as(DT_F32, MASK_ARGS(0));
     return 1;
 }
 
@@ -328,27 +343,36 @@ EXPORTED int mask_task_vector(int dtype, const void *source, const void *base, c
  * stored: magnitudes = keep ? |tv| : +0, on the bits (no arithmetic at all). Phase two then
  * takes the masked vector's values from the task vector's signs and these magnitudes (entry
  * kind 4), so the masked vector is never written. */
-SPECIALIZE void masked_magnitudes_as(const int dtype, const void *tv, const int32_t *keys, int32_t key_lo,
+SPECIALIZE void masked_magnitudes_as(const int dtype, const void *tv, const void *keys, const int key16, int32_t key_lo,
                                      int32_t key_hi, void *magnitudes, int64_t begin, int64_t end) {
     if (dtype == DT_BF16) {
         const uint16_t *t = (const uint16_t *)tv;
         uint16_t *m = (uint16_t *)magnitudes;
-        for (int64_t j = begin; j < end; j++)
-            m[j] = (uint16_t)(t[j] & 0x7fffu & -(uint16_t)((keys[j] >= key_lo) & (keys[j] < key_hi)));
+        for (int64_t j = begin; j < end; j++) {
+            const int32_t key = key_at(keys, key16, j);
+            m[j] = (uint16_t)(t[j] & 0x7fffu & -(uint16_t)((key >= key_lo) & (key < key_hi)));
+        }
     } else {
         const uint32_t *t = (const uint32_t *)tv;
         uint32_t *m = (uint32_t *)magnitudes;
-        for (int64_t j = begin; j < end; j++)
-            m[j] = t[j] & 0x7fffffffu & ((uint32_t)0 - (uint32_t)((keys[j] >= key_lo) & (keys[j] < key_hi)));
+        for (int64_t j = begin; j < end; j++) {
+            const int32_t key = key_at(keys, key16, j);
+            m[j] = t[j] & 0x7fffffffu & ((uint32_t)0 - (uint32_t)((key >= key_lo) & (key < key_hi)));
+        }
     }
 }
 
-EXPORTED int masked_magnitudes(int dtype, const void *tv, const int32_t *keys, int32_t key_lo, int32_t key_hi,
-                               void *magnitudes, int64_t begin, int64_t end) {
-    if (dtype == DT_BF16)
-        masked_magnitudes_as(DT_BF16, tv, keys, key_lo, key_hi, magnitudes, begin, end);
+#define MAGNITUDES_ARGS(KEY16) tv, keys, KEY16, key_lo, key_hi, magnitudes, begin, end
+EXPORTED int masked_magnitudes(int dtype, const void *tv, const void *keys, int key16, int32_t key_lo,
+                               int32_t key_hi, void *magnitudes, int64_t begin, int64_t end) {
+    if (dtype == DT_BF16 && key16)
+        masked_magnitudes_as(DT_BF16, MAGNITUDES_ARGS(1));
+    else if (dtype == DT_BF16)
+        masked_magnitudes_as(DT_BF16, MAGNITUDES_ARGS(0));
+    else if (key16)
+        masked_magnitudes_as(DT_F32, MAGNITUDES_ARGS(1));
     else
-        masked_magnitudes_as(DT_F32, tv, keys, key_lo, key_hi, magnitudes, begin, end);
+        masked_magnitudes_as(DT_F32, MAGNITUDES_ARGS(0));
     return 1;
 }
 
@@ -356,7 +380,8 @@ EXPORTED int masked_magnitudes(int dtype, const void *tv, const int32_t *keys, i
  *   kind 0: the zero vector;
  *   kind 1: a masked vector made by phase one (dtype), times scale when has_scale;
  *   kind 2: source - base (dtype), kept where key_lo <= keys[j] < key_hi (keys: a magnitude
- *           rank or the bits of a uniform draw, all >= 0; NULL keeps every element). A dropped
+ *           rank or the bits of a uniform draw, or their high halves, all >= 0: key_at; NULL
+ *           keeps every element). A dropped
  *           element is +0, as fastpath.py's bit-and with a 0/-1 mask makes it;
  *   kind 3: a stored task vector (source - base, already in dtype), kept by keys as in kind 2,
  *           times scale when has_scale;
@@ -371,10 +396,11 @@ typedef struct {
     float scale;
     float weight;
     const void *data;
-    const int32_t *keys;
+    const void *keys;
     int32_t key_lo;
     int32_t key_hi;
     const void *magnitudes;
+    int32_t key16; /* keys are uint16 (see key_at) */
 } entry_t;
 
 /* The value whose sign is sign_of[j]'s and whose other bits are magnitude[j]'s. */
@@ -404,23 +430,33 @@ SPECIALIZE void weighted_delta(const int dtype, const entry_t *e, const void *ba
             d[k] = round_to(round_to(v * scale, dtype) * w, dtype);
         }
     } else if (e->kind == 3) {
-        const int32_t *keys = e->keys ? e->keys + start : 0, lo = e->key_lo, hi = e->key_hi;
+        const int32_t lo = e->key_lo, hi = e->key_hi;
         const float scale = e->has_scale ? e->scale : 1.0f; /* x * 1 == x: no branch in the loop */
-        if (keys)
+        if (e->keys && e->key16)
             for (int64_t k = 0; k < size; k++) {
-                float v = keep_or_zero(load(e->data, dtype, start + k), keys[k], lo, hi);
+                float v = keep_or_zero(load(e->data, dtype, start + k), key_at(e->keys, 1, start + k), lo, hi);
+                d[k] = round_to(round_to(v * scale, dtype) * w, dtype);
+            }
+        else if (e->keys)
+            for (int64_t k = 0; k < size; k++) {
+                float v = keep_or_zero(load(e->data, dtype, start + k), key_at(e->keys, 0, start + k), lo, hi);
                 d[k] = round_to(round_to(v * scale, dtype) * w, dtype);
             }
         else
             for (int64_t k = 0; k < size; k++)
                 d[k] = round_to(round_to(load(e->data, dtype, start + k) * scale, dtype) * w, dtype);
     } else if (e->keys) {
-        const int32_t *keys = e->keys + start, lo = e->key_lo, hi = e->key_hi;
-        for (int64_t k = 0; k < size; k++) {
-            float v = round_to(load(e->data, dtype, start + k) - load(base, dtype, start + k), dtype);
-            v = keep_or_zero(v, keys[k], lo, hi);
-            d[k] = round_to(v * w, dtype);
-        }
+        const int32_t lo = e->key_lo, hi = e->key_hi;
+        if (e->key16)
+            for (int64_t k = 0; k < size; k++) {
+                float v = round_to(load(e->data, dtype, start + k) - load(base, dtype, start + k), dtype);
+                d[k] = round_to(keep_or_zero(v, key_at(e->keys, 1, start + k), lo, hi) * w, dtype);
+            }
+        else
+            for (int64_t k = 0; k < size; k++) {
+                float v = round_to(load(e->data, dtype, start + k) - load(base, dtype, start + k), dtype);
+                d[k] = round_to(keep_or_zero(v, key_at(e->keys, 0, start + k), lo, hi) * w, dtype);
+            }
     } else {
         for (int64_t k = 0; k < size; k++)
             d[k] = round_to(round_to(load(e->data, dtype, start + k) - load(base, dtype, start + k), dtype) * w, dtype);
@@ -533,8 +569,9 @@ typedef struct {
     int32_t dtype;
     int32_t key_lo;
     int32_t key_hi;
+    int32_t key16;
     const void *task_vector;
-    const int32_t *keys;
+    const void *keys;
     void *magnitudes;
     int64_t begin;
     int64_t end;
@@ -543,8 +580,8 @@ typedef struct {
 int masked_magnitudes_batch(const MagnitudesJob *jobs, int count, int32_t *counter) {
     for (int i; (i = next_job(counter)) < count;) {
         const MagnitudesJob *job = &jobs[i];
-        masked_magnitudes(job->dtype, job->task_vector, job->keys, job->key_lo, job->key_hi, job->magnitudes,
-                          job->begin, job->end);
+        masked_magnitudes(job->dtype, job->task_vector, job->keys, job->key16, job->key_lo, job->key_hi,
+                          job->magnitudes, job->begin, job->end);
     }
     return 1;
 }

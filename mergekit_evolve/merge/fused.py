@@ -75,6 +75,7 @@ class _Entry(ctypes.Structure):
         ("key_lo", ctypes.c_int32),
         ("key_hi", ctypes.c_int32),
         ("magnitudes", ctypes.c_void_p),
+        ("key16", ctypes.c_int32),
     ]
 
 
@@ -98,6 +99,7 @@ class Entry:
 
     def as_struct(self) -> _Entry:
         keys = 0 if self.keys is None else self.keys.data_ptr()
+        key16 = _key16(self.keys)
         has_scale, scale = self.scale is not None, 0.0 if self.scale is None else self.scale
         if self.masked is not None:
             return _Entry(1, has_scale, scale, self.weight, self.masked.data_ptr(), 0, 0, 0)
@@ -105,10 +107,21 @@ class Entry:
             magnitudes = self.magnitudes.data_ptr()
             return _Entry(4, has_scale, scale, self.weight, self.task_vector.data_ptr(), 0, 0, 0, magnitudes)
         if self.task_vector is not None:
-            return _Entry(3, has_scale, scale, self.weight, self.task_vector.data_ptr(), keys, *self.key_range)
+            data = self.task_vector.data_ptr()
+            return _Entry(3, has_scale, scale, self.weight, data, keys, *self.key_range, 0, key16)
         if self.source is not None:
-            return _Entry(2, 0, 0.0, self.weight, self.source.data_ptr(), keys, *self.key_range)
+            return _Entry(2, 0, 0.0, self.weight, self.source.data_ptr(), keys, *self.key_range, 0, key16)
         return _Entry(0, 0, 0.0, self.weight, 0, 0, 0, 0)
+
+
+def _key16(keys: torch.Tensor | None) -> int:
+    """1 for uint16 keys (int16 tensors holding 0..0x7fff, fastpath.py's high halves of the
+    draws), 0 for int32 keys; anything else is refused."""
+    if keys is None or keys.dtype == torch.int32:
+        return 0
+    if keys.dtype == torch.int16:
+        return 1
+    raise ValueError(f"fused kernels take int32 or int16 keys, got {keys.dtype}")
 
 
 def _cache_dir() -> Path:
@@ -151,8 +164,8 @@ def _library() -> ctypes.CDLL | None:
     i64, vp, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
     library.linear.argtypes = library.linear_fma.argtypes = [i32, i32, vp, vp, i32, f32, vp, i64, i64]
     library.has_fma.argtypes, library.has_fma.restype = [], ctypes.c_int
-    library.mask_task_vector.argtypes = [i32, vp, vp, vp, ctypes.c_int32, ctypes.c_int32, vp, vp, i64, i64]
-    library.masked_magnitudes.argtypes = [i32, vp, vp, ctypes.c_int32, ctypes.c_int32, vp, i64, i64]
+    library.mask_task_vector.argtypes = [i32, vp, vp, vp, i32, ctypes.c_int32, ctypes.c_int32, vp, vp, i64, i64]
+    library.masked_magnitudes.argtypes = [i32, vp, vp, i32, ctypes.c_int32, ctypes.c_int32, vp, i64, i64]
     library.task_arithmetic.argtypes = [i32, i32, vp, vp, vp, i32, i32, f32, i32, f32, i64, i64]
     library.sce.argtypes = [i32, i32, vp, vp, vp, vp, f32, i64, i64]
     library.linear_batch.argtypes = [i32, vp, i32, vp]
@@ -365,6 +378,7 @@ class _MagnitudesJob(ctypes.Structure):
         ("dtype", ctypes.c_int32),
         ("key_lo", ctypes.c_int32),
         ("key_hi", ctypes.c_int32),
+        ("key16", ctypes.c_int32),
         ("task_vector", ctypes.c_void_p),
         ("keys", ctypes.c_void_p),
         ("magnitudes", ctypes.c_void_p),
@@ -421,8 +435,9 @@ class TaskArithmeticBatch:
         self, task_vector: torch.Tensor, keys: torch.Tensor, key_range: tuple[int, int], magnitudes: torch.Tensor
     ) -> None:
         """Queue ``masked_magnitudes(task_vector, keys, key_range, magnitudes)``."""
-        if not (task_vector.dtype == magnitudes.dtype and keys.dtype == torch.int32):
-            raise ValueError("fused masked_magnitudes takes int32 keys and magnitudes of the task vector's dtype")
+        if task_vector.dtype != magnitudes.dtype:
+            raise ValueError("fused masked_magnitudes takes magnitudes of the task vector's dtype")
+        _key16(keys)  # (refuses other key dtypes)
         self._phase_one.append((task_vector, keys, key_range, magnitudes))
 
     def add(
@@ -472,6 +487,7 @@ class TaskArithmeticBatch:
         for slot, (index, begin, end) in zip(array, pieces):
             task_vector, keys, (key_lo, key_hi), magnitudes = phase_one[index]
             slot.dtype, slot.key_lo, slot.key_hi = DTYPE_CODES[task_vector.dtype], key_lo, key_hi
+            slot.key16 = _key16(keys)
             slot.task_vector, slot.keys, slot.magnitudes = (
                 task_vector.data_ptr(),
                 keys.data_ptr(),
@@ -512,6 +528,7 @@ def mask_task_vector(
         source.data_ptr(),
         base.data_ptr(),
         0 if keys is None else keys.data_ptr(),
+        _key16(keys),
         *key_range,
         masked.data_ptr(),
         magnitudes.data_ptr(),
@@ -529,6 +546,7 @@ def masked_magnitudes(
         DTYPE_CODES[task_vector.dtype],
         task_vector.data_ptr(),
         keys.data_ptr(),
+        _key16(keys),
         *key_range,
         magnitudes.data_ptr(),
     )
