@@ -449,6 +449,34 @@ def test_task_arithmetic_batches_of_any_size_bitwise_equal(arena_bytes, family_n
         assert runs["run"] - before > 2  # the candidate ran in several batches
 
 
+@pytest.mark.skipif(not fused.available(), reason="no C compiler: the fused kernels are off")
+@pytest.mark.parametrize("family_name", list(SHAPES))
+def test_small_tensors_join_the_batch_a_larger_one_started(family_name, families, mergers, monkeypatch):
+    """Tensors below the fused kernels' size (the norms here: 32 or 24 elements against 1000)
+    keep the chunked torch operations on their own but join a batch that a larger tensor of the
+    candidate started: more tensors batched than are large, with mergekit's bits."""
+    from mergekit_evolve.merge import fastpath
+
+    monkeypatch.setattr(fastpath, "FUSED_MIN_ELEMENTS", 1000)
+    counts = {"linear": 0, "task_arithmetic": 0}
+    monkeypatch.setattr(fused.LinearBatch, "add", _counted(fused.LinearBatch.add, counts, "linear"))
+    monkeypatch.setattr(
+        fused.TaskArithmeticBatch, "add", _counted(fused.TaskArithmeticBatch.add, counts, "task_arithmetic")
+    )
+    fast, reference = mergers[family_name]
+    dtype = "float32" if family_name == "fp32" else "bfloat16"
+    rng = np.random.default_rng(17)
+    for method, kind in (("linear", "linear"), ("dare_ties", "task_arithmetic"), ("ties", "task_arithmetic")):
+        config = _any_candidate(method, families[family_name], dtype, rng)
+        if method != "linear":
+            config.parameters["rescale"] = True
+        before = counts[kind]
+        expected = _state(reference.merge(config))
+        _assert_bitwise(fast.merge(config), expected, f"{method} {family_name} small tensors joining")
+        large = sum(t.numel() >= 1000 for t in expected.values())
+        assert large < counts[kind] - before <= len(expected), method
+
+
 def test_task_vectors_over_the_budget_are_left_out(families, monkeypatch, caplog):
     """Stored task vectors are optional state: where they do not fit beside the needed state,
     the fused kernels read source and base instead (one warning), with the same bits."""

@@ -150,10 +150,12 @@ CHUNK_ELEMENTS = 1 << 18
 ACCELERATOR_CHUNK_ELEMENTS = 1 << 26
 # Tensors from this size on run the fused C kernels on CPU (fused.py), where they are built.
 FUSED_MIN_ELEMENTS = 1 << 16
-# Phase-one magnitudes queued for one task-arithmetic batch (the batch runs when they would
-# exceed this, or the largest tensor's need): a few MB stay in the caches from the kernel that
-# writes them to torch's sum and phase two; more saves a few calls per candidate.
-PHASE_ONE_ARENA_BYTES = 64 << 20
+# Phase-one buffers queued for one task-arithmetic batch (the batch runs when they would exceed
+# this, or the largest tensor's need). Each batch costs two thread hand-offs, slow on a busy
+# core (torch's OpenMP threads spin a while after each sum): at 37M params in bf16 (150 MB of
+# magnitudes) one batch of 256 MB beat three of 64 MB by ~5% and ten of 16 MB by ~35%. Pages are
+# touched only as far as they are used.
+PHASE_ONE_ARENA_BYTES = 256 << 20
 _BITS_OF = {
     torch.float16: torch.int16,
     torch.bfloat16: torch.int16,
@@ -451,6 +453,11 @@ class SparsifyingFastPath:
             self._batch = fused.LinearBatch()
         return self._batch
 
+    def batch_started(self, kind: str) -> bool:
+        """Whether a larger tensor of this candidate has started the ``linear`` or
+        ``task_arithmetic`` batch (a smaller one may then join it)."""
+        return self._batching and (self._batch if kind == "linear" else self._task_batch) is not None
+
     def task_arithmetic_batch(self, phase_one_bytes: int) -> fused.TaskArithmeticBatch | None:
         """The batch task-arithmetic kernels queue into while ``execute`` runs (None otherwise),
         with room for ``phase_one_bytes`` more of phase-one buffers (``phase_one_buffer``): where
@@ -732,6 +739,11 @@ class _FastKernel:
     def _writes_destination(self, out: torch.Tensor) -> bool:
         return self.destination is not None and out.data_ptr() == self.destination.data_ptr()
 
+    def _joins_batch(self, kind: str, out: torch.Tensor) -> bool:
+        """Whether this tensor's result may go to the ``kind`` batch that a larger tensor of the
+        candidate started, whatever its own size."""
+        return self.may_defer and self.fast.batch_started(kind) and self._writes_destination(out)
+
     def output_for(self, like: torch.Tensor) -> torch.Tensor:
         """Where to write a result shaped like ``like``: the destination's storage when it can
         take it as is (the merger then has nothing to copy), else a new tensor."""
@@ -800,6 +812,8 @@ class _FastTaskArithmetic(_FastKernel):
         self.sparsifier = method.sparsification_method
         self.kinds = KINDS_OF_SPARSIFIER[self.sparsifier]
         self.draws_random = self.sparsifier in RANDOM_SPARSIFIERS
+        self._joining = False  # this tensor joins a batch a larger one started (merge_group)
+        self._phase_one: list | None = None  # phase ones queued for the batch (merge_group)
         # bernoulli against a bfloat16 density (DELLA compares with float32 probabilities)
         bfloat16_work = _cpu_work_dtype(next(iter(tensors.values()))) == torch.bfloat16
         self.high_halves_suffice = self.sparsifier == SparsificationMethod.random and bfloat16_work
@@ -832,6 +846,7 @@ class _FastTaskArithmetic(_FastKernel):
             return base
         self._base, self._shape = base.view(-1), base.shape
         out = self.output_for(base)
+        self._joining = self._joins_batch("task_arithmetic", out)
         self._fused_phase_two = self._fused_takes_phase_two(entries, out)
         batch = None
         if self._fused_phase_two and self.may_defer and self._writes_destination(out):
@@ -883,7 +898,8 @@ class _FastTaskArithmetic(_FastKernel):
     def _fused_takes_phase_two(self, entries: tuple[TensorEntry, ...], out: torch.Tensor) -> bool:
         """Whether the fused kernel runs phase two here: the method, and these tensors (mergekit
         may have cast them to the recipe's dtype) of a dtype and device it takes."""
-        return self._fused_method() and _fused_takes(self._base, out, *(entry.tensor.view(-1) for entry in entries))
+        tensors = (entry.tensor.view(-1) for entry in entries)
+        return self._fused_method() and _fused_takes(self._base, out, *tensors, joining=self._joining)
 
     def _rescaled_entries(self, plans: list[_EntryPlan], weights: torch.Tensor) -> list:
         """The fused entries once the queued phase ones have run: their scales first."""
@@ -1103,7 +1119,8 @@ class _FastTaskArithmetic(_FastKernel):
                 plan.masked = self.fast.phase_one_buffer(numel, work_dtype)
             else:
                 plan.masked = self.fast.scratch.take(f"masked{index}", numel, work_dtype)
-            if plan.keys is not None and work_dtype == self._base.dtype and _fused_takes(self._base, plan.source):
+            fused_takes = _fused_takes(self._base, plan.source, joining=self._joining)
+            if plan.keys is not None and work_dtype == self._base.dtype and fused_takes:
                 fused.mask_task_vector(plan.source, self._base, plan.keys, plan.key_range, plan.masked, magnitudes)
             else:
                 self._mask_in_chunks(plan, work_dtype, plan.masked, magnitudes)
@@ -1160,11 +1177,12 @@ def _with_value(total: torch.Tensor) -> tuple[torch.Tensor, float]:
     return total, total.item()
 
 
-def _fused_takes(first: torch.Tensor, *others: torch.Tensor) -> bool:
+def _fused_takes(first: torch.Tensor, *others: torch.Tensor, joining: bool = False) -> bool:
     """Whether the fused C kernels run this tensor: large enough to gain from them (smaller ones
     are a few chunked operations; a family of small models, such as the zoo, never even builds
-    the library) and of a kind they take."""
-    return first.numel() >= FUSED_MIN_ELEMENTS and fused.supports(first, *others)
+    the library), or ``joining`` a batch a larger tensor started (where it costs no call of
+    its own), and of a kind they take."""
+    return (joining or first.numel() >= FUSED_MIN_ELEMENTS) and fused.supports(first, *others)
 
 
 def _chunks(numel: int, device: torch.device):
@@ -1270,12 +1288,12 @@ class _FastLinear(_FastKernel):
             total.add(flat_out[chunk])
         return total.vouch(self.fast)
 
-    @staticmethod
-    def _one_fused_dtype(group: TensorGroup, out: torch.Tensor) -> bool:
+    def _one_fused_dtype(self, group: TensorGroup, out: torch.Tensor) -> bool:
         """One dtype throughout (so mergekit's packing converts nothing), float32 or bfloat16."""
         dtype = out.dtype
+        joining = self._joins_batch("linear", out)
         return all(entry.tensor.dtype == dtype for entry in group.entries) and _fused_takes(
-            out, *(entry.tensor for entry in group.entries)
+            out, *(entry.tensor for entry in group.entries), joining=joining
         )
 
     def _fused(self, group: TensorGroup, parameters: dict, out: torch.Tensor) -> torch.Tensor:
