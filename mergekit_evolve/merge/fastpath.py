@@ -50,7 +50,10 @@ mergekit's Executor would (learnt once per recipe structure), with no task graph
 a re-planned candidate (``replan.py``) reuses the last one's kernels and checked input groups, and
 its linear tensors written into the model are queued and run as one batch of the fused kernel
 (one call per thread for all of them: ~100 tensors of a 100M model are otherwise ~100 calls,
-thread hand-offs and Python in between, a third of a linear candidate).
+thread hand-offs and Python in between, a third of a linear candidate). Its task-arithmetic tensors run
+the same way in two batches (phase one of every rescaled entry, torch's l1 sums, phase two of every
+tensor; ``fused.TaskArithmeticBatch``), and tensors too small for the fused kernels join a batch
+that a larger tensor started.
 ``tests/test_merge_fastpath.py`` checks bitwise equality against mergekit's kernels and against
 ``run_merge`` (the fused kernels, and the chunked operations with many small chunks), at two
 torch threads, and on CUDA where there is a GPU; ``tests/test_merge_fused.py`` checks the fused
@@ -62,7 +65,8 @@ State kept, per non-base source tensor, as a multiple of that source's bytes (bf
 kind (methods)                         bf16 sources       fp32 sources
 =====================================  =================  =============
 rank (ties, breadcrumbs[_ties])        2x (int32)         1x
-uniform stream (dare_*, della*)        2x (float32)       1x
+uniform stream (dare_*)                1x (int16 halves)  1x
+uniform stream (della*)                2x (float32)       1x
 della rank (della, della_linear)       1x (+ stream)      1x (+ stream)
 sce order (per tensor, not per model)  4x / n_models      3x / n_models   (on CUDA 3x / 2x)
 task vector (optional; ties, dare_*)   1x                 1x
@@ -72,7 +76,8 @@ plus a few bytes per tensor (l1 norms). Nothing is stored for task_arithmetic. S
 every candidate: a few chunks (about 12 bytes x entries x ``CHUNK_ELEMENTS``, ~12 MB), and for
 a rescaled method (dare_*, della*, or ``rescale: true``) the masked task vectors of the largest
 tensor, (entries + 1) x its size in the work dtype (0.4 GB for a 1B Llama's embedding, bf16,
-2 experts). State is built
+2 experts), and a phase-one arena of up to 256 MB (``PHASE_ONE_ARENA_BYTES``) for the batched
+task-arithmetic tensors. State is built
 when a candidate first needs it, and building a kind frees the kinds that candidate does not
 use, so at most one method's state is resident: for a 1B-parameter family of base + 2 experts
 in bf16 (6 GB of sources) the largest, DELLA's, is 12 GB. A method whose state would not fit
