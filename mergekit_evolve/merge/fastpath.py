@@ -876,14 +876,12 @@ class _FastTaskArithmetic(_FastKernel):
             for job in self._phase_one:
                 batch.add_phase_one(*job)
             on_done = functools.partial(_vouch, self.fast, out)
-            batch.add(
-                lambda: self._rescaled_entries(plans, weights), self._base, out.view(-1), **arguments, on_done=on_done
-            )
+            batch.add(lambda: self._with_scales(plans, entries), self._base, out.view(-1), **arguments, on_done=on_done)
             return out
         if self._phase_one:  # queued for a batch that cannot take this merge: now, then
             for job in self._phase_one:
                 fused.masked_magnitudes(*job)
-            entries = self._rescaled_entries(plans, weights)
+            entries = self._with_scales(plans, entries)
         if entries is not None:
             return _vouch(self.fast, out, fused.task_arithmetic(entries, self._base, out.view(-1), **arguments))
         # (the fused kernel always sums as torch does; the chunked one may skip a +0, see _sum_entries)
@@ -906,13 +904,17 @@ class _FastTaskArithmetic(_FastKernel):
         tensors = (entry.tensor.view(-1) for entry in entries)
         return self._fused_method() and _fused_takes(self._base, out, *tensors, joining=self._joining)
 
-    def _rescaled_entries(self, plans: list[_EntryPlan], weights: torch.Tensor) -> list:
-        """The fused entries once the queued phase ones have run: their scales first."""
-        for plan in plans:
-            if plan.rescale is not None:
-                self._set_scale(plan, plan.magnitudes, *plan.rescale)
-                plan.rescale = None
-        return self._fused_entries(plans, weights)
+    def _with_scales(self, plans: list[_EntryPlan], entries: list | None) -> list | None:
+        """``entries`` (one per plan) once the queued phase ones have run: the scales they
+        wait for made (torch's l1 sums) and set."""
+        for index, plan in enumerate(plans):
+            if plan.rescale is None:
+                continue
+            self._set_scale(plan, plan.magnitudes, *plan.rescale)
+            plan.rescale = None
+            if entries is not None:
+                entries[index].scale = None if plan.scale is None else float(plan.scale)
+        return entries
 
     def _fused_entries(self, plans: list[_EntryPlan], weights: torch.Tensor) -> list | None:
         """The plans as the fused kernel's entries, or None where it cannot take them (a mask
