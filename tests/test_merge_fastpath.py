@@ -385,16 +385,17 @@ def test_chunks_and_reused_buffers_bitwise_equal(chunk, family_name, families, m
 def test_fused_kernels_carry_the_candidates(family_name, families, mergers, monkeypatch):
     """Where the fused C kernels are built they run every task-arithmetic-family and linear
     tensor (and phase one of each rescaled entry whose mask is a key range, from the stored task
-    vectors), with mergekit's bits."""
+    vectors: in bfloat16 only its l1 sums, masked_l1), with mergekit's bits."""
     calls = {name: 0 for name in ("linear", "mask_task_vector", "masked_magnitudes", "task_arithmetic", "sce")}
     for name in calls:
         monkeypatch.setattr(fused, name, _counted(getattr(fused, name), calls, name))
     # tensors written straight into the model go to a batch, one kernel call per thread for all
-    batched = {"linear": 0, "task_arithmetic": 0, "masked_magnitudes": 0}
+    batched = {"linear": 0, "task_arithmetic": 0, "masked_magnitudes": 0, "masked_l1": 0}
     for batch_class, method, name in [
         (fused.LinearBatch, "add", "linear"),
         (fused.TaskArithmeticBatch, "add", "task_arithmetic"),
         (fused.TaskArithmeticBatch, "add_phase_one", "masked_magnitudes"),
+        (fused.TaskArithmeticBatch, "add_l1", "masked_l1"),
     ]:
         monkeypatch.setattr(batch_class, method, _counted(getattr(batch_class, method), batched, name))
     fast, reference = mergers[family_name]
@@ -414,7 +415,11 @@ def test_fused_kernels_carry_the_candidates(family_name, families, mergers, monk
     assert merged + batched["linear"] + batched["task_arithmetic"] == tensors
     assert batched["linear"] > 0 and batched["task_arithmetic"] > 0
     # dare_ties' phase one, from the stored task vectors (della's keep probabilities are not a key range)
-    assert calls["masked_magnitudes"] + batched["masked_magnitudes"] > 0 and calls["mask_task_vector"] == 0
+    assert calls["mask_task_vector"] == 0
+    if dtype == "bfloat16":  # (masked_magnitudes only where l1_sum cannot settle torch's sum)
+        assert batched["masked_l1"] > 0 and batched["masked_magnitudes"] == 0
+    else:
+        assert calls["masked_magnitudes"] + batched["masked_magnitudes"] > 0 and batched["masked_l1"] == 0
 
 
 def _counted(function, counts: dict, name: str):
@@ -431,7 +436,8 @@ def _counted(function, counts: dict, name: str):
 def test_task_arithmetic_batches_of_any_size_bitwise_equal(arena_bytes, family_name, families, mergers, monkeypatch):
     """A candidate's queued task-arithmetic merges run whenever their phase-one buffers would
     overfill the arena (0: one tensor per batch, the arena grown to each; a few KB: several
-    tensors per batch, cut anywhere), with later tensors planned in between: still mergekit's bits."""
+    tensors per batch, cut anywhere), with later tensors planned in between: still mergekit's bits.
+    (bfloat16 rescaled key masks take no buffer at all: their l1 sums come from masked_l1.)"""
     from mergekit_evolve.merge import fastpath
 
     monkeypatch.setattr(fastpath, "PHASE_ONE_ARENA_BYTES", arena_bytes)
@@ -446,7 +452,10 @@ def test_task_arithmetic_batches_of_any_size_bitwise_equal(arena_bytes, family_n
         before = runs["run"]
         expected = _state(reference.merge(config))
         _assert_bitwise(fast.merge(config), expected, f"{method} {family_name} arena {arena_bytes}")
-        assert runs["run"] - before > 2  # the candidate ran in several batches
+        if dtype == "float32" or method == "della":
+            assert runs["run"] - before > 2  # the candidate ran in several batches
+        else:
+            assert runs["run"] - before == 1  # no arena buffer: one batch whatever its size
 
 
 @pytest.mark.skipif(not fused.available(), reason="no C compiler: the fused kernels are off")
@@ -501,10 +510,39 @@ def test_task_vectors_over_the_budget_are_left_out(families, monkeypatch, caplog
     assert len([r for r in caplog.records if "task_vector state" in r.getMessage()]) == 1
 
 
-def test_default_chunks_bitwise_equal_at_two_threads(tmp_path):
+@pytest.mark.skipif(not fused.available(), reason="no C compiler: the fused kernels are off")
+def test_results_cast_to_another_out_dtype_bitwise_equal(families, monkeypatch):
+    """With ``out_dtype: float32`` on a bfloat16 merge the kernels' results are cast before the
+    model takes them, so nothing is left to a batch: DARE's l1 sums run per tensor (masked_l1
+    at once) and still give mergekit's bits."""
+    family = families["bf16"]
+    template = _template(family, "bfloat16")
+    template.out_dtype = "float32"
+    fast = InMemoryMerger(template, random_seed=SEED)
+    reference = InMemoryMerger(template, random_seed=SEED, fast_path=False)
+    calls = {"masked_l1": 0, "add_l1": 0}
+    monkeypatch.setattr(fused, "masked_l1", _counted(fused.masked_l1, calls, "masked_l1"))
+    monkeypatch.setattr(
+        fused.TaskArithmeticBatch, "add_l1", _counted(fused.TaskArithmeticBatch.add_l1, calls, "add_l1")
+    )
+    rng = np.random.default_rng(3)
+    for method in ("dare_ties", "dare_linear", "ties"):
+        config = _any_candidate(method, family, "bfloat16", rng)
+        config.out_dtype, config.parameters["rescale"] = "float32", True
+        expected = _state(reference.merge(config))
+        assert {t.dtype for t in expected.values()} == {torch.float32}
+        _assert_bitwise(fast.merge(config), expected, f"{method} cast to float32")
+    assert calls["masked_l1"] > 0 and calls["add_l1"] == 0
+
+
+def test_default_chunks_bitwise_equal_at_two_threads(tmp_path, monkeypatch):
     """Tensors of ~125k elements at two torch threads: several default-size chunks, and the
     halves where torch splits a whole-tensor op between the threads fall off vector boundaries
-    (196 x 611 elements), so mergekit's single calls and the chunked ones split differently."""
+    (196 x 611 elements), so mergekit's single calls and the chunked ones split differently.
+    DARE's l1 sums over those halves come from masked_l1 (l1_sum.py), or from torch where that
+    cannot settle them: both give mergekit's bits."""
+    from mergekit_evolve.merge import l1_sum
+
     family = make_family(
         tmp_path,
         num_layers=1,
@@ -516,15 +554,32 @@ def test_default_chunks_bitwise_equal_at_two_threads(tmp_path):
     )
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
+    answers = {"known": 0, "unknown": 0}
+    torch_sum = l1_sum.torch_sum
+
+    def counted(*args, **kwargs):
+        known = torch_sum(*args, **kwargs)
+        answers["known" if known is not None else "unknown"] += 1
+        return known
+
+    monkeypatch.setattr(l1_sum, "torch_sum", counted)
     try:
         template = _template(family, "bfloat16")
         fast = InMemoryMerger(template, random_seed=SEED)
         reference = InMemoryMerger(template, random_seed=SEED, fast_path=False)
         rng = np.random.default_rng(11)
-        for method in ("linear", "ties", "dare_ties", "della", "sce"):
+        for method in ("linear", "ties", "dare_ties", "della", "sce", "dare_ties", "dare_linear"):
             config = _any_candidate(method, family, "bfloat16", rng)
+            if method.startswith("dare"):
+                config.parameters["rescale"] = True
             expected = _state(reference.merge(config))
             _assert_bitwise(fast.merge(config), expected, f"{method} at two threads")
+        assert answers["known"] > 0  # (a few chunks in a hundred are left to torch)
+        monkeypatch.setattr(l1_sum, "torch_sum", lambda *args, **kwargs: None)  # every sum left to torch
+        config = _any_candidate("dare_ties", family, "bfloat16", rng)
+        config.parameters["rescale"] = True
+        expected = _state(reference.merge(config))
+        _assert_bitwise(fast.merge(config), expected, "dare_ties at two threads, torch's l1 sums")
     finally:
         torch.set_num_threads(threads)
 

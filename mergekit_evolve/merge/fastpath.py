@@ -44,14 +44,17 @@ fused kernels run a keyed sparsifier (ties, breadcrumbs, dare), the task vectors
 (``source - base`` in the dtype) are stored once where memory allows (optional state: without
 it the kernels read source and base), so a candidate does no subtraction: DARE's phase one
 writes only the kept magnitudes (what the l1 rescale sums) and phase two takes the masked
-values from the task vectors' signs and those magnitudes. When every
+values from the task vectors' signs and those magnitudes; in bfloat16 phase one writes nothing:
+``fused.masked_l1`` sums the kept magnitudes per torch thread chunk and ``l1_sum.py`` works out
+torch's bfloat16 sum from those (or, for a few in a hundred, leaves it to torch), and phase two
+masks by the keys itself. When every
 tensor of a candidate takes the fast path, the merger runs the kernels directly, in the order
 mergekit's Executor would (learnt once per recipe structure), with no task graph per candidate;
 a re-planned candidate (``replan.py``) reuses the last one's kernels and checked input groups, and
 its linear tensors written into the model are queued and run as one batch of the fused kernel
 (one call per thread for all of them: ~100 tensors of a 100M model are otherwise ~100 calls,
 thread hand-offs and Python in between, a third of a linear candidate). Its task-arithmetic tensors run
-the same way in two batches (phase one of every rescaled entry, torch's l1 sums, phase two of every
+the same way in two batches (phase one of every rescaled entry, the l1 sums, phase two of every
 tensor; ``fused.TaskArithmeticBatch``), and tensors too small for the fused kernels join a batch
 that a larger tensor started.
 ``tests/test_merge_fastpath.py`` checks bitwise equality against mergekit's kernels and against
@@ -123,7 +126,7 @@ from mergekit.merge_methods.sce import sce_merge
 from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 from mergekit.sparsify import SparsificationMethod
 
-from mergekit_evolve.merge import fused
+from mergekit_evolve.merge import fused, l1_sum
 
 __all__ = ["SparsifyingFastPath", "FastMergeTask"]
 
@@ -377,6 +380,7 @@ class SparsifyingFastPath:
         self._task_batch: fused.TaskArithmeticBatch | None = None
         self._arena: torch.Tensor | None = None  # phase-one buffers of the queued task-arithmetic merges
         self._arena_used = 0  # bytes of it they hold
+        self._arena_bytes = 0  # its size (made by the first buffer taken)
         # id(gather task) -> (gather task, merge task, kernel or None) of the last candidate
         self._kernels: dict[int, tuple] = {}
         self._next_kernels: dict[int, tuple] = {}
@@ -439,7 +443,7 @@ class SparsifyingFastPath:
         into the model are queued and run as one batch of the fused kernels before any value
         is handed out (nothing reads those outputs before). Lazy: runs on the first ``next``."""
         self._batching, self._batch, self._task_batch = True, None, None
-        self._arena, self._arena_used = None, 0
+        self._arena, self._arena_used, self._arena_bytes = None, 0, 0
         try:
             values = [ret.tensor_task.execute_resident() for ret in targets]
             for batch in (self._batch, self._task_batch):
@@ -466,22 +470,25 @@ class SparsifyingFastPath:
     def task_arithmetic_batch(self, phase_one_bytes: int) -> fused.TaskArithmeticBatch | None:
         """The batch task-arithmetic kernels queue into while ``execute`` runs (None otherwise),
         with room for ``phase_one_bytes`` more of phase-one buffers (``phase_one_buffer``): where
-        the arena is full, what is queued runs first."""
+        the arena is full, what is queued runs first. (The arena itself is made by the first
+        buffer taken from it: bfloat16 DARE never takes one.)"""
         if not self._batching:
             return None
         if self._task_batch is None:
             self._task_batch = fused.TaskArithmeticBatch()
-        if self._arena is None or self._arena_used + phase_one_bytes > self._arena.numel():
+        if self._arena_used + phase_one_bytes > self._arena_bytes:
             if self._arena_used:
                 self._task_batch.run()
                 self._arena_used = 0
-            size = max(PHASE_ONE_ARENA_BYTES, phase_one_bytes)
-            self._arena = self.scratch.take("phase_one", size, torch.uint8)  # (nothing queued holds it)
+            self._arena_bytes = max(PHASE_ONE_ARENA_BYTES, phase_one_bytes)
+            self._arena = None
         return self._task_batch
 
     def phase_one_buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """The next slice of the phase-one arena, for a magnitudes buffer queued in the
         task-arithmetic batch (room reserved with ``task_arithmetic_batch``)."""
+        if self._arena is None:  # (nothing queued holds the scratch buffer: the batch ran)
+            self._arena = self.scratch.take("phase_one", self._arena_bytes, torch.uint8)
         start, nbytes = self._arena_used, numel * dtype.itemsize
         self._arena_used += arena_bytes(numel, dtype)
         if self._arena_used > self._arena.numel():
@@ -797,6 +804,7 @@ class _EntryPlan:
         self.scale: torch.Tensor | None = None
         self.task_vector: torch.Tensor | None = None
         self.magnitudes: torch.Tensor | None = None
+        self.l1: fused.MaskedL1 | None = None  # phase one's sums instead of the magnitudes
         self.rescale: tuple | None = None  # (l1 before, its value, work dtype): scale not made yet
 
 
@@ -874,13 +882,15 @@ class _FastTaskArithmetic(_FastKernel):
         )
         if entries is not None and batch is not None:  # written by the batch before the merger reads it
             for job in self._phase_one:
-                batch.add_phase_one(*job)
+                batch.add_l1(job) if isinstance(job, fused.MaskedL1) else batch.add_phase_one(*job)
             on_done = functools.partial(_vouch, self.fast, out)
             batch.add(lambda: self._with_scales(plans, entries), self._base, out.view(-1), **arguments, on_done=on_done)
             return out
         if self._phase_one:  # queued for a batch that cannot take this merge: now, then
+            fused.masked_l1([job for job in self._phase_one if isinstance(job, fused.MaskedL1)])
             for job in self._phase_one:
-                fused.masked_magnitudes(*job)
+                if not isinstance(job, fused.MaskedL1):
+                    fused.masked_magnitudes(*job)
             entries = self._with_scales(plans, entries)
         if entries is not None:
             return _vouch(self.fast, out, fused.task_arithmetic(entries, self._base, out.view(-1), **arguments))
@@ -910,7 +920,7 @@ class _FastTaskArithmetic(_FastKernel):
         for index, plan in enumerate(plans):
             if plan.rescale is None:
                 continue
-            self._set_scale(plan, plan.magnitudes, *plan.rescale)
+            self._set_scale(plan, self._l1_after_masking(plan), *plan.rescale)
             plan.rescale = None
             if entries is not None:
                 entries[index].scale = None if plan.scale is None else float(plan.scale)
@@ -1111,6 +1121,16 @@ class _FastTaskArithmetic(_FastKernel):
             "l1", key, lambda: _with_value(self._task_vector(plan, work_dtype).abs().sum())
         )
         stored = plan.task_vector is not None and plan.keys is not None and work_dtype == self._base.dtype
+        if stored and work_dtype == torch.bfloat16 and l1_sum.agrees_with_torch(torch.get_num_threads()):
+            # the l1 sum without writing the masked magnitudes at all (phase two masks by keys)
+            plan.l1 = fused.MaskedL1(plan.task_vector, plan.keys, plan.key_range, l1_sum.torch_chunks(numel))
+            plan.rescale = (before, before_value, work_dtype)
+            if self._phase_one is not None:  # run by the batch; the scale made after it
+                self._phase_one.append(plan.l1)
+            else:
+                fused.masked_l1([plan.l1])
+                self._with_scales([plan], None)
+            return
         if stored and self._phase_one is not None:  # run by the batch; the scale made after it
             magnitudes = plan.magnitudes = self.fast.phase_one_buffer(numel, work_dtype)
             self._phase_one.append((plan.task_vector, plan.keys, plan.key_range, magnitudes))
@@ -1131,12 +1151,23 @@ class _FastTaskArithmetic(_FastKernel):
                 fused.mask_task_vector(plan.source, self._base, plan.keys, plan.key_range, plan.masked, magnitudes)
             else:
                 self._mask_in_chunks(plan, work_dtype, plan.masked, magnitudes)
-        self._set_scale(plan, magnitudes, before, before_value, work_dtype)
+        self._set_scale(plan, magnitudes.sum(), before, before_value, work_dtype)
+
+    def _l1_after_masking(self, plan: _EntryPlan) -> torch.Tensor:
+        """torch's ``magnitudes.sum()`` of a rescaled entry once phase one has run: from the
+        fused kernel's exact sums where that settles it (l1_sum.py), else summed by torch."""
+        if plan.l1 is None:
+            return plan.magnitudes.sum()
+        known = l1_sum.torch_sum(plan.l1.sums, plan.l1.chunks, fused.MASKED_L1_ERROR)
+        if known is not None:
+            return known
+        magnitudes = self.fast.scratch.take("magnitudes", self._base.numel(), torch.bfloat16)
+        fused.masked_magnitudes(plan.task_vector, plan.keys, plan.key_range, magnitudes)
+        return magnitudes.sum()
 
     @staticmethod
-    def _set_scale(plan: _EntryPlan, magnitudes: torch.Tensor, before, before_value: float, work_dtype) -> None:
+    def _set_scale(plan: _EntryPlan, after: torch.Tensor, before, before_value: float, work_dtype) -> None:
         """mergekit's rescale: ``before / after`` unless either l1 norm is below its eps."""
-        after = magnitudes.sum()
         # mergekit's ``before < eps or after < eps``, on python floats (one conversion instead of
         # two tensor comparisons per entry; torch compares in the tensor's dtype, so eps in it)
         eps = _in_dtype(RESCALE_EPS, work_dtype)

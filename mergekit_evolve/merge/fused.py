@@ -49,17 +49,22 @@ __all__ = [
     "TaskArithmeticBatch",
     "mask_task_vector",
     "masked_magnitudes",
+    "MaskedL1",
+    "masked_l1",
     "task_arithmetic",
     "sce",
 ]
 
 _log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("fused.c")
-# No fused multiply-add, no fast-math: each C operation is one IEEE operation, as in torch.
-FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno")
+# No fused multiply-add, no fast-math: each C operation is one IEEE operation, as in torch
+# (-fopenmp-simd: only the loops marked `omp simd reduction` may sum in another order).
+FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno", "-fopenmp-simd")
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 MAX_ENTRIES = 4  # fused.c's MAX_ENTRIES: torch sums up to 4 rows in order, more in another order
 MIN_ELEMENTS_PER_THREAD = 1 << 16  # below this a second thread costs more than it saves
+# masked_l1's relative error: fused.c's float32 blocks of L1_BLOCK terms, then float64 (to 2^31 terms)
+MASKED_L1_ERROR = 256 * 2.0**-24 + 2.0**-22
 PIECES_PER_THREAD = 16  # a batch's pieces per thread (fewer: a late thread holds the others up)
 ALIGN = 64  # elements; thread ranges start on whole cache lines
 
@@ -170,8 +175,10 @@ def _library() -> ctypes.CDLL | None:
     library.sce.argtypes = [i32, i32, vp, vp, vp, vp, f32, i64, i64]
     library.linear_batch.argtypes = [i32, vp, i32, vp]
     library.masked_magnitudes_batch.argtypes = library.task_arithmetic_batch.argtypes = [vp, i32, vp]
+    library.masked_l1_batch.argtypes = [vp, i32, vp]
     kernels = (library.linear, library.linear_fma, library.mask_task_vector, library.masked_magnitudes)
     batches = (library.linear_batch, library.masked_magnitudes_batch, library.task_arithmetic_batch)
+    library.masked_l1_batch.restype = ctypes.c_int
     for function in (*kernels, library.task_arithmetic, library.sce, *batches):
         function.restype = ctypes.c_int
     return library
@@ -387,6 +394,64 @@ class _MagnitudesJob(ctypes.Structure):
     ]
 
 
+class _L1Job(ctypes.Structure):
+    """fused.c's L1Job: one piece of one chunk of one entry's masked l1 sum."""
+
+    _fields_ = [
+        ("key_lo", ctypes.c_int32),
+        ("key_hi", ctypes.c_int32),
+        ("key16", ctypes.c_int32),
+        ("task_vector", ctypes.c_void_p),
+        ("keys", ctypes.c_void_p),
+        ("begin", ctypes.c_int64),
+        ("end", ctypes.c_int64),
+        ("sum", ctypes.c_double),
+    ]
+
+
+class MaskedL1:
+    """The sums over ``chunks`` (ranges of the vector) of what ``masked_magnitudes`` would write
+    for a bfloat16 ``task_vector`` (``|task_vector|`` where ``keys[j]`` is in ``key_range``, else
+    0), in float64 and without writing it: ``sums``, set by ``masked_l1`` (l1_sum.py turns them
+    into torch's ``magnitudes.sum()``)."""
+
+    def __init__(
+        self,
+        task_vector: torch.Tensor,
+        keys: torch.Tensor,
+        key_range: tuple[int, int],
+        chunks: Sequence[tuple[int, int]],
+    ):
+        if task_vector.dtype != torch.bfloat16 or not supports(task_vector) or not keys.is_contiguous():
+            raise ValueError("fused masked_l1 takes a contiguous bfloat16 task vector (and keys) on CPU")
+        self.task_vector, self.keys, self.key_range, self.chunks = task_vector, keys, key_range, list(chunks)
+        self.key16 = _key16(keys)  # (refuses other key dtypes)
+        self.sums: list[float] | None = None
+
+
+def masked_l1(requests: Sequence[MaskedL1]) -> None:
+    """Fill each request's ``sums``, all of them in one call of the kernel per thread."""
+    items = [(request, chunk) for request in requests for chunk in request.chunks]
+    if not items:
+        return
+    numels = [end - begin for _, (begin, end) in items]
+    pieces = _pieces(numels)
+    array = (_L1Job * len(pieces))()
+    for slot, (index, begin, end) in zip(array, pieces):
+        request, (offset, _) = items[index]
+        slot.key_lo, slot.key_hi = request.key_range
+        slot.key16, slot.task_vector, slot.keys = request.key16, request.task_vector.data_ptr(), request.keys.data_ptr()
+        slot.begin, slot.end = offset + begin, offset + end
+    _run_pieces(_library().masked_l1_batch, array, sum(numels))
+    totals = [0.0] * len(items)
+    for (index, _, _), job in zip(pieces, array):
+        totals[index] += job.sum
+    position = 0
+    for request in requests:
+        request.sums = totals[position : position + len(request.chunks)]
+        position += len(request.chunks)
+
+
 class _TaskArithmeticJob(ctypes.Structure):
     """fused.c's TaskArithmeticJob: one range of one tensor's phase two."""
 
@@ -417,15 +482,17 @@ class _QueuedMerge:
 
 
 class TaskArithmeticBatch:
-    """``task_arithmetic`` merges (and the ``masked_magnitudes`` phase one their rescaled entries
-    need) collected and run in two calls of the kernels per thread: ``run`` does phase one of
-    every queued entry, then asks each tensor for its entries (``add``'s ``entries``: where torch
-    sums the magnitudes and the scales are made, between the two calls), then phase two of every
-    tensor. Each element gets exactly the single calls' arithmetic. An output, and a magnitudes
-    buffer, must not be read before ``run`` (or its ``entries`` call)."""
+    """``task_arithmetic`` merges (and the phase one their rescaled entries need:
+    ``masked_magnitudes``, or in bfloat16 ``masked_l1``) collected and run in two calls of the
+    kernels per thread: ``run`` does phase one of every queued entry, then asks each tensor for
+    its entries (``add``'s ``entries``: where the l1 sums are made and the scales set, between
+    the two calls), then phase two of every tensor. Each element gets exactly the single calls'
+    arithmetic. An output, and a magnitudes buffer, must not be read before ``run`` (or its
+    ``entries`` call)."""
 
     def __init__(self):
         self._phase_one: list[tuple] = []  # (task vector, keys, key range, magnitudes)
+        self._l1: list[MaskedL1] = []
         self._merges: list[_QueuedMerge] = []
 
     def __len__(self) -> int:
@@ -439,6 +506,10 @@ class TaskArithmeticBatch:
             raise ValueError("fused masked_magnitudes takes magnitudes of the task vector's dtype")
         _key16(keys)  # (refuses other key dtypes)
         self._phase_one.append((task_vector, keys, key_range, magnitudes))
+
+    def add_l1(self, request: MaskedL1) -> None:
+        """Queue ``masked_l1([request])`` (its sums are set before any ``entries`` call)."""
+        self._l1.append(request)
 
     def add(
         self,
@@ -460,7 +531,9 @@ class TaskArithmeticBatch:
         """Phase one of every queued entry, each tensor's ``entries``, phase two of every tensor,
         then each ``on_done``."""
         phase_one, self._phase_one = self._phase_one, []
+        l1, self._l1 = self._l1, []
         merges, self._merges = self._merges, []
+        masked_l1(l1)
         if phase_one:
             numels = [task_vector.numel() for task_vector, _, _, _ in phase_one]
             pieces = _pieces(numels)
