@@ -114,3 +114,25 @@ def test_a_wrong_thread_split_is_caught(threads, monkeypatch):
     finally:
         l1_sum.agrees_with_torch.cache_clear()
     assert l1_sum.agrees_with_torch(2)
+
+
+@needs_kernels
+def test_key16_l1_prefix_is_masked_l1_of_every_range():
+    """One pass gives, per torch chunk, the l1 sum of every key range [0, hi) from ``first`` up,
+    within KEY16_PREFIX_ERROR of exact; keys that are not high halves of uniforms are refused."""
+    generator = torch.Generator().manual_seed(7)
+    numel = 70_001
+    tv = _task_vector(numel, generator)
+    keys = torch.randint(0, fused.KEY16_BINS, (numel,), generator=generator, dtype=torch.int16)
+    chunks = [(0, 35_001), (35_001, numel)]
+    first = 0x3A80
+    prefix = fused.key16_l1_prefix(tv, keys, chunks, first)
+    assert prefix.shape == (2, fused.KEY16_BINS - first + 1)
+    for high in (first, 0x3B00, 0x3D4C, 0x3F00, 0x3F7F, fused.KEY16_BINS):
+        exact = _masked_magnitudes(tv, keys, (0, high)).double()
+        for row, (begin, end) in enumerate(chunks):
+            total = float(exact[begin:end].sum())
+            assert abs(float(prefix[row, high - first]) - total) <= fused.KEY16_PREFIX_ERROR * total, high
+    keys[123] = fused.KEY16_BINS
+    with pytest.raises(ValueError, match="refused"):
+        fused.key16_l1_prefix(tv, keys, chunks, first)

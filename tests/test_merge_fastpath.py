@@ -535,6 +535,28 @@ def test_results_cast_to_another_out_dtype_bitwise_equal(families, monkeypatch):
     assert calls["masked_l1"] > 0 and calls["add_l1"] == 0
 
 
+def test_l1_tables_are_built_on_a_second_ask_and_the_last_few_kept():
+    """A place of the draws gets its table the second time it is asked for (a search near
+    density 1 moves the draws of later entries to many places, each asked for once), and only the
+    last KEEP places keep theirs."""
+    from mergekit_evolve.merge.fastpath import _L1Tables
+
+    tables, built = _L1Tables(), []
+
+    def build(where):
+        built.append(where)
+        return torch.zeros(2, 3, dtype=torch.float64)
+
+    assert tables.lookup((0,), lambda: build((0,))) is None and built == []
+    assert tables.lookup((0,), lambda: build((0,))) is not None and built == [(0,)]
+    assert tables.lookup((0,), lambda: build((0,))) is not None and built == [(0,)]  # kept
+    for where in range(1, _L1Tables.KEEP + 1):  # KEEP more places, each asked for twice
+        tables.lookup((where,), lambda: build(None))
+        tables.lookup((where,), lambda where=where: build((where,)))
+    assert tables.nbytes == _L1Tables.KEEP * 2 * 3 * 8
+    assert tables.lookup((0,), lambda: build("again")) is None  # the oldest one was let go
+
+
 def test_default_chunks_bitwise_equal_at_two_threads(tmp_path, monkeypatch):
     """Tensors of ~125k elements at two torch threads: several default-size chunks, and the
     halves where torch splits a whole-tensor op between the threads fall off vector boundaries

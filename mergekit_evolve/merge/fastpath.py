@@ -96,6 +96,7 @@ other kernel consumes torch's generator in between). Inputs must be finite for b
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 from collections.abc import Callable, Iterator
@@ -164,6 +165,9 @@ FUSED_MIN_ELEMENTS = 1 << 16
 # magnitudes) one batch of 256 MB beat three of 64 MB by ~5% and ten of 16 MB by ~35%. Pages are
 # touched only as far as they are used.
 PHASE_ONE_ARENA_BYTES = 256 << 20
+# bfloat16 DARE's l1 sums for densities from 2**-10 up are looked up (_L1Tables): the uint16 keys
+# from this one (the bfloat16 bits of 2**-10) up, ~10 KB per entry, torch chunk and table.
+L1_TABLE_FIRST_KEY = 0x3A80
 _BITS_OF = {
     torch.float16: torch.int16,
     torch.bfloat16: torch.int16,
@@ -266,6 +270,9 @@ class SourceState:
             table[key] = build()
         return table[key]
 
+    def put(self, kind: str, key: tuple, value: Any) -> None:
+        self._kinds.setdefault(kind, {})[key] = value
+
     def built(self) -> set[str]:
         return {kind for kind, table in self._kinds.items() if table}
 
@@ -298,6 +305,8 @@ def _nbytes(value: Any) -> int:
         return value.numel() * value.element_size()
     if isinstance(value, tuple):
         return sum(_nbytes(v) for v in value)
+    if isinstance(value, _L1Tables):
+        return value.nbytes
     return 0
 
 
@@ -808,6 +817,41 @@ class _EntryPlan:
         self.rescale: tuple | None = None  # (l1 before, its value, work dtype): scale not made yet
 
 
+class _L1Tables:
+    """One task vector's tables of bfloat16 DARE's l1 sums for every density
+    (``fused.key16_l1_prefix``), one per place of its draws in the uniform stream: an entry's draws
+    move when an earlier entry draws none (density 1), so a place gets its table the second time
+    it is asked for (phase one sums the first; a search near density 1 asks for many places
+    once) and the last ``KEEP`` places keep theirs."""
+
+    KEEP = 4
+    REMEMBERED = 64  # places asked for once, remembered until a second ask
+
+    def __init__(self):
+        self._tables: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
+        self._asked_once: set[tuple] = set()
+
+    def lookup(self, where: tuple, build: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+        table = self._tables.get(where)
+        if table is not None:
+            self._tables.move_to_end(where)
+            return table
+        if where not in self._asked_once:
+            if len(self._asked_once) >= self.REMEMBERED:
+                self._asked_once.clear()
+            self._asked_once.add(where)
+            return None
+        self._asked_once.discard(where)
+        table = self._tables[where] = build()
+        if len(self._tables) > self.KEEP:
+            self._tables.popitem(last=False)
+        return table
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_nbytes(table) for table in self._tables.values())
+
+
 class _FastTaskArithmetic(_FastKernel):
     """``GeneralizedTaskArithmeticMerge.merge_group`` with precomputed sparsification state,
     run in chunks of ``CHUNK_ELEMENTS`` with reused scratch buffers.
@@ -834,6 +878,9 @@ class _FastTaskArithmetic(_FastKernel):
             self.optional_kinds = ("task_vector",)
 
     def state_bytes(self, kind: str) -> int:
+        if kind == "l1" and self.high_halves_suffice:  # DARE's tables of l1 sums (_L1Tables)
+            per_table = (fused.KEY16_BINS - L1_TABLE_FIRST_KEY + 1) * 8
+            return _L1Tables.KEEP * per_table * len(l1_sum.torch_chunks(self.numel)) * self.non_base
         if kind == "della_rank":  # ranks in the work dtype, as _della stores them
             per_element = _cpu_work_dtype(next(iter(self.tensors.values()))).itemsize
         else:
@@ -1122,8 +1169,14 @@ class _FastTaskArithmetic(_FastKernel):
         )
         stored = plan.task_vector is not None and plan.keys is not None and work_dtype == self._base.dtype
         if stored and work_dtype == torch.bfloat16 and l1_sum.agrees_with_torch(torch.get_num_threads()):
-            # the l1 sum without writing the masked magnitudes at all (phase two masks by keys)
-            plan.l1 = fused.MaskedL1(plan.task_vector, plan.keys, plan.key_range, l1_sum.torch_chunks(numel))
+            # the l1 sum without writing the masked magnitudes at all (phase two masks by keys):
+            # looked up where it can be, else summed by phase one (masked_l1)
+            chunks = l1_sum.torch_chunks(numel)
+            after = self._l1_from_table(plan, model, chunks)
+            if after is not None:  # known now: no phase one at all
+                self._set_scale(plan, after, before, before_value, work_dtype)
+                return
+            plan.l1 = fused.MaskedL1(plan.task_vector, plan.keys, plan.key_range, chunks)
             plan.rescale = (before, before_value, work_dtype)
             if self._phase_one is not None:  # run by the batch; the scale made after it
                 self._phase_one.append(plan.l1)
@@ -1152,6 +1205,22 @@ class _FastTaskArithmetic(_FastKernel):
             else:
                 self._mask_in_chunks(plan, work_dtype, plan.masked, magnitudes)
         self._set_scale(plan, magnitudes.sum(), before, before_value, work_dtype)
+
+    def _l1_from_table(self, plan: _EntryPlan, model, chunks: list[tuple[int, int]]) -> torch.Tensor | None:
+        """torch's ``magnitudes.sum()`` of a bfloat16 DARE entry, looked up in its task vector's
+        table of l1 sums per key for these draws (``_L1Tables``); None where there is no table
+        (yet) or it does not settle the sum (phase one sums it then)."""
+        low, high = plan.key_range
+        if plan.keys.dtype != torch.int16 or low != 0 or not L1_TABLE_FIRST_KEY <= high <= fused.KEY16_BINS:
+            return None
+        tables = self.fast.state.get("l1", ("tables", *self.source_key(model, torch.bfloat16)), _L1Tables)
+        prefix = tables.lookup(
+            (plan.keys.storage_offset(), tuple(chunks)),
+            lambda: fused.key16_l1_prefix(plan.task_vector, plan.keys, chunks, L1_TABLE_FIRST_KEY),
+        )
+        if prefix is None:
+            return None
+        return l1_sum.torch_sum(prefix[:, high - L1_TABLE_FIRST_KEY].tolist(), chunks, fused.KEY16_PREFIX_ERROR)
 
     def _l1_after_masking(self, plan: _EntryPlan) -> torch.Tensor:
         """torch's ``magnitudes.sum()`` of a rescaled entry once phase one has run: from the

@@ -646,6 +646,32 @@ int masked_l1_batch(L1Job *jobs, int count, int32_t *counter) {
     return 1;
 }
 
+/* DARE's l1 sums for every density at once: per range of a bfloat16 task vector, the sum of |tv|
+ * over the elements whose uint16 key (the high half of a uniform draw in [0, 1): < 0x3f80) is k,
+ * for each k, in float64 (l1_sum.py allows for its rounding). A prefix sum of these is the
+ * masked_l1 of every key range [0, hi); fused.py's key16_l1_prefix. */
+#define KEY16_BINS 0x3f80
+typedef struct {
+    const void *task_vector;
+    const void *keys;
+    int64_t begin;
+    int64_t end;
+    double *histogram; /* KEY16_BINS zeros, written here */
+} HistogramJob;
+
+int key16_l1_histogram_batch(HistogramJob *jobs, int count, int32_t *counter) {
+    for (int i; (i = next_job(counter)) < count;) {
+        const HistogramJob *job = &jobs[i];
+        const uint16_t *t = (const uint16_t *)job->task_vector, *keys = (const uint16_t *)job->keys;
+        double *histogram = job->histogram;
+        for (int64_t j = job->begin; j < job->end; j++) {
+            if (keys[j] >= KEY16_BINS) return -3;
+            histogram[keys[j]] += (double)bf16_to_f32(t[j] & 0x7fffu);
+        }
+    }
+    return 1;
+}
+
 typedef struct {
     int32_t dtype;
     int32_t n;

@@ -51,6 +51,7 @@ __all__ = [
     "masked_magnitudes",
     "MaskedL1",
     "masked_l1",
+    "key16_l1_prefix",
     "task_arithmetic",
     "sce",
 ]
@@ -65,6 +66,9 @@ MAX_ENTRIES = 4  # fused.c's MAX_ENTRIES: torch sums up to 4 rows in order, more
 MIN_ELEMENTS_PER_THREAD = 1 << 16  # below this a second thread costs more than it saves
 # masked_l1's relative error: fused.c's float32 blocks of L1_BLOCK terms, then float64 (to 2^31 terms)
 MASKED_L1_ERROR = 256 * 2.0**-24 + 2.0**-22
+KEY16_BINS = 0x3F80  # fused.c's: uint16 keys are the high halves of uniforms in [0, 1)
+# key16_l1_prefix's relative error: float64 bins of up to 2^31 terms, then a prefix sum over the bins
+KEY16_PREFIX_ERROR = 2.0**-21
 PIECES_PER_THREAD = 16  # a batch's pieces per thread (fewer: a late thread holds the others up)
 ALIGN = 64  # elements; thread ranges start on whole cache lines
 
@@ -175,10 +179,10 @@ def _library() -> ctypes.CDLL | None:
     library.sce.argtypes = [i32, i32, vp, vp, vp, vp, f32, i64, i64]
     library.linear_batch.argtypes = [i32, vp, i32, vp]
     library.masked_magnitudes_batch.argtypes = library.task_arithmetic_batch.argtypes = [vp, i32, vp]
-    library.masked_l1_batch.argtypes = [vp, i32, vp]
+    library.masked_l1_batch.argtypes = library.key16_l1_histogram_batch.argtypes = [vp, i32, vp]
     kernels = (library.linear, library.linear_fma, library.mask_task_vector, library.masked_magnitudes)
     batches = (library.linear_batch, library.masked_magnitudes_batch, library.task_arithmetic_batch)
-    library.masked_l1_batch.restype = ctypes.c_int
+    library.masked_l1_batch.restype = library.key16_l1_histogram_batch.restype = ctypes.c_int
     for function in (*kernels, library.task_arithmetic, library.sce, *batches):
         function.restype = ctypes.c_int
     return library
@@ -450,6 +454,37 @@ def masked_l1(requests: Sequence[MaskedL1]) -> None:
     for request in requests:
         request.sums = totals[position : position + len(request.chunks)]
         position += len(request.chunks)
+
+
+class _HistogramJob(ctypes.Structure):
+    """fused.c's HistogramJob: one torch chunk of one task vector's key16 l1 histogram."""
+
+    _fields_ = [
+        ("task_vector", ctypes.c_void_p),
+        ("keys", ctypes.c_void_p),
+        ("begin", ctypes.c_int64),
+        ("end", ctypes.c_int64),
+        ("histogram", ctypes.c_void_p),
+    ]
+
+
+def key16_l1_prefix(
+    task_vector: torch.Tensor, keys: torch.Tensor, chunks: Sequence[tuple[int, int]], first: int
+) -> torch.Tensor:
+    """``prefix[c, hi - first]``: ``masked_l1`` of the bfloat16 ``task_vector`` over ``chunks[c]``
+    for the key range ``[0, hi)``, for every ``hi`` from ``first`` to ``KEY16_BINS`` (float64,
+    within ``KEY16_PREFIX_ERROR``): one pass over the vector for every density DARE may draw
+    against. ``keys``: uint16 (int16 holding 0..0x3f7f)."""
+    if task_vector.dtype != torch.bfloat16 or keys.dtype != torch.int16 or not supports(task_vector):
+        raise ValueError("fused key16_l1_prefix takes a contiguous bfloat16 task vector and int16 keys on CPU")
+    histograms = torch.zeros(len(chunks), KEY16_BINS, dtype=torch.float64)
+    array = (_HistogramJob * len(chunks))()
+    for slot, (begin, end), histogram in zip(array, chunks, histograms):
+        slot.task_vector, slot.keys, slot.histogram = task_vector.data_ptr(), keys.data_ptr(), histogram.data_ptr()
+        slot.begin, slot.end = begin, end
+    _run_pieces(_library().key16_l1_histogram_batch, array, len(chunks) * MIN_ELEMENTS_PER_THREAD)
+    below = torch.cat([torch.zeros(len(chunks), 1, dtype=torch.float64), histograms.cumsum(dim=1)], dim=1)
+    return below[:, first:].contiguous()
 
 
 class _TaskArithmeticJob(ctypes.Structure):
