@@ -126,10 +126,13 @@ def summary_rows() -> list[tuple[str, str, str]]:
             linear = ours.get("linear", {}).get("candidate_s")
             for method in ("ties", "dare_ties"):
                 if linear and "candidate_s" in ours.get(method, {}):
+                    # a method kept from an earlier run is compared with that run's linear
+                    same_run_linear = ours[method].get("linear_candidate_s", linear)
+                    earlier = f" (code of {ours[method]['from_commit']})" if "from_commit" in ours[method] else ""
                     rows.append(
                         (
-                            f"{method} candidate vs linear candidate, {rung} bf16 family (fast path)",
-                            f"{ours[method]['candidate_s'] / linear:.1f}x",
+                            f"{method} candidate vs linear candidate, {rung} bf16 family (fast path){earlier}",
+                            f"{ours[method]['candidate_s'] / same_run_linear:.1f}x",
                             "<= 3x (30M)",
                         )
                     )
