@@ -45,9 +45,10 @@ fused kernels run a keyed sparsifier (ties, breadcrumbs, dare), the task vectors
 it the kernels read source and base), so a candidate does no subtraction: DARE's phase one
 writes only the kept magnitudes (what the l1 rescale sums) and phase two takes the masked
 values from the task vectors' signs and those magnitudes; in bfloat16 phase one writes nothing:
-``fused.masked_l1`` sums the kept magnitudes per torch thread chunk and ``l1_sum.py`` works out
-torch's bfloat16 sum from those (or, for a few in a hundred, leaves it to torch), and phase two
-masks by the keys itself. When every
+the kept magnitudes' sums per torch thread chunk come from a table per task vector and place in the
+draws (``_L1Tables``, every density from 2**-10 up) or from ``fused.masked_l1``, ``l1_sum.py``
+works out torch's bfloat16 sum from those (or, for a few in a hundred, leaves it to torch), and
+phase two masks by the keys itself. When every
 tensor of a candidate takes the fast path, the merger runs the kernels directly, in the order
 mergekit's Executor would (learnt once per recipe structure), with no task graph per candidate;
 a re-planned candidate (``replan.py``) reuses the last one's kernels and checked input groups, and
@@ -1223,8 +1224,8 @@ class _FastTaskArithmetic(_FastKernel):
         return l1_sum.torch_sum(prefix[:, high - L1_TABLE_FIRST_KEY].tolist(), chunks, fused.KEY16_PREFIX_ERROR)
 
     def _l1_after_masking(self, plan: _EntryPlan) -> torch.Tensor:
-        """torch's ``magnitudes.sum()`` of a rescaled entry once phase one has run: from the
-        fused kernel's exact sums where that settles it (l1_sum.py), else summed by torch."""
+        """torch's ``magnitudes.sum()`` of a rescaled entry once phase one has run: from
+        ``masked_l1``'s sums where they settle it (l1_sum.py), else summed by torch."""
         if plan.l1 is None:
             return plan.magnitudes.sum()
         known = l1_sum.torch_sum(plan.l1.sums, plan.l1.chunks, fused.MASKED_L1_ERROR)
