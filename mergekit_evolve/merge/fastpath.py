@@ -271,9 +271,6 @@ class SourceState:
             table[key] = build()
         return table[key]
 
-    def put(self, kind: str, key: tuple, value: Any) -> None:
-        self._kinds.setdefault(kind, {})[key] = value
-
     def built(self) -> set[str]:
         return {kind for kind, table in self._kinds.items() if table}
 
@@ -1208,9 +1205,9 @@ class _FastTaskArithmetic(_FastKernel):
         self._set_scale(plan, magnitudes.sum(), before, before_value, work_dtype)
 
     def _l1_from_table(self, plan: _EntryPlan, model, chunks: list[tuple[int, int]]) -> torch.Tensor | None:
-        """torch's ``magnitudes.sum()`` of a bfloat16 DARE entry, looked up in its task vector's
-        table of l1 sums per key for these draws (``_L1Tables``); None where there is no table
-        (yet) or it does not settle the sum (phase one sums it then)."""
+        """torch's ``magnitudes.sum()`` of a bfloat16 DARE entry from its task vector's table of
+        l1 sums per key for these draws (``_L1Tables``; where the table does not settle it, torch
+        sums: a phase one's sums would not either); None where there is no table (yet)."""
         low, high = plan.key_range
         if plan.keys.dtype != torch.int16 or low != 0 or not L1_TABLE_FIRST_KEY <= high <= fused.KEY16_BINS:
             return None
@@ -1221,7 +1218,9 @@ class _FastTaskArithmetic(_FastKernel):
         )
         if prefix is None:
             return None
-        return l1_sum.torch_sum(prefix[:, high - L1_TABLE_FIRST_KEY].tolist(), chunks, fused.KEY16_PREFIX_ERROR)
+        sums = prefix[:, high - L1_TABLE_FIRST_KEY].tolist()
+        known = l1_sum.torch_sum(sums, chunks, fused.KEY16_PREFIX_ERROR)
+        return known if known is not None else self._l1_by_torch(plan)
 
     def _l1_after_masking(self, plan: _EntryPlan) -> torch.Tensor:
         """torch's ``magnitudes.sum()`` of a rescaled entry once phase one has run: from
@@ -1229,8 +1228,10 @@ class _FastTaskArithmetic(_FastKernel):
         if plan.l1 is None:
             return plan.magnitudes.sum()
         known = l1_sum.torch_sum(plan.l1.sums, plan.l1.chunks, fused.MASKED_L1_ERROR)
-        if known is not None:
-            return known
+        return known if known is not None else self._l1_by_torch(plan)
+
+    def _l1_by_torch(self, plan: _EntryPlan) -> torch.Tensor:
+        """The kept magnitudes of a stored bfloat16 task vector written out and summed by torch."""
         magnitudes = self.fast.scratch.take("magnitudes", self._base.numel(), torch.bfloat16)
         fused.masked_magnitudes(plan.task_vector, plan.keys, plan.key_range, magnitudes)
         return magnitudes.sum()
