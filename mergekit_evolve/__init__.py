@@ -12,3 +12,8 @@ Pipeline (one sub-package per stage; docs/architecture.md has the picture):
 """
 
 __version__ = "0.1.0"
+
+# Before anything imports transformers: a torchvision (etc.) build that cannot load must not break it.
+from mergekit_evolve.torch_extensions import hide_unloadable_torch_extensions
+
+hide_unloadable_torch_extensions()

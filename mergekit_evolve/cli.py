@@ -123,6 +123,9 @@ device_option = click.option(
     "--executor", type=click.Choice(["local", "ray"]), help="Where candidates are evaluated (overrides executor.kind)."
 )
 @click.option("--workers", type=int, help="Ray workers (overrides executor.workers).")
+@click.option(
+    "--backend", type=click.Choice(["hf", "vllm"]), help="What runs candidates for the fitness (fitness.backend)."
+)
 @click.option("--allow-benchmark-tasks", is_flag=True, help="Allow selection tasks named like public benchmarks.")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty run directory.")
 @click.option("--no-save-model", is_flag=True, help="Do not write the merged best model to OUT/model.")
@@ -137,6 +140,7 @@ def run(
     device,
     executor,
     workers,
+    backend,
     allow_benchmark_tasks,
     force,
     no_save_model,
@@ -159,6 +163,8 @@ def run(
         overrides["allow_benchmark_tasks"] = True
     if executor:
         overrides["executor.kind"] = executor
+    if backend:
+        overrides["fitness.backend"] = backend
     if workers is not None:
         if workers < 1:
             raise InputError(f"--workers: {workers} is out of range; use 1 or more")

@@ -267,19 +267,34 @@ class EvolveConfig(Strict):
             )
         if self.template is not None and self.space == "dfs":
             raise ValueError("space: a template recipe is a parameter-space search; use space: ps or ps+dfs")
-        if self.fitness is None and not self.tasks:
+        if self.builtin_fitness is None and not self.tasks:
             raise ValueError(
                 "no fitness defined; add a 'fitness: {tasks: [...]}' section "
                 "(or mergekit-evolve's 'tasks:' list of lm-eval tasks)"
             )
         if self.random_init:
             self.optimizer.init = "random"
+        if self.backend == "vllm" and self.space != "ps":
+            raise InputError(
+                f"fitness.backend: vllm scores parameter-space candidates (PS and templates); space: {self.space} "
+                "evaluates layer paths, which run on transformers for now; set fitness.backend: hf or space: ps"
+            )
         if self.space != "ps" and self.dfs.validation and not accuracy_fitness(self):
             raise InputError(
                 f"dfs.validation: {self.dfs.validation} confirms the DFS result row by row, which needs built-in "
                 "accuracy tasks (fitness.tasks of kind generate or choice); set dfs.validation: 0"
             )
         return self
+
+    @property
+    def builtin_fitness(self) -> FitnessConfig | None:
+        """The built-in fitness tasks (``fitness.tasks``), or None when lm-eval's ``tasks:`` score the run."""
+        return self.fitness if self.fitness is not None and self.fitness.tasks else None
+
+    @property
+    def backend(self) -> str:
+        """What runs candidates for the fitness: ``hf`` (transformers) or ``vllm``."""
+        return self.fitness.backend if self.fitness is not None else "hf"
 
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", exclude_defaults=False)
@@ -290,7 +305,8 @@ def accuracy_fitness(config: EvolveConfig) -> bool:
     """Built-in fitness tasks that all score accuracy row by row (what ``dfs.validation`` compares)."""
     from mergekit_evolve.fitness.evaluator import RACING_KINDS
 
-    return config.fitness is not None and all(task.kind in RACING_KINDS for task in config.fitness.tasks)
+    tasks = config.builtin_fitness.tasks if config.builtin_fitness is not None else None
+    return tasks is not None and all(task.kind in RACING_KINDS for task in tasks)
 
 
 def _format_validation_error(err: ValidationError) -> str:
@@ -402,7 +418,7 @@ def resolve_paths(config: EvolveConfig, base_dir: Path) -> EvolveConfig:
     if data["dfs"].get("models"):
         data["dfs"]["models"] = [_resolve_model(m, base_dir) for m in data["dfs"]["models"]]
     if data.get("fitness"):
-        for task in data["fitness"]["tasks"]:
+        for task in data["fitness"]["tasks"] or []:
             for key in ("data", "heldout", "fewshot_data"):
                 if task.get(key) is not None and str(task[key]).startswith(ZOO_PREFIX):
                     task[key] = _resolve_zoo(str(task[key]), f"fitness.tasks.{task['name']}.{key}")

@@ -14,9 +14,10 @@ the same meaning, as a spelling of one of ours, or refused with one line that na
     --[no-]save-final-model   --no-save-model
     --i-understand-the-depths-of-the-evils-i-am-unleashing   --allow-benchmark-tasks
     --wandb, --wandb-project, --wandb-entity                 the wandb: section
-    --[no-]in-memory, --[no-]reshard, --merge-cuda, --no-vllm   accepted: candidates are always merged in
-                              memory from sources read once, on --device
-    refused: --vllm, --strategy, --no-merge-cuda, --trust-remote-code, --allow-crimes, --timeout,
+    --vllm / --no-vllm        fitness.backend: vllm / hf (one vLLM engine per worker, weights swapped in place)
+    --[no-]in-memory, --[no-]reshard, --merge-cuda   accepted: candidates are always merged in memory from
+                              sources read once, on --device
+    refused: --strategy, --no-merge-cuda, --trust-remote-code, --allow-crimes, --timeout,
              --load-in-8bit, --load-in-4bit
 """
 
@@ -30,7 +31,6 @@ from mergekit_evolve.errors import InputError
 
 # option name -> (when it is refused, what to do instead)
 REFUSED = {
-    "vllm": (True, "evaluation runs in this process with transformers, not vLLM; drop --vllm"),
     "strategy": (
         None,
         "candidates run one after another here or on Ray workers; use --executor local|ray and --workers N",
@@ -75,7 +75,7 @@ class Translated:
                 update={"task_search_path": [*(config.task_search_path or []), *self.task_search_path]}
             )
         if self.batch_size is not None:
-            if config.fitness is None:
+            if config.builtin_fitness is None:
                 raise InputError(
                     "--batch-size: sets fitness.batch_size of the built-in fitness; this config scores lm-eval "
                     "tasks, which run at their own batch size; drop --batch-size"
@@ -114,6 +114,8 @@ def translate(given: dict[str, Any], *, out, max_evals, workers, executor) -> Tr
         if workers is not None or executor is not None:
             raise InputError("--num-gpus: give either --num-gpus or --executor/--workers, not both")
         t.executor, t.workers = ("ray", gpus) if gpus > 1 else ("local", None)
+    if given.get("vllm") is not None:
+        t.overrides["fitness.backend"] = "vllm" if given["vllm"] else "hf"
     for name, key in (("sigma0", "optimizer.sigma0"), ("force_population_size", "optimizer.popsize")):
         if given.get(name) is not None:
             t.overrides[key] = given[name]

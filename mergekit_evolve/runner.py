@@ -70,6 +70,8 @@ def validate(config: EvolveConfig, device: str = "cpu", progress: bool = False):
 
         check_dfs_collection(list(config.dfs.models or source_models(config)), 0)
     fitness = make_fitness(config, problem.tokenizer, problem.tokenizer_ref, progress)
+    if config.backend == "vllm":
+        check_vllm_backend(config, problem, fitness)
     if config.optimizer.racing is not None:
         from mergekit_evolve.search.racing import check_racing
 
@@ -79,6 +81,17 @@ def validate(config: EvolveConfig, device: str = "cpu", progress: bool = False):
 
         check_economy(config.optimizer.economy, fitness)
     return fitness
+
+
+def check_vllm_backend(config: EvolveConfig, problem, fitness) -> None:
+    """vLLM installed, the architecture one it implements, every request within the engine's context."""
+    from transformers import AutoConfig
+
+    from mergekit_evolve.fitness.vllm_engine import check_architecture, check_request_lengths, max_model_len
+
+    hf_config = AutoConfig.from_pretrained(problem.first_source)
+    check_architecture(hf_config)
+    check_request_lengths(fitness.longest_request(), max_model_len(config.fitness.vllm, hf_config))
 
 
 def resume(out: str | Path, *, device: str | None = None, progress: bool = True) -> Summary:
@@ -262,18 +275,22 @@ def _check_fitness_available(config: EvolveConfig) -> None:
         from mergekit_evolve.search.executors import import_ray
 
         import_ray()
-    if config.fitness is None:
+    if config.builtin_fitness is None:
         from mergekit_evolve.fitness.lm_eval_tasks import require_lm_eval
 
         require_lm_eval()
+    if config.backend == "vllm":
+        from mergekit_evolve.fitness.vllm_engine import require_vllm
+
+        require_vllm()
 
 
 def selection_data(config: EvolveConfig) -> list[dict]:
     """Which data chose the winner (the held-out splits never do): path and content hash."""
-    if config.fitness is None:
+    if config.builtin_fitness is None:
         return [{"lm_eval_task": t.name, "metric": t.metric, "limit": config.limit} for t in config.tasks or []]
     out = []
-    for task in config.fitness.tasks:
+    for task in config.builtin_fitness.tasks:
         path = Path(task.data)
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
         out.append({"task": task.name, "data": str(path), "sha256": digest, "limit": task.limit})
@@ -296,6 +313,8 @@ def load_any_config(path: str | Path, overrides: dict[str, Any]) -> EvolveConfig
         node = data
         *parents, leaf = dotted.split(".")
         for key in parents:
-            node = node.setdefault(key, {})
+            if node.get(key) is None:  # e.g. fitness.backend on a config scored by lm-eval tasks
+                node[key] = {}
+            node = node[key]
         node[leaf] = value
     return parse_config(data, source=str(path))

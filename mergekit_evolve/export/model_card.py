@@ -321,13 +321,13 @@ def _data_section(stages: list[Stage]) -> str:
     text = f"The recipe was selected on: {selection_text(final)}."
     heldout = [
         f"`{t.name}`: {Path(t.heldout).name}"
-        for t in (final.config.fitness.tasks if final.config.fitness else [])
+        for t in (final.config.builtin_fitness.tasks if final.config.builtin_fitness else [])
         if t.heldout
     ]
     if heldout:
         text += f" Held-out scores come from {', '.join(heldout)}, which took no part in the selection."
-    if final.config.fitness is not None:
-        weights = [f"`{t.name}` {t.weight:g}" for t in final.config.fitness.tasks]
+    if final.config.builtin_fitness is not None:
+        weights = [f"`{t.name}` {t.weight:g}" for t in final.config.builtin_fitness.tasks]
         if len(weights) > 1:
             text += f" Fitness = weighted mean of the task scores ({', '.join(weights)})."
     return f"## Fitness data\n\n{text}\n"

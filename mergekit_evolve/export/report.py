@@ -657,10 +657,10 @@ def summary_table(stage: Stage) -> str:
 def selection_text(stage: Stage) -> str:
     """The data that chose the winner: task names and file names (never the held-out split)."""
     config = stage.config
-    if config.fitness is not None:
+    if config.builtin_fitness is not None:
         return ", ".join(
             f"`{t.name}`: {Path(t.data).name}" + (f" (first {t.limit})" if t.limit else "")
-            for t in config.fitness.tasks
+            for t in config.builtin_fitness.tasks
         )
     return ", ".join(f"lm-eval `{t.name}` ({t.metric})" for t in config.tasks or []) + (
         f", limit {config.limit}" if config.limit else ""

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from mergekit_evolve.errors import TokenizerRequired
+from mergekit_evolve.errors import InputError, TokenizerRequired
 from mergekit_evolve.fitness.callable_task import FitnessFunction, evaluate_callable, load_function
 from mergekit_evolve.fitness.choice import evaluate_choice, prepare_choice
 from mergekit_evolve.fitness.data import Row, load_task_rows, token_id_rows
@@ -32,7 +32,7 @@ from mergekit_evolve.fitness.generate import evaluate_generate, prepare_generate
 from mergekit_evolve.fitness.outcome import Outcome
 from mergekit_evolve.fitness.perplexity import evaluate_perplexity, prepare_perplexity
 from mergekit_evolve.fitness.prompts import check_chat_template
-from mergekit_evolve.fitness.runtime import ModelRunner, evaluation_mode
+from mergekit_evolve.fitness.runtime import ModelRunner, evaluation_mode, runner_for
 from mergekit_evolve.fitness.tasks import FitnessConfig, TaskConfig, load_fitness_config
 
 # "validation": fitness rows held back from a search to confirm its result (``Fitness.hold_back``)
@@ -57,6 +57,13 @@ VALIDATION_SHUFFLE_SEED = 20240314
 
 PREPARE = {"generate": prepare_generate, "choice": prepare_choice, "perplexity": prepare_perplexity}
 EVALUATE = {"generate": evaluate_generate, "choice": evaluate_choice, "perplexity": evaluate_perplexity}
+
+
+def request_tokens(task: TaskConfig, examples: Any) -> int:
+    """The longest request of a task's tokenized examples (0 for none)."""
+    if hasattr(examples, "prompt_ids"):  # generate
+        return max((len(p) for p in examples.prompt_ids), default=-task.max_new_tokens) + task.max_new_tokens
+    return max((len(ctx) + len(cont) for ctx, cont in getattr(examples, "pairs", [])), default=0)
 
 
 class TaskResult(BaseModel):
@@ -95,6 +102,8 @@ class Fitness:
         self.base_dir = Path(base_dir if base_dir is not None else Path.cwd()).absolute()
         self.tokens_spent = 0  # forward tokens over all evaluations (prompt + generated / scored)
         self.last_results: dict[str, TaskResult] = {}
+        if not self.config.tasks:
+            raise InputError("fitness.tasks: no tasks; add at least one task")
         self._tasks = [self._prepare(task) for task in self.config.tasks]
 
     def _prepare(self, task: TaskConfig) -> _Task:
@@ -148,6 +157,17 @@ class Fitness:
     def weights(self) -> dict[str, float]:
         return {task.name: task.weight for task in self.config.tasks}
 
+    def longest_request(self) -> tuple[int, str] | None:
+        """The most tokens one model call needs (prompt + new tokens, or context + continuation) over every
+        task and split, and which task needs it: an engine with a fixed context must hold it."""
+        longest: tuple[int, str] | None = None
+        for task in self._tasks:
+            for split, examples in task.examples.items():
+                tokens = request_tokens(task.config, examples)
+                if tokens and (longest is None or tokens > longest[0]):
+                    longest = (tokens, f"tasks.{task.config.name} ({split} split)")
+        return longest
+
     def raceable(self) -> list[str]:
         """Names of the tasks racing cannot score in parts (empty when racing works)."""
         return [t.config.name for t in self._tasks if t.config.kind not in RACING_KINDS]
@@ -167,7 +187,7 @@ class Fitness:
             raise ValueError("parts exist only for the fitness split")
         results = {}
         with evaluation_mode(model):
-            runner = ModelRunner.wrap(model)
+            runner = runner_for(model)
             for task in self._tasks:
                 if split not in task.rows:
                     continue
@@ -212,6 +232,7 @@ class Fitness:
         config = task.config
         start = time.perf_counter()
         if task.function is not None:
+            # a torch model, or on the vLLM backend the engine (``vllm.LLM``)
             outcome: Outcome = evaluate_callable(task.function, config, runner.model, self.tokenizer, rows, split)
         else:
             outcome = EVALUATE[config.kind](runner, config, examples, self.tokenizer, self.config.batch_size)

@@ -9,7 +9,7 @@ def make_fitness(config, tokenizer, tokenizer_ref: str | None = None, progress: 
     """The fitness of an ``EvolveConfig``. ``tokenizer`` is None when the model ``tokenizer_ref`` has no
     tokenizer files: fine for callables and perplexity on token ids, an input error naming the folder otherwise."""
     try:
-        if config.fitness is not None:
+        if config.builtin_fitness is not None:
             from mergekit_evolve.fitness.evaluator import Fitness
 
             return Fitness(config.fitness, tokenizer)

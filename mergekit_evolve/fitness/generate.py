@@ -70,7 +70,7 @@ def evaluate_generate(
 def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
     """EOS ids of the tokenizer and of the model's generation config (which may list several)."""
     ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if config_eos is not None:
@@ -106,6 +106,8 @@ def greedy_token_ids(
 ) -> list[list[int]]:
     """Generated ids per prompt (in the order of ``prompts``): EOS included when produced; a row ends
     at EOS, at the token that completes a stop string, or after ``max_new_tokens``."""
+    if not isinstance(runner, ModelRunner):  # an engine that batches whole requests itself (vLLM)
+        return runner.greedy_token_ids(prompts, max_new_tokens, stop, eos_token_ids(runner, tokenizer))
     eos_ids = eos_token_ids(runner.model, tokenizer)
     generated: list[list[int]] = [[] for _ in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))

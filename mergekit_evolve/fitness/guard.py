@@ -57,8 +57,8 @@ def check_selection_tasks(config) -> None:
     if config.allow_benchmark_tasks:
         return
     names: list[tuple[str, str]] = [(f"tasks.{t.name}", t.name) for t in config.tasks or []]
-    if config.fitness is not None:
-        for task in config.fitness.tasks:
+    if config.builtin_fitness is not None:
+        for task in config.builtin_fitness.tasks:
             names.append((f"fitness.tasks.{task.name}", task.name))
             names.append((f"fitness.tasks.{task.name}.data", Path(str(task.data)).stem))
     for where, name in names:

@@ -442,15 +442,13 @@ class LmEvalFitness:
 
     def evaluate(self, model, split: Split = "fitness", part: Part | None = None) -> dict[str, Any]:
         """Task name -> ``TaskResult``; ``part``: only that part of each task's documents (racing)."""
-        from mergekit_evolve.fitness.runtime import ModelRunner, evaluation_mode
+        from mergekit_evolve.fitness.runtime import evaluation_mode, runner_for
 
         results = {}
         with evaluation_mode(model), quiet_lm_eval():
-            runner = ModelRunner.wrap(model)
+            runner = runner_for(model)
             if self._max_length is None:
-                from lm_eval.models.utils import resolve_max_length
-
-                self._max_length = resolve_max_length(getattr(model, "config", None), self.tokenizer)
+                self._max_length = self.max_length(model)
             for entry in self._loaded[split]:
                 start = time.perf_counter()
                 docs = {name: self._prepared[name].docs_of(part) for name in entry.tasks}
@@ -476,6 +474,18 @@ class LmEvalFitness:
         self.tokens_spent += sum(r.tokens for r in results.values())
         self.last_results = results
         return results
+
+    def longest_request(self) -> None:
+        """None: requests are cut to the model's (or engine's) context as lm-eval cuts them (``_fit``)."""
+        return None
+
+    def max_length(self, model) -> int:
+        """The context lm-eval truncates requests to: the model's (lm-eval's rule), or a vLLM engine's."""
+        from lm_eval.models.utils import resolve_max_length
+
+        engine_limit = getattr(model, "max_model_len", None)
+        own = resolve_max_length(getattr(model, "config", None), self.tokenizer)
+        return min(own, engine_limit) if engine_limit else own
 
     def _answer(self, runner, requests: list[Request]) -> int:
         """Run the model on the requests; each instance gets its answer in ``resps``. Returns tokens."""

@@ -5,6 +5,7 @@ right-padded: with right padding the real tokens keep positions 0..n-1, so no po
 Longest sequences go first, so an out-of-memory batch size shows up in the first batch.
 Log-softmax runs on the continuation positions only, not on the whole (batch, length, vocab) block: in
 float32 for the built-in evaluators; in the logits' own dtype for lm-eval requests, as lm-eval's HFLM does.
+A vLLM engine scores the pairs itself (``VllmModel.continuation_logprobs``; float32 log-softmax always).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def continuation_loglikelihoods(
 
 def _all_logprobs(runner, pairs, pad_id, batch_size, softmax_dtype) -> tuple[list[torch.Tensor], list[bool], int]:
     inputs = [ctx + cont[:-1] for ctx, cont in pairs]
+    if not isinstance(runner, ModelRunner):  # an engine that batches whole requests itself (vLLM, float32)
+        logprobs, greedy = runner.continuation_logprobs(pairs)
+        return logprobs, greedy, sum(len(x) for x in inputs)
     order = sorted(range(len(pairs)), key=lambda i: -len(inputs[i]))
     logprobs: list[torch.Tensor] = [torch.empty(0)] * len(pairs)
     greedy = [False] * len(pairs)

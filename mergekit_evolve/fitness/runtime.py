@@ -1,5 +1,8 @@
 """Calling any causal LM the same way: transformers models and our layer-stack model.
 
+(A vLLM engine, ``fitness/vllm_engine.VllmModel``, is not wrapped: it runs whole requests itself, and
+``runner_for`` hands it to generate.py and loglik.py as it is.)
+
 The contract with a model is small: ``forward(input_ids, attention_mask, past_key_values, use_cache)``
 returning an object with ``.logits`` (and ``.past_key_values`` when ``use_cache``). transformers 5.2x
 renamed ``past_key_values`` to ``cache`` (the old name warns until 5.40): the cache goes in and comes out
@@ -70,6 +73,14 @@ def _returned_cache(out: Any) -> Any:
     return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
+def runner_for(model: Any) -> Any:
+    """What the evaluators call: a ``ModelRunner`` around a torch model, or an engine that runs whole
+    requests itself (``greedy_token_ids`` and ``continuation_logprobs``: the vLLM backend) as it is."""
+    if hasattr(model, "greedy_token_ids") and hasattr(model, "continuation_logprobs"):
+        return model
+    return ModelRunner.wrap(model)
+
+
 def model_device(model: Any) -> torch.device:
     for param in model.parameters():
         return param.device
@@ -78,7 +89,11 @@ def model_device(model: Any) -> torch.device:
 
 @contextlib.contextmanager
 def evaluation_mode(model: Any) -> Iterator[None]:
-    """``eval()`` + ``inference_mode`` for the duration; the model's training flag is restored after."""
+    """``eval()`` + ``inference_mode`` for the duration; the model's training flag is restored after.
+    Anything that is not a torch module (a vLLM engine) runs as it is."""
+    if not isinstance(model, torch.nn.Module):
+        yield
+        return
     was_training = bool(getattr(model, "training", False))
     model.eval()
     try:

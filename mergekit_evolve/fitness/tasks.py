@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mergekit_evolve.errors import InputError
 
@@ -120,22 +120,39 @@ def _check_kind_fields(task: TaskConfig) -> None:
         )
 
 
-class FitnessConfig(BaseModel):
-    """All fitness tasks; the fitness of a candidate is their weighted mean score."""
+class VllmSettings(BaseModel):
+    """How the vLLM engine of ``backend: vllm`` is sized (one engine per worker; fitness/vllm_engine.py)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    tasks: list[TaskConfig]
+    dtype: str | None = None  # default: the dtype candidates are merged in (what mergekit-yaml writes)
+    max_model_len: int | None = Field(default=None, ge=16)  # default: the model's context, at most 4096
+    kv_cache_gb: float | None = Field(default=None, gt=0)  # KV cache size; default 1 on CPU, GPU: the share below
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)  # default: 90% of free GPU memory
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    enforce_eager: bool | None = None  # default: True on CPU, False on CUDA (CUDA graphs)
+
+
+class FitnessConfig(BaseModel):
+    """All fitness tasks; the fitness of a candidate is their weighted mean score. ``backend`` says what runs
+    the model: transformers (``hf``) or a vLLM engine (``vllm``). ``tasks`` may be left out when the config
+    scores mergekit-evolve's lm-eval ``tasks:`` instead (the section then only picks the backend)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: list[TaskConfig] | None = None
     batch_size: int = 32
+    backend: Literal["hf", "vllm"] = "hf"
+    vllm: VllmSettings = Field(default_factory=VllmSettings)
 
     @model_validator(mode="after")
     def _check(self) -> FitnessConfig:
-        if not self.tasks:
+        if self.tasks is not None and not self.tasks:
             raise InputError("fitness.tasks: no tasks; add at least one task")
         if self.batch_size < 1:
             raise InputError(f"fitness.batch_size: {self.batch_size} is < 1; use a positive batch size")
         seen: set[str] = set()
-        for task in self.tasks:
+        for task in self.tasks or []:
             if task.name in seen:
                 raise InputError(f"fitness.tasks: task name {task.name!r} is used twice; give every task its own name")
             seen.add(task.name)

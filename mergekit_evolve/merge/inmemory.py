@@ -248,6 +248,10 @@ class InMemoryMerger:
     (default: 80% of the device's free memory when it is built); a method whose state would
     not fit keeps mergekit's kernels.
 
+    ``resident=False`` builds no model (only its shape, on the meta device, to check that a recipe covers
+    every tensor): ``merged_tensors(config)`` then hands out each output tensor as it is merged, for an
+    engine that loads weights itself (the vLLM backend), so the merged weights are never held twice.
+
     Not thread-safe; one merger per process or per worker.
     """
 
@@ -260,8 +264,10 @@ class InMemoryMerger:
         random_seed: int | None = None,
         fast_path: bool = True,
         fast_path_max_bytes: int | None = None,
+        resident: bool = True,
     ):
         self.template = template.model_copy(deep=True)
+        self.resident = resident
         self.device = torch.device(device)
         self.random_seed = random_seed
         self.source_paths = _local_source_paths(self.template)
@@ -280,7 +286,7 @@ class InMemoryMerger:
         self.tokenizer = _load_tokenizer(self.template, tokenizer_info, self.source_paths)
         out_config = self._route.output_config(tokenizer_info, self.template)
         model_dtype = self._model_dtype(dtype, out_config, targets)
-        self.model = _build_resident_model(out_config, model_dtype, self.device)
+        self.model = _build_resident_model(out_config, model_dtype, self.device if resident else torch.device("meta"))
         self._targets = self._resident_tensors(targets)
         self.fast_path = (
             SparsifyingFastPath(self._inputs, self.device, random_seed, max_state_bytes=fast_path_max_bytes)
@@ -365,7 +371,22 @@ class InMemoryMerger:
         (the resident model then holds a partial mix until the next successful merge), and
         ``InputError`` when ``config`` needs source tensors the template did not load.
         """
+        if not self.resident:
+            raise ValueError("this merger holds no model (resident=False); use merged_tensors(config)")
+        for name, value in self._merged(config):
+            self._copy_into_model(name, value)
+        return self.model.eval()
+
+    def merged_tensors(self, config: MergeConfiguration) -> Iterator[tuple[str, torch.Tensor]]:
+        """``config``'s output tensors as ``(name, tensor)``, one at a time as mergekit's executor produces
+        them, each checked finite (``CandidateError`` otherwise, as ``merge``). A tensor may be a resident
+        source itself (passthrough returns its input): read it, never write into it. ``last_timings.copy_s``
+        is the time the consumer spent between tensors (loading them)."""
+        yield from self._merged(config)
+
+    def _merged(self, config: MergeConfiguration) -> Iterator[tuple[str, torch.Tensor]]:
         timings = MergeTimings()
+        self.last_timings = timings
         with torch.no_grad():
             start = time.perf_counter()
             try:
@@ -373,16 +394,14 @@ class InMemoryMerger:
             except Exception as error:  # bad values of one candidate: record and go on
                 raise CandidateError(f"planning failed: {error}") from error
             if self.fast_path is not None:
-                targets = self.fast_path.rewrite(targets, destinations=self._targets)
+                targets = self.fast_path.rewrite(targets, destinations=self._targets if self.resident else None)
             planned = time.perf_counter()
             results = self._results(targets)
             scheduled = time.perf_counter()
             timings.plan_s, timings.schedule_s = planned - start, scheduled - planned
             with self._seeded_rng():
-                self._run(results, timings)
+                yield from self._checked(results, timings)
             timings.execute_s = time.perf_counter() - scheduled - timings.copy_s
-        self.last_timings = timings
-        return self.model.eval()
 
     def _results(self, targets: list[ReturnTensor]) -> Iterator[tuple[ReturnTensor, Any]]:
         """(target, value) pairs, lazily: straight from the fast kernels when every target has
@@ -426,27 +445,35 @@ class InMemoryMerger:
                 )
         return executor
 
-    def _run(self, results: Iterator[tuple[ReturnTensor, Any]], timings: MergeTimings) -> None:
+    def _checked(
+        self, results: Iterator[tuple[ReturnTensor, Any]], timings: MergeTimings
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) of each result, checked; the time spent by the consumer counts as copy time."""
         try:
             for task, value in results:
+                name = task.weight_info.name
                 started = time.perf_counter()
-                self._store(task.weight_info.name, value)
+                yield name, self._check(name, value)
                 timings.copy_s += time.perf_counter() - started
         except CandidateError:
             raise
         except Exception as error:
             raise CandidateError(f"merge failed: {type(error).__name__}: {error}") from error
 
-    def _store(self, name: str, value: torch.Tensor | None) -> None:
+    def _check(self, name: str, value: torch.Tensor | None) -> torch.Tensor:
         if value is None:
             raise CandidateError(f"{name}: mergekit produced no tensor (optional weight skipped)")
         target = self._targets[name]
-        in_place = _is_storage_of(value, target)  # a fast kernel wrote it into the model
+        in_place = self.resident and _is_storage_of(value, target)  # a fast kernel wrote it into the model
         # (such a kernel summed it chunk by chunk as it wrote it: no second read to check it)
         known_finite = in_place and self.fast_path is not None and self.fast_path.known_finite(value)
         if value.is_floating_point() and not known_finite and not _all_finite(value):
             raise CandidateError(f"{name}: merged tensor has NaN or infinite values")
-        if in_place:
+        return value
+
+    def _copy_into_model(self, name: str, value: torch.Tensor) -> None:
+        target = self._targets[name]
+        if _is_storage_of(value, target):  # a fast kernel wrote it into the model
             return
         if self._can_adopt(value, target):
             target.data = value  # a fresh tensor nobody else holds: take it, skip the copy
@@ -556,7 +583,7 @@ def _tied_aliases(model: torch.nn.Module) -> set[str]:
     seen: dict[int, str] = {}
     aliases = set()
     for name, tensor in model.state_dict(keep_vars=True).items():
-        key = tensor.data_ptr()
+        key = id(tensor) if tensor.is_meta else tensor.data_ptr()  # (meta tensors have no storage to compare)
         if key in seen and tensor.numel():
             aliases.add(name)
         seen.setdefault(key, name)

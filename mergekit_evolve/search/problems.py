@@ -1,6 +1,7 @@
 """Search problems: a search space bound to the engine that turns its genomes into models.
 
-``PSProblem``: genome -> mergekit recipe -> in-memory merge (one resident model).
+``PSProblem``: genome -> mergekit recipe -> in-memory merge (one resident model; with ``fitness.backend:
+vllm`` no resident model: the merged tensors stream into one vLLM engine per problem, i.e. per worker).
 ``TemplateProblem``: the same, for a mergekit YAML with ``{evolve: [lo, hi]}`` markers.
 ``DFSProblem`` (search/dfs_problem.py): genome -> layer path -> layer-stack model over a shared pool.
 ``make_problem`` picks one from ``PROBLEMS`` by the config. What a best candidate becomes on disk
@@ -62,11 +63,13 @@ class PSProblem:
         check_causal_lm(infos[0], "genome.models")
         self.config = config
         self.device = device
+        self.first_source = infos[0].ref
         self.dtype = default_dtype(config.dtype, infos[0].dtype, device)
         io = io_weight_names(refs[0]) if genome.tune_embeddings else None
         self.space = PSSpace(genome, infos[0].num_layers, io_weights=io)
         self.dim = self.space.dim
         self._merger = None
+        self._engine = None
 
     @property
     def merger(self):
@@ -77,9 +80,26 @@ class PSProblem:
             # recipes name self.dtype; the merger's model takes the dtype mergekit writes for them.
             template = to_merge_config(self.decode(self.x0()).recipe)
             self._merger = InMemoryMerger(
-                template, device=self.device, random_seed=self.config.merge_seed, fast_path=self.config.merge_fast_path
+                template,
+                device=self.device,
+                random_seed=self.config.merge_seed,
+                fast_path=self.config.merge_fast_path,
+                resident=self.config.backend == "hf",  # vLLM holds the weights itself
             )
         return self._merger
+
+    @property
+    def engine(self):
+        """``fitness.backend: vllm``: the engine candidates are loaded into, started after the sources are
+        loaded (its GPU share is counted from what they leave free)."""
+        if self._engine is None:
+            from mergekit_evolve.fitness.vllm_engine import VllmModel
+
+            merger = self.merger
+            self._engine = VllmModel(
+                merger.model.config, self.tokenizer, self.config.fitness.vllm, merger.model.dtype, self.device
+            )
+        return self._engine
 
     @property
     def tokenizer_ref(self) -> str:
@@ -101,10 +121,15 @@ class PSProblem:
         return new_es(x0, opt, restart)
 
     def build(self, candidate: PSCandidate):
-        return self.merger.merge(to_merge_config(candidate.recipe))
+        config = to_merge_config(candidate.recipe)
+        if self.config.backend == "vllm":
+            return self.engine.load_weights(self.merger.merged_tensors(config))
+        return self.merger.merge(config)
 
     def close(self) -> None:
-        self._merger = None
+        if self._engine is not None:
+            self._engine.close()
+        self._merger = self._engine = None
 
 
 class TemplateProblem(PSProblem):
@@ -118,6 +143,7 @@ class TemplateProblem(PSProblem):
         self.space = TemplateSpace(config.template)
         refs = self.space.referenced_models()
         infos = inspect_models(refs, "template models", allow_pickle=config.allow_pickle_weights)
+        self.first_source = infos[0].ref
         check_same_shape(infos, "template models")
         check_causal_lm(infos[0], "template models")
         self.dtype = default_dtype(config.template.get("dtype"), infos[0].dtype, device)
@@ -126,6 +152,7 @@ class TemplateProblem(PSProblem):
         self._fill_dtype = self.dtype if "dtype" not in config.template and self.dtype != infos[0].dtype else None
         self.dim = self.space.dim
         self._merger = None
+        self._engine = None
         try:
             to_merge_config(self.space.fill(self.space.x0()))
         except Exception as err:
