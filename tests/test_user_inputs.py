@@ -237,13 +237,13 @@ def test_mergekit_evolve_options_carry_over(family, tmp_path):
     assert saved["optimizer"]["sigma0"] == 0.25 and saved["optimizer"]["popsize"] == 3
     assert saved["optimizer"]["max_evals"] == 3 and saved["fitness"]["batch_size"] == 4
     assert saved["executor"]["kind"] == "local" and not (tmp_path / "store" / "model").exists()
+    assert saved["fitness"]["backend"] == "hf"  # --no-vllm
     assert len(read_evals(tmp_path / "store")) == 3
 
 
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--vllm"], "--vllm: mergekit-evolve's option has no equivalent here: evaluation runs in this process"),
         (
             ["--strategy", "pool"],
             "--strategy: mergekit-evolve's option has no equivalent here: candidates run one after another here or "

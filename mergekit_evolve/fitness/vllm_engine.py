@@ -21,13 +21,16 @@ is refused for now. vLLM is an optional extra, imported only here.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mergekit_evolve.errors import CandidateError, InputError
@@ -187,16 +190,17 @@ def _start_engine(vllm, hf_config, tokenizer, settings: VllmSettings, dtype: str
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         threads = torch.get_num_threads()
-        engine = vllm.LLM(
-            model=str(folder),
-            load_format="dummy",  # each candidate's weights are loaded in place
-            dtype=dtype,
-            max_model_len=max_len,
-            skip_tokenizer_init=tokenizer is None,
-            seed=0,
-            generation_config="vllm",  # stop ids come from the fitness, as on the transformers path
-            **_memory_settings(settings, device),
-        )
+        with _global_rngs_kept():
+            engine = vllm.LLM(
+                model=str(folder),
+                load_format="dummy",  # each candidate's weights are loaded in place
+                dtype=dtype,
+                max_model_len=max_len,
+                skip_tokenizer_init=tokenizer is None,
+                seed=0,
+                generation_config="vllm",  # stop ids come from the fitness, as on the transformers path
+                **_memory_settings(settings, device),
+            )
         torch.set_num_threads(threads)  # vLLM drops torch to one thread for serving; merges want them all
         return engine
     except InputError:
@@ -209,6 +213,19 @@ def _start_engine(vllm, hf_config, tokenizer, settings: VllmSettings, dtype: str
         ) from error
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _global_rngs_kept() -> Iterator[None]:
+    """vLLM seeds python's, numpy's and torch's global generators when an engine starts; CMA-ES samples
+    from numpy's. Starting the engine (lazily, at the first candidate) must not change the search."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 def _memory_settings(settings: VllmSettings, device: str) -> dict[str, Any]:

@@ -448,12 +448,17 @@ class InMemoryMerger:
     def _checked(
         self, results: Iterator[tuple[ReturnTensor, Any]], timings: MergeTimings
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, tensor) of each result, checked; the time spent by the consumer counts as copy time."""
+        """(name, tensor) of each result, checked; the time spent by the consumer counts as copy time.
+
+        Random methods draw from torch's generator, seeded per candidate, between the tensors handed out:
+        whatever the consumer draws meanwhile (vLLM's loading does) is undone, so the draws stay mergekit's."""
         try:
             for task, value in results:
                 name = task.weight_info.name
                 started = time.perf_counter()
-                yield name, self._check(name, value)
+                checked = self._check(name, value)
+                with contextlib.nullcontext() if self.resident else _forked_rng(self.device):
+                    yield name, checked
                 timings.copy_s += time.perf_counter() - started
         except CandidateError:
             raise
