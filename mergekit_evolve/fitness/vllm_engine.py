@@ -22,10 +22,12 @@ is refused for now. vLLM is an optional extra, imported only here.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -45,8 +47,12 @@ GIB = 1 << 30
 def require_vllm():
     """Import vLLM (once per process: ~10 s), or one line saying how to install it."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process (see above)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # a run prints its own progress; vLLM's INFO is per call
+    logging.getLogger("vllm").setLevel(logging.ERROR)  # what it logs while importing, before its own set-up
     try:
-        import vllm
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # deprecation notices from vLLM's imports, none about the user's run
+            import vllm
     except ImportError as err:
         raise InputError(
             f"fitness.backend: vllm cannot be imported ({err}); install it with pip install torch==2.13.0 "
@@ -190,7 +196,8 @@ def _start_engine(vllm, hf_config, tokenizer, settings: VllmSettings, dtype: str
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         threads = torch.get_num_threads()
-        with _global_rngs_kept():
+        with _global_rngs_kept(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # vLLM's own deprecation notices
             engine = vllm.LLM(
                 model=str(folder),
                 load_format="dummy",  # each candidate's weights are loaded in place

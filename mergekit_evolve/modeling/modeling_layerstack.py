@@ -12,6 +12,7 @@ was built with, and :class:`_HopCache` replaces that index with the hop's.
 from __future__ import annotations
 
 import copy
+import inspect
 import sys
 from typing import Any
 
@@ -24,6 +25,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from .configuration_layerstack import LayerStackConfig
+
+# transformers 5.2x renamed ``past_key_values`` to ``cache`` (masks, decoder layers, model outputs); vLLM's CPU
+# build pins transformers < 5.20. Pass the cache under the name this transformers takes.
+CACHE = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 _MASK_BUILDERS = {
     "full_attention": create_causal_mask,
@@ -153,9 +158,9 @@ class LayerStackModel(LayerStackPreTrainedModel):
                 config=self.source_configs[model],
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
-                cache=cache,
                 position_ids=position_ids,
                 layer_idx=hop,
+                **{CACHE: cache},
             )
         return masks
 
@@ -193,14 +198,14 @@ class LayerStackModel(LayerStackPreTrainedModel):
                 hidden_states,
                 attention_mask=masks[mask_key],
                 position_ids=position_ids,
-                cache=_HopCache(cache, hop) if cache is not None else None,
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
+                **{CACHE: _HopCache(cache, hop) if cache is not None else None},
                 **kwargs,
             )
             hidden_states = output[0] if isinstance(output, tuple) else output
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE: cache if use_cache else None})
 
 
 class LayerStackForCausalLM(LayerStackPreTrainedModel, GenerationMixin):
@@ -278,7 +283,7 @@ class LayerStackForCausalLM(LayerStackPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE: getattr(outputs, CACHE)})
 
 
 __all__ = ["LayerStackForCausalLM", "LayerStackModel", "LayerStackPreTrainedModel"]
