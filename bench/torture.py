@@ -7,6 +7,7 @@ best.yaml, the same best fitness and the same held-out scores.
     python bench/torture.py                     # the long form: 24 kills (a few minutes on 2 cores)
     python bench/torture.py --kills 40          # more
     python bench/torture.py --economy auto      # with optimizer.economy on (zoo models and task: real signal)
+    python bench/torture.py --backend vllm      # candidates scored on a vLLM engine (zoo models and task)
 
 tests/test_crash_safety.py runs the short form (3 kills).
 
@@ -123,9 +124,9 @@ def make_models(root: Path) -> list[str]:
     return [str(make_random_model(root / f"m{i}", seed=i, num_layers=4, hidden_size=32)) for i in range(3)]
 
 
-def write_config(root: Path, models: list[str], max_evals: int, economy: str = "off") -> Path:
-    if economy != "off":
-        return write_economy_config(root, max_evals, economy)
+def write_config(root: Path, models: list[str], max_evals: int, economy: str = "off", backend: str = "hf") -> Path:
+    if economy != "off" or backend != "hf":
+        return write_economy_config(root, max_evals, economy, backend)
     rows, heldout = root / "rows.jsonl", root / "heldout.jsonl"
     rows.write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "answer": str(2 * i)}) + "\n" for i in range(24)))
     heldout.write_text("".join(json.dumps({"prompt": f"{i}*2=", "answer": str(2 * i)}) + "\n" for i in range(24, 48)))
@@ -140,9 +141,10 @@ def write_config(root: Path, models: list[str], max_evals: int, economy: str = "
     return path
 
 
-def write_economy_config(root: Path, max_evals: int, economy: str) -> Path:
+def write_economy_config(root: Path, max_evals: int, economy: str, backend: str = "hf") -> Path:
     """Economy subsamples accuracy tasks and needs candidates that disagree: the zoo's experts (linear
-    merge, the cheapest) on its script task, whose accuracy varies over the space."""
+    merge, the cheapest) on its script task, whose accuracy varies over the space. (Also the vLLM
+    backend's config: vLLM's CPU attention needs the zoo's head size, not the tiny random models'.)"""
     from mergekit_evolve.zoo import build_zoo
 
     zoo = build_zoo(seed=0)
@@ -154,6 +156,7 @@ def write_economy_config(root: Path, max_evals: int, economy: str) -> Path:
             "layer_granularity": 2,
         },
         "fitness": {
+            "backend": backend,
             "tasks": [
                 {
                     "name": "script",
@@ -162,7 +165,7 @@ def write_economy_config(root: Path, max_evals: int, economy: str) -> Path:
                     "limit": 60,
                     "max_new_tokens": 8,
                 }
-            ]
+            ],
         },
         "optimizer": {"max_evals": max_evals, "seed": 7, "popsize": 4, "sigma0": 0.3, "economy": economy},
         "dtype": "float32",
@@ -401,15 +404,21 @@ def reference_run(config: Path, ref: Path) -> tuple[float, dict]:
 
 
 def torture(
-    root: Path, kills: int, max_evals: int | None = None, seed: int = 0, log=print, economy: str = "off"
+    root: Path,
+    kills: int,
+    max_evals: int | None = None,
+    seed: int = 0,
+    log=print,
+    economy: str = "off",
+    backend: str = "hf",
 ) -> dict:
     rng = random.Random(seed)
     wanted = max(max_evals or 0, 3 * kills, 20)
     if max_evals is not None and wanted > max_evals:
         log(f"max_evals {max_evals} -> {wanted} (3 per kill), so that the search outlasts its kills")
     started = time.time()
-    models = make_models(root) if economy == "off" else []
-    config = write_config(root, models, wanted, economy)
+    models = make_models(root) if economy == "off" and backend == "hf" else []
+    config = write_config(root, models, wanted, economy, backend)
     ref, out = root / "ref", root / "out"
     reference_seconds, estimates = reference_run(config, ref)
     log(
@@ -457,6 +466,7 @@ def torture(
         "same_rescored": rescored(out) == rescored(ref),
         "same_stop_reason": summary.get("stop_reason") == ref_summary.get("stop_reason"),
         "economy": economy,
+        "backend": backend,
         "stray_temp_files": sorted(p.name for p in out.iterdir() if ".tmp" in p.name),
         "reference_seconds": round(reference_seconds, 1),
         "wall_seconds": round(time.time() - started, 1),
@@ -495,10 +505,11 @@ def main() -> None:
         choices=["off", "subsample", "stop", "auto"],
         help="optimizer.economy of the tortured run",
     )
+    parser.add_argument("--backend", default="hf", choices=["hf", "vllm"], help="fitness.backend of the tortured run")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="mke-torture-"))
     try:
-        result = torture(root, args.kills, args.max_evals, args.seed, economy=args.economy)
+        result = torture(root, args.kills, args.max_evals, args.seed, economy=args.economy, backend=args.backend)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(json.dumps({k: v for k, v in result.items() if k != "kill_log"}, indent=2))

@@ -14,7 +14,7 @@ MAX_FUNCTION_LINES = 60
 # A layer may import its own and the layers listed before it, never one after it (the pipeline's direction).
 # fitness and zoo stand alone (they know nothing of merging); config gathers every part's settings.
 LAYERS = [
-    {"errors", "progress", "atomic", "migration"},
+    {"errors", "progress", "atomic", "migration", "torch_extensions"},
     {"fitness", "modeling", "zoo"},
     {"config", "space", "resources"},
     {"recipe", "merge"},

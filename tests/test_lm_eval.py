@@ -298,10 +298,13 @@ def _task_yaml(root: Path, name: str, data: Path, **fields) -> None:
 
 @pytest.fixture(scope="module")
 def kinds_dir(zoo, tmp_path_factory) -> Path:
+    return write_kinds_tasks(tmp_path_factory.mktemp("kinds"))
+
+
+def write_kinds_tasks(root: Path) -> Path:
     """Local tasks over zoo-like arithmetic rows: one per lm-eval request type, two with few-shot."""
     import random
 
-    root = tmp_path_factory.mktemp("kinds")
     rng = random.Random(0)
     facts = [(a, b) for a in range(10) for b in range(10)]
     rng.shuffle(facts)

@@ -18,6 +18,9 @@ import transformers
 import yaml
 from safetensors.torch import load_file
 
+# lm-eval's local tasks, one per request type, and the metric each reports (tests/test_lm_eval.py)
+from test_lm_eval import KINDS, write_kinds_tasks  # noqa: E402
+
 from mergekit_evolve import runner
 from mergekit_evolve.config import parse_config
 from mergekit_evolve.errors import CandidateError, InputError
@@ -26,9 +29,6 @@ from mergekit_evolve.fitness.generate import greedy_token_ids
 from mergekit_evolve.fitness.runtime import ModelRunner, evaluation_mode
 from mergekit_evolve.search.executors import evaluate_candidate, make_score
 from mergekit_evolve.search.problems import make_problem
-
-# lm-eval's local task for every request type, and the metric each reports (tests/test_lm_eval.py)
-from test_lm_eval import KINDS, kinds_dir  # noqa: E402, F401  (kinds_dir: a fixture, used by name)
 
 TASKS = ("script_math", "script", "math")
 
@@ -121,7 +121,9 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
 def test_choice_and_perplexity_equal_the_transformers_path(zoo, problems, tmp_path):
     hf, vllm = problems
     facts = [(a, b) for a in range(10) for b in range(10)][::3]
-    choice = [{"prompt": f"{a}+{b}=", "choices": [str(a + b), str(a + b + 1), str(a * b)], "label": 0} for a, b in facts]
+    choice = [
+        {"prompt": f"{a}+{b}=", "choices": [str(a + b), str(a + b + 1), str(a * b)], "label": 0} for a, b in facts
+    ]
     text = [{"prompt": f"{a}*{b}=", "answer": f"{a * b}\n"} for a, b in facts]
     config = {
         "tasks": [
@@ -161,7 +163,8 @@ def test_a_failing_load_fails_the_candidate_alone_and_the_engine_goes_on(zoo, pr
     assert greedy_token_ids(engine, prompts, hf.tokenizer, 8, ["\n"], 32) == theirs
 
 
-def test_every_lm_eval_request_type_scores_equal_on_vllm(zoo, problems, kinds_dir):
+def test_every_lm_eval_request_type_scores_equal_on_vllm(zoo, problems, tmp_path):
+    kinds_dir = write_kinds_tasks(tmp_path)
     from mergekit_evolve.fitness.lm_eval_tasks import LmEvalFitness
 
     hf, vllm = problems
@@ -187,7 +190,9 @@ def test_a_run_on_vllm_equals_the_same_run_on_transformers(zoo, tmp_path):
     for backend in ("hf", "vllm"):
         config = parse_config(zoo_config(zoo, backend))
         summaries[backend] = runner.start(config, tmp_path / backend, save_model=False, progress=False)
-    records = {b: [json.loads(x) for x in (tmp_path / b / "evaluations.jsonl").read_text().splitlines()] for b in summaries}
+    records = {
+        b: [json.loads(x) for x in (tmp_path / b / "evaluations.jsonl").read_text().splitlines()] for b in summaries
+    }
     assert [r["fitness"] for r in records["vllm"]] == [r["fitness"] for r in records["hf"]]
     assert [r["genome"] for r in records["vllm"]] == [r["genome"] for r in records["hf"]]
     assert (tmp_path / "vllm" / "best.yaml").read_text() == (tmp_path / "hf" / "best.yaml").read_text()

@@ -237,7 +237,9 @@ def _global_rngs_kept() -> Iterator[None]:
 
 def _memory_settings(settings: VllmSettings, device: str) -> dict[str, Any]:
     on_gpu = device.startswith("cuda")
-    out: dict[str, Any] = {"enforce_eager": settings.enforce_eager if settings.enforce_eager is not None else not on_gpu}
+    out: dict[str, Any] = {
+        "enforce_eager": settings.enforce_eager if settings.enforce_eager is not None else not on_gpu
+    }
     kv_gb = settings.kv_cache_gb if settings.kv_cache_gb is not None else (None if on_gpu else DEFAULT_CPU_KV_CACHE_GB)
     if kv_gb is not None:
         out["kv_cache_memory_bytes"] = int(kv_gb * GIB)

@@ -386,7 +386,6 @@ class InMemoryMerger:
 
     def _merged(self, config: MergeConfiguration) -> Iterator[tuple[str, torch.Tensor]]:
         timings = MergeTimings()
-        self.last_timings = timings
         with torch.no_grad():
             start = time.perf_counter()
             try:
@@ -402,6 +401,7 @@ class InMemoryMerger:
             with self._seeded_rng():
                 yield from self._checked(results, timings)
             timings.execute_s = time.perf_counter() - scheduled - timings.copy_s
+        self.last_timings = timings  # (of the last candidate merged in full)
 
     def _results(self, targets: list[ReturnTensor]) -> Iterator[tuple[ReturnTensor, Any]]:
         """(target, value) pairs, lazily: straight from the fast kernels when every target has
