@@ -7,7 +7,8 @@ Each (model size, backend) runs in a process of its own, so its peak RSS is its 
 linear merge of two sources (a base and a seeded perturbation of it; the zoo: its script and math experts)
 built as a run builds it (``Problem.build``: hf merges into its resident model, vllm streams the merged
 tensors into its engine), then 100 prompts of the zoo's target task are decoded greedily for each count
-of new tokens (no stop string, no EOS: every prompt costs exactly that many tokens). Per candidate and
+of new tokens (no stop string; a row ends at the model's EOS id, as in a run, on both backends alike;
+the table gives the mean tokens generated per prompt). Per candidate and
 token count: build seconds + generation seconds. Engine start-up (once per worker) is reported apart.
 The generated ids are compared prompt by prompt between the backends: random weights give near-tied
 logits, so a few prompts may differ in float32 rounding; the zoo's trained models must agree on all.
@@ -88,7 +89,9 @@ def worker(size: str, backend: str, tokens: list[int], candidates: int, batch: i
     problem = make_problem(config)
     rows = [json.loads(line) for line in Path(zoo.tasks["script_math"].fitness).read_text().splitlines()][:100]
     prompts = [problem.tokenizer(r["prompt"])["input_ids"] for r in rows]
-    no_eos = type("NoEos", (), {"eos_token_id": None, "batch_decode": problem.tokenizer.batch_decode})()
+    tokenizer = problem.tokenizer
+    no_eos = type("NoEos", (), {"eos_token_id": None, "pad_token_id": tokenizer.pad_token_id})()
+    no_eos.batch_decode = tokenizer.batch_decode
     start = time.perf_counter()
     problem.merger  # noqa: B018  (sources loaded)
     sources_s = time.perf_counter() - start
@@ -111,7 +114,6 @@ def worker(size: str, backend: str, tokens: list[int], candidates: int, batch: i
             build.append(built - start)
             generate.append(time.perf_counter() - built)
             ids.append(generated)
-            assert all(len(g) == n for g in generated)
         out["rows"][n] = {"build_s": build, "generate_s": generate, "ids": ids}
     out["params"] = sum(t.numel() for t in problem.merger.model.state_dict().values())
     out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
@@ -153,8 +155,9 @@ def report(size: str, hf: dict, vllm: dict) -> list[str]:
         per_h = sum(h["build_s"] + h["generate_s"]) / len(h["build_s"])
         per_v = sum(v["build_s"] + v["generate_s"]) / len(v["build_s"])
         same, total = agreement(h["ids"], v["ids"])
+        mean_new = sum(len(g) for c in h["ids"] for g in c) / total
         lines.append(
-            f"| {size} | {hf['params'] / 1e6:.1f}M | {n} | {per_h:.2f} ({sum(h['build_s']) / len(h['build_s']):.2f}) | "
+            f"| {size} | {hf['params'] / 1e6:.1f}M | {n} ({mean_new:.0f}) | {per_h:.2f} ({sum(h['build_s']) / len(h['build_s']):.2f}) | "
             f"{per_v:.2f} ({sum(v['build_s']) / len(v['build_s']):.2f}) | {per_h / per_v:.2f}x | {same}/{total} | "
             f"{hf['peak_rss_gb']:.2f} / {vllm['peak_rss_gb']:.2f} | {vllm['engine_s']:.1f} |"
         )
@@ -179,7 +182,7 @@ def main() -> None:
         print(json.dumps(worker(size, backend, wanted, args.candidates, args.batch, root)))
         return
     print(
-        "| model | params | new tokens | hf s/candidate (build) | vllm s/candidate (build) | vllm speed-up | "
+        "| model | params | max new tokens (mean) | hf s/candidate (build) | vllm s/candidate (build) | vllm speed-up | "
         "equal generations | peak RSS GB hf / vllm | vllm engine start s |"
     )
     print("|---|---|---|---|---|---|---|---|---|")

@@ -451,7 +451,8 @@ class InMemoryMerger:
         """(name, tensor) of each result, checked; the time spent by the consumer counts as copy time.
 
         Random methods draw from torch's generator, seeded per candidate, between the tensors handed out:
-        whatever the consumer draws meanwhile (vLLM's loading does) is undone, so the draws stay mergekit's."""
+        the consumer (another library's loading code) runs with that generator saved and restored around
+        it, so whatever it might draw cannot shift the draws away from mergekit-yaml's."""
         try:
             for task, value in results:
                 name = task.weight_info.name
