@@ -157,7 +157,8 @@ def report(size: str, hf: dict, vllm: dict) -> list[str]:
         same, total = agreement(h["ids"], v["ids"])
         mean_new = sum(len(g) for c in h["ids"] for g in c) / total
         lines.append(
-            f"| {size} | {hf['params'] / 1e6:.1f}M | {n} ({mean_new:.0f}) | {per_h:.2f} ({sum(h['build_s']) / len(h['build_s']):.2f}) | "
+            f"| {size} | {hf['params'] / 1e6:.1f}M | {n} ({mean_new:.0f}) | "
+            f"{per_h:.2f} ({sum(h['build_s']) / len(h['build_s']):.2f}) | "
             f"{per_v:.2f} ({sum(v['build_s']) / len(v['build_s']):.2f}) | {per_h / per_v:.2f}x | {same}/{total} | "
             f"{hf['peak_rss_gb']:.2f} / {vllm['peak_rss_gb']:.2f} | {vllm['engine_s']:.1f} |"
         )
@@ -182,8 +183,8 @@ def main() -> None:
         print(json.dumps(worker(size, backend, wanted, args.candidates, args.batch, root)))
         return
     print(
-        "| model | params | max new tokens (mean) | hf s/candidate (build) | vllm s/candidate (build) | vllm speed-up | "
-        "equal generations | peak RSS GB hf / vllm | vllm engine start s |"
+        "| model | params | max new tokens (mean) | hf s/candidate (build) | vllm s/candidate (build) | "
+        "vllm speed-up | equal generations | peak RSS GB hf / vllm | vllm engine start s |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     results = {}
