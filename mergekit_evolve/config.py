@@ -305,8 +305,8 @@ def accuracy_fitness(config: EvolveConfig) -> bool:
     """Built-in fitness tasks that all score accuracy row by row (what ``dfs.validation`` compares)."""
     from mergekit_evolve.fitness.evaluator import RACING_KINDS
 
-    tasks = config.builtin_fitness.tasks if config.builtin_fitness is not None else None
-    return tasks is not None and all(task.kind in RACING_KINDS for task in tasks)
+    builtin = config.builtin_fitness
+    return builtin is not None and all(task.kind in RACING_KINDS for task in builtin.tasks)
 
 
 def _format_validation_error(err: ValidationError) -> str:

@@ -65,8 +65,8 @@ def guard_vllm_subprocesses() -> None:
     """vLLM inspects an architecture in a fresh ``python -m vllm.model_executor.models.registry``, whose
     imports reach transformers before any vLLM plugin runs; ``registry._SUBPROCESS_COMMAND`` is the hook
     vLLM keeps for changing that command: the same module, run after the extensions are checked."""
-    if not hide_unloadable_torch_extensions() and not any(sys.modules.get(p, 0) is None for p in PROBES):
-        return  # every installed extension loads: nothing to guard
+    if not HIDDEN:
+        return  # every installed extension loads (checked when mergekit_evolve was imported): nothing to guard
     from vllm.model_executor.models import registry
 
     registry._SUBPROCESS_COMMAND = [
