@@ -274,11 +274,6 @@ class EvolveConfig(Strict):
             )
         if self.random_init:
             self.optimizer.init = "random"
-        if self.backend == "vllm" and self.space != "ps":
-            raise InputError(
-                f"fitness.backend: vllm scores parameter-space candidates (PS and templates); space: {self.space} "
-                "evaluates layer paths, which run on transformers for now; set fitness.backend: hf or space: ps"
-            )
         if self.space != "ps" and self.dfs.validation and not accuracy_fitness(self):
             raise InputError(
                 f"dfs.validation: {self.dfs.validation} confirms the DFS result row by row, which needs built-in "

@@ -84,14 +84,34 @@ def validate(config: EvolveConfig, device: str = "cpu", progress: bool = False):
 
 
 def check_vllm_backend(config: EvolveConfig, problem, fitness) -> None:
-    """vLLM installed, the architecture one it implements, every request within the engine's context."""
+    """vLLM installed, the architecture one it implements, every request within the engine's context; for
+    DFS (and the DFS stage of ps+dfs) a pool whose layers one vLLM engine can hold, and KV cache for its
+    longest path."""
     from transformers import AutoConfig
 
     from mergekit_evolve.fitness.vllm_engine import check_architecture, check_request_lengths, max_model_len
 
     hf_config = AutoConfig.from_pretrained(problem.first_source)
     check_architecture(hf_config)
-    check_request_lengths(fitness.longest_request(), max_model_len(config.fitness.vllm, hf_config))
+    limit = max_model_len(config.fitness.vllm, hf_config)
+    check_request_lengths(fitness.longest_request(), limit)
+    if config.space != "ps":
+        check_vllm_pool(config, problem.dtype, limit, problem.device)
+
+
+def check_vllm_pool(config: EvolveConfig, dtype, context: int, device: str) -> None:
+    from transformers import AutoConfig
+
+    from mergekit_evolve.fitness.vllm_engine import check_kv_cache_fits, check_pool_layers
+
+    models = list(config.dfs.models or source_models(config))
+    base_index = config.dfs.base_index if config.space == "dfs" else 0
+    configs = [AutoConfig.from_pretrained(model) for model in models]
+    if config.space == "ps+dfs":  # the PS model (model A) has the sources' shape
+        configs.insert(0, configs[0])
+    check_pool_layers(configs, base_index)
+    slots = sum(c.num_hidden_layers for c in configs) * config.dfs.repeats
+    check_kv_cache_fits(config.fitness.vllm, configs[base_index], slots, context, dtype, device)
 
 
 def resume(out: str | Path, *, device: str | None = None, progress: bool = True) -> Summary:
@@ -167,6 +187,8 @@ def run_stage(
     best = problem.decode(np.asarray(state.best.genome))
     with step("scoring the best candidate on the held-out split", progress):
         heldout = fitness.score(problem.build(best), "heldout")
+    if config.backend == "vllm":
+        problem.close()  # the engine's memory goes back before the model is written
     summary = Summary(
         space=config.space,
         best=BestResult(**dict(state.best), heldout=heldout, heldout_total=fitness.total(heldout) if heldout else None),

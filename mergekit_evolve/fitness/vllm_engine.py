@@ -22,6 +22,7 @@ is refused for now. vLLM is an optional extra, imported only here.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import random
@@ -42,6 +43,7 @@ DEFAULT_MAX_MODEL_LEN = 4096  # caps a long-context model's default, so the KV c
 DEFAULT_CPU_KV_CACHE_GB = 1.0
 DEFAULT_GPU_SHARE_OF_FREE = 0.9
 GIB = 1 << 30
+KV_BLOCK_TOKENS = 128  # vLLM's CPU KV cache block; requests take whole blocks
 
 
 def require_vllm():
@@ -97,10 +99,47 @@ def check_request_lengths(longest: tuple[int, str] | None, limit: int) -> None:
         )
 
 
+def check_pool_layers(configs: list[Any], base_index: int) -> None:
+    """DFS: one engine builds the whole pool from model A's layer config, so the sources' layers must share it."""
+    from mergekit_evolve.modeling.vllm_layerstack import layer_shape_difference
+
+    problem = layer_shape_difference(configs, base_index)
+    if problem:
+        raise InputError(
+            f"fitness.backend: vllm holds a DFS pool in one engine whose layers share model A's config, but "
+            f"{problem}; choose models of one shape, or set fitness.backend: hf"
+        )
+
+
+def check_kv_cache_fits(
+    settings: VllmSettings, base_config: Any, slots: int, context: int, dtype: torch.dtype | str, device: str
+) -> None:
+    """DFS: every hop has its own KV cache, so one request of ``context`` tokens needs ``slots`` caches. Checked
+    where the KV budget is known in advance (``kv_cache_gb``; on a GPU vLLM measures it when it starts)."""
+    kv_gb = settings.kv_cache_gb
+    if kv_gb is None and not device.startswith("cuda"):
+        kv_gb = DEFAULT_CPU_KV_CACHE_GB
+    if kv_gb is None:
+        return
+    heads = getattr(base_config, "num_key_value_heads", None) or base_config.num_attention_heads
+    head_dim = getattr(base_config, "head_dim", None) or base_config.hidden_size // base_config.num_attention_heads
+    cache_dtype = getattr(torch, str(settings.dtype or dtype).removeprefix("torch."))
+    blocks = -(-context // KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS
+    need = 2 * heads * head_dim * cache_dtype.itemsize * slots * blocks
+    if need > kv_gb * GIB:
+        raise InputError(
+            f"fitness.vllm.kv_cache_gb: paths of up to {slots} hops keep one KV cache per hop, {need / GIB:.3g} GiB "
+            f"for one {context}-token request, more than the {kv_gb:g} GiB given; raise fitness.vllm.kv_cache_gb, "
+            "lower fitness.vllm.max_model_len, or lower dfs.repeats"
+        )
+
+
 class VllmModel:
     """A vLLM engine holding one candidate's weights at a time: what ``Problem.build`` returns for vLLM."""
 
-    def __init__(self, hf_config: Any, tokenizer: Any, settings: VllmSettings, dtype: torch.dtype, device: str):
+    def __init__(
+        self, hf_config: Any, tokenizer: Any, settings: VllmSettings, dtype: torch.dtype, device: str, eager: bool = False
+    ):
         vllm = require_vllm()
         if settings.tensor_parallel_size > 1:
             raise InputError(
@@ -112,7 +151,10 @@ class VllmModel:
         self.max_model_len = max_model_len(settings, hf_config)
         self.generation_config = _generation_config(hf_config)
         self.has_tokenizer = tokenizer is not None
-        self.llm = _start_engine(vllm, hf_config, tokenizer, settings, self.dtype, self.max_model_len, device)
+        memory = _memory_settings(settings, device)
+        if eager:
+            memory["enforce_eager"] = True
+        self.llm = _start_engine(vllm, hf_config, tokenizer, self.dtype, self.max_model_len, memory)
         self._sampling = vllm.SamplingParams
         self._tokens_prompt = vllm.inputs.TokensPrompt
 
@@ -179,7 +221,53 @@ class VllmModel:
         return self.llm.generate(requests, params, use_tqdm=False)
 
     def close(self) -> None:
+        """Give the engine's memory back (the model written after a search may need it)."""
         self.llm = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+class VllmLayerStack(VllmModel):
+    """A vLLM engine holding a DFS pool's decoder layers once; a candidate is a path set on it.
+
+    The engine is sized for ``slots`` hops (one KV cache each: the longest path the search space makes) and
+    always runs eagerly: a captured CUDA graph would replay one path. ``load_weights`` takes the pool's
+    tensors under the stack's names (``model.layers.{flat}`` in collection order, model A's embeddings, norm
+    and head), once; ``set_path`` then re-points it without moving a weight."""
+
+    def __init__(
+        self,
+        source_configs: list[Any],
+        tokenizer: Any,
+        settings: VllmSettings,
+        dtype: torch.dtype,
+        device: str,
+        *,
+        base_index: int,
+        slots: int,
+    ):
+        require_vllm()
+        from mergekit_evolve.modeling.vllm_layerstack import engine_config, register_architecture
+
+        try:
+            config = engine_config(source_configs, base_index, slots)
+        except ValueError as error:
+            raise InputError(
+                f"fitness.backend: vllm cannot hold this DFS pool: {error}; set fitness.backend: hf"
+            ) from None
+        register_architecture(config.model_type)
+        counts = [int(c.num_hidden_layers) for c in source_configs]
+        self.offsets = [sum(counts[:m]) for m in range(len(counts))]
+        self.slots = slots
+        super().__init__(config, tokenizer, settings, dtype, device, eager=True)
+
+    def set_path(self, hops: Iterable[tuple[int, int]], scales: Iterable[float]) -> VllmLayerStack:
+        """Run the path ``hops`` (``(model, layer)`` each) with one input scale per hop from now on."""
+        flat = [(self.offsets[model] + layer, float(scale)) for (model, layer), scale in zip(hops, scales)]
+        self._model_runner().get_model().set_path(flat)
+        self.llm.reset_prefix_cache()  # cached keys/values were computed along the previous path
+        return self
 
 
 def _generation_config(hf_config: Any):
@@ -188,7 +276,7 @@ def _generation_config(hf_config: Any):
     return GenerationConfig.from_model_config(hf_config)
 
 
-def _start_engine(vllm, hf_config, tokenizer, settings: VllmSettings, dtype: str, max_len: int, device: str):
+def _start_engine(vllm, hf_config, tokenizer, dtype: str, max_len: int, memory: dict[str, Any]):
     """The engine, started from a folder with the config and tokenizer only (deleted once it is read)."""
     folder = Path(tempfile.mkdtemp(prefix="mergekit-evo-vllm-"))
     try:
@@ -206,7 +294,7 @@ def _start_engine(vllm, hf_config, tokenizer, settings: VllmSettings, dtype: str
                 skip_tokenizer_init=tokenizer is None,
                 seed=0,
                 generation_config="vllm",  # stop ids come from the fitness, as on the transformers path
-                **_memory_settings(settings, device),
+                **memory,
             )
         torch.set_num_threads(threads)  # vLLM drops torch to one thread for serving; merges want them all
         return engine

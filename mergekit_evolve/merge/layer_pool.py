@@ -9,7 +9,8 @@ only changes indices and scales, so a 3M-hop stack costs no more memory than the
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -181,6 +182,30 @@ class LayerPool:
                     yield tensor
 
 
+_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def stack_checkpoint_tensors(
+    paths: Sequence[str], layer_counts: Sequence[int], base_index: int
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The pool's tensors under the layer stack's names, read one at a time from the sources' files (what a
+    vLLM layer-stack engine loads): every source's decoder layers as ``model.layers.{flat}`` in collection
+    order, model A's other tensors (embeddings, final norm, head) as they are; the other sources' embeddings
+    and heads are never read."""
+    from mergekit.io import LazyTensorLoader
+
+    offset = 0
+    for index, (path, count) in enumerate(zip(paths, layer_counts)):
+        loader = LazyTensorLoader.from_disk(str(path))
+        for name in loader.index.tensor_paths:
+            layer = _LAYER_NAME.match(name)
+            if layer:
+                yield f"model.layers.{offset + int(layer[1])}.{layer[2]}", loader.get_tensor(name)
+            elif index == base_index:
+                yield name, loader.get_tensor(name)
+        offset += count
+
+
 def _load_tokenizer(path: str):
     try:
         return AutoTokenizer.from_pretrained(path)
@@ -189,4 +214,4 @@ def _load_tokenizer(path: str):
         return None
 
 
-__all__ = ["LayerPool", "SUPPORTED_ARCHITECTURES", "check_compatible"]
+__all__ = ["LayerPool", "SUPPORTED_ARCHITECTURES", "check_compatible", "stack_checkpoint_tensors"]

@@ -73,7 +73,10 @@ class DFSProblem:
             indicator_init=config.dfs.indicator_init,
         )
         self.dim = self.space.dim
+        self.layer_counts = [i.num_layers for i in infos]
+        self.first_source = self.models[self.base_index]  # model A: its architecture is the engine's
         self._pool = None
+        self._engine = None
 
     @property
     def pool(self):
@@ -84,6 +87,30 @@ class DFSProblem:
                 self.models, device=self.device, dtype=self.dtype, base_index=self.base_index
             )
         return self._pool
+
+    @property
+    def engine(self):
+        """``fitness.backend: vllm``: one engine holding the pool's layers once (sized for the space's longest
+        path), loaded from the sources' files; candidates only re-point it."""
+        if self._engine is None:
+            from transformers import AutoConfig
+
+            from mergekit_evolve.fitness.vllm_engine import VllmLayerStack
+            from mergekit_evolve.merge.layer_pool import stack_checkpoint_tensors
+
+            configs = [AutoConfig.from_pretrained(model) for model in self.models]
+            engine = VllmLayerStack(
+                configs,
+                self.tokenizer,
+                self.config.fitness.vllm,
+                self.dtype,
+                self.device,
+                base_index=self.base_index,
+                slots=self.space.num_slots,
+            )
+            engine.load_weights(stack_checkpoint_tensors(self.models, self.layer_counts, self.base_index))
+            self._engine = engine
+        return self._engine
 
     @property
     def tokenizer_ref(self) -> str:
@@ -115,7 +142,11 @@ class DFSProblem:
         return DFSCandidate(path=path, key=path.key())
 
     def build(self, candidate: DFSCandidate):
+        if self.config.backend == "vllm":
+            return self.engine.set_path(candidate.path.hops, candidate.path.scales)
         return self.pool.model(candidate.path)
 
     def close(self) -> None:
-        self._pool = None
+        if self._engine is not None:
+            self._engine.close()
+        self._pool = self._engine = None
