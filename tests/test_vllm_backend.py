@@ -220,12 +220,6 @@ def test_an_architecture_vllm_lacks_is_one_line(zoo):
         check_architecture(config)
 
 
-def test_dfs_on_vllm_is_refused_in_one_line(zoo):
-    data = zoo_config(zoo, "vllm")
-    with pytest.raises(InputError, match="fitness.backend: vllm scores parameter-space candidates"):
-        parse_config({**data, "space": "dfs"})
-
-
 # The run, in a process where vLLM cannot be imported (as on a machine without the extra).
 WITHOUT_VLLM = r"""
 import sys

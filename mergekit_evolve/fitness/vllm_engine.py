@@ -138,7 +138,13 @@ class VllmModel:
     """A vLLM engine holding one candidate's weights at a time: what ``Problem.build`` returns for vLLM."""
 
     def __init__(
-        self, hf_config: Any, tokenizer: Any, settings: VllmSettings, dtype: torch.dtype, device: str, eager: bool = False
+        self,
+        hf_config: Any,
+        tokenizer: Any,
+        settings: VllmSettings,
+        dtype: torch.dtype,
+        device: str,
+        eager: bool = False,
     ):
         vllm = require_vllm()
         if settings.tensor_parallel_size > 1:

@@ -24,9 +24,10 @@ from. vLLM is imported only inside the functions that need it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from torch import nn
@@ -45,11 +46,33 @@ VLLM_CLASSES = {
 # Config keys that do not shape a decoder layer: the sources may differ in them. Rotary settings are the base
 # model's for every layer (as on the hf stack), so they may differ too.
 _NOT_LAYER_SHAPE = {
-    "_name_or_path", "architectures", "num_hidden_layers", "layer_types", "max_window_layers", "dtype",
-    "torch_dtype", "transformers_version", "vocab_size", "bos_token_id", "eos_token_id", "pad_token_id",
-    "tie_word_embeddings", "max_position_embeddings", "initializer_range", "use_cache", "rope_parameters",
-    "rope_theta", "rope_scaling", "output_attentions", "output_hidden_states", "return_dict",
-    "_attn_implementation_autoset", "id2label", "label2id", "tokenizer_class", "chunk_size_feed_forward",
+    "_name_or_path",
+    "architectures",
+    "num_hidden_layers",
+    "layer_types",
+    "max_window_layers",
+    "dtype",
+    "torch_dtype",
+    "transformers_version",
+    "vocab_size",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "tie_word_embeddings",
+    "max_position_embeddings",
+    "initializer_range",
+    "use_cache",
+    "rope_parameters",
+    "rope_theta",
+    "rope_scaling",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "_attn_implementation_autoset",
+    "id2label",
+    "label2id",
+    "tokenizer_class",
+    "chunk_size_feed_forward",
 }
 
 
@@ -70,7 +93,8 @@ def layer_shape_difference(configs: Sequence[PretrainedConfig], base_index: int)
     base = configs[base_index].to_dict()
     for i, config in enumerate(configs):
         if config.model_type not in VLLM_CLASSES:
-            return f"model {i} is a {config.model_type!r} model; the vLLM layer stack supports {', '.join(VLLM_CLASSES)}"
+            supported = ", ".join(VLLM_CLASSES)
+            return f"model {i} is a {config.model_type!r} model; the vLLM layer stack supports {supported}"
         values = config.to_dict()
         for key in sorted((set(base) | set(values)) - _NOT_LAYER_SHAPE):
             if base.get(key) != values.get(key):
@@ -192,30 +216,32 @@ class _LayerStackMixin:
         return hidden
 
 
-class _config_sized:
-    """Temporarily give the hf config the pool's depth, so the base class builds every pool layer."""
-
-    def __init__(self, config: PretrainedConfig, layers: int):
-        self.config, self.layers = config, layers
-
-    def __enter__(self):
-        self.saved = {k: getattr(self.config, k, None) for k in ("num_hidden_layers", "layer_types", "max_window_layers")}
-        self.config.num_hidden_layers = self.layers
-        if self.saved["layer_types"]:
-            self.config.layer_types = [self.saved["layer_types"][0]] * self.layers
-        if self.saved["max_window_layers"] is not None:
-            self.config.max_window_layers = self.layers
-
-    def __exit__(self, *exc):
-        for key, value in self.saved.items():
-            if value is not None or key == "num_hidden_layers":
-                setattr(self.config, key, value)
+@contextlib.contextmanager
+def _config_sized(config: PretrainedConfig, layers: int) -> Iterator[None]:
+    """Give the hf config the pool's depth while the base class builds its layers (one per pool layer)."""
+    keys = ("num_hidden_layers", "layer_types", "max_window_layers")
+    saved = {key: getattr(config, key, None) for key in keys}
+    config.num_hidden_layers = layers
+    if saved["layer_types"]:
+        config.layer_types = [saved["layer_types"][0]] * layers
+    if saved["max_window_layers"] is not None:
+        config.max_window_layers = layers
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is not None:
+                setattr(config, key, value)
 
 
 def _attention_signature(attention: nn.Module) -> tuple[Any, ...]:
     return (
-        attention.num_heads, attention.head_size, attention.num_kv_heads, attention.sliding_window,
-        float(attention.impl.scale), attention.attn_type,
+        attention.num_heads,
+        attention.head_size,
+        attention.num_kv_heads,
+        attention.sliding_window,
+        float(attention.impl.scale),
+        attention.attn_type,
     )
 
 
