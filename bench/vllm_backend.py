@@ -2,6 +2,7 @@
 
     python bench/vllm_backend.py                                  # zoo and ~85M, {8, 64, 256} new tokens
     python bench/vllm_backend.py --sizes zoo,85m,600m --tokens 8,64,256 --candidates 3
+    python bench/vllm_backend.py --space dfs --sizes zoo,50m --tokens 8,64   # DFS: layer paths over 2 models
 
 Each (model size, backend) runs in a process of its own, so its peak RSS is its own. A candidate is a PS
 linear merge of two sources (a base and a seeded perturbation of it; the zoo: its script and math experts)
@@ -13,6 +14,12 @@ token count: build seconds + generation seconds. Engine start-up (once per worke
 The generated ids are compared prompt by prompt between the backends: random weights give near-tied
 logits, so a few prompts may differ in float32 rounding; the zoo's trained models must agree on all.
 Both backends get the same threads (``OMP_NUM_THREADS``, default: every core).
+
+``--space dfs``: the candidate is a layer path over the pool of both sources (r = 2 repeats: T = 2 x the
+pool's layers slots), decoded from seeded genomes around model A's path (so paths differ in depth and repeat
+layers); "build" is pointing the hf layer stack or the vLLM engine at it. The pool is loaded once per
+worker; the table adds how much the worker's RSS grew while it loaded the pool (vLLM: the engine, its KV
+cache included) next to the sum of the two sources' weight files.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SIZES = {  # name -> random Llama shape (hidden, layers, heads); "zoo": the shipped experts
     "zoo": None,
+    "50m": (640, 12, 10),
     "85m": (768, 12, 12),
     "600m": (1536, 16, 16),
 }
@@ -68,7 +76,37 @@ def make_sources(size: str, root: Path) -> list[str]:
     return [str(base), str(other)]
 
 
-def worker(size: str, backend: str, tokens: list[int], candidates: int, batch: int, root: Path) -> dict:
+def bench_config(space: str, sources: list[str], backend: str, data: str) -> dict:
+    fitness = {"backend": backend, "tasks": [{"name": "t", "data": data}]}
+    if space == "dfs":
+        genome = {"models": sources, "merge_method": "linear"}
+        return {"space": "dfs", "genome": genome, "dfs": {"repeats": 2}, "fitness": fitness, "dtype": "float32"}
+    genome = {"models": sources, "merge_method": "linear", "layer_granularity": 4}
+    return {"genome": genome, "fitness": fitness, "dtype": "float32"}
+
+
+def rss_gb() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024**3
+
+
+def load(problem, space: str, backend: str) -> dict:
+    """Sources (PS: the merger; DFS hf: the layer pool) then, for vLLM, the engine; seconds and RSS growth."""
+    out, before, start = {}, rss_gb(), time.perf_counter()
+    if space == "ps":
+        problem.merger  # noqa: B018
+    elif backend == "hf":
+        problem.pool  # noqa: B018
+    out["sources_s"] = time.perf_counter() - start
+    out["engine_s"] = None
+    if backend == "vllm":
+        start = time.perf_counter()
+        problem.engine  # noqa: B018  (DFS: the pool is loaded into it)
+        out["engine_s"] = time.perf_counter() - start
+    out["loaded_gb"] = rss_gb() - before
+    return out
+
+
+def worker(space: str, size: str, backend: str, tokens: list[int], candidates: int, batch: int, root: Path) -> dict:
     import numpy as np
     import torch
 
@@ -79,43 +117,36 @@ def worker(size: str, backend: str, tokens: list[int], candidates: int, batch: i
     from mergekit_evolve.zoo import build_zoo
 
     zoo = build_zoo()
-    config = parse_config(
-        {
-            "genome": {"models": make_sources(size, root), "merge_method": "linear", "layer_granularity": 4},
-            "fitness": {"backend": backend, "tasks": [{"name": "t", "data": str(zoo.tasks["script_math"].fitness)}]},
-            "dtype": "float32",
-        }
-    )
-    problem = make_problem(config)
+    sources = make_sources(size, root)
+    problem = make_problem(parse_config(bench_config(space, sources, backend, str(zoo.tasks["script_math"].fitness))))
     rows = [json.loads(line) for line in Path(zoo.tasks["script_math"].fitness).read_text().splitlines()][:100]
     prompts = [problem.tokenizer(r["prompt"])["input_ids"] for r in rows]
     tokenizer = problem.tokenizer
     no_eos = type("NoEos", (), {"eos_token_id": None, "pad_token_id": tokenizer.pad_token_id})()
     no_eos.batch_decode = tokenizer.batch_decode
-    start = time.perf_counter()
-    problem.merger  # noqa: B018  (sources loaded)
-    sources_s = time.perf_counter() - start
-    engine_s = None
-    if backend == "vllm":
-        start = time.perf_counter()
-        problem.engine  # noqa: B018
-        engine_s = time.perf_counter() - start
+    out = {**load(problem, space, backend), "params": None, "rows": {}, "paths": []}
     rng = np.random.default_rng(0)
-    genomes = [problem.x0() + rng.normal(0, 0.2, problem.dim) for _ in range(candidates)]
-    out = {"params": None, "sources_s": sources_s, "engine_s": engine_s, "rows": {}}
+    spread = 0.6 if space == "dfs" else 0.2  # DFS: paths of other depths, with repeated layers
+    genomes = [problem.x0() + rng.normal(0, spread, problem.dim) for _ in range(candidates)]
     for n in tokens:
         build, generate, ids = [], [], []
         for genome in genomes:
             start = time.perf_counter()
-            model = problem.build(problem.decode(genome))
+            candidate = problem.decode(genome)
+            model = problem.build(candidate)
             built = time.perf_counter()
             with evaluation_mode(model):
                 generated = greedy_token_ids(runner_for(model), prompts, no_eos, n, [], batch)
             build.append(built - start)
             generate.append(time.perf_counter() - built)
             ids.append(generated)
+            if n == tokens[0] and space == "dfs":
+                out["paths"].append(len(candidate.path.hops))
         out["rows"][n] = {"build_s": build, "generate_s": generate, "ids": ids}
-    out["params"] = sum(t.numel() for t in problem.merger.model.state_dict().values())
+    if backend == "hf":
+        weights = problem.pool.parameters() if space == "dfs" else problem.merger.model.state_dict().values()
+        out["params"] = sum(t.numel() for t in weights)
+    out["sources_gb"] = sum(f.stat().st_size for s in sources for f in Path(s).glob("*.safetensors")) / 1024**3
     out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     out["threads"] = torch.get_num_threads()
     return out
@@ -126,7 +157,7 @@ def run_worker(size: str, backend: str, args, root: Path) -> dict:
         sys.executable,
         __file__,
         "--worker",
-        f"{size}:{backend}",
+        f"{args.space}:{size}:{backend}",
         "--tokens",
         args.tokens,
         "--candidates",
@@ -156,17 +187,20 @@ def report(size: str, hf: dict, vllm: dict) -> list[str]:
         per_v = sum(v["build_s"] + v["generate_s"]) / len(v["build_s"])
         same, total = agreement(h["ids"], v["ids"])
         mean_new = sum(len(g) for c in h["ids"] for g in c) / total
+        model = size if not hf["paths"] else f"{size} (paths of {min(hf['paths'])}-{max(hf['paths'])} hops)"
         lines.append(
-            f"| {size} | {hf['params'] / 1e6:.1f}M | {n} ({mean_new:.0f}) | "
+            f"| {model} | {hf['params'] / 1e6:.1f}M | {n} ({mean_new:.0f}) | "
             f"{per_h:.2f} ({sum(h['build_s']) / len(h['build_s']):.2f}) | "
             f"{per_v:.2f} ({sum(v['build_s']) / len(v['build_s']):.2f}) | {per_h / per_v:.2f}x | {same}/{total} | "
-            f"{hf['peak_rss_gb']:.2f} / {vllm['peak_rss_gb']:.2f} | {vllm['engine_s']:.1f} |"
+            f"{hf['peak_rss_gb']:.2f} / {vllm['peak_rss_gb']:.2f} | {vllm['engine_s']:.1f} | "
+            f"{hf['loaded_gb']:.2f} / {vllm['loaded_gb']:.2f} ({hf['sources_gb']:.2f}) |"
         )
     return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--space", default="ps", choices=("ps", "dfs"))
     parser.add_argument("--sizes", default="zoo,85m")
     parser.add_argument("--tokens", default="8,64,256")
     parser.add_argument("--candidates", type=int, default=3)
@@ -178,22 +212,25 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     tokens = [int(t) for t in args.tokens.split(",")]
     if args.worker:
-        size, backend = args.worker.split(":")
+        space, size, backend = args.worker.split(":")
         wanted = [t for t in tokens if size != "zoo" or t <= 48]  # the zoo's context is 64 positions
-        print(json.dumps(worker(size, backend, wanted, args.candidates, args.batch, root)))
+        print(json.dumps(worker(space, size, backend, wanted, args.candidates, args.batch, root)))
         return
     print(
         "| model | params | max new tokens (mean) | hf s/candidate (build) | vllm s/candidate (build) | "
-        "vllm speed-up | equal generations | peak RSS GB hf / vllm | vllm engine start s |"
+        "vllm speed-up | equal generations | peak RSS GB hf / vllm | vllm engine start s | "
+        "RSS growth loading GB hf / vllm (source files) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     results = {}
     for size in args.sizes.split(","):
         results[size] = {backend: run_worker(size, backend, args, root) for backend in ("hf", "vllm")}
         for line in report(size, results[size]["hf"], results[size]["vllm"]):
             print(line, flush=True)
     threads = results[next(iter(results))]["hf"]["threads"]
-    print(f"\n{args.candidates} candidates x 100 prompts per row; {threads} threads; hf batch {args.batch}.")
+    print(
+        f"\n{args.space}: {args.candidates} candidates x 100 prompts per row; {threads} threads; hf batch {args.batch}."
+    )
 
 
 if __name__ == "__main__":

@@ -185,21 +185,6 @@ def test_every_lm_eval_request_type_scores_equal_on_vllm(zoo, problems, tmp_path
     assert len(set(ours.values())) > 1 and 0 < max(ours.values())
 
 
-def test_a_run_on_vllm_equals_the_same_run_on_transformers(zoo, tmp_path):
-    summaries = {}
-    for backend in ("hf", "vllm"):
-        config = parse_config(zoo_config(zoo, backend))
-        summaries[backend] = runner.start(config, tmp_path / backend, save_model=False, progress=False)
-    records = {
-        b: [json.loads(x) for x in (tmp_path / b / "evaluations.jsonl").read_text().splitlines()] for b in summaries
-    }
-    assert [r["fitness"] for r in records["vllm"]] == [r["fitness"] for r in records["hf"]]
-    assert [r["genome"] for r in records["vllm"]] == [r["genome"] for r in records["hf"]]
-    assert (tmp_path / "vllm" / "best.yaml").read_text() == (tmp_path / "hf" / "best.yaml").read_text()
-    assert summaries["vllm"].best.heldout == summaries["hf"].best.heldout
-    assert len({r["fitness"] for r in records["hf"]}) > 1
-
-
 def test_requests_longer_than_the_engine_are_refused_before_the_first_candidate(zoo, tmp_path):
     config = parse_config(zoo_config(zoo, "vllm", vllm={"max_model_len": 16}))
     data = config.model_dump(mode="json")

@@ -222,5 +222,6 @@ def test_ps_dfs_on_vllm_equals_transformers_and_resumes(zoo, tmp_path, monkeypat
         assert len({r["fitness"] for r in theirs}) > 1
     assert resumed.best.heldout == reference.best.heldout
     assert resumed.validation == reference.validation
+    assert (tmp_path / "vllm" / "ps" / "best.yaml").read_text() == (tmp_path / "hf" / "ps" / "best.yaml").read_text()
     recipe = (tmp_path / "vllm" / "best.yaml").read_text().replace(str(tmp_path / "vllm"), "RUN")
     assert recipe == (tmp_path / "hf" / "best.yaml").read_text().replace(str(tmp_path / "hf"), "RUN")
