@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from transformers import AutoConfig
 
 from mergekit_evolve import runner
@@ -19,7 +20,9 @@ from mergekit_evolve.errors import InputError
 from mergekit_evolve.fitness.evaluator import Fitness
 from mergekit_evolve.fitness.generate import greedy_token_ids
 from mergekit_evolve.fitness.runtime import runner_for
-from mergekit_evolve.merge.layer_pool import stack_checkpoint_tensors
+from mergekit_evolve.fitness.tasks import VllmSettings
+from mergekit_evolve.fitness.vllm_engine import VllmLayerStack
+from mergekit_evolve.merge.layer_pool import LayerPool, stack_checkpoint_tensors
 from mergekit_evolve.search import executors
 from mergekit_evolve.search.problems import make_problem
 from mergekit_evolve.space.dfs import DFSPath
@@ -172,6 +175,37 @@ def test_a_folded_path_loads_in_plain_vllm_with_the_same_generations(zoo, proble
     served = plain.generate([vllm_lib.inputs.TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
     assert [list(o.outputs[0].token_ids) for o in served] == ours
     assert len({tuple(o) for o in ours}) >= 5  # varied answers, not one string
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_mistral_and_qwen2_pools_give_the_hf_layer_stacks_log_probabilities(arch, tmp_path):
+    """The other two families the layer stack supports (Qwen2: attention biases; Mistral: sliding window),
+    random weights in float32, a path with repeats and scales: log-probabilities, not near-tied greedy picks."""
+    paths = [
+        make_random_model(tmp_path / f"{arch}{s}", arch=arch, seed=s, num_layers=3, hidden_size=128) for s in (0, 1)
+    ]
+    pool = LayerPool.from_pretrained(paths, dtype=torch.float32)
+    engine = VllmLayerStack(
+        [AutoConfig.from_pretrained(p) for p in paths],
+        pool.tokenizer,
+        VllmSettings(),
+        torch.float32,
+        "cpu",
+        base_index=0,
+        slots=12,
+    )
+    engine.load_weights(stack_checkpoint_tensors(paths, [3, 3], 0))
+    path = DFSPath(hops=[(1, 0), (0, 1), (0, 1), (1, 2), (1, 2), (0, 0)], scales=[1.0, 0.7, 1.3, 0.9, 1.6, 1.1])
+    sequences = [[1, 5, 9, 12, 7, 30, 22, 14, 3], [1, 3, 4, 5, 6, 40, 41], [1, 8, 8, 8, 9, 10]]
+    pairs = [(seq[:3], seq[3:]) for seq in sequences]
+    ours, _ = engine.set_path(path.hops, path.scales).continuation_logprobs(pairs)
+    stack = pool.model(path)
+    for (context, continuation), got in zip(pairs, ours):
+        with torch.no_grad():
+            logits = stack(torch.tensor([context + continuation]), use_cache=False).logits[0].float()
+        expected = torch.log_softmax(logits, -1)[len(context) - 1 : -1].gather(1, torch.tensor(continuation)[:, None])
+        torch.testing.assert_close(got, expected[:, 0], rtol=0, atol=1e-4)
+    assert len(engine._model_runner().get_model().model.layers) == 6
 
 
 def test_a_pool_vllm_cannot_hold_or_cache_is_one_line_before_anything_runs(zoo, tmp_path):
