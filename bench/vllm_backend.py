@@ -76,8 +76,10 @@ def make_sources(size: str, root: Path) -> list[str]:
     return [str(base), str(other)]
 
 
-def bench_config(space: str, sources: list[str], backend: str, data: str) -> dict:
+def bench_config(space: str, sources: list[str], backend: str, data: str, kv_cache_gb: float | None) -> dict:
     fitness = {"backend": backend, "tasks": [{"name": "t", "data": data}]}
+    if backend == "vllm" and kv_cache_gb is not None:
+        fitness["vllm"] = {"kv_cache_gb": kv_cache_gb}
     if space == "dfs":
         genome = {"models": sources, "merge_method": "linear"}
         return {"space": "dfs", "genome": genome, "dfs": {"repeats": 2}, "fitness": fitness, "dtype": "float32"}
@@ -106,7 +108,7 @@ def load(problem, space: str, backend: str) -> dict:
     return out
 
 
-def worker(space: str, size: str, backend: str, tokens: list[int], candidates: int, batch: int, root: Path) -> dict:
+def worker(space: str, size: str, backend: str, tokens: list[int], args, root: Path) -> dict:
     import numpy as np
     import torch
 
@@ -118,7 +120,8 @@ def worker(space: str, size: str, backend: str, tokens: list[int], candidates: i
 
     zoo = build_zoo()
     sources = make_sources(size, root)
-    problem = make_problem(parse_config(bench_config(space, sources, backend, str(zoo.tasks["script_math"].fitness))))
+    data = str(zoo.tasks["script_math"].fitness)
+    problem = make_problem(parse_config(bench_config(space, sources, backend, data, args.kv_cache_gb)))
     rows = [json.loads(line) for line in Path(zoo.tasks["script_math"].fitness).read_text().splitlines()][:100]
     prompts = [problem.tokenizer(r["prompt"])["input_ids"] for r in rows]
     tokenizer = problem.tokenizer
@@ -127,7 +130,7 @@ def worker(space: str, size: str, backend: str, tokens: list[int], candidates: i
     out = {**load(problem, space, backend), "params": None, "rows": {}, "paths": []}
     rng = np.random.default_rng(0)
     spread = 0.6 if space == "dfs" else 0.2  # DFS: paths of other depths, with repeated layers
-    genomes = [problem.x0() + rng.normal(0, spread, problem.dim) for _ in range(candidates)]
+    genomes = [problem.x0() + rng.normal(0, spread, problem.dim) for _ in range(args.candidates)]
     for n in tokens:
         build, generate, ids = [], [], []
         for genome in genomes:
@@ -136,7 +139,7 @@ def worker(space: str, size: str, backend: str, tokens: list[int], candidates: i
             model = problem.build(candidate)
             built = time.perf_counter()
             with evaluation_mode(model):
-                generated = greedy_token_ids(runner_for(model), prompts, no_eos, n, [], batch)
+                generated = greedy_token_ids(runner_for(model), prompts, no_eos, n, [], args.batch)
             build.append(built - start)
             generate.append(time.perf_counter() - built)
             ids.append(generated)
@@ -166,6 +169,7 @@ def run_worker(size: str, backend: str, args, root: Path) -> dict:
         str(args.batch),
         "--root",
         str(root),
+        *(["--kv-cache-gb", str(args.kv_cache_gb)] if args.kv_cache_gb is not None else []),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -206,6 +210,7 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=3)
     parser.add_argument("--batch", type=int, default=100, help="hf batch size (vLLM batches itself)")
     parser.add_argument("--root", default=None, help="where the random sources are kept")
+    parser.add_argument("--kv-cache-gb", type=float, default=None, help="fitness.vllm.kv_cache_gb (default: 1 on CPU)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     root = Path(args.root or Path(tempfile.gettempdir()) / "mergekit-evo-bench-vllm")
@@ -214,7 +219,7 @@ def main() -> None:
     if args.worker:
         space, size, backend = args.worker.split(":")
         wanted = [t for t in tokens if size != "zoo" or t <= 48]  # the zoo's context is 64 positions
-        print(json.dumps(worker(space, size, backend, wanted, args.candidates, args.batch, root)))
+        print(json.dumps(worker(space, size, backend, wanted, args, root)))
         return
     print(
         "| model | params | max new tokens (mean) | hf s/candidate (build) | vllm s/candidate (build) | "
@@ -229,7 +234,8 @@ def main() -> None:
             print(line, flush=True)
     threads = results[next(iter(results))]["hf"]["threads"]
     print(
-        f"\n{args.space}: {args.candidates} candidates x 100 prompts per row; {threads} threads; hf batch {args.batch}."
+        f"\n{args.space}: {args.candidates} candidates x 100 prompts per row; {threads} threads; "
+        f"hf batch {args.batch}; vLLM KV cache {args.kv_cache_gb or 'default'} GB."
     )
 
 
