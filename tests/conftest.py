@@ -71,3 +71,21 @@ def demo_out(zoo, tmp_path_factory) -> Path:
     )
     assert result.exit_code == 0, result.output
     return out
+
+
+# The longest files first: with two workers taking whole files (--dist loadfile, in collection order), a long
+# file that starts last leaves the other worker idle at the end. Measured with --durations (seconds per file).
+LONGEST_FIRST = [
+    "test_crash_safety.py",
+    "test_vllm_backend.py",
+    "test_vllm_dfs.py",
+    "test_merge_engine.py",
+    "test_lm_eval.py",
+    "test_ray.py",
+    "test_search.py",
+]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
