@@ -1,4 +1,4 @@
-"""Crash-safety torture: SIGKILL a real `mergekit-evo` run in every phase of its life, resume, repeat.
+"""Crash-safety torture: SIGKILL or SIGTERM a real `mergekit-evo` run in every phase of its life, resume, repeat.
 
 At the end the run must equal an uninterrupted run with the same seed: the same candidates in the
 same order with the same fitness (no completed evaluation lost or evaluated twice), the same
@@ -11,7 +11,7 @@ best.yaml, the same best fitness and the same held-out scores.
 
 tests/test_crash_safety.py runs the short form (3 kills).
 
-Exactly ``--kills`` SIGKILLs land, whatever the speed of the machine: kills are aimed at events of
+Exactly ``--kills`` signals land, whatever the speed of the machine: kills are aimed at events of
 the run, not at clock times, and a run that reaches its end before all kills have landed is resumed
 (a finished run re-does its final phase) and killed again; only after the last kill is it let finish.
 The kills cycle through the phases of a run:
@@ -27,6 +27,11 @@ with observation hooks that write one line per phase change to a pipe (they chan
 the uninterrupted reference run is the plain CLI. Each kill is reported with the phase it landed
 in, how long after that phase began, the evaluations on disk and any half-written temp files.
 ``--max-evals`` is raised to 3 per kill so that the search outlasts the search-phase kills.
+
+Kills alternate between SIGKILL (nothing runs after it) and SIGTERM (what Slurm, Kubernetes and systemd send
+first), so that over eight kills every phase gets both. A SIGTERM must end the process like Ctrl-C: exit
+143 and one line naming the resume command (unless it lands in the interpreter's start-up, before the
+command runs, where the default action ends the process with nothing written).
 """
 
 from __future__ import annotations
@@ -217,11 +222,15 @@ def plan_kills(kills: int, rng: random.Random) -> list[dict]:
     for i in range(kills - n_final):
         phase = SEARCH_CYCLE[i % len(SEARCH_CYCLE)]
         target = {"phase": phase, "advance": rng.randint(1, 3), "fraction": rng.uniform(0.05, 0.9)}
+        target["signal"] = "SIGTERM" if (i + i // len(SEARCH_CYCLE)) % 2 else "SIGKILL"
         if phase == "writing state":
             target["write"] = WRITES[(i // len(SEARCH_CYCLE)) % len(WRITES)]
             target["fraction"] = 0.0  # writes take milliseconds: kill as soon as one begins
         targets.append(target)
-    targets += [{"phase": "final", "advance": 0, "fraction": rng.uniform(0.0, 0.9)} for _ in range(n_final)]
+    targets += [
+        {"phase": "final", "advance": 0, "fraction": rng.uniform(0.0, 0.9), "signal": ("SIGKILL", "SIGTERM")[j % 2]}
+        for j in range(n_final)
+    ]
     return targets
 
 
@@ -305,7 +314,7 @@ class Torture:
         return proc, PhaseStream(read_fd), time.time(), stderr
 
     def kill_once(self, target: dict) -> dict | None:
-        """Launch (or resume) the run and SIGKILL it at the target; None if the run finished first."""
+        """Launch (or resume) the run and signal it at the target; None if the run finished first."""
         proc, stream, launched, stderr = self.launch()
         kill_at, appends, state_writes, retargeted = None, 0, 0, None
         if target["phase"] == "startup":
@@ -338,9 +347,9 @@ class Torture:
                         target = {**target, "write": "evaluations.jsonl"}  # no improvement for a while
                     if armed and matches(target, label):
                         kill_at = stamp + target["fraction"] * self.phase_estimate(target["phase"])
-            proc.send_signal(signal.SIGKILL)
+            proc.send_signal(getattr(signal, target.get("signal", "SIGKILL")))
             killed = time.time()
-            proc.wait()
+            proc.wait(timeout=120)
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -349,8 +358,13 @@ class Torture:
         stream.drain()
         stream.close()
         self.note_startup(stream, launched)
-        last_stamp, landed = stream.events[-1] if stream.events else (launched, "startup: interpreter start")
+        before = [event for event in stream.events if event[0] <= killed]  # a SIGTERMed run still logs its exit
+        last_stamp, landed = before[-1] if before else (launched, "startup: interpreter start")
+        said = stderr.read_text().strip().splitlines()
         return {
+            "signal": target.get("signal", "SIGKILL"),
+            "exit": proc.returncode,
+            "said": said[-1] if said else "",
             "target": target["phase"] + (f" ({target['write']})" if target["phase"] == "writing state" else ""),
             "retargeted_from": retargeted,
             "landed": landed,
@@ -434,10 +448,10 @@ def torture(
                 break
             finished_early += 1  # the run reached its end first: resume it (the final phase again)
             log(f"  run finished before kill {len(kill_log) + 1}; resuming it to kill it again")
-            target = {"phase": "final", "advance": 0, "fraction": rng.uniform(0.0, 0.9)}
+            target = {"phase": "final", "advance": 0, "fraction": rng.uniform(0.0, 0.9), "signal": target["signal"]}
         kill_log.append(kill)
         log(
-            f"kill {len(kill_log):2d}/{kills} target {kill['target']:<30} landed {kill['landed']!r} "
+            f"kill {len(kill_log):2d}/{kills} {kill['signal']} target {kill['target']:<30} landed {kill['landed']!r} "
             f"+{kill['ms_in_phase']:.1f} ms ({kill['seconds_after_launch']:.1f} s after launch), "
             f"{kill['evaluations_on_disk']} evaluations on disk"
             + (f", temp files {kill['temp_files']}" if kill["temp_files"] else "")
@@ -468,9 +482,21 @@ def torture(
         "economy": economy,
         "backend": backend,
         "stray_temp_files": sorted(p.name for p in out.iterdir() if ".tmp" in p.name),
+        "sigterms": sum(k["signal"] == "SIGTERM" for k in kill_log),
+        "sigterm_not_like_ctrl_c": [k for k in kill_log if not ended_like_ctrl_c(k, out)],
         "reference_seconds": round(reference_seconds, 1),
         "wall_seconds": round(time.time() - started, 1),
     }
+
+
+def ended_like_ctrl_c(kill: dict, out: Path) -> bool:
+    """A SIGTERM ends the run as Ctrl-C does: exit 143 and one line naming the resume command; only in the
+    interpreter's start-up, before the command runs, does the default action end it (nothing written yet)."""
+    if kill["signal"] != "SIGTERM":
+        return True
+    if kill["landed"] in ("startup: interpreter start", "startup: imports") and kill["exit"] == -signal.SIGTERM:
+        return True
+    return kill["exit"] == 143 and kill["said"] == f"terminated (SIGTERM); continue with: mergekit-evo resume {out}"
 
 
 def passed(result: dict, kills: int) -> bool:
@@ -491,6 +517,7 @@ def passed(result: dict, kills: int) -> bool:
             )
         )
         and not result["stray_temp_files"]
+        and not result["sigterm_not_like_ctrl_c"]
     )
 
 

@@ -20,11 +20,15 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     mode = "wb" if isinstance(data, bytes) else "w"
-    with open(tmp, mode) as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # disk full, SIGTERM: the target keeps its old content and no temp file stays
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def hidden_sibling(target: Path, tag: str) -> Path:

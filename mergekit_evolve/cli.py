@@ -5,47 +5,79 @@ Bad input prints one line ``error: ...`` and exits with code 2; Ctrl-C leaves a 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
 
-from mergekit_evolve.errors import InputError, RunFailedError
+from mergekit_evolve.errors import InputError, RunFailedError, Terminated, disk_full_path
 from mergekit_evolve.migration import translate
 from mergekit_evolve.progress import quiet_library_bars_off_terminal
 
 EXIT_FAILED = 1
 EXIT_INPUT = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a job SIGTERM ended
 
 
 def friendly_errors(fn=None, *, resumable_from: tuple[str, ...] = ()):
     """Turn our errors into one line and an exit code; keep tracebacks for real bugs.
 
     ``resumable_from``: the options that name the run directory a command leaves resumable when it is
-    interrupted (the first one given); Ctrl-C then prints how to continue."""
+    interrupted (the first one given); Ctrl-C, SIGTERM and a full disk then print how to continue."""
     if fn is None:
         return functools.partial(friendly_errors, resumable_from=resumable_from)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        out = next((kwargs[name] for name in resumable_from if kwargs.get(name)), None)
+        again = f"continue with: mergekit-evo resume {out}" if out else "run the command again"
         try:
-            return fn(*args, **kwargs)
+            with sigterm_as_interrupt():
+                return fn(*args, **kwargs)
         except InputError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(EXIT_INPUT)
         except RunFailedError as err:  # the run directory keeps every record: the message says where
             click.echo(f"error: {err}", err=True)
             sys.exit(EXIT_FAILED)
-        except KeyboardInterrupt:
-            out = next((kwargs[name] for name in resumable_from if kwargs.get(name)), None)
-            hint = f"; continue with: mergekit-evo resume {out}" if out else ""
-            click.echo(f"\ninterrupted{hint}", err=True)
-            sys.exit(EXIT_INTERRUPTED)
+        except KeyboardInterrupt as err:
+            what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+            click.echo(f"\n{what}; {again}" if out else f"\n{what}", err=True)
+            sys.exit(EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED)
+        except Exception as err:
+            where = disk_full_path(err)
+            if where is None:
+                raise
+            folder = str(Path(where).parent) if where else str(out or Path.cwd())
+            kept = "every completed evaluation is kept; " if out else ""
+            click.echo(f"error: no space left on the device of {folder}; {kept}free some space and {again}", err=True)
+            sys.exit(EXIT_FAILED)
 
     return wrapper
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """While a command runs, SIGTERM raises ``Terminated`` (a KeyboardInterrupt): what is complete is kept,
+    as with Ctrl-C. Only the main thread may set a handler (tests call commands from others)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

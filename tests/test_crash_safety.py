@@ -1,4 +1,4 @@
-"""Crash safety: SIGKILL at random moments + resume equals an uninterrupted run; one process per run dir."""
+"""Crash safety: SIGKILL and SIGTERM at random moments + resume equals an uninterrupted run; one process per run dir."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ def test_sigkill_and_resume_lose_nothing_and_change_nothing(tmp_path):
     assert result["same_candidates"] and result["same_fitness"]
     assert result["same_best_yaml"] and result["same_best_fitness"] and result["same_heldout"]
     assert result["stray_temp_files"] == []
+    # The second kill is a SIGTERM: the process ends as with Ctrl-C (exit 143, one line naming the resume).
+    assert result["sigterms"] == 1 and result["sigterm_not_like_ctrl_c"] == [], result["kill_log"]
 
 
 # The first process holds the run directory as `mergekit-evo run` does (RunDir.prepare takes the lock),
