@@ -32,8 +32,8 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
+from mergekit_evolve.config import load_any_config  # noqa: E402
 from mergekit_evolve.fitness.factory import make_fitness  # noqa: E402
-from mergekit_evolve.runner import load_any_config  # noqa: E402
 from mergekit_evolve.search.executors import Job, make_executor, make_score  # noqa: E402
 from mergekit_evolve.search.loop import run_search  # noqa: E402
 from mergekit_evolve.search.problems import make_problem  # noqa: E402

@@ -188,7 +188,8 @@ def run(
     mergekit-evolve's options are accepted with the same meaning (--storage-path, --max-fevals,
     --random-seed, --num-gpus, --task-search-path, ...), or refused naming what to use instead.
     """
-    from mergekit_evolve import runner
+    from mergekit_evolve.config import load_any_config
+    from mergekit_evolve.search.rundir import RunDir
 
     m = translate(migrated, out=out, max_evals=max_evals, workers=workers, executor=executor)
     out, max_evals, workers, executor = m.out, m.max_evals, m.workers, m.executor
@@ -212,7 +213,11 @@ def run(
                     f"--{key.split('.')[1].replace('_', '-')}: {value} is out of range; use a positive number"
                 )
             overrides[key] = value
-    config = m.apply_to(runner.load_any_config(config_file, overrides))
+    # The output folder and the config are checked before the heavy imports (torch, transformers, mergekit).
+    RunDir(out).check_fresh(force)
+    config = m.apply_to(load_any_config(config_file, overrides))
+    from mergekit_evolve import runner
+
     summary = runner.start(config, out, device=device, force=force, save_model=not no_save_model, progress=not quiet)
     _print_summary(summary, out)
 
@@ -276,12 +281,12 @@ def recipe(config_file, genome_file):
     """Print the mergekit YAML recipe a genome decodes to."""
     import numpy as np
 
-    from mergekit_evolve import runner
+    from mergekit_evolve.config import load_any_config
     from mergekit_evolve.export.artifacts import recipe_of
     from mergekit_evolve.recipe.ps import recipe_yaml
     from mergekit_evolve.search.problems import make_problem
 
-    config = runner.load_any_config(config_file, {})
+    config = load_any_config(config_file, {})
     problem = make_problem(config, "cpu")
     genome = problem.x0() if genome_file is None else _read_genome(genome_file)
     if len(genome) != problem.dim:

@@ -20,6 +20,7 @@ mergekit-evolve configs (``genome:``, ``tasks:``, ``limit``, ``num_fewshot``, ``
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -304,6 +305,16 @@ def accuracy_fitness(config: EvolveConfig) -> bool:
     return builtin is not None and all(task.kind in RACING_KINDS for task in builtin.tasks)
 
 
+def _known_keys() -> set[str]:
+    """Every key our config sections take, and a mergekit recipe's (a template sits at the top level)."""
+    keys, todo = set(MERGEKIT_RECIPE_KEYS), [Strict]
+    while todo:
+        cls = todo.pop()
+        keys |= set(getattr(cls, "model_fields", {}))
+        todo += cls.__subclasses__()
+    return keys
+
+
 def _format_validation_error(err: ValidationError) -> str:
     first = err.errors()[0]
     # pydantic adds union-branch labels such as "function-after[_check(), ParameterSearch]": drop them
@@ -311,11 +322,28 @@ def _format_validation_error(err: ValidationError) -> str:
     where = ".".join(parts) or "config"
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        msg = "unknown key; remove it or check its spelling (see the README's config reference)"
+        close = difflib.get_close_matches(str(first["loc"][-1]), sorted(_known_keys()), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        msg = f"unknown key{hint}; remove it or check its spelling (see the README's config reference)"
     elif first["type"] == "missing":
         msg = "is required; add it"
     return f"{where}: {msg}"
 
+
+# The top-level keys of a mergekit recipe (mergekit's MergeConfiguration), for spelling hints.
+MERGEKIT_RECIPE_KEYS = (
+    "merge_method",
+    "models",
+    "slices",
+    "base_model",
+    "parameters",
+    "dtype",
+    "tokenizer_source",
+    "tokenizer",
+    "chat_template",
+    "out_dtype",
+    "modules",
+)
 
 # Keys of ours that may sit next to a mergekit recipe template; everything else is the template.
 TEMPLATE_SIDE_KEYS = {
@@ -455,3 +483,20 @@ def load_config(path: str | Path) -> EvolveConfig:
         where = f" at line {mark.line + 1}" if mark else ""
         raise InputError(f"{path}: malformed YAML{where}: {getattr(err, 'problem', err)}; fix the syntax") from None
     return parse_config(data, base_dir=path.parent.absolute(), source=str(path))
+
+
+def load_any_config(path: str | Path, overrides: dict[str, Any]) -> EvolveConfig:
+    """Load a config file and apply CLI overrides (``optimizer.max_evals`` etc.)."""
+    config = load_config(path)
+    if not overrides:
+        return config
+    data = config.model_dump(mode="json")
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            if node.get(key) is None:  # e.g. fitness.backend on a config scored by lm-eval tasks
+                node[key] = {}
+            node = node[key]
+        node[leaf] = value
+    return parse_config(data, source=str(path))

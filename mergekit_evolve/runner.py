@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from mergekit_evolve.config import EvolveConfig, load_config, parse_config, source_models
+from mergekit_evolve.config import EvolveConfig, load_config, source_models
 from mergekit_evolve.errors import InputError
 from mergekit_evolve.export.artifacts import best_writer
 from mergekit_evolve.export.artifacts import save_model as save_best_model
@@ -42,6 +42,7 @@ def start(
     progress: bool = True,
 ) -> Summary:
     run_dir = RunDir(out)
+    run_dir.check_fresh(force)  # before any model or task is read
     device = resolve_device(device)
     # every input problem surfaces here, before anything is written
     fitness = validate(config, device, progress=progress)
@@ -323,20 +324,3 @@ def _version() -> str:
     from mergekit_evolve import __version__
 
     return __version__
-
-
-def load_any_config(path: str | Path, overrides: dict[str, Any]) -> EvolveConfig:
-    """Load a config file and apply CLI overrides (``optimizer.max_evals`` etc.)."""
-    config = load_config(path)
-    if not overrides:
-        return config
-    data = config.model_dump(mode="json")
-    for dotted, value in overrides.items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            if node.get(key) is None:  # e.g. fitness.backend on a config scored by lm-eval tasks
-                node[key] = {}
-            node = node[key]
-        node[leaf] = value
-    return parse_config(data, source=str(path))

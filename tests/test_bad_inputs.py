@@ -126,6 +126,46 @@ CASES = [
         edit=setg("parameters", {"density": {"bounds": [0.1, 1.0], "init": 2.0}}),
     ),
     Case(
+        "negative-density",
+        "a searched range outside what the parameter means",
+        "genome.parameters.density.bounds: [-0.5, 1] leaves [0, 1], the values dare_ties's density takes",
+        edit=setg("parameters", {"density": {"bounds": [-0.5, 1.0]}}),
+    ),
+    Case(
+        "fixed-out-of-range",
+        "a fixed value outside what the parameter means",
+        "genome.parameters.lambda: -1 is outside >= 0, the values dare_ties's lambda takes",
+        edit=setg("parameters", {"lambda": -1.0}),
+    ),
+    Case(
+        "marker-range",
+        "template marker range outside what the parameter means",
+        "models[0].parameters.density.evolve: [-1, 0.5] leaves [0, 1], the values ties's density takes",
+        edit=lambda c, e: {
+            "merge_method": "ties",
+            "base_model": str(e.models["base"]),
+            "models": [
+                {"model": str(e.models["a"]), "parameters": {"density": {"evolve": [-1.0, 0.5]}, "weight": 0.5}},
+                {"model": str(e.models["b"]), "parameters": {"density": 0.5, "weight": 0.5}},
+            ],
+            "fitness": c["fitness"],
+        },
+    ),
+    Case(
+        "template-fixed-range",
+        "a template's fixed number outside what the parameter means",
+        "models[1].parameters.density: 1.5 is outside [0, 1], the values ties's density takes",
+        edit=lambda c, e: {
+            "merge_method": "ties",
+            "base_model": str(e.models["base"]),
+            "models": [
+                {"model": str(e.models["a"]), "parameters": {"density": {"evolve": [0.1, 0.9]}, "weight": 0.5}},
+                {"model": str(e.models["b"]), "parameters": {"density": 1.5, "weight": 0.5}},
+            ],
+            "fitness": c["fitness"],
+        },
+    ),
+    Case(
         "fixed-unknown",
         "fixed value for a parameter the method lacks",
         "genome.parameters.gamma: dare_ties has no such parameter",

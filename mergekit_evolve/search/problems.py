@@ -156,8 +156,9 @@ class TemplateProblem(PSProblem):
         try:
             to_merge_config(self.space.fill(self.space.x0()))
         except Exception as err:
-            first = str(err).splitlines()[0]
-            raise InputError(f"template: not a valid mergekit recipe once filled in ({first}); fix the YAML") from None
+            raise InputError(
+                f"template: not a valid mergekit recipe once filled in ({_first_error(err)}); fix the YAML"
+            ) from None
 
     @property
     def tokenizer_ref(self) -> str:
@@ -172,6 +173,16 @@ class TemplateProblem(PSProblem):
         if self._fill_dtype:
             recipe["dtype"] = self._fill_dtype
         return PSCandidate(recipe=recipe, key=recipe_hash(recipe))
+
+
+def _first_error(err: Exception) -> str:
+    """The first of pydantic's errors with where it is (``models.0.parameters``), else the message's first line."""
+    errors = getattr(err, "errors", None)
+    if callable(errors):
+        first = errors()[0]
+        where = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and "[" in p))
+        return f"{where}: {first['msg']}"
+    return str(err).splitlines()[0]
 
 
 def _dfs_problem(config: EvolveConfig, device: str) -> Problem:

@@ -98,19 +98,23 @@ class RunDir:
         self.write_summary(summary)
 
     # -- creation and locking ----------------------------------------------------------------------
+    def check_fresh(self, force: bool = False) -> None:
+        """A new run may start here: the folder is absent or empty, or ``force`` lets it be wiped."""
+        # A folder holding only our lock or write probe (a run killed before it wrote anything) counts as empty.
+        if self.path.exists() and any(not _ours_to_ignore(p.name) for p in self.path.iterdir()) and not force:
+            raise InputError(
+                f"--out: {self.path} exists and is not empty; use `mergekit-evo resume {self.path}` "
+                "to continue that run, --force to overwrite it, or another --out"
+            )
+
     def prepare(self, *, fresh: bool, force: bool = False) -> None:
         """Create (or check) the folder and take its lock.
 
         ``fresh``: a new run. An existing non-empty folder is refused unless ``force`` (which wipes
         the run files) -- resuming must be asked for, never guessed.
         """
-        # A folder holding only our lock or write probe (a run killed before it wrote anything) counts as empty.
-        if fresh and self.path.exists() and any(not _ours_to_ignore(p.name) for p in self.path.iterdir()):
-            if not force:
-                raise InputError(
-                    f"--out: {self.path} exists and is not empty; use `mergekit-evo resume {self.path}` "
-                    "to continue that run, --force to overwrite it, or another --out"
-                )
+        if fresh:
+            self.check_fresh(force)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / f".write-test{os.getpid()}"

@@ -22,6 +22,7 @@ from mergekit.merge_methods.base import BasePolicy, ParameterScope
 
 from mergekit_evolve.config import GenomeConfig, ParameterSearch
 from mergekit_evolve.errors import InputError
+from mergekit_evolve.space.ranges import check_bounds, check_value
 from mergekit_evolve.space.transforms import BoundedGene, gene_values, initial_genome
 
 # Parameters evolved when ``genome.search`` is not given. Others can be added to ``search`` with bounds.
@@ -86,6 +87,7 @@ class PSSpace:
         self.method = _merge_method(genome.merge_method)
         self._check_structure()
         self.search = self._searched_parameters()
+        self._check_ranges()
 
     # -- structure -----------------------------------------------------------------------------
     @property
@@ -166,6 +168,17 @@ class PSSpace:
                 "choose a method such as dare_ties, ties, linear or slerp"
             )
         return wanted
+
+    def _check_ranges(self) -> None:
+        """Searched ranges and fixed values within what each parameter means (space/ranges.py)."""
+        name = self.genome.merge_method
+        for param in self.search:
+            setting = self.genome.parameters.get(param)
+            where = f"genome.parameters.{param}.bounds" if setting is not None else f"genome.search: {param}"
+            check_bounds(name, param, *self.bounds(param), where)
+        for param, value in self.genome.parameters.items():
+            if not isinstance(value, ParameterSearch):
+                check_value(name, param, value, f"genome.parameters.{param}")
 
     def scope(self, param: str) -> ParameterScope:
         return next(p.scope for p in self.method.spec.parameters if p.name == param)

@@ -22,12 +22,14 @@ range by ``mergekit_evolve.space.transforms`` (the same transform as the PS spac
 from __future__ import annotations
 
 import copy
+import difflib
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 
 from mergekit_evolve.errors import InputError
+from mergekit_evolve.space.ranges import check_bounds, check_value
 from mergekit_evolve.space.transforms import BoundedGene, gene_values, initial_genome
 
 MARKER_KEYS = {"evolve", "init"}
@@ -76,6 +78,23 @@ def parse_marker(node: dict, path: tuple) -> Marker:
     return Marker(lo, hi, float(init), path=path)
 
 
+VALUE_ENTRY_KEYS = {"filter", "value"}  # mergekit's per-filter value: {filter: self_attn, value: 0.5}
+
+
+def check_value_entry(node: dict, path: tuple) -> None:
+    """A mapping among parameter values is a marker or mergekit's ``{filter, value}``; anything else is a typo
+    that would otherwise surface as mergekit's validation errors without a name."""
+    unknown = sorted(set(node) - VALUE_ENTRY_KEYS)
+    if not unknown:
+        return
+    close = difflib.get_close_matches(str(unknown[0]), [*MARKER_KEYS, *VALUE_ENTRY_KEYS], n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise InputError(
+        f"{format_path(path)}: unknown key {unknown[0]!r}{hint}; a parameter value is a number, a list, "
+        "{filter: ..., value: ...}, or a marker {evolve: [lo, hi], init: x}"
+    )
+
+
 def find_markers(node: Any, path: tuple = (), in_parameters: bool = False) -> list[Marker]:
     if is_marker(node):
         if not in_parameters:
@@ -85,6 +104,8 @@ def find_markers(node: Any, path: tuple = (), in_parameters: bool = False) -> li
             )
         return [parse_marker(node, path)]
     found: list[Marker] = []
+    if isinstance(node, dict) and in_parameters and path[-1] != "parameters":
+        check_value_entry(node, path)
     if isinstance(node, dict):
         for key, value in node.items():
             found += find_markers(value, (*path, key), in_parameters or key == "parameters")
@@ -135,6 +156,7 @@ def check_marked_parameters(template: dict[str, Any], markers: list[Marker]) -> 
             raise InputError(
                 f"{marker.where}: {name}.{param} is not a number and cannot be evolved; give it a fixed value"
             )
+        check_bounds(name, param, marker.lo, marker.hi, f"{marker.where}.evolve")
         base = template.get("base_model")
         if (
             specs[param].scope == ParameterScope.NON_BASE
@@ -144,6 +166,43 @@ def check_marked_parameters(template: dict[str, Any], markers: list[Marker]) -> 
             raise InputError(
                 f"{marker.where}: {name} ignores {param} of the base model; mark it on the other models only"
             )
+
+
+def fixed_numbers(node: Any, path: tuple = ()) -> list[tuple[tuple, str, float]]:
+    """``(path, parameter, number)`` for every number a template fixes under a ``parameters:`` section
+    (plain values, gradient lists, ``{filter, value}`` entries); markers are not fixed numbers."""
+    found: list[tuple[tuple, str, float]] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "parameters" and isinstance(value, dict):
+                for param, setting in value.items():
+                    found += _numbers_of(setting, (*path, key, param), str(param))
+            else:
+                found += fixed_numbers(value, (*path, key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found += fixed_numbers(value, (*path, i))
+    return found
+
+
+def _numbers_of(node: Any, path: tuple, param: str) -> list[tuple[tuple, str, float]]:
+    if is_marker(node):
+        return []
+    if isinstance(node, (int, float)) and not isinstance(node, bool):
+        return [(path, param, node)]
+    if isinstance(node, list):
+        return [found for i, item in enumerate(node) for found in _numbers_of(item, (*path, i), param)]
+    if isinstance(node, dict) and "value" in node:
+        return _numbers_of(node["value"], (*path, "value"), param)
+    return []
+
+
+def check_fixed_numbers(template: dict[str, Any]) -> None:
+    """The numbers a template fixes must be values their parameters take, as the evolved ones."""
+    name = template.get("merge_method")
+    if isinstance(name, str):
+        for path, param, number in fixed_numbers(template):
+            check_value(name, param, number, format_path(path))
 
 
 class TemplateSpace:
@@ -158,6 +217,7 @@ class TemplateSpace:
                 "e.g. weight: {evolve: [0.0, 1.0]}"
             )
         check_marked_parameters(template, self.markers)
+        check_fixed_numbers(template)
         self.dim = len(self.markers)
 
     def x0(self, random: bool = False, seed: int = 0) -> np.ndarray:

@@ -16,14 +16,15 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from pydantic import BaseModel
 
 from mergekit_evolve.atomic import staged_folder
 from mergekit_evolve.zoo.data import Skills
-from mergekit_evolve.zoo.tokenizer import save_tokenizer
-from mergekit_evolve.zoo.train import mixed, new_model, train
+
+if TYPE_CHECKING:
+    import torch
 
 ZOO_VERSION = 2
 SHIPPED_SEED = 0
@@ -144,6 +145,8 @@ def _log(msg: str) -> None:
 def _deterministic_torch():
     """Deterministic kernels and seeded RNGs while training; the caller's global torch settings (the
     deterministic flag, the RNG state, the thread count) come back after."""
+    import torch
+
     previous, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     torch.use_deterministic_algorithms(True)
     try:
@@ -160,6 +163,8 @@ def _build_into(root: Path, seed: int) -> None:
 
 
 def _train_and_save(root: Path, seed: int) -> None:
+    from mergekit_evolve.zoo.tokenizer import save_tokenizer  # transformers: only when training
+
     skills = Skills(seed)
     root.mkdir(parents=True, exist_ok=True)
     for name, model in _train_models(skills, seed).items():
@@ -181,6 +186,8 @@ def _train_and_save(root: Path, seed: int) -> None:
 
 
 def _train_models(skills: Skills, seed: int) -> dict[str, torch.nn.Module]:
+    from mergekit_evolve.zoo.train import mixed, new_model, train  # torch: only when training
+
     """The base on copying + the arithmetic format, then each expert fine-tuned from it with replay."""
     r = RECIPE
     t0 = time.time()
