@@ -188,7 +188,7 @@ def run(
     mergekit-evolve's options are accepted with the same meaning (--storage-path, --max-fevals,
     --random-seed, --num-gpus, --task-search-path, ...), or refused naming what to use instead.
     """
-    from mergekit_evolve.config import load_any_config
+    from mergekit_evolve.config import check_task_search_path, load_any_config
     from mergekit_evolve.search.rundir import RunDir
 
     m = translate(migrated, out=out, max_evals=max_evals, workers=workers, executor=executor)
@@ -215,6 +215,7 @@ def run(
             overrides[key] = value
     # The output folder and the config are checked before the heavy imports (torch, transformers, mergekit).
     RunDir(out).check_fresh(force)
+    check_task_search_path(m.task_search_path, "--task-search-path")
     config = m.apply_to(load_any_config(config_file, overrides))
     from mergekit_evolve import runner
 

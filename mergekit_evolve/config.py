@@ -390,6 +390,14 @@ def parse_config(data: Any, base_dir: Path | None = None, source: str = "config"
     return resolve_paths(config, base_dir or Path.cwd())
 
 
+def check_task_search_path(paths: list[str], field: str) -> None:
+    """Each folder of local lm-eval tasks must exist (else lm-eval reports only an unknown task name)."""
+    for i, path in enumerate(paths):
+        if not Path(path).is_dir():
+            what = "is a file, not a folder" if Path(path).exists() else "does not exist"
+            raise InputError(f"{field}[{i}]: {path} {what}; give the folder that holds your lm-eval task YAML files")
+
+
 ZOO_PREFIX = "zoo:"
 
 
@@ -438,6 +446,7 @@ def resolve_paths(config: EvolveConfig, base_dir: Path) -> EvolveConfig:
         data["template"] = _resolve_template_models(data["template"], base_dir)
     if data.get("task_search_path"):
         data["task_search_path"] = [str((base_dir / p).resolve()) for p in data["task_search_path"]]
+        check_task_search_path(data["task_search_path"], "task_search_path")
     if data["dfs"].get("models"):
         data["dfs"]["models"] = [_resolve_model(m, base_dir) for m in data["dfs"]["models"]]
     if data.get("fitness"):

@@ -454,6 +454,37 @@ def test_scores_equal_lm_eval_simple_evaluate_for_every_request_type_and_a_group
     assert len(set(ours.values())) > 1 and 0 < max(ours.values())  # the tasks tell candidates apart
 
 
+def test_a_task_over_documents_without_the_field_it_reads_is_one_line(zoo, tmp_path):
+    """lm-eval reads a missing field's name as the literal target: every candidate would score 0, silently."""
+    rows = [{"prompt": f"{a}+{a}=", "target": str(2 * a)} for a in range(10)]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "train.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    _task_yaml(
+        tmp_path,
+        "no_answer",
+        tmp_path / "test.jsonl",
+        output_type="generate_until",
+        doc_to_text="{{prompt}}",
+        doc_to_target="answer",  # a field name: lm-eval's literal text "answer" when the documents lack it
+        generation_kwargs={"until": ["\n"], "max_gen_toks": 4, "do_sample": False},
+        metric_list=[{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+    )
+    config = parse_config(
+        {
+            "genome": {"models": [str(zoo.models["script"]), str(zoo.models["math"])], "merge_method": "linear"},
+            "tasks": [{"name": "no_answer", "metric": "exact_match,none"}],
+            "task_search_path": [str(tmp_path)],
+        }
+    )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(zoo.models["script"])
+    with pytest.raises(
+        InputError,
+        match=r"tasks.no_answer: its doc_to_target reads 'answer', which its documents do "
+        r"not have \(their fields: prompt, target\)",
+    ):
+        LmEvalFitness(config, tokenizer)
+
+
 def test_a_lower_is_better_metric_is_refused_before_any_candidate(zoo, kinds_dir):
     config = parse_config(
         {

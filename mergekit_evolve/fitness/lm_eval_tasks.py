@@ -26,6 +26,7 @@ import contextlib
 import io
 import logging
 import random
+import re
 import sys
 import time
 import warnings
@@ -225,6 +226,33 @@ class PreparedTask:
         return self.part_docs[part]
 
 
+def template_fields(template: str) -> set[str]:
+    """The document fields a ``doc_to_*`` setting reads: a Jinja template's variables, or a bare name (lm-eval
+    reads a bare name as a field when the documents have it, and as literal text when they do not)."""
+    if "{{" not in template and "{%" not in template:
+        return {template} if re.fullmatch(r"[A-Za-z_]\w*", template) else set()
+    import jinja2
+    import jinja2.meta
+
+    return set(jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(template)))
+
+
+def check_document_fields(task, docs: list[tuple[int, Any]]) -> None:
+    """Every field a task's templates read must be in its documents: Jinja renders a missing one as an empty
+    string, so a task over data without its ``answer`` would score every candidate 0 without a word."""
+    fields = set().union(*(doc.keys() for _, doc in docs if isinstance(doc, dict)))
+    if not fields:
+        return
+    for key in ("doc_to_text", "doc_to_target", "doc_to_choice"):
+        template = getattr(task.config, key, None)
+        missing = sorted(template_fields(template) - fields) if isinstance(template, str) else []
+        if missing:
+            raise InputError(
+                f"tasks.{task.task_name}: its {key} reads {missing[0]!r}, which its documents do not have (their "
+                f"fields: {', '.join(sorted(fields))}); fix the task YAML or the data"
+            )
+
+
 def memoize_per_document(task, docs: list[tuple[int, Any]]) -> None:
     """``process_results`` renders a document's target and choices (Jinja templates) again on every
     call; they do not change between candidates, so each is rendered once per run. Only the docs this
@@ -416,6 +444,7 @@ class LmEvalFitness:
         for request in requests:
             by_doc.setdefault(request.instance.doc_id, []).append(request)
         docs = list(task.doc_iterator(rank=0, limit=limit, world_size=1))
+        check_document_fields(task, docs)
         memoize_per_document(task, docs)
         return PreparedTask(task=task, docs=docs, requests=by_doc)
 
