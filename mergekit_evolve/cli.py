@@ -11,6 +11,7 @@ import json
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import click
@@ -85,6 +86,9 @@ def _raise_terminated(signum, frame):
 def main():
     """Evolutionary model merging for mergekit (parameter space and data-flow space)."""
     quiet_library_bars_off_terminal()
+    # transformers' notice about its own argument rename, raised inside its generate(): nothing a user can change
+    warnings.filterwarnings("ignore", message=r".*past_key_values.*deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*past_key_values.*deprecated", category=DeprecationWarning)
     from mergekit_evolve.torch_extensions import HIDDEN, unloadable_message
 
     if HIDDEN and "doctor" not in sys.argv[1:2]:

@@ -186,8 +186,10 @@ def run_stage(
     if validation is not None:
         note(describe_decision(validation), progress)
     best = problem.decode(np.asarray(state.best.genome))
-    with step("scoring the best candidate on the held-out split", progress):
-        heldout = fitness.score(problem.build(best), "heldout")
+    heldout = {}
+    if fitness.num_rows("heldout"):  # no line for a step that does not happen
+        with step("scoring the best candidate on the held-out split", progress):
+            heldout = fitness.score(problem.build(best), "heldout")
     if config.backend == "vllm":
         problem.close()  # the engine's memory goes back before the model is written
     summary = Summary(

@@ -166,6 +166,25 @@ CASES = [
         },
     ),
     Case(
+        "marker-typo",
+        "a misspelled template marker",
+        "models[0].parameters.weight: unknown key 'evolv' (did you mean 'evolve'?)",
+        edit=lambda c, e: {
+            "merge_method": "linear",
+            "models": [
+                {"model": str(e.models["a"]), "parameters": {"weight": {"evolv": [0, 1]}}},
+                {"model": str(e.models["b"]), "parameters": {"weight": 0.5}},
+            ],
+            "fitness": c["fitness"],
+        },
+    ),
+    Case(
+        "task-search-path",
+        "a task_search_path folder that does not exist",
+        "task_search_path[0]: ",
+        edit=lambda c, e: c.update(tasks=[{"name": "my_task"}], task_search_path=[str(e.root / "no-such-folder")]),
+    ),
+    Case(
         "fixed-unknown",
         "fixed value for a parameter the method lacks",
         "genome.parameters.gamma: dare_ties has no such parameter",
