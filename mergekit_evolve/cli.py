@@ -55,7 +55,7 @@ def friendly_errors(fn=None, *, resumable_from: tuple[str, ...] = ()):
             where = disk_full_path(err)
             if where is None:
                 raise
-            folder = str(Path(where).parent) if where else str(out or Path.cwd())
+            folder = str(Path(where).parent) if where else str(out or kwargs.get("out") or Path.cwd())
             kept = "every completed evaluation is kept; " if out else ""
             click.echo(f"error: no space left on the device of {folder}; {kept}free some space and {again}", err=True)
             sys.exit(EXIT_FAILED)
