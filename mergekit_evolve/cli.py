@@ -458,11 +458,23 @@ def push(run_dir, repo_id, private, fmt, dry_run, endpoint, results, base_models
 
 
 def _print_summary(summary, out) -> None:
-    best = summary.best
+    best, recipe = summary.best, Path(out) / "best.yaml"
+    # Only a file that exists is named: DFS paths that do not fold exactly have no mergekit recipe.
+    where = f"recipe: {recipe}" if recipe.exists() else f"no mergekit recipe (see {Path(out) / 'best.json'})"
+    if summary.stages:
+        ps, dfs = summary.stages["ps"], summary.stages["dfs"]
+        kept = summary.validation is not None and summary.validation.kept == "start"
+        found = "the PS model's own path, kept by dfs.validation" if kept else f"evaluation {best.index}"
+        click.echo(
+            f"PS stage: best fitness {ps.best.fitness:.4f} after {ps.evaluations} evaluations; DFS stage: best "
+            f"fitness {best.fitness:.4f} ({found}; on the rows its search scores) after {dfs.evaluations} "
+            f"evaluations; held-out {_fmt(best.heldout_total)}; {summary.evaluations} evaluations in "
+            f"{summary.wall_seconds:.0f} s; {where}"
+        )
+        return
     click.echo(
         f"best fitness {best.fitness:.4f} (evaluation {best.index}), held-out "
-        f"{_fmt(best.heldout_total)} after {summary.evaluations} evaluations; "
-        f"recipe: {Path(out) / 'best.yaml'}"
+        f"{_fmt(best.heldout_total)} after {summary.evaluations} evaluations; {where}"
     )
 
 

@@ -145,13 +145,30 @@ def _run_ps_then_dfs(config, run_dir: RunDir, device, save_model, progress, fitn
     if ps_summary is None:
         ps_config = config.model_copy(update={"space": "ps"})
         ps_dir.write_config(ps_config.to_yaml())
-        ps_summary = run_stage(make_problem(ps_config, device), ps_config, ps_dir, True, progress, fitness)
+        ps_summary = run_stage(make_problem(ps_config, device), ps_config, ps_dir, True, progress, fitness, "PS")
     dfs_config = dfs_stage_config(config, ps_dir.model, dfs_dir.config)
     dfs_dir.write_config(dfs_config.to_yaml())
-    dfs_summary = run_stage(make_problem(dfs_config, device), dfs_config, dfs_dir, save_model, progress)
-    summary = dfs_summary.model_copy(update={"stages": {"ps": ps_summary, "dfs": dfs_summary}})
+    dfs_summary = run_stage(make_problem(dfs_config, device), dfs_config, dfs_dir, save_model, progress, stage="DFS")
+    summary = staged_summary(ps_summary, dfs_summary)
     run_dir.publish_final(summary)
     return summary
+
+
+def staged_summary(ps: Summary, dfs: Summary) -> Summary:
+    """A ps+dfs run's summary: the final (DFS) stage's best and held-out, the counts and time of both stages."""
+    both = (ps, dfs)
+    return dfs.model_copy(
+        update={
+            "space": "ps+dfs",
+            "evaluations": sum(s.evaluations for s in both),
+            "generations": sum(s.generations for s in both),
+            "failures": sum(s.failures for s in both),
+            "wall_seconds": round(sum(s.wall_seconds for s in both), 2),
+            "tokens": sum(s.tokens for s in both),
+            "history": [],  # per stage, in stages
+            "stages": {"ps": ps, "dfs": dfs},
+        }
+    )
 
 
 def dfs_stage_config(config: EvolveConfig, ps_model: Path, stage_config: Path) -> EvolveConfig:
@@ -170,7 +187,7 @@ def dfs_stage_config(config: EvolveConfig, ps_model: Path, stage_config: Path) -
 
 
 def run_stage(
-    problem, config: EvolveConfig, run_dir: RunDir, save_model: bool, progress: bool, fitness=None
+    problem, config: EvolveConfig, run_dir: RunDir, save_model: bool, progress: bool, fitness=None, stage: str = ""
 ) -> Summary:
     """Search, then score the winner on the held-out split and save it (``fitness``: one already
     built for this config and the problem's tokenizer, e.g. by ``validate``)."""
@@ -181,7 +198,7 @@ def run_stage(
     if gate is not None:
         fitness = gate.search_fitness(fitness)
     logger = _wandb_logger(config, run_dir)
-    state = _search(problem, config, run_dir, fitness, progress, logger)
+    state = _search(problem, config, run_dir, fitness, progress, logger, stage)
     validation = gate.confirm(problem, fitness, run_dir, state, best_writer(problem, run_dir)) if gate else None
     if validation is not None:
         note(describe_decision(validation), progress)
@@ -214,7 +231,9 @@ def run_stage(
     return summary
 
 
-def _search(problem, config: EvolveConfig, run_dir: RunDir, fitness, progress: bool, logger) -> SearchState:
+def _search(
+    problem, config: EvolveConfig, run_dir: RunDir, fitness, progress: bool, logger, stage: str = ""
+) -> SearchState:
     executor = make_executor(config, problem, make_score(fitness))
     try:
         state = run_search(
@@ -227,6 +246,7 @@ def _search(problem, config: EvolveConfig, run_dir: RunDir, fitness, progress: b
             on_best=best_writer(problem, run_dir),
             racing=make_racing(config, fitness),
             economy=make_economy(config, fitness),
+            stage=stage,
         )
     finally:
         executor.close()

@@ -102,8 +102,10 @@ class Search:
         on_best: Callable[[Best], None] | None = None,
         racing: Racing | None = None,
         economy: Economy | None = None,
+        stage: str = "",
     ):
         self.problem, self.executor, self.run_dir, self.opt = problem, executor, run_dir, opt
+        self.label = f"{stage} " if stage else ""  # a ps+dfs run says which stage a line belongs to
         self.progress, self.racing, self.economy = progress, racing, economy
         self.on_generation, self.on_record, self.on_best = on_generation, on_record, on_best
         run_dir.repair()
@@ -153,7 +155,7 @@ class Search:
         # The budget is a promise: a generation that would overshoot it becomes a last, smaller one
         # (its first candidates, in CMA-ES's order). It is not told to CMA-ES: the search ends there.
         left = self.opt.max_evals - self.state.n_evals
-        self.bar.set_description(f"gen {number}")
+        self.bar.set_description(f"{self.label}gen {number}")
         return Generation(number, genomes[:left], last_partial=len(genomes) > left, part=part)
 
     # -- evaluate ------------------------------------------------------------------------------------
@@ -265,7 +267,7 @@ class Search:
         fitness = [-v for v in losses if v != FAILED_LOSS]
         best = self.state.best and self.state.best.fitness
         tqdm.write(
-            f"gen {number:3d}  evals {self.state.n_evals:4d}  gen best {_fmt(max(fitness, default=None))}"
+            f"{self.label}gen {number:3d}  evals {self.state.n_evals:4d}  gen best {_fmt(max(fitness, default=None))}"
             f"  mean {_fmt(np.mean(fitness) if fitness else None)}  best {_fmt(best)}  sigma {self.state.es.sigma:.3g}"
         )
 
