@@ -18,7 +18,7 @@ import numpy as np
 
 from mergekit_evolve.config import EvolveConfig, load_config, source_models
 from mergekit_evolve.errors import InputError
-from mergekit_evolve.export.artifacts import best_writer
+from mergekit_evolve.export.artifacts import best_writer, staged_recipe
 from mergekit_evolve.export.artifacts import save_model as save_best_model
 from mergekit_evolve.fitness.factory import make_fitness
 from mergekit_evolve.progress import note, step
@@ -150,7 +150,7 @@ def _run_ps_then_dfs(config, run_dir: RunDir, device, save_model, progress, fitn
     dfs_dir.write_config(dfs_config.to_yaml())
     dfs_summary = run_stage(make_problem(dfs_config, device), dfs_config, dfs_dir, save_model, progress, stage="DFS")
     summary = staged_summary(ps_summary, dfs_summary)
-    run_dir.publish_final(summary)
+    run_dir.publish_final(summary, staged_recipe(ps_dir, dfs_dir, config.merge_seed))
     return summary
 
 

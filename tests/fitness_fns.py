@@ -56,3 +56,8 @@ def ids_loglik(model, tokenizer, rows, split) -> float:
     with torch.inference_mode():
         logits = model(input_ids=ids).logits.float()
     return float(torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).mean())
+
+
+def deeper(model, tokenizer, rows, split) -> float:
+    """Prefers longer layer paths (a DFS search then leaves model A's own path), then the log-likelihood."""
+    return float(model.config.num_hidden_layers) + loglik(model, tokenizer, rows, split) / 1000

@@ -115,6 +115,15 @@ def test_ps_then_dfs_runs_both_stages_and_resumes_the_second(family, tmp_path, m
     resumed = runner.resume(tmp_path / "cut", progress=False)
     assert resumed.stages["ps"].best.fitness == reference.stages["ps"].best.fitness
     assert resumed.best.fitness == reference.best.fitness
+    # one summary for both stages
+    assert reference.space == "ps+dfs" and reference.evaluations == 8 + 8
+    assert reference.wall_seconds >= reference.stages["ps"].wall_seconds + reference.stages["dfs"].wall_seconds - 0.02
+    best_path = json.loads((tmp_path / "ref" / "best.json").read_text())["path"]
+    # this seeded run's DFS stage keeps the PS model (dfs.validation): best.yaml is the PS recipe itself
+    assert best_path["hops"] == [[0, layer] for layer in range(4)] and set(best_path["scales"]) == {1.0}
+    recipe = (tmp_path / "ref" / "best.yaml").read_text()
+    assert "kept the PS model's own path" in recipe and "---" not in recipe
+    assert yaml.safe_load(recipe) == yaml.safe_load((tmp_path / "ref" / "ps" / "best.yaml").read_text())
     dfs_path = json.loads((tmp_path / "cut" / "best.json").read_text())["path"]
     assert dfs_path["models"][0] == str(tmp_path / "cut" / "ps" / "model")  # the PS model is model A
 
@@ -135,3 +144,36 @@ def test_folded_zoo_model_matches_the_layer_stack(zoo):
         folded = fold_model(pool, path)(input_ids=ids).logits
     scale = stack.abs().max()
     assert (stack - folded).abs().max() / scale <= 1e-4
+
+
+def test_ps_dfs_recipe_builds_from_the_sources_alone_after_the_run_directory_moves(family, tmp_path):
+    """best.yaml of a ps+dfs run: the PS recipe and the DFS path over its result, as one mergekit-multi recipe
+    that names the sources only; built by mergekit's own CLI after the run folder (a name mergekit would split:
+    `+`, `@`, spaces, unicode) has moved, it equals the run's model tensor for tensor."""
+    data = rows(tmp_path)
+    config = dfs_config(family, data, space="ps+dfs", function="fitness_fns:deeper", max_evals=8)
+    config["dfs"]["validation"] = 0  # the DFS stage's best path, a longer one, is the result
+    out = tmp_path / "runs" / "ps+dfs @ü evolved"
+    runner.start(parse_config(config), out, device="cpu", progress=False)
+    recipe = (out / "best.yaml").read_text()
+    assert recipe.count("\n---\n") == 1 and "mergekit-multi best.yaml" in recipe
+    assert str(out) not in recipe  # nothing points into the run directory
+    moved = tmp_path / "elsewhere"
+    out.rename(moved)
+    built = tmp_path / "built"
+    subprocess.run(
+        [
+            "mergekit-multi",
+            str(moved / "best.yaml"),
+            "--intermediate-dir",
+            str(tmp_path / "stages"),
+            "--out-path",
+            str(built),
+            "--random-seed",
+            "0",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    ours, theirs = load_weights(built), load_weights(moved / "dfs" / "model")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

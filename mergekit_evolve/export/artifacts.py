@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from mergekit_evolve.errors import InputError
 from mergekit_evolve.recipe.fold import fold_recipe, why_not_foldable
@@ -105,3 +106,59 @@ def save_model(problem, candidate, out_dir: str | Path, fmt: str = "standard") -
     # Written from the pool directly: it equals what ``mergekit-yaml best.yaml`` writes tensor for tensor
     # (tested), and also works for Qwen2, whose depth-changing passthrough merges mergekit 0.1.5 cannot save.
     return save_folded_checkpoint(problem.pool, candidate.path, out_dir)
+
+
+PS_STAGE_NAME = "ps-stage"  # the PS stage's merge in a ps+dfs recipe (mergekit-multi's intermediate name)
+
+
+def staged_recipe(ps_dir: RunDir, dfs_dir: RunDir, merge_seed: int | None) -> str | None:
+    """The recipe of a ps+dfs run's result from the original sources alone, or None when there is none (a DFS
+    path that does not fold: best.json keeps it, ``mergekit-evo export --format custom`` builds it).
+
+    When the DFS stage's result is the PS model itself (model A's own path, unscaled: e.g. kept by
+    dfs.validation), that is the PS recipe; otherwise a two-stage mergekit-multi recipe: the PS recipe named
+    ``ps-stage``, then the DFS passthrough over it (in place of the run directory's copy of the PS model)."""
+    ps_best, dfs_best = ps_dir.read_best(), dfs_dir.read_best()
+    seed = f" --random-seed {merge_seed}" if merge_seed is not None else ""
+    if ps_best is None or ps_best.recipe is None or dfs_best is None or dfs_best.path is None:
+        return None
+    hops, scales = dfs_best.path["hops"], dfs_best.path["scales"]
+    own = [[0, layer] for layer in range(len(hops))]
+    if [list(h) for h in hops] == own and all(s == 1.0 for s in scales) and _num_layers(ps_dir) == len(hops):
+        header = (
+            "Evolved by mergekit-evo (PS+DFS): the DFS stage kept the PS model's own path, so the result is the\n"
+            f"PS stage's model: fitness {ps_best.fitness:.4f} at evaluation {ps_best.index} of the PS stage.\n"
+            f"Build it: mergekit-yaml best.yaml OUT{seed}"
+        )
+        return recipe_yaml(ps_best.recipe, header)
+    dfs_text = dfs_dir.read_best_yaml()
+    if dfs_text is None:
+        return None
+    ps_model = str(Path(ps_dir.model).absolute())
+    dfs_recipe = _renamed(yaml.safe_load(dfs_text), {ps_model: PS_STAGE_NAME})
+    found = f"evaluation {dfs_best.index}" if dfs_best.index >= 0 else "the start path"
+    header = (
+        f"Evolved by mergekit-evo (PS+DFS): fitness {dfs_best.fitness:.4f} at {found} of the DFS stage.\n"
+        f"Stage 1 ({PS_STAGE_NAME}) is the PS recipe over the sources; stage 2 the DFS path over its result.\n"
+        f"Build it from the sources alone: mergekit-multi best.yaml --intermediate-dir TMP --out-path OUT{seed}"
+    )
+    stages = recipe_yaml({"name": PS_STAGE_NAME, **ps_best.recipe}, header) + "---\n" + recipe_yaml(dfs_recipe)
+    return stages
+
+
+def _renamed(node: Any, names: dict[str, str]) -> Any:
+    """Model references to the folders in ``names`` (a path, or mergekit's mapping form) become those names."""
+    if isinstance(node, dict):
+        inner = node.get("model")
+        if set(node) == {"model"} and isinstance(inner, dict) and inner.get("path") in names:
+            return names[inner["path"]]
+        return {key: _renamed(value, names) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_renamed(item, names) for item in node]
+    return names.get(node, node) if isinstance(node, str) else node
+
+
+def _num_layers(run_dir: RunDir) -> int:
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(run_dir.model).num_hidden_layers)

@@ -172,8 +172,16 @@ def _dropped_tensors_blocker(index: int, checkpoint: str, config: PretrainedConf
     )
 
 
+def model_reference(path: str) -> str | dict[str, Any]:
+    """How a recipe names a model folder so that mergekit reads it as that folder: the path itself, or, when
+    mergekit would split it (``a+b`` is model a with LoRA b; ``a@r`` is revision r of a), its mapping form."""
+    if "+" in path or "@" in path:
+        return {"model": {"path": path}}
+    return path
+
+
 def _slice(model_path: str, start: int, end: int, factor: float | None) -> dict[str, Any]:
-    source: dict[str, Any] = {"model": model_path, "layer_range": [start, end]}
+    source: dict[str, Any] = {"model": model_reference(model_path), "layer_range": [start, end]}
     if factor is not None and factor != 1.0:
         filters = [{"filter": name, "value": factor} for name in BRANCH_OUTPUT_FILTERS]
         source["parameters"] = {"scale": [*filters, {"value": 1.0}]}
@@ -211,7 +219,7 @@ def fold_recipe(
         slices.insert(0, _slice(base, 0, 0, None))  # embeddings come from slices[0]
     if runs[-1].model != base_index:
         slices.append(_slice(base, 0, 0, None))  # final norm and lm_head come from slices[-1]
-    return {"merge_method": "passthrough", "base_model": base, "slices": slices, "dtype": dtype}
+    return {"merge_method": "passthrough", "base_model": model_reference(base), "slices": slices, "dtype": dtype}
 
 
 # --- the same fold in memory, from a layer pool -------------------------------------------------------------

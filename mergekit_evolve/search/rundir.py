@@ -89,12 +89,15 @@ class RunDir:
         stages = self.staged()
         return stages[-1] if stages else self
 
-    def publish_final(self, summary: Summary) -> None:
-        """A ps+dfs run: copy the final stage's best files up and write the combined summary."""
+    def publish_final(self, summary: Summary, recipe_yaml: str | None) -> None:
+        """A ps+dfs run: the final stage's best.json, the run's recipe (None: it has none) and the summary."""
         final = self.final_stage()
-        for name in ("best.yaml", "best.json"):
-            if (final.path / name).exists():
-                shutil.copyfile(final.path / name, self.path / name)
+        if final.best_json.exists():
+            shutil.copyfile(final.best_json, self.best_json)
+        if recipe_yaml is not None:
+            atomic_write(self.best_yaml, recipe_yaml)
+        else:
+            self.best_yaml.unlink(missing_ok=True)  # never a recipe of another result
         self.write_summary(summary)
 
     # -- creation and locking ----------------------------------------------------------------------
