@@ -177,3 +177,80 @@ def test_ps_dfs_recipe_builds_from_the_sources_alone_after_the_run_directory_mov
     )
     ours, theirs = load_weights(built), load_weights(moved / "dfs" / "model")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def arch_pair(root: Path, arch: str, **config) -> list[str]:
+    from mergekit_evolve.zoo.random_models import make_random_model
+
+    return [str(make_random_model(root / f"{arch}{s}", arch=arch, seed=s, num_layers=3, **config)) for s in (0, 1)]
+
+
+def deeper_dfs(models: list[str], data: Path) -> dict:
+    """A DFS run whose fitness prefers longer paths: its best changes the depth."""
+    task = {"name": "ll", "kind": "callable", "function": "fitness_fns:deeper", "data": str(data)}
+    return {
+        "space": "dfs",
+        "genome": {"models": models, "merge_method": "linear"},
+        "dfs": {"repeats": 2, "prescan": 2},
+        "fitness": {"tasks": [task]},
+        "optimizer": {"max_evals": 8, "seed": 2},
+        "dtype": "float32",
+    }
+
+
+def test_qwen2_path_of_another_depth_says_mergekit_cannot_build_it_and_export_does(tmp_path):
+    from click.testing import CliRunner
+
+    from mergekit_evolve.cli import main
+
+    out = tmp_path / "run"
+    runner.start(parse_config(deeper_dfs(arch_pair(tmp_path, "qwen2"), rows(tmp_path))), out, progress=False)
+    hops = json.loads((out / "best.json").read_text())["path"]["hops"]
+    assert len(hops) != 3
+    recipe = (out / "best.yaml").read_text()
+    assert "mergekit-yaml cannot build this recipe: mergekit 0.1.5 keeps model A's layer_types (3 entries)" in recipe
+    assert f"mergekit-evo export {out} --format standard --out OUT" in recipe
+    done = CliRunner().invoke(main, ["export", str(out), "--format", "standard", "--out", str(tmp_path / "std")])
+    assert done.exit_code == 0, done.output
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "std")
+    assert model.config.model_type == "qwen2" and model.config.num_hidden_layers == len(hops)
+
+
+def test_llama_with_attention_bias_is_the_custom_form_everywhere_and_says_so(tmp_path):
+    from click.testing import CliRunner
+
+    from mergekit_evolve.cli import main
+
+    models = arch_pair(tmp_path, "llama")
+    for model in models:  # attention biases that mergekit's llama architecture does not carry
+        config = json.loads((Path(model) / "config.json").read_text())
+        weights = load_weights(Path(model))
+        config["attention_bias"] = True
+        for i in range(3):
+            for proj, size in (("q", 32), ("k", 32), ("v", 32), ("o", 32)):
+                weights[f"model.layers.{i}.self_attn.{proj}_proj.bias"] = torch.randn(size) * 0.1
+        (Path(model) / "config.json").write_text(json.dumps(config))
+        from safetensors.torch import save_file
+
+        save_file(weights, str(Path(model) / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        main, ["run", str(write_yaml(tmp_path, deeper_dfs(models, rows(tmp_path)))), "--out", str(out), "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    assert not (out / "best.yaml").exists()
+    assert (
+        "no mergekit recipe" in result.output
+        and "layer-stack form (load it with trust_remote_code=True)" in result.output
+    )
+    refused = CliRunner().invoke(main, ["export", str(out), "--format", "standard", "--out", str(tmp_path / "std")])
+    assert refused.exit_code == 2 and refused.stderr.count("--format custom") == 1, refused.stderr
+    pushed = CliRunner().invoke(main, ["push", str(out), "--repo", "me/evo", "--dry-run", str(tmp_path / "dry")])
+    assert pushed.exit_code == 2 and "--format standard:" in pushed.stderr, pushed.output
+    assert not (tmp_path / "dry").exists()
+
+
+def write_yaml(root: Path, config: dict) -> Path:
+    path = root / "evo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path

@@ -68,9 +68,28 @@ def write_best(problem, candidate, run_dir: RunDir, best: Best) -> None:
     header = (
         f"Evolved by mergekit-evo (DFS): fitness {best.fitness:.4f} {found}.\n"
         f"{len(candidate.path.hops)} hops; data-flow scales folded into o_proj/down_proj.\n"
-        "Build the standard checkpoint: mergekit-yaml best.yaml OUT"
+        + (
+            _mergekit_cannot_build(problem, candidate, run_dir)
+            or "Build the standard checkpoint: mergekit-yaml best.yaml OUT"
+        )
     )
     run_dir.write_best(record, recipe_yaml(recipe_of(problem, candidate), header))
+
+
+def _mergekit_cannot_build(problem, candidate: DFSCandidate, run_dir: RunDir) -> str | None:
+    """What to say when mergekit's CLI cannot build a folded recipe: mergekit 0.1.5 copies model A's
+    ``layer_types`` (Qwen2, transformers 5) unchanged, which transformers refuses for another depth."""
+    from transformers import AutoConfig
+
+    base = AutoConfig.from_pretrained(problem.models[problem.base_index])
+    layer_types = getattr(base, "layer_types", None)
+    if not layer_types or len(layer_types) == len(candidate.path.hops):
+        return None
+    return (
+        f"mergekit-yaml cannot build this recipe: mergekit 0.1.5 keeps model A's layer_types ({len(layer_types)} "
+        f"entries) for {len(candidate.path.hops)} layers.\n"
+        f"Build the standard checkpoint with: mergekit-evo export {run_dir.path} --format standard --out OUT"
+    )
 
 
 def _ps_header(problem, best: Best) -> str:
@@ -100,7 +119,7 @@ def save_model(problem, candidate, out_dir: str | Path, fmt: str = "standard") -
 
     reason = fold_blocker(problem, candidate) if fmt != "custom" else None
     if fmt == "standard" and reason:
-        raise InputError(f"--format standard: {reason}; export with --format custom instead")
+        raise InputError(f"--format standard: {reason}")
     if fmt == "custom" or reason:
         return save_custom_checkpoint(problem.pool, candidate.path, out_dir)
     # Written from the pool directly: it equals what ``mergekit-yaml best.yaml`` writes tensor for tensor
