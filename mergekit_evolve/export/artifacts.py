@@ -156,10 +156,16 @@ def staged_recipe(ps_dir: RunDir, dfs_dir: RunDir, merge_seed: int | None) -> st
     ps_model = str(Path(ps_dir.model).absolute())
     dfs_recipe = _renamed(yaml.safe_load(dfs_text), {ps_model: PS_STAGE_NAME})
     found = f"evaluation {dfs_best.index}" if dfs_best.index >= 0 else "the start path"
+    build = f"Build it from the sources alone: mergekit-multi best.yaml --intermediate-dir TMP --out-path OUT{seed}"
+    if "mergekit-yaml cannot build this recipe" in dfs_text:  # the DFS stage's header says why (Qwen2 depth)
+        build = (
+            "mergekit-multi cannot build stage 2 (mergekit 0.1.5 keeps the PS model's layer_types for another "
+            f"depth).\nBuild the result with: mergekit-evo export {ps_dir.path.parent} --format standard --out OUT"
+        )
     header = (
         f"Evolved by mergekit-evo (PS+DFS): fitness {dfs_best.fitness:.4f} at {found} of the DFS stage.\n"
         f"Stage 1 ({PS_STAGE_NAME}) is the PS recipe over the sources; stage 2 the DFS path over its result.\n"
-        f"Build it from the sources alone: mergekit-multi best.yaml --intermediate-dir TMP --out-path OUT{seed}"
+        f"{build}"
     )
     stages = recipe_yaml({"name": PS_STAGE_NAME, **ps_best.recipe}, header) + "---\n" + recipe_yaml(dfs_recipe)
     return stages
