@@ -164,6 +164,14 @@ def test_report_of_a_ps_plus_dfs_run_covers_both_stages(family, tmp_path):
         best = json.loads((tmp_path / "run" / stage / "best.json").read_text())
         assert f"{best['fitness']:.4f} (evaluation {best['index']}" in text
     assert "Path (model letter + layer" in text
+    # the recipe shown is the run's, built from the sources: nothing points into the run folder
+    assert "### Best recipe (the run's `best.yaml`: both stages, from the sources" in text
+    recipe = text.split("### Best recipe (the run's")[1]
+    assert str(tmp_path / "run") not in recipe
+    from mergekit_evolve.export.model_card import build_card
+
+    card = build_card(tmp_path / "run", repo_id="me/evo")
+    assert "mergekit YAML of the whole run" in card and str(tmp_path / "run") not in card
 
 
 def test_report_of_a_folder_that_is_no_run_is_one_line(tmp_path):

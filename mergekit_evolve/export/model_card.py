@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from mergekit_evolve.export.artifacts import PS_STAGE_NAME
 from mergekit_evolve.export.report import (
     Stage,
     format_score,
@@ -27,7 +28,6 @@ from mergekit_evolve.export.report import (
 
 PAPER = "[arXiv:2403.13187](https://arxiv.org/abs/2403.13187)"
 TAGS = ["merge", "mergekit", "evolutionary-merge"]
-PS_STAGE_NAME = "ps-stage-merge"  # how the PS model of a ps+dfs run appears in the DFS recipe
 
 
 def hub_name(ref: str) -> str:
@@ -219,7 +219,16 @@ def _recipe_section(stages: list[Stage], root: Path, fmt: str) -> str:
             parts.append(
                 f"Path ({letters}; model letter + layer index, `*scale` where not 1):\n\n```\n{summary}\n```\n"
             )
-        if stage.best_yaml:
+        if stage.best_yaml and stage.whole_run_recipe:
+            documents = [_rename(doc, renames) for doc in yaml.safe_load_all(stage.best_yaml)]
+            build = (
+                "`mergekit-multi best.yaml --intermediate-dir TMP --out-path OUT` builds the weights from both stages"
+                if len(documents) > 1
+                else "the data-flow search kept the parameter-space model; `mergekit-yaml` builds it"
+            )
+            text = "---\n".join(_yaml(doc) for doc in documents).rstrip()
+            parts.append(f"mergekit YAML of the whole run ({build}):\n\n```yaml\n{text}\n```\n")
+        elif stage.best_yaml:
             recipe = _rename(yaml.safe_load(stage.best_yaml), renames)
             what = "the folded passthrough recipe" if stage.name == "dfs" else "the merge recipe"
             parts.append(
@@ -228,7 +237,7 @@ def _recipe_section(stages: list[Stage], root: Path, fmt: str) -> str:
             )
     notes = ["Local model paths are shown as folder names."] if any(is_local_path(r) for r in renames) else []
     if len(stages) > 1:
-        notes.append(f"`{PS_STAGE_NAME}` is the parameter-space merge above.")
+        notes.append(f"`{PS_STAGE_NAME}` is the parameter-space merge (the first recipe).")
     if notes:
         parts.append(" ".join(notes) + "\n")
     return "\n".join(parts)

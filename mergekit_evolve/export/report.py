@@ -45,6 +45,7 @@ class Stage:
     best: BestFile | None = None  # best.json (PS: + recipe; DFS: + path)
     summary: Summary | None = None  # summary.json (absent while the run is going on)
     best_yaml: str | None = None
+    whole_run_recipe: bool = False  # best_yaml is a ps+dfs run's recipe of both stages
 
     @property
     def failures(self) -> int:
@@ -79,6 +80,10 @@ def load_stages(run_dir: str | Path) -> list[Stage]:
             f"run{runs_inside(run.path)}"
         )
     stages = [_load_stage(stage, stage.path.name) for stage in run.staged()]
+    if stages and run.best_yaml.is_file():
+        # The DFS stage's own best.yaml points into the run folder (its model A is the PS stage's model); the
+        # run's best.yaml builds the result from the sources (mergekit-multi, or the PS recipe when DFS kept it).
+        stages[-1].best_yaml, stages[-1].whole_run_recipe = run.read_best_yaml(), True
     return stages or [_load_stage(run, _read_config(run.config).space)]
 
 
@@ -607,6 +612,11 @@ def _stage_section(stage: Stage, out: Path, images: list[tuple[str, Path]], stag
 
 
 def _recipe_section(stage: Stage) -> str:
+    if stage.best_yaml and stage.whole_run_recipe:
+        return (
+            "### Best recipe (the run's `best.yaml`: both stages, from the sources; its header names the command "
+            f"that builds it)\n\n```yaml\n{stage.best_yaml.rstrip()}\n```\n"
+        )
     if stage.best_yaml:
         return f"### Best recipe (`best.yaml`, plain mergekit YAML)\n\n```yaml\n{stage.best_yaml.rstrip()}\n```\n"
     if stage.best is not None and stage.best.path is not None:
