@@ -320,6 +320,11 @@ def test_dry_run_writes_the_repo_folder_and_contacts_nothing(runs, tmp_path, mon
     assert "custom_code" in meta["tags"] and "dfs" in meta["tags"] and "trust_remote_code=True" in body
     assert any(name.endswith(".py") for name in custom["files"])  # the modeling code travels with it
     assert "auto_map" in json.loads((custom_dir / "config.json").read_text())
+    # the card's usage snippet runs as written, with the repository's files (its id -> the dry-run folder)
+    snippet = body.split("```python\n")[1].split("```")[0].replace('"alice/evo-dfs"', repr(str(custom_dir)))
+    scope: dict = {}
+    exec(snippet, scope)  # noqa: S102 (our own card's code, on our own files)
+    assert type(scope["model"]).__name__ == "LayerStackForCausalLM" and scope["tokenizer"] is not None
 
     with pytest.raises(InputError, match="--dry-run: .* not an empty folder"):
         push_run(run, repo_id="alice/evo-dfs", dry_run=folder)
