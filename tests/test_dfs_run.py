@@ -254,3 +254,18 @@ def write_yaml(root: Path, config: dict) -> Path:
     path = root / "evo.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def test_mistral_path_of_another_depth_builds_with_mergekit_yaml_from_a_long_folder_name(tmp_path):
+    """Mistral (sliding window) keeps no per-layer list, so mergekit's CLI builds the folded path of another
+    depth; the run folder has a long name with a `+`: best.yaml still names the sources as mergekit reads them."""
+    out = tmp_path / ("mistral+dfs-" + "x" * 150)
+    runner.start(parse_config(deeper_dfs(arch_pair(tmp_path, "mistral"), rows(tmp_path))), out, progress=False)
+    hops = json.loads((out / "best.json").read_text())["path"]["hops"]
+    assert (
+        len(hops) != 3
+        and "Build the standard checkpoint: mergekit-yaml best.yaml OUT" in (out / "best.yaml").read_text()
+    )
+    subprocess.run(["mergekit-yaml", str(out / "best.yaml"), str(tmp_path / "built")], check=True, capture_output=True)
+    ours, theirs = load_weights(tmp_path / "built"), load_weights(out / "model")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
