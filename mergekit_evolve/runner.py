@@ -10,6 +10,7 @@ model joins the DFS collection as model A.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,10 @@ def validate(config: EvolveConfig, device: str = "cpu", progress: bool = False):
 
     Returns the fitness, so a run that follows need not load its data (or lm-eval's tasks) again."""
     _check_fitness_available(config)
+    if config.executor.kind == "ray":
+        from mergekit_evolve.search.executors import prepare_cluster
+
+        prepare_cluster(config.executor, device)  # a cluster to join: reachable, joined, big enough
     from mergekit_evolve.fitness.guard import check_selection_tasks
 
     check_selection_tasks(config)
@@ -319,7 +324,7 @@ def _check_fitness_available(config: EvolveConfig) -> None:
     if config.executor.kind == "ray":
         from mergekit_evolve.search.executors import import_ray
 
-        import_ray()
+        import_ray(joining=bool(config.executor.address or os.environ.get("RAY_ADDRESS")))
     if config.builtin_fitness is None:
         from mergekit_evolve.fitness.lm_eval_tasks import require_lm_eval
 

@@ -12,6 +12,7 @@ ray = pytest.importorskip("ray")
 
 from mergekit_evolve import runner  # noqa: E402
 from mergekit_evolve.config import parse_config  # noqa: E402
+from mergekit_evolve.errors import InputError  # noqa: E402
 
 TESTS = Path(__file__).parent
 
@@ -78,3 +79,19 @@ def test_ray_workers_give_the_local_results(family, tmp_path, ray_cluster, monke
     assert len({r["worker"] for r in theirs if "worker" in r}) >= 2  # both workers did work
     assert distributed.best.fitness == local.best.fitness
     assert (tmp_path / "ray" / "best.yaml").read_text() == (tmp_path / "local" / "best.yaml").read_text()
+
+
+def test_a_cluster_that_cannot_be_joined_or_is_too_small_is_one_line_before_anything_is_written(
+    family, tmp_path, ray_cluster
+):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "1*2=", "answer": "2"}) + "\n")
+    config = make_config(family, rows, "ray")
+    with pytest.raises(InputError, match=r"executor.address: nothing answers at 127.0.0.1:1 \(Connection refused\)"):
+        runner.start(parse_config({**config, "executor": {"kind": "ray", "address": "127.0.0.1:1"}}), tmp_path / "a")
+    joined = {"kind": "ray", "workers": 5, "address": ray.get_runtime_context().gcs_address}  # this test's cluster
+    with pytest.raises(
+        InputError, match=r"executor.workers: 5 workers need 5 CPUs \(one each\) but the Ray cluster has 2"
+    ):
+        runner.start(parse_config({**config, "executor": joined}), tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import time
 import traceback
 from collections import deque
@@ -128,7 +129,10 @@ def make_executor(config, problem, score: ScoreFn) -> Executor:
 
 
 # -- Ray ------------------------------------------------------------------------------------------------
-def import_ray():
+def import_ray(joining: bool = False):
+    """Ray, or one line saying how to install it; ``joining`` an existing cluster: token auth first."""
+    if joining:
+        prefer_token_auth()  # before ray is imported: it reads RAY_AUTH_MODE once
     try:
         import ray
     except ImportError:
@@ -164,6 +168,64 @@ class _Worker:
         return os.getpid()
 
 
+def join_cluster(ray, address: str) -> None:
+    """Connect to a running cluster (``ray start``, KubeRay), or fail in one line. Ray >= 2.59 starts clusters
+    with token authentication, and a driver joining one must say so (``prefer_token_auth``)."""
+    try:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    except (ConnectionError, RuntimeError) as err:
+        raise InputError(
+            f"executor.address: cannot join the Ray cluster at {address} ({str(err).strip().splitlines()[-1]}); "
+            "a cluster with token authentication needs its token here: RAY_AUTH_TOKEN (or the file ray start "
+            "wrote, ~/.ray/auth_token) and RAY_AUTH_MODE=token"
+        ) from None
+
+
+def check_cluster_resources(ray, workers: int | None, gpu: bool) -> None:
+    """Actors the cluster cannot place would wait forever: say so before the first candidate."""
+    kind = "GPU" if gpu else "CPU"
+    have = int(ray.cluster_resources().get(kind, 0))
+    if workers is not None and workers > have:
+        raise InputError(
+            f"executor.workers: {workers} workers need {workers} {kind}s (one each) but the Ray cluster has "
+            f"{have}; use workers: {max(have, 1)} or add nodes"
+        )
+
+
+def prepare_cluster(executor, device: str) -> None:
+    """``executor.address`` (or $RAY_ADDRESS): join the cluster and check it can hold the workers, before the
+    run directory is written (the executor then uses this connection)."""
+    address = executor.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_reachable(address)
+        ray = import_ray(joining=True)
+        if not ray.is_initialized():
+            join_cluster(ray, address)
+        check_cluster_resources(ray, executor.workers, device.startswith("cuda"))
+
+
+def prefer_token_auth() -> None:
+    """Joining a cluster with a token at hand (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or the
+    ``~/.ray/auth_token`` that ``ray start`` writes) and no ``RAY_AUTH_MODE``: use token authentication."""
+    token_file = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(token_file)):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def check_reachable(address: str) -> None:
+    """A cluster address that nothing answers at is one line (Ray itself retries for half a minute)."""
+    if address.startswith("ray://") or address == "auto":
+        return
+    host, _, port = address.rpartition(":") if ":" in address else (address, "", "6379")
+    try:
+        socket.create_connection((host or address, int(port)), timeout=5).close()
+    except (OSError, ValueError) as err:
+        raise InputError(
+            f"executor.address: nothing answers at {address} ({getattr(err, 'strerror', None) or err}); start the "
+            "cluster first (ray start --head) or fix executor.address / RAY_ADDRESS"
+        ) from None
+
+
 class RayExecutor:
     """One long-lived worker actor per GPU (or CPU slot); candidates go to idle workers."""
 
@@ -175,23 +237,26 @@ class RayExecutor:
         address: str | None = None,
         threads_per_worker: int | None = None,
     ):
-        ray = import_ray()
+        address = address or os.environ.get("RAY_ADDRESS")
+        ray = import_ray(joining=bool(address))
         self.ray = ray
         if not ray.is_initialized():
-            address = address or os.environ.get("RAY_ADDRESS")
-            kwargs = (
-                {"address": address}
-                if address
-                else {"num_cpus": max(2, workers or 2), "include_dashboard": False, "_node_ip_address": "127.0.0.1"}
-            )
-            ray.init(ignore_reinit_error=True, log_to_driver=False, configure_logging=False, **kwargs)
+            if address:
+                join_cluster(ray, address)
+            else:
+                local = {"num_cpus": max(2, workers or 2), "include_dashboard": False, "_node_ip_address": "127.0.0.1"}
+                ray.init(ignore_reinit_error=True, log_to_driver=False, configure_logging=False, **local)
         self.gpu = device.startswith("cuda")
         self.n_workers = workers or self._default_workers()
+        self._check_resources()
         self.config_yaml = config.to_yaml()
         self.device = "cuda" if self.gpu else device
         self.threads = threads_per_worker
         self.actor_cls = ray.remote(num_gpus=1 if self.gpu else 0, num_cpus=1, max_restarts=0)(_Worker)
         self.workers = [self._start_worker() for _ in range(self.n_workers)]
+
+    def _check_resources(self) -> None:
+        check_cluster_resources(self.ray, self.n_workers, self.gpu)
 
     def _default_workers(self) -> int:
         resources = self.ray.cluster_resources()
