@@ -66,7 +66,7 @@ def validate(config: EvolveConfig, device: str = "cpu", progress: bool = False):
     if config.executor.kind == "ray":
         from mergekit_evolve.search.executors import prepare_cluster
 
-        prepare_cluster(config.executor, device)  # a cluster to join: reachable, joined, big enough
+        prepare_cluster(config, device)  # a cluster to join: reachable, joined, big enough, nodes ready
     from mergekit_evolve.fitness.guard import check_selection_tasks
 
     check_selection_tasks(config)

@@ -95,3 +95,18 @@ def test_a_cluster_that_cannot_be_joined_or_is_too_small_is_one_line_before_anyt
     ):
         runner.start(parse_config({**config, "executor": joined}), tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_every_node_is_checked_for_the_package_and_the_paths_a_worker_reads(family, tmp_path, ray_cluster):
+    """A real probe on each node of the test's cluster: this machine has both; a path no node has is named."""
+    from mergekit_evolve.search.executors import check_nodes, local_paths
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "1*2=", "answer": "2"}) + "\n")
+    config = parse_config(make_config(family, rows, "ray"))
+    paths = local_paths(config)
+    assert str(rows) in paths and str(family["expert0"]) in paths
+    check_nodes(ray, paths, gpu=False)  # the package and every path are there
+    gone = str(tmp_path / "moved-away")
+    with pytest.raises(InputError, match=rf"executor: the Ray node \S+ lacks {gone}; put the models and data"):
+        check_nodes(ray, [*paths, gone], gpu=False)

@@ -19,6 +19,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -192,9 +193,11 @@ def check_cluster_resources(ray, workers: int | None, gpu: bool) -> None:
         )
 
 
-def prepare_cluster(executor, device: str) -> None:
-    """``executor.address`` (or $RAY_ADDRESS): join the cluster and check it can hold the workers, before the
-    run directory is written (the executor then uses this connection)."""
+def prepare_cluster(config, device: str) -> None:
+    """``executor.address`` (or $RAY_ADDRESS): join the cluster and check it can hold the workers and that
+    every node has the package, the models and the data, before the run directory is written (the executor
+    then uses this connection)."""
+    executor = config.executor
     address = executor.address or os.environ.get("RAY_ADDRESS")
     if address:
         check_reachable(address)
@@ -202,6 +205,55 @@ def prepare_cluster(executor, device: str) -> None:
         if not ray.is_initialized():
             join_cluster(ray, address)
         check_cluster_resources(ray, executor.workers, device.startswith("cuda"))
+        check_nodes(ray, local_paths(config), device.startswith("cuda"))
+
+
+def local_paths(config) -> list[str]:
+    """The local files and folders a worker reads: model folders, fitness data, lm-eval task folders."""
+    from mergekit_evolve.config import source_models
+
+    refs = [*source_models(config), *(config.dfs.models or [])]
+    if config.genome is not None and config.genome.base_model:
+        refs.append(config.genome.base_model)
+    if config.builtin_fitness is not None:
+        for task in config.builtin_fitness.tasks:
+            refs += [str(p) for p in (task.data, task.heldout, task.fewshot_data) if p]
+    refs += list(config.task_search_path or [])
+    return sorted({str(Path(r).absolute()) for r in refs if Path(r).exists()})
+
+
+def check_nodes(ray, paths: list[str], gpu: bool) -> None:
+    """Every node that can host a worker has this mergekit-evolve and these paths (one line for the first that
+    does not): a worker on a node without them would fail every candidate it gets."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    kind = "GPU" if gpu else "CPU"
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get(kind, 0) > 0]
+    probe = ray.remote(num_cpus=0)(_node_facts)
+    refs = [
+        probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(paths)
+        for n in nodes
+    ]
+    ours = _node_facts([])[0]
+    for node, (version, missing) in zip(nodes, ray.get(refs, timeout=120)):
+        where = node.get("NodeManagerAddress", node["NodeID"])
+        if version != ours:
+            raise InputError(
+                f"executor: the Ray node {where} has mergekit-evolve {version}, this run {ours}; install the same "
+                "version on every node"
+            )
+        if missing:
+            raise InputError(
+                f"executor: the Ray node {where} lacks {missing[0]}; put the models and data at the same path on "
+                "every node (shared storage), or use Hub ids for models"
+            )
+
+
+def _node_facts(paths: list[str]) -> tuple[str, list[str]]:
+    """Run on a node: its mergekit-evolve version and which of ``paths`` it does not have."""
+    from importlib.metadata import version
+
+    return version("mergekit-evolve"), [p for p in paths if not os.path.exists(p)]
 
 
 def prefer_token_auth() -> None:
