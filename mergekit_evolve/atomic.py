@@ -1,6 +1,7 @@
 """Writing files and folders so that a reader, or a process killed at any instant, never sees half of one.
 
-``atomic_write``: a file goes to a hidden temporary name, is fsynced, and is renamed over the target.
+``atomic_write`` (``atomic_file`` for writers that take a path): a file goes to a hidden temporary name, is
+written (fsynced) and is renamed over the target.
 ``staged_folder``: a folder is written under a hidden sibling name and swapped in only when complete; an old
 folder at the target is removed only once the new one is in place, and a failure leaves the target as it
 was (and no staging folder behind).
@@ -16,19 +17,25 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-def atomic_write(path: str | Path, data: bytes | str) -> None:
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a hidden temporary name next to ``path`` to write; on success it is renamed over ``path``. On any
+    failure (a full disk, SIGTERM) the target keeps its old content and no temporary file stays."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    mode = "wb" if isinstance(data, bytes) else "w"
     try:
-        with open(tmp, mode) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:  # disk full, SIGTERM: the target keeps its old content and no temp file stays
+    except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> None:
+    with atomic_file(path) as tmp, open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def hidden_sibling(target: Path, tag: str) -> Path:

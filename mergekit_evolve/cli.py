@@ -461,8 +461,11 @@ def _print_summary(summary, out) -> None:
     best, recipe = summary.best, Path(out) / "best.yaml"
     # Only a file that exists is named: DFS paths that do not fold exactly have no mergekit recipe.
     where = f"recipe: {recipe}" if recipe.exists() else f"no mergekit recipe (see {Path(out) / 'best.json'})"
-    model = Path(out) / ("dfs" if summary.stages else "") / "model"
-    if _custom_code(model):
+    from mergekit_evolve.export.custom_code import is_custom_code
+    from mergekit_evolve.search.rundir import RunDir
+
+    model = RunDir(out).final_stage().model
+    if is_custom_code(model):
         where += f"; model: {model} is the layer-stack form (load it with trust_remote_code=True)"
     if summary.stages:
         ps, dfs = summary.stages["ps"], summary.stages["dfs"]
@@ -479,11 +482,6 @@ def _print_summary(summary, out) -> None:
         f"best fitness {best.fitness:.4f} (evaluation {best.index}), held-out "
         f"{_fmt(best.heldout_total)} after {summary.evaluations} evaluations; {where}"
     )
-
-
-def _custom_code(model: Path) -> bool:
-    config = model / "config.json"
-    return config.is_file() and "auto_map" in json.loads(config.read_text())
 
 
 def _fmt(v) -> str:

@@ -67,6 +67,23 @@ def task_data(text: str):
     return edit
 
 
+def template(method: str, a_parameters: dict, b_parameters: dict, base: bool = False):
+    """An edit that replaces the config with a template recipe over models a and b (and base)."""
+
+    def edit(cfg, env):
+        recipe = {
+            "merge_method": method,
+            "models": [
+                {"model": str(env.models["a"]), "parameters": a_parameters},
+                {"model": str(env.models["b"]), "parameters": b_parameters},
+            ],
+            "fitness": cfg["fitness"],
+        }
+        return {**recipe, "base_model": str(env.models["base"])} if base else recipe
+
+    return edit
+
+
 CASES = [
     Case("yaml", "malformed YAML", "malformed YAML at line", raw="genome: [models\n  - a: b: c\n"),
     Case("not-mapping", "config is a list", "expected a YAML mapping", raw="- genome\n"),
@@ -141,42 +158,23 @@ CASES = [
         "marker-range",
         "template marker range outside what the parameter means",
         "models[0].parameters.density.evolve: [-1, 0.5] leaves [0, 1], the values ties's density takes",
-        edit=lambda c, e: {
-            "merge_method": "ties",
-            "base_model": str(e.models["base"]),
-            "models": [
-                {"model": str(e.models["a"]), "parameters": {"density": {"evolve": [-1.0, 0.5]}, "weight": 0.5}},
-                {"model": str(e.models["b"]), "parameters": {"density": 0.5, "weight": 0.5}},
-            ],
-            "fitness": c["fitness"],
-        },
+        edit=template(
+            "ties", {"density": {"evolve": [-1.0, 0.5]}, "weight": 0.5}, {"density": 0.5, "weight": 0.5}, base=True
+        ),
     ),
     Case(
         "template-fixed-range",
         "a template's fixed number outside what the parameter means",
         "models[1].parameters.density: 1.5 is outside [0, 1], the values ties's density takes",
-        edit=lambda c, e: {
-            "merge_method": "ties",
-            "base_model": str(e.models["base"]),
-            "models": [
-                {"model": str(e.models["a"]), "parameters": {"density": {"evolve": [0.1, 0.9]}, "weight": 0.5}},
-                {"model": str(e.models["b"]), "parameters": {"density": 1.5, "weight": 0.5}},
-            ],
-            "fitness": c["fitness"],
-        },
+        edit=template(
+            "ties", {"density": {"evolve": [0.1, 0.9]}, "weight": 0.5}, {"density": 1.5, "weight": 0.5}, base=True
+        ),
     ),
     Case(
         "marker-typo",
         "a misspelled template marker",
         "models[0].parameters.weight: unknown key 'evolv' (did you mean 'evolve'?)",
-        edit=lambda c, e: {
-            "merge_method": "linear",
-            "models": [
-                {"model": str(e.models["a"]), "parameters": {"weight": {"evolv": [0, 1]}}},
-                {"model": str(e.models["b"]), "parameters": {"weight": 0.5}},
-            ],
-            "fitness": c["fitness"],
-        },
+        edit=template("linear", {"weight": {"evolv": [0, 1]}}, {"weight": 0.5}),
     ),
     Case(
         "task-search-path",
@@ -281,14 +279,7 @@ CASES = [
         "marker",
         "malformed template marker",
         "models[0].parameters.weight: evolve [1, 0] needs lo < hi",
-        edit=lambda c, e: {
-            "merge_method": "linear",
-            "models": [
-                {"model": str(e.models["a"]), "parameters": {"weight": {"evolve": [1, 0]}}},
-                {"model": str(e.models["b"]), "parameters": {"weight": 0.5}},
-            ],
-            "fitness": c["fitness"],
-        },
+        edit=template("linear", {"weight": {"evolve": [1, 0]}}, {"weight": 0.5}),
     ),
     Case(
         "out-not-dir",

@@ -7,11 +7,11 @@ the same fitness code on both backends, mergekit's folded checkpoint loaded in p
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from test_vllm_backend import prompts_of  # noqa: E402 (the zoo prompts, tokenized)
 from transformers import AutoConfig
 
 from mergekit_evolve import runner
@@ -66,11 +66,6 @@ def problems(zoo):
     vllm = make_problem(parse_config(dfs_config(zoo, "vllm")))
     yield hf, vllm
     vllm.close()
-
-
-def prompts_of(zoo, tokenizer, task: str) -> list[list[int]]:
-    rows = [json.loads(line) for line in Path(zoo.tasks[task].fitness).read_text().splitlines()]
-    return [tokenizer(r["prompt"])["input_ids"] for r in rows]
 
 
 def generations(model, tokenizer, prompts) -> list[list[int]]:

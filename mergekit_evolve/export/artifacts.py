@@ -154,7 +154,7 @@ def staged_recipe(ps_dir: RunDir, dfs_dir: RunDir, merge_seed: int | None) -> st
     if dfs_text is None:
         return None
     ps_model = str(Path(ps_dir.model).absolute())
-    dfs_recipe = _renamed(yaml.safe_load(dfs_text), {ps_model: PS_STAGE_NAME})
+    dfs_recipe = rename_models(yaml.safe_load(dfs_text), {ps_model: PS_STAGE_NAME})
     found = f"evaluation {dfs_best.index}" if dfs_best.index >= 0 else "the start path"
     build = f"Build it from the sources alone: mergekit-multi best.yaml --intermediate-dir TMP --out-path OUT{seed}"
     if "mergekit-yaml cannot build this recipe" in dfs_text:  # the DFS stage's header says why (Qwen2 depth)
@@ -171,15 +171,15 @@ def staged_recipe(ps_dir: RunDir, dfs_dir: RunDir, merge_seed: int | None) -> st
     return stages
 
 
-def _renamed(node: Any, names: dict[str, str]) -> Any:
+def rename_models(node: Any, names: dict[str, str]) -> Any:
     """Model references to the folders in ``names`` (a path, or mergekit's mapping form) become those names."""
     if isinstance(node, dict):
         inner = node.get("model")
         if set(node) == {"model"} and isinstance(inner, dict) and inner.get("path") in names:
             return names[inner["path"]]
-        return {key: _renamed(value, names) for key, value in node.items()}
+        return {key: rename_models(value, names) for key, value in node.items()}
     if isinstance(node, list):
-        return [_renamed(item, names) for item in node]
+        return [rename_models(item, names) for item in node]
     return names.get(node, node) if isinstance(node, str) else node
 
 

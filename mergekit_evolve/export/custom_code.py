@@ -36,6 +36,12 @@ AUTO_MAP = {
 }
 
 
+def is_custom_code(model_dir: str | Path) -> bool:
+    """A layer-stack checkpoint (a DFS path that does not fold): it needs its modeling code to load."""
+    config = Path(model_dir) / "config.json"
+    return config.is_file() and "auto_map" in json.loads(config.read_text())
+
+
 def _pruned_source_config(config_dict: dict[str, Any], kept_layers: list[int]) -> dict[str, Any]:
     values = dict(config_dict)
     values["num_hidden_layers"] = len(kept_layers)

@@ -110,6 +110,7 @@ def staged_upload(
 
 
 def _model_folder(root: Path, saved: Path, fmt: str, scratch: Path, device: str) -> Path:
+    from mergekit_evolve.export.custom_code import is_custom_code
     from mergekit_evolve.export.final import export_run
 
     if fmt == "standard" and (saved / "config.json").is_file() and not is_custom_code(saved):
@@ -117,11 +118,6 @@ def _model_folder(root: Path, saved: Path, fmt: str, scratch: Path, device: str)
     # custom form, or a run saved without its model (--no-save-model): build it from the run's best
     with step(f"building the {fmt} checkpoint from {root / 'best.json'}"):
         return export_run(root, fmt=fmt, out=scratch, device=device)
-
-
-def is_custom_code(model_dir: Path) -> bool:
-    """A layer-stack checkpoint (a DFS path that does not fold), which needs its modeling code."""
-    return "auto_map" in json.loads((model_dir / "config.json").read_text())
 
 
 def _model_files(model_dir: Path) -> dict[str, Path]:

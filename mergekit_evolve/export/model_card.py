@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from mergekit_evolve.export.artifacts import PS_STAGE_NAME
+from mergekit_evolve.export.artifacts import PS_STAGE_NAME, rename_models
 from mergekit_evolve.export.report import (
     Stage,
     format_score,
@@ -220,7 +220,7 @@ def _recipe_section(stages: list[Stage], root: Path, fmt: str) -> str:
                 f"Path ({letters}; model letter + layer index, `*scale` where not 1):\n\n```\n{summary}\n```\n"
             )
         if stage.best_yaml and stage.whole_run_recipe:
-            documents = [_rename(doc, renames) for doc in yaml.safe_load_all(stage.best_yaml)]
+            documents = [rename_models(doc, renames) for doc in yaml.safe_load_all(stage.best_yaml)]
             build = (
                 "`mergekit-multi best.yaml --intermediate-dir TMP --out-path OUT` builds the weights from both stages"
                 if len(documents) > 1
@@ -229,7 +229,7 @@ def _recipe_section(stages: list[Stage], root: Path, fmt: str) -> str:
             text = "---\n".join(_yaml(doc) for doc in documents).rstrip()
             parts.append(f"mergekit YAML of the whole run ({build}):\n\n```yaml\n{text}\n```\n")
         elif stage.best_yaml:
-            recipe = _rename(yaml.safe_load(stage.best_yaml), renames)
+            recipe = rename_models(yaml.safe_load(stage.best_yaml), renames)
             what = "the folded passthrough recipe" if stage.name == "dfs" else "the merge recipe"
             parts.append(
                 f"mergekit YAML ({what}; `mergekit-yaml` builds the weights from it):\n\n"
@@ -248,14 +248,6 @@ def _renames(stages: list[Stage], root: Path) -> dict[str, str]:
     names = {r: hub_name(r) for r in refs}
     names[str(root / "ps" / "model")] = PS_STAGE_NAME
     return names
-
-
-def _rename(node: Any, names: dict[str, str]) -> Any:
-    if isinstance(node, dict):
-        return {k: _rename(v, names) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_rename(v, names) for v in node]
-    return names.get(node, node) if isinstance(node, str) else node
 
 
 def _yaml(data: Any) -> str:

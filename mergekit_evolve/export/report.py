@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from mergekit_evolve.atomic import atomic_write
+from mergekit_evolve.atomic import atomic_file, atomic_write
 from mergekit_evolve.errors import InputError
 from mergekit_evolve.search.records import BestFile, Evaluation, Summary
 from mergekit_evolve.search.rundir import RunDir
@@ -151,13 +151,8 @@ def _figure(width: float, height: float):
 def _save(fig, out: Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
+    with atomic_file(out) as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, out)
-    except BaseException:  # a full disk: no half-written plot stays
-        tmp.unlink(missing_ok=True)
-        raise
     return out
 
 

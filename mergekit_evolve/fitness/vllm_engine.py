@@ -265,7 +265,6 @@ class VllmLayerStack(VllmModel):
         register_architecture(config.model_type)
         counts = [int(c.num_hidden_layers) for c in source_configs]
         self.offsets = [sum(counts[:m]) for m in range(len(counts))]
-        self.slots = slots
         super().__init__(config, tokenizer, settings, dtype, device, eager=True)
 
     def set_path(self, hops: Iterable[tuple[int, int]], scales: Iterable[float]) -> VllmLayerStack:

@@ -45,34 +45,40 @@ def describe(lo: float | None, hi: float | None) -> str:
     return f"[{lo:g}, {hi:g}]"
 
 
-def check_bounds(method: str, param: str, lo: float, hi: float, where: str) -> None:
-    """A searched range ``[lo, hi]`` must lie within the values ``param`` takes."""
+def _leaves(method: str, param: str, lo: float, hi: float) -> tuple[str, str] | None:
+    """(the valid range, what the parameter is) when ``[lo, hi]`` leaves it; None when it stays inside."""
     valid = valid_range(method, param)
     if valid is None:
-        return
+        return None
     low, high, meaning = valid
     if (low is not None and lo < low) or (high is not None and hi > high):
+        return describe(low, high), meaning
+    return None
+
+
+def check_bounds(method: str, param: str, lo: float, hi: float, where: str) -> None:
+    """A searched range ``[lo, hi]`` must lie within the values ``param`` takes."""
+    left = _leaves(method, param, lo, hi)
+    if left:
+        valid, meaning = left
         raise InputError(
-            f"{where}: [{lo:g}, {hi:g}] leaves {describe(low, high)}, the values {method}'s {param} takes "
-            f"({meaning}); use a range within {describe(low, high)}"
+            f"{where}: [{lo:g}, {hi:g}] leaves {valid}, the values {method}'s {param} takes ({meaning}); use a "
+            f"range within {valid}"
         )
 
 
 def check_value(method: str, param: str, value: Any, where: str) -> None:
     """A fixed number (or each number of a gradient list) must be a value ``param`` takes."""
     values = value if isinstance(value, list) else [value]
-    numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    valid = valid_range(method, param)
-    for number in numbers:
+    for number in [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]:
         if not math.isfinite(number):
             raise InputError(f"{where}: {number} is not a finite number; give {param} a finite value")
-        if valid is None:
-            continue
-        low, high, meaning = valid
-        if (low is not None and number < low) or (high is not None and number > high):
+        left = _leaves(method, param, number, number)
+        if left:
+            valid, meaning = left
             raise InputError(
-                f"{where}: {number:g} is outside {describe(low, high)}, the values {method}'s {param} takes "
-                f"({meaning}); use a value within {describe(low, high)}"
+                f"{where}: {number:g} is outside {valid}, the values {method}'s {param} takes ({meaning}); use a "
+                f"value within {valid}"
             )
 
 
