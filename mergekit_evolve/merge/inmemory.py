@@ -373,7 +373,7 @@ class InMemoryMerger:
         """
         if not self.resident:
             raise ValueError("this merger holds no model (resident=False); use merged_tensors(config)")
-        for name, value in self._merged(config):
+        for name, value in self.merged_tensors(config):
             self._copy_into_model(name, value)
         return self.model.eval()
 
@@ -382,9 +382,6 @@ class InMemoryMerger:
         them, each checked finite (``CandidateError`` otherwise, as ``merge``). A tensor may be a resident
         source itself (passthrough returns its input): read it, never write into it. ``last_timings.copy_s``
         is the time the consumer spent between tensors (loading them)."""
-        yield from self._merged(config)
-
-    def _merged(self, config: MergeConfiguration) -> Iterator[tuple[str, torch.Tensor]]:
         timings = MergeTimings()
         with torch.no_grad():
             start = time.perf_counter()
