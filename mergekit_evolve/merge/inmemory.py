@@ -11,15 +11,14 @@ everything around the merge:
 * a recipe structure is planned by mergekit once; later candidates of it only re-resolve
   their parameter values into that plan (``mergekit_evolve/merge/replan.py``);
 * one transformers model is built once; each candidate's output tensors are copied into it by
-  name, or written straight into its parameters by the fast-path kernels (no model objects, no
+  name, or adopted as its parameters' data when they are fresh tensors (no model objects, no
   files per candidate);
 * random methods (DARE, DELLA) are re-seeded per candidate, the way ``mergekit-yaml
   --random-seed S`` seeds a whole merge, so every candidate is reproducible on its own;
-* sparsifying methods (TIES, DARE, breadcrumbs, DELLA, SCE, and task arithmetic) run on
-  ``SparsifyingFastPath`` kernels (``mergekit_evolve/merge/fastpath.py``): what does not change
-  between candidates (magnitude order of each task vector, the seeded random draws) is computed
-  once, each candidate costs a few elementwise passes, and the tensors stay bitwise mergekit's
-  (linear's tensors, in one batch of the fused kernel per candidate).
+* sparsifying methods (TIES, DARE, breadcrumbs, DELLA, SCE) run mergekit's own merge code with
+  their masks from ``SparsifyingFastPath`` (``mergekit_evolve/merge/fastpath.py``): what does not
+  change between candidates (magnitude order of each task vector, the seeded random draws) is
+  computed once, so a candidate sorts and draws nothing.
 
 About mergekit's ``LoaderCache``: it is process-wide, keyed by model reference, and its loaders
 keep the last opened shard mapped, so a model rewritten in place in the same process could be
@@ -117,6 +116,7 @@ class PlannerRoute:
         ("mergekit.plan.MergePlanner", "plan_tensor"),
         ("mergekit.merge", "_model_out_config"),
         ("mergekit.merge", "_update_config_vocab"),
+        ("mergekit.merge_methods.base.MergeMethod", "_execute_resolved"),  # fastpath's kernels, as the adapter
     )
 
     def __init__(self, template: MergeConfiguration, options: MergeOptions):
@@ -390,7 +390,7 @@ class InMemoryMerger:
             except Exception as error:  # bad values of one candidate: record and go on
                 raise CandidateError(f"planning failed: {error}") from error
             if self.fast_path is not None:
-                targets = self.fast_path.rewrite(targets, destinations=self._targets if self.resident else None)
+                targets = self.fast_path.rewrite(targets)
             planned = time.perf_counter()
             results = self._results(targets)
             scheduled = time.perf_counter()
@@ -466,18 +466,12 @@ class InMemoryMerger:
     def _check(self, name: str, value: torch.Tensor | None) -> torch.Tensor:
         if value is None:
             raise CandidateError(f"{name}: mergekit produced no tensor (optional weight skipped)")
-        target = self._targets[name]
-        in_place = self.resident and _is_storage_of(value, target)  # a fast kernel wrote it into the model
-        # (such a kernel summed it chunk by chunk as it wrote it: no second read to check it)
-        known_finite = in_place and self.fast_path is not None and self.fast_path.known_finite(value)
-        if value.is_floating_point() and not known_finite and not _all_finite(value):
+        if value.is_floating_point() and not _all_finite(value):
             raise CandidateError(f"{name}: merged tensor has NaN or infinite values")
         return value
 
     def _copy_into_model(self, name: str, value: torch.Tensor) -> None:
         target = self._targets[name]
-        if _is_storage_of(value, target):  # a fast kernel wrote it into the model
-            return
         if self._can_adopt(value, target):
             target.data = value  # a fresh tensor nobody else holds: take it, skip the copy
         else:
@@ -545,16 +539,6 @@ def _owned(tensor: torch.Tensor | None) -> torch.Tensor | None:
     if tensor is None or tensor.device.type != "cpu":
         return tensor
     return tensor.clone(memory_format=torch.contiguous_format)
-
-
-def _is_storage_of(value: torch.Tensor, target: torch.Tensor) -> bool:
-    """True if ``value`` is ``target``'s data, as a fast-path kernel writing in place returns it."""
-    return (
-        value.data_ptr() == target.data_ptr()
-        and value.dtype == target.dtype
-        and value.shape == target.shape
-        and value.stride() == target.stride()
-    )
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
