@@ -326,7 +326,12 @@ def test_default_pieces_bitwise_equal_at_two_threads(tmp_path):
     pieces, the halves torch splits a whole-tensor op into fall elsewhere, and DARE's l1 rescale
     sums the whole tensor with torch's own sum: mergekit's bits throughout."""
     family = make_family(
-        tmp_path, num_layers=1, hidden_size=300, intermediate_size=611, num_heads=2, vocab_size=1001,
+        tmp_path,
+        num_layers=1,
+        hidden_size=300,
+        intermediate_size=611,
+        num_heads=2,
+        vocab_size=1001,
         dtype=torch.bfloat16,
     )
     threads = torch.get_num_threads()

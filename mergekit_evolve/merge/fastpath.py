@@ -60,8 +60,8 @@ import torch
 from mergekit.common import dtype_from_name
 from mergekit.graph import Task
 from mergekit.io.tasks import GatherTensors, ReturnTensor
-from mergekit.merge_methods import generalized_task_arithmetic, sce
 from mergekit.merge_methods import get as get_method
+from mergekit.merge_methods import sce
 from mergekit.merge_methods.base import (
     FunctionalGroupMergeMethod,
     GroupMergeMethod,
@@ -477,7 +477,9 @@ class _StateKernel:
             TensorEntry(id=model, tensor=tensors[model], is_base=model == task.base_model) for model in task.model_order
         )
         group = TensorGroup(entries=entries, metadata=TensorMetadata.from_weight_info(task.output_weight))
-        self.method.validate_inputs([entry.id for entry in entries], task.base_model, group_name=task.output_weight.name)
+        self.method.validate_inputs(
+            [entry.id for entry in entries], task.base_model, group_name=task.output_weight.name
+        )
         group.validate_tensors()
         parameters = dict(task.parameters.items())
         for parameter in self.spec.input_parameters:
@@ -564,9 +566,7 @@ class _StateKernel:
             delta = torch.sub(flat_source[piece], flat_base[piece]).to(work_dtype)
             torch.mul(delta, mask(piece).to(work_dtype), out=masked[piece])
         key = (*self._key(model, base), torch.get_num_threads())
-        before = self.fast.state.get(
-            "l1", key, lambda: torch.sub(source, base).to(work_dtype).view(shape).abs().sum()
-        )
+        before = self.fast.state.get("l1", key, lambda: torch.sub(source, base).to(work_dtype).view(shape).abs().sum())
         after = torch.abs(masked.view(shape), out=self.fast.buffer("magnitudes", numel, work_dtype).view(shape)).sum()
         scale = None if before < RESCALE_EPS or after < RESCALE_EPS else before / after
 
@@ -582,9 +582,7 @@ class _StateKernel:
             return tensor.unsqueeze(0).shape
         return tensor.shape
 
-    def _mask(
-        self, model, like: torch.Tensor, delta: Callable, draws, density, gamma=0, epsilon=0
-    ) -> Callable | None:
+    def _mask(self, model, like: torch.Tensor, delta: Callable, draws, density, gamma=0, epsilon=0) -> Callable | None:
         """``piece -> bool mask`` of the elements mergekit's sparsifier keeps, from the state
         (None where its own function returns before masking or refuses the values). ``like``:
         a tensor of the task vector's shape and dtype; ``delta()`` makes the task vector itself,
@@ -657,7 +655,6 @@ class _StateKernel:
             return rank
 
         return self.fast.state.get("rank_desc" if descending else "rank_asc", self._key(model, like), build)
-
 
 
 class _PiecewiseMerge(GroupMergeMethod):
