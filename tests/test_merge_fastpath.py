@@ -94,7 +94,7 @@ def _candidate(method: str, family: dict[str, Path], dtype: str | None, rng: np.
         if method != "sce":
             params["weight"] = _value(rng, -0.3, 1.2)
         if method.startswith("della"):
-            params["density"] = _value(rng, 0.2, 0.8, exact=(1.0,))
+            params["density"] = _value(rng, 0.2, 0.8, exact=(1.0, 0.0))
             params["epsilon"] = float(rng.uniform(0.01, 0.15))
         elif method not in ("sce", "task_arithmetic"):
             params["density"] = _value(rng, 0.02, 0.98, exact=(1.0, 0.0))

@@ -30,6 +30,14 @@ mask itself, which rests on three facts:
   differ; when they are equal (which of the equal ones topk keeps is its own business) mergekit's
   ``sce_mask`` runs.
 
+On CPU, mergekit's merge code runs on pieces of ``PIECE_ELEMENTS`` elements of each tensor
+(``_PiecewiseMerge``): everything it does after sparsification is elementwise (its sums run over
+the entries, element by element), so each element gets the operations it gets on the whole
+tensor while a piece's temporaries stay in cache. An l1 rescale sums the whole masked vector:
+it is written piece by piece into a reused buffer, summed whole by torch's own ``abs().sum()`` in
+the shape mergekit sums it, and scaled piece by piece (``_StateKernel._rescaled``, which spells
+out ``rescaled_masked_tensor``'s lines for that). On a GPU, tensors are merged whole.
+
 State kept, per non-base source tensor, as a multiple of its elements:
 
 ===========================================  ==============================
@@ -511,7 +519,7 @@ class _StateKernel:
             values = {key: parameters[key][model] for key in ("density", "gamma", "epsilon") if key in parameters}
             density = values["density"]
             draws = None
-            if self.draws_random and density < 1 and not density < 0:  # mergekit's bernoulli draws these
+            if self.draws_random and _draws_at(self.sparsifier, density):
                 draws = self.fast.stream.take(base.numel())
             delta = functools.partial(torch.sub, entry.tensor, base)
             mask = self._mask(model, base, delta, draws, **values)
@@ -687,6 +695,14 @@ class _PiecewiseMerge(GroupMergeMethod):
             kernel.begin_piece(piece)
             flat[piece] = self._code(self._method, TensorGroup(entries=entries, metadata=group.metadata), **parameters)
         return out
+
+
+def _draws_at(sparsifier: SparsificationMethod, density: float) -> bool:
+    """Whether mergekit's sparsifier calls bernoulli at this density: DARE for any density in
+    [0, 1) (a negative one is refused by bernoulli), DELLA only in (0, 1) (it returns zeros first)."""
+    if sparsifier == SparsificationMethod.random:
+        return 0 <= density < 1
+    return 0 < density < 1
 
 
 def _pieces(numel: int) -> Iterator[slice]:
