@@ -330,10 +330,12 @@ def test_planner_route_private_names_and_equivalence(family):
 
     from mergekit.graph import Executor
 
-    from mergekit_evolve.merge.fastpath import REBOUND_NAMES
+    from mergekit_evolve.merge.fastpath import REBOUND_NAMES, _rebound
 
     for function, name in REBOUND_NAMES:  # the fast path runs these with one name answered from state
         assert name in function.__code__.co_names, f"{function.__qualname__} no longer calls {name}"
+    with pytest.raises(RuntimeError, match="no longer calls no_such_name: the fast path needs an update"):
+        _rebound(REBOUND_NAMES[0][0], "no_such_name", print)
 
     assert "task_handle in self.targets" in inspect.getsource(Executor._run), (
         "Executor._run no longer uses targets only for membership: PlannerRoute.executor must "
