@@ -458,7 +458,6 @@ class _StateKernel:
         self._non_base = [model for model in task.model_order if model != task.base_model]
         self._plans: dict = {}  # model -> how its sparsified task vector is made (prepare)
         self._models: Iterator = iter(())  # the non-base entries, in the order mergekit sparsifies them
-        self._non_base_order: list = []  # that order, for each piece
         self._piece: slice | None = None  # the elements mergekit's code is merging now (None: all)
         if method is sce.sce_merge:
             self.sparsifier = None
@@ -534,7 +533,7 @@ class _StateKernel:
 
     def begin_piece(self, piece: slice | None) -> None:
         self._piece = piece
-        self._models = iter(self._non_base_order)
+        self._models = iter(self._non_base)  # the group's non-base entries are in the task's order
 
     def sparsify(self, tensor, density, method, gamma=0, epsilon=0, rescale_norm=None) -> torch.Tensor:
         """What mergekit's ``sparsify`` returns for the next entry, on the current piece."""
@@ -678,7 +677,6 @@ class _PiecewiseMerge(GroupMergeMethod):
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
         kernel, base = self._kernel, group.base.tensor
-        kernel._non_base_order = [entry.id for entry in group.non_base]
         piecewise = base.device.type == "cpu" and base.numel() > PIECE_ELEMENTS and bool(group.non_base)
         kernel.prepare(group, parameters, piecewise)
         if not piecewise:
