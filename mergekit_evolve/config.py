@@ -173,6 +173,46 @@ class OptimizerConfig(Strict):
     racing: RacingConfig | None = None  # stop hopeless candidates early (search/racing.py); true = defaults
     # Fewer forward tokens to the same result (search/economy.py): off | subsample | stop | auto (both)
     economy: Literal["off", "subsample", "stop", "auto"] = "off"
+    # Multi-objective search (search/objectives.py): two or three fitness task names and/or ``tokens`` (mean
+    # generated tokens per item, lower is better); the run also returns a Pareto front (front.json).
+    objectives: list[str] | None = None
+    # The search strategy (search/strategies.py): auto = cmaes for one objective, como-cmaes for several.
+    kind: Literal["auto", "cmaes", "como-cmaes", "nsga2"] = "auto"
+    kernels: int | None = Field(default=None, ge=2)  # como-cmaes: CMA-ES kernels (front points); default 5
+
+    @model_validator(mode="after")
+    def _check_objectives(self) -> OptimizerConfig:
+        objectives, kind = self.objectives, self.kind
+        if objectives is not None:
+            if not 2 <= len(objectives) <= 3:
+                raise ValueError(
+                    f"objectives: {len(objectives)} given; give two or three (task names or tokens), or remove "
+                    "objectives for a single weighted fitness"
+                )
+            twice = sorted({name for name in objectives if objectives.count(name) > 1})
+            if twice:
+                raise ValueError(f"objectives: {twice[0]!r} appears twice; each objective must be a different one")
+            for setting, name in ((self.racing, "racing"), (self.economy != "off", f"economy: {self.economy}")):
+                if setting:
+                    raise ValueError(
+                        f"objectives: {name} ranks candidates by one number and cannot serve a multi-objective "
+                        f"search; remove {name.split(':')[0]}"
+                    )
+        multi = kind in ("como-cmaes", "nsga2")
+        if multi and objectives is None:
+            raise ValueError(f"kind: {kind} is multi-objective; add objectives: [task_a, task_b] (or tokens)")
+        if kind == "cmaes" and objectives is not None:
+            raise ValueError("kind: cmaes optimizes one weighted fitness; with objectives use como-cmaes or nsga2")
+        if self.kernels is not None and self.strategy != "como-cmaes":
+            raise ValueError("kernels: only como-cmaes has kernels; remove it or set kind: como-cmaes")
+        return self
+
+    @property
+    def strategy(self) -> str:
+        """The strategy that runs: ``kind``, with auto resolved by the number of objectives."""
+        if self.kind != "auto":
+            return self.kind
+        return "como-cmaes" if self.objectives else "cmaes"
 
     @field_validator("economy", mode="before")
     @classmethod
@@ -275,6 +315,8 @@ class EvolveConfig(Strict):
             )
         if self.random_init:
             self.optimizer.init = "random"
+        if self.optimizer.objectives:
+            check_objectives(self)
         if self.space != "ps" and self.dfs.validation and not accuracy_fitness(self):
             raise InputError(
                 f"dfs.validation: {self.dfs.validation} confirms the DFS result row by row, which needs built-in "
@@ -295,6 +337,37 @@ class EvolveConfig(Strict):
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", exclude_defaults=False)
         return yaml.safe_dump(data, sort_keys=False)
+
+
+def task_names(config: EvolveConfig) -> list[str]:
+    """The names of the fitness tasks (built-in ``fitness.tasks`` or lm-eval's ``tasks:``)."""
+    builtin = config.builtin_fitness
+    return [t.name for t in (builtin.tasks if builtin is not None else config.tasks or [])]
+
+
+def check_objectives(config: EvolveConfig) -> None:
+    """Each objective a fitness task or ``tokens`` (which needs a built-in generate task to count)."""
+    names = task_names(config)
+    if config.space == "ps+dfs":
+        raise InputError(
+            "optimizer.objectives: space ps+dfs builds its DFS stage on one PS model; search a front with "
+            "space: ps or space: dfs"
+        )
+    for objective in config.optimizer.objectives:
+        if objective == "tokens":
+            builtin = config.builtin_fitness
+            if builtin is None or not any(t.kind == "generate" for t in builtin.tasks):
+                raise InputError(
+                    "optimizer.objectives: tokens counts the tokens a generate task's answers take; add a "
+                    "fitness task of kind generate or remove tokens"
+                )
+        elif objective not in names:
+            close = difflib.get_close_matches(objective, names, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise InputError(
+                f"optimizer.objectives: unknown objective {objective!r}{hint}; use fitness task names "
+                f"({', '.join(names)}) or tokens"
+            )
 
 
 def accuracy_fitness(config: EvolveConfig) -> bool:

@@ -21,12 +21,14 @@ from mergekit_evolve.config import EvolveConfig, load_config, source_models
 from mergekit_evolve.errors import InputError
 from mergekit_evolve.export.artifacts import best_writer, staged_recipe
 from mergekit_evolve.export.artifacts import save_model as save_best_model
+from mergekit_evolve.export.front import write_front
 from mergekit_evolve.fitness.factory import make_fitness
 from mergekit_evolve.progress import note, step
 from mergekit_evolve.resources import resolve_device
 from mergekit_evolve.search.economy import Economy, tokens_of
 from mergekit_evolve.search.executors import make_executor, make_score
 from mergekit_evolve.search.loop import Racing, SearchState, run_search
+from mergekit_evolve.search.objectives import Objectives
 from mergekit_evolve.search.problems import make_problem
 from mergekit_evolve.search.records import BestResult, RunInfo, Summary
 from mergekit_evolve.search.rundir import RunDir
@@ -212,6 +214,8 @@ def run_stage(
     if fitness.num_rows("heldout"):  # no line for a step that does not happen
         with step("scoring the best candidate on the held-out split", progress):
             heldout = fitness.score(problem.build(best), "heldout")
+    objectives = Objectives.of(config)
+    front = write_front(problem, run_dir, fitness, objectives, progress) if objectives else None
     if config.backend == "vllm":
         problem.close()  # the engine's memory goes back before the model is written
     summary = Summary(
@@ -224,6 +228,7 @@ def run_stage(
         selected_on=selection_data(config),
         history=state.history,
         validation=validation,
+        front_size=len(front.points) if front else None,
         **economy_summary(config, run_dir, state, has_heldout=bool(heldout)),
     )
     if save_model and not run_dir.model.exists():
@@ -251,6 +256,7 @@ def _search(
             on_best=best_writer(problem, run_dir),
             racing=make_racing(config, fitness),
             economy=make_economy(config, fitness),
+            objectives=Objectives.of(config),
             stage=stage,
         )
     finally:

@@ -79,6 +79,7 @@ class TaskResult(BaseModel):
     seconds: float
     perplexity: float | None = None
     correct: list[bool] | None = None  # accuracy kinds: per row, in the order of the rows scored
+    generated: int | None = None  # generate: the answers' tokens over all rows (the ``tokens`` objective)
 
 
 @dataclass
@@ -248,6 +249,7 @@ class Fitness:
             seconds=time.perf_counter() - start,
             perplexity=outcome.perplexity,
             correct=outcome.correct,
+            generated=outcome.generated,
         )
 
     def total(self, scores: dict[str, float]) -> float:

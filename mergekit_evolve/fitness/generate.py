@@ -64,7 +64,10 @@ def evaluate_generate(
     pattern = re.compile(task.pattern) if task.pattern else None
     predictions = [extract(text, task.extract, pattern) for text in texts]
     correct = [p is not None and p == ref for p, ref in zip(predictions, examples.references)]
-    return Outcome(score=sum(correct) / len(texts), metric="accuracy", tokens=tokens, correct=correct)
+    generated = tokens - sum(len(p) for p in examples.prompt_ids)
+    return Outcome(
+        score=sum(correct) / len(texts), metric="accuracy", tokens=tokens, correct=correct, generated=generated
+    )
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:

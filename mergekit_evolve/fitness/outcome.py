@@ -13,6 +13,7 @@ class Outcome:
     tokens: int = 0  # forward tokens spent (prompt + generated / scored)
     perplexity: float | None = None  # raw perplexity (kind perplexity)
     correct: list[bool] | None = None  # accuracy kinds: per row, in row order (item-level results for estimators)
+    generated: int | None = None  # generate: tokens the answers took (EOS included), over all rows
 
 
 def pad_token_id(tokenizer: Any) -> int:

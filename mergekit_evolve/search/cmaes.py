@@ -10,14 +10,14 @@ import numpy as np
 from mergekit_evolve.config import OptimizerConfig
 
 
-def new_es(
-    x0: np.ndarray, opt: OptimizerConfig, restart: int = 0, extra_options: dict | None = None
-) -> cma.CMAEvolutionStrategy:
-    popsize = opt.popsize or (4 + int(3 * math.log(len(x0))))
+def default_popsize(dim: int) -> int:
+    return 4 + int(3 * math.log(dim))  # cma's default population
+
+
+def cma_options(opt: OptimizerConfig, popsize: int, extra_options: dict | None = None) -> dict:
+    """cma's options for one CMA-ES of ``popsize`` (a run's, or one COMO-CMA-ES kernel's)."""
     options = {
-        # cma treats seed 0 as "use the clock": shift by one so every user seed is reproducible.
-        "seed": opt.seed + 1 + 1000 * restart,
-        "popsize": popsize * 2**restart,
+        "popsize": popsize,
         "verbose": -9,
         "verb_log": 0,  # no outcmaes/ files in the working directory
         "verb_disp": 0,
@@ -30,6 +30,16 @@ def new_es(
     if opt.diagonal:
         options["CMA_diagonal"] = True
     options.update(extra_options or {})
+    return options
+
+
+def new_es(
+    x0: np.ndarray, opt: OptimizerConfig, restart: int = 0, extra_options: dict | None = None
+) -> cma.CMAEvolutionStrategy:
+    popsize = opt.popsize or default_popsize(len(x0))
+    options = cma_options(opt, popsize * 2**restart, extra_options)
+    # cma treats seed 0 as "use the clock": shift by one so every user seed is reproducible.
+    options["seed"] = opt.seed + 1 + 1000 * restart
     if len(x0) == 1:
         # cma needs >= 2 dimensions; a constant dummy coordinate keeps the 1-D case working.
         raise ValueError("internal: pad 1-D genomes before calling new_es")

@@ -129,13 +129,25 @@ class DFSProblem:
     def new_optimizer(self, x0: np.ndarray, opt, restart: int = 0):
         """The pre-scan of block paths, then CMA-ES with the indicators' own step (search/dfs_search.py);
         an IPOP restart starts CMA-ES again without a pre-scan."""
-        from mergekit_evolve.search.dfs_search import DFSStrategy, block_paths, indicator_stds
+        from mergekit_evolve.search.dfs_search import DFSStrategy, block_paths
 
-        stds = indicator_stds(self.space, opt.sigma0, self.config.dfs.indicator_flips)
-        make_cma = partial(new_es, opt=opt, restart=restart, extra_options={"CMA_stds": stds} if stds else None)
+        make_cma = partial(new_es, opt=opt, restart=restart, extra_options=self.cma_options(opt) or None)
         if restart or not self.config.dfs.prescan:
             return make_cma(x0)
         return DFSStrategy(make_cma, x0, self.config.dfs.prescan, partial(block_paths, self.space, seed=opt.seed))
+
+    def cma_options(self, opt) -> dict:
+        """What every CMA-ES over this space gets (COMO-CMA-ES kernels too): the indicators' own step."""
+        from mergekit_evolve.search.dfs_search import indicator_stds
+
+        stds = indicator_stds(self.space, opt.sigma0, self.config.dfs.indicator_flips)
+        return {"CMA_stds": stds} if stds else {}
+
+    def search_box(self) -> tuple[np.ndarray, np.ndarray]:
+        """Indicators within twice their start (on when > 0); log-scales within one of their start (x0)."""
+        space, x0 = self.space, self.space.x0()
+        slots = np.full(space.num_slots, 2 * space.indicator_init)
+        return np.concatenate([-slots, x0[space.num_slots :] - 1]), np.concatenate([slots, x0[space.num_slots :] + 1])
 
     def decode(self, genome: np.ndarray) -> DFSCandidate:
         path = self.space.decode(np.asarray(genome)[: self.dim])

@@ -65,6 +65,9 @@ def make_score(fitness) -> ScoreFn:
         results = fitness.evaluate(model, "fitness", part)
         scores = {name: r.score for name, r in results.items()}
         out = {"fitness": fitness.total(scores), "scores": scores, "tokens": sum(r.tokens for r in results.values())}
+        generated = {name: r.generated / r.rows for name, r in results.items() if r.generated is not None}
+        if generated:
+            out["generated"] = generated
         if isinstance(part, Subsample):
             out["subsample"] = item_results(
                 part, fitness.num_rows("fitness"), {n: r.correct for n, r in results.items()}

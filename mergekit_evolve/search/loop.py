@@ -1,8 +1,10 @@
-"""The CMA-ES search loop (``cma`` ask/tell) with exact resume.
+"""The search loop (one ask/tell surface for every strategy: search/strategies.py) with exact resume.
 
-One generation is ``ask`` -> ``evaluate`` -> ``tell`` -> ``record``, each a method of ``Search``.
+One generation is ``ask`` -> ``evaluate`` -> ``tell`` -> ``record``, each a method of ``Search``. A
+single-objective strategy (CMA-ES) is told each candidate's loss (``-fitness``); a multi-objective one
+(``optimizer.objectives``) each candidate's loss vector (search/objectives.py).
 
-Resume contract: ``optimizer.pkl`` holds the whole CMA-ES object after the last completed
+Resume contract: ``optimizer.pkl`` holds the whole strategy object after the last completed
 generation (``tell``). Unpickled, its next ``ask()`` returns exactly the candidates the original
 would have asked, so a resumed run re-asks the interrupted generation and finds the candidates
 that were already evaluated in ``evaluations.jsonl`` (matched by generation and position, and
@@ -23,10 +25,12 @@ from mergekit_evolve.config import OptimizerConfig, RacingConfig
 from mergekit_evolve.errors import InputError, RunFailedError
 from mergekit_evolve.progress import on_terminal
 from mergekit_evolve.search.executors import Executor, Job
+from mergekit_evolve.search.objectives import Objectives
 from mergekit_evolve.search.problems import Problem
 from mergekit_evolve.search.racing import race
 from mergekit_evolve.search.records import Best, Evaluation, Outcome, StageResult
 from mergekit_evolve.search.rundir import RunDir
+from mergekit_evolve.search.strategies import make_strategy
 
 if TYPE_CHECKING:
     from mergekit_evolve.search.economy import Economy
@@ -38,7 +42,7 @@ FAILED_LOSS = 1e9  # CMA-ES is rank based: any loss worse than every real one wo
 class SearchState:
     """Everything needed to continue a run; pickled after every generation."""
 
-    es: Any
+    es: Any  # the strategy (search/strategies.py); named es as in run directories of 0.1.0
     generation: int = 0
     n_evals: int = 0
     n_failures: int = 0
@@ -72,11 +76,12 @@ class Generation:
     part: Any = None  # economy: the rows it is scored on
     records: dict[int, Evaluation] = field(default_factory=dict)
 
-    def losses(self) -> list[float]:
-        return [
-            FAILED_LOSS if self.records[j].fitness is None else -self.records[j].fitness
-            for j in range(len(self.genomes))
-        ]
+    def losses(self, objectives: Objectives | None = None) -> list:
+        """What the strategy is told per candidate: its loss, or with ``objectives`` its loss vector."""
+        records = [self.records[j] for j in range(len(self.genomes))]
+        if objectives is not None:
+            return [objectives.losses(r) for r in records]
+        return [FAILED_LOSS if r.fitness is None else -r.fitness for r in records]
 
 
 class Search:
@@ -102,11 +107,12 @@ class Search:
         on_best: Callable[[Best], None] | None = None,
         racing: Racing | None = None,
         economy: Economy | None = None,
+        objectives: Objectives | None = None,
         stage: str = "",
     ):
         self.problem, self.executor, self.run_dir, self.opt = problem, executor, run_dir, opt
         self.label = f"{stage} " if stage else ""  # a ps+dfs run says which stage a line belongs to
-        self.progress, self.racing, self.economy = progress, racing, economy
+        self.progress, self.racing, self.economy, self.objectives = progress, racing, economy, objectives
         self.on_generation, self.on_record, self.on_best = on_generation, on_record, on_best
         run_dir.repair()
         self.state: SearchState = run_dir.load_state() or SearchState(es=self._new_optimizer(restart=0))
@@ -243,11 +249,10 @@ class Search:
 
     # -- tell ----------------------------------------------------------------------------------------
     def tell(self, generation: Generation) -> None:
-        """Tell CMA-ES the generation's losses, then make the generation durable."""
+        """Tell the strategy the generation's losses, then make the generation durable."""
         state = self.state
-        losses = generation.losses()
         if not generation.last_partial:
-            state.es.tell(generation.genomes, losses)
+            state.es.tell(generation.genomes, generation.losses(self.objectives))
         state.generation = generation.number
         state.n_evals += len(generation.genomes)
         state.history.append((generation.number, state.n_evals, state.best and state.best.fitness))
@@ -257,33 +262,34 @@ class Search:
         if not generation.last_partial:
             self._maybe_restart()
         self.run_dir.save_state(state)  # the generation is now complete and durable
-        self._report(generation.number, losses)
+        self._report(generation)
         if self.on_generation:
             self.on_generation(state)
 
-    def _report(self, number: int, losses: list[float]) -> None:
+    def _report(self, generation: Generation) -> None:
         if not self.progress:
             return
-        fitness = [-v for v in losses if v != FAILED_LOSS]
+        fitness = [r.fitness for r in generation.records.values() if r.fitness is not None]
         best = self.state.best and self.state.best.fitness
+        sigma = getattr(self.state.es, "sigma", None)
         tqdm.write(
-            f"{self.label}gen {number:3d}  evals {self.state.n_evals:4d}  gen best {_fmt(max(fitness, default=None))}"
-            f"  mean {_fmt(np.mean(fitness) if fitness else None)}  best {_fmt(best)}  sigma {self.state.es.sigma:.3g}"
+            f"{self.label}gen {generation.number:3d}  evals {self.state.n_evals:4d}  "
+            f"gen best {_fmt(max(fitness, default=None))}  mean {_fmt(np.mean(fitness) if fitness else None)}  "
+            f"best {_fmt(best)}" + (f"  sigma {sigma:.3g}" if sigma is not None else "")
         )
 
     def _maybe_restart(self) -> None:
-        """IPOP-style restart: when CMA-ES has converged, start again with twice the population."""
+        """IPOP-style restart: when the strategy has converged, start again with twice the population."""
         stop = {k: v for k, v in self.state.es.stop().items() if k not in ("maxfevals", "maxiter")}
         if stop and self.state.restarts_done < self.opt.restarts:
             self.state.restarts_done += 1
             self.state.es = self._new_optimizer(restart=self.state.restarts_done)
 
     def _new_optimizer(self, restart: int):
-        """CMA-ES, or the problem's own strategy with the same ask/tell surface (DFS: search/dfs_search.py);
-        a restart starts from a random point."""
+        """The configured strategy (search/strategies.py); a restart starts from a random point."""
         opt = self.opt
         x0 = self.problem.x0(random=opt.init == "random" or restart > 0, seed=opt.seed + restart)
-        return self.problem.new_optimizer(_pad(x0), opt, restart)
+        return make_strategy(self.problem, opt, _pad(x0), restart, self.objectives)
 
     # -- failures and the economy's finalists ----------------------------------------------------------
     def _check_first_generation(self, records: list[Evaluation]) -> None:
@@ -351,6 +357,7 @@ def _cached(source: Outcome) -> Outcome:
     return Outcome(
         fitness=source.fitness,
         scores=source.scores,
+        generated=source.generated,
         cached=True,
         racing=source.racing,
         subsample=source.subsample,

@@ -49,6 +49,7 @@ class Problem(Protocol):
     def tokenizer(self) -> Any: ...  # that tokenizer, or None when the folder has no tokenizer files
     def x0(self, random: bool = False, seed: int = 0) -> np.ndarray: ...
     def new_optimizer(self, x0: np.ndarray, opt: OptimizerConfig, restart: int = 0) -> Any: ...  # ask/tell
+    def search_box(self) -> tuple[np.ndarray, np.ndarray]: ...  # where NSGA-II samples genomes
     def decode(self, genome: np.ndarray) -> Any: ...  # a candidate with a ``key``: equal keys score equally
     def build(self, candidate: Any) -> Any: ...  # a model ready for the fitness
     def close(self) -> None: ...
@@ -119,6 +120,10 @@ class PSProblem:
 
     def new_optimizer(self, x0: np.ndarray, opt: OptimizerConfig, restart: int = 0):
         return new_es(x0, opt, restart)
+
+    def search_box(self) -> tuple[np.ndarray, np.ndarray]:
+        # every gene's range is [0, 1] in genome units (space/transforms.py maps it to the parameter's bounds)
+        return np.zeros(self.dim), np.ones(self.dim)
 
     def build(self, candidate: PSCandidate):
         config = to_merge_config(candidate.recipe)

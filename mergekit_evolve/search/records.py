@@ -6,6 +6,7 @@
     ValidationEntry  dfs.validation only: one line of validation.jsonl
     Best          the best candidate so far (best.json adds the recipe or path it decodes to)
     Summary       summary.json: the finished search, its held-out scores and how they were obtained
+    Front         front.json (optimizer.objectives): the non-dominated candidates, on fitness and held-out
 
 Only ``search.rundir.RunDir`` reads and writes them; the JSON on disk is ``model_dump`` of these types, so
 older run directories load as long as they hold these keys.
@@ -61,6 +62,7 @@ class Outcome(Record):
     seconds: float = 0.0
     merge_seconds: float | None = None
     tokens: int = 0  # forward tokens spent
+    generated: dict[str, float] | None = None  # generate tasks: mean answer tokens per row (objective ``tokens``)
     racing: RacingProgress | None = None
     subsample: SubsampleResults | None = None
     rows: dict[str, int] | None = None  # racing stages: rows scored per task in this part
@@ -157,6 +159,29 @@ class Summary(Record):
     economy: dict[str, Any] | None = None
     validation: ValidationDecision | None = None  # dfs.validation (search/validation.py)
     stages: dict[str, Summary] | None = None
+    front_size: int | None = None  # optimizer.objectives: points in front.json
+
+
+class FrontPoint(Position):
+    """One non-dominated candidate of a multi-objective run."""
+
+    fitness: float  # the weighted fitness (what best.yaml is chosen by)
+    values: dict[str, float]  # each objective on the fitness split (scores; tokens per answer)
+    heldout: dict[str, float] | None = None  # the same on the held-out split (None: a task has none)
+    heldout_front: bool | None = None  # also non-dominated among the front's points on held-out
+    recipe: str | None = None  # front/NN.yaml (None: a DFS path that does not fold)
+    path: dict[str, Any] | None = None  # DFS: the path, as best.json keeps it
+
+
+class Front(Record):
+    """front.json: the Pareto front of a multi-objective run (``optimizer.objectives``), best first objective first."""
+
+    objectives: list[str]
+    higher_is_better: list[bool]
+    reference: list[float]  # the hypervolume's reference point, in the objectives' own units
+    hypervolume: float  # of the front on the fitness split
+    heldout_hypervolume: float | None = None
+    points: list[FrontPoint]
 
 
 class BestFile(Best):

@@ -8,6 +8,7 @@
     validation.jsonl     dfs.validation only: the start path and the search's best on held-back rows
     optimizer.pkl        CMA-ES state + counters after the last completed generation
     best.yaml / best.json   best recipe so far (plain mergekit YAML) and its numbers
+    front.json, front/   optimizer.objectives only: the Pareto front and one recipe per point (NN.yaml)
     summary.json         the finished search
     model/               the merged best model (at the end)
     .lock                held (flock) by the process that runs the search
@@ -39,6 +40,7 @@ from mergekit_evolve.errors import InputError
 from mergekit_evolve.search.records import (
     BestFile,
     Evaluation,
+    Front,
     Record,
     RunInfo,
     StageResult,
@@ -67,6 +69,8 @@ class RunDir:
     best_json = property(lambda self: self.path / "best.json")
     model = property(lambda self: self.path / "model")
     summary = property(lambda self: self.path / "summary.json")
+    front_json = property(lambda self: self.path / "front.json")
+    front_dir = property(lambda self: self.path / "front")
 
     def is_run(self) -> bool:
         return self.config.is_file()
@@ -203,6 +207,21 @@ class RunDir:
 
     def read_best_yaml(self) -> str | None:
         return self.best_yaml.read_text() if self.best_yaml.is_file() else None
+
+    def write_front(self, front: Front, recipes: dict[str, str]) -> None:
+        """front/ (one recipe per point, named as ``front.points[i].recipe``), then front.json: a reader
+        that finds front.json finds every recipe it names; recipes of an earlier front are removed."""
+        self.front_dir.mkdir(exist_ok=True)
+        for name, text in recipes.items():
+            atomic_write(self.path / name, text)
+        keep = {self.path / name for name in recipes}
+        for old in self.front_dir.glob("*.yaml"):
+            if old not in keep:
+                old.unlink()
+        self._write_record(self.front_json, front)
+
+    def read_front(self) -> Front | None:
+        return _read_record(self.front_json, Front)
 
     def write_summary(self, summary: Summary) -> None:
         self._write_record(self.summary, summary)
