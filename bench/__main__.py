@@ -47,6 +47,10 @@ BENCHES = {
     ),
     "torture_economy": (["--economy", "auto"], "SIGKILL torture with optimizer.economy: auto (zoo models and task)"),
     "dfs_search": ([], "DFS search variants: distinct paths, best fitness and held-out per budget (zoo, 3 seeds)"),
+    "pareto": (
+        ["--seeds", "3", "--budget", "480", "--plot", "docs/pareto_front.png", "--results", "docs/RESULTS.md"],
+        "held-out Pareto fronts: COMO-CMA-ES, NSGA-II, weighted-sum CMA-ES at equal budgets (zoo, 3 seeds)",
+    ),
 }
 SCRIPTS = {"torture_economy": "torture"}  # entries that run another benchmark's script with other arguments
 # issue #31's floor: these stay >= 10x faster than mergekit-yaml + reload at 106M

@@ -37,7 +37,11 @@ def main() -> None:
         "(script_math: 155 items). A claim holds only where the 95% interval allows it. Discussion: README.md.\n\n"
     )
     paths = dfs_paths(args.out, args.seeds)
-    (ROOT / "docs" / "RESULTS.md").write_text(header + table + "\n" + verdict(rows, "script_math") + "\n\n" + paths)
+    results = ROOT / "docs" / "RESULTS.md"
+    # Other benchmarks' sections (``<!-- begin: NAME -->``, e.g. bench/pareto.py's) are kept at the end.
+    old = results.read_text() if results.exists() else ""
+    kept = "\n" + old[old.index("<!-- begin: ") :] if "<!-- begin: " in old else ""
+    results.write_text(header + table + "\n" + verdict(rows, "script_math") + "\n\n" + paths + kept)
     shutil.copyfile(args.out / "results.json", ROOT / "docs" / "results.json")
     print(f"wrote {ROOT / 'docs' / 'RESULTS.md'}, docs/results.json and docs/dfs_path.png")
 

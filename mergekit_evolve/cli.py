@@ -375,13 +375,18 @@ def demo(out, space, max_evals, seed, seeds, device, quiet):
 @click.option("--format", "fmt", type=click.Choice(["standard", "custom"]), default="standard", show_default=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--force", is_flag=True)
+@click.option(
+    "--pick",
+    default=None,
+    help='A run with objectives: the front point these weights choose, e.g. "script_math=0.7,script=0.3".',
+)
 @device_option
 @friendly_errors
-def export(run_dir, fmt, out, force, device):
-    """Write the best model of a run: standard checkpoint (mergekit) or custom-code (DFS)."""
+def export(run_dir, fmt, out, force, pick, device):
+    """Write the best model of a run (or a front point): standard checkpoint (mergekit) or custom-code (DFS)."""
     from mergekit_evolve.export.final import export_run
 
-    path = export_run(run_dir, fmt=fmt, out=out, force=force, device=device)
+    path = export_run(run_dir, fmt=fmt, out=out, force=force, device=device, pick=pick)
     click.echo(f"wrote {path}")
 
 
@@ -432,8 +437,13 @@ def report(run_dir: Path, out: Path | None) -> None:
     help="Hub ID for the card's base_model list (repeat it; default: the source models' names).",
 )
 @click.option("--device", default="cpu", show_default=True, help="Device for building a custom-code checkpoint.")
+@click.option(
+    "--pick",
+    default=None,
+    help='A run with objectives: push the front point these weights choose, e.g. "script_math=0.7,script=0.3".',
+)
 @friendly_errors
-def push(run_dir, repo_id, private, fmt, dry_run, endpoint, results, base_models, device) -> None:
+def push(run_dir, repo_id, private, fmt, dry_run, endpoint, results, base_models, device, pick) -> None:
     """Upload the evolved model of RUN_DIR with a model card and the report's plots."""
     from mergekit_evolve.export.hub import push_run
 
@@ -447,6 +457,7 @@ def push(run_dir, repo_id, private, fmt, dry_run, endpoint, results, base_models
         results=results,
         base_models=base_models,
         device=device,
+        pick=pick,
     )
     if "dry_run" in done:
         click.echo(

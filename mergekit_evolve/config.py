@@ -176,6 +176,9 @@ class OptimizerConfig(Strict):
     # Multi-objective search (search/objectives.py): two or three fitness task names and/or ``tokens`` (mean
     # generated tokens per item, lower is better); the run also returns a Pareto front (front.json).
     objectives: list[str] | None = None
+    # The worst value worth keeping per objective (the hypervolume's reference point); default: a score of 0
+    # for tasks (accuracies), the longest answer (max_new_tokens) for tokens. Set it for scores below 0.
+    reference: dict[str, float] | None = None
     # The search strategy (search/strategies.py): auto = cmaes for one objective, como-cmaes for several.
     kind: Literal["auto", "cmaes", "como-cmaes", "nsga2"] = "auto"
     kernels: int | None = Field(default=None, ge=2)  # como-cmaes: CMA-ES kernels (front points); default 5
@@ -198,6 +201,9 @@ class OptimizerConfig(Strict):
                         f"objectives: {name} ranks candidates by one number and cannot serve a multi-objective "
                         f"search; remove {name.split(':')[0]}"
                     )
+        unknown = sorted(set(self.reference or {}) - set(objectives or []))
+        if unknown:
+            raise ValueError(f"reference: {unknown[0]!r} is not one of the objectives; name objectives only")
         multi = kind in ("como-cmaes", "nsga2")
         if multi and objectives is None:
             raise ValueError(f"kind: {kind} is multi-objective; add objectives: [task_a, task_b] (or tokens)")

@@ -400,6 +400,24 @@ CASES = [
         "--load-in-4bit: ",
         args=lambda env: ["run", str(env.root / "cfg.yaml"), "--out", str(env.root / "out"), "--load-in-4bit"],
     ),
+    Case(
+        "objective-unknown",
+        "an objective that is neither a fitness task nor tokens",
+        "optimizer.objectives: unknown objective 'q'",
+        edit=lambda c, e: c["optimizer"].update(objectives=["t", "q"]),
+    ),
+    Case(
+        "objective-one",
+        "one objective (a front needs two or three)",
+        "objectives: 1 given; give two or three",
+        edit=lambda c, e: c["optimizer"].update(objectives=["t"]),
+    ),
+    Case(
+        "objective-twice",
+        "the same objective twice",
+        "objectives: 't' appears twice",
+        edit=lambda c, e: c["optimizer"].update(objectives=["t", "t"]),
+    ),
 ]
 
 

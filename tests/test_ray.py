@@ -110,3 +110,32 @@ def test_every_node_is_checked_for_the_package_and_the_paths_a_worker_reads(fami
     gone = str(tmp_path / "moved-away")
     with pytest.raises(InputError, match=rf"executor: the Ray node \S+ lacks {gone}; put the models and data"):
         check_nodes(ray, [*paths, gone], gpu=False)
+
+
+def test_a_multi_objective_run_on_ray_gives_the_local_front(family, tmp_path, ray_cluster, monkeypatch):
+    """optimizer.objectives with the Ray executor: the same candidates, scores and front as in this process."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    tasks = []
+    for name, factor in (("double", 2), ("triple", 3)):
+        rows = tmp_path / f"{name}.jsonl"
+        rows.write_text(
+            "".join(json.dumps({"prompt": f"{i}*{factor}=", "answer": str(factor * i)}) + "\n" for i in range(8))
+        )
+        tasks.append({"name": name, "kind": "callable", "function": "fitness_fns:loglik", "data": str(rows)})
+    fronts = {}
+    for kind in ("local", "ray"):
+        config = make_config(family, tmp_path / "double.jsonl", kind)
+        config["fitness"]["tasks"] = tasks
+        # mean log-likelihoods are below 0: the reference point says what the worst useful value is
+        config["optimizer"].update(
+            objectives=["double", "triple"], kind="nsga2", popsize=6, reference={"double": -50, "triple": -50}
+        )
+        runner.start(parse_config(config), tmp_path / kind, device="cpu", progress=False, save_model=False)
+        fronts[kind] = json.loads((tmp_path / kind / "front.json").read_text())
+    ours, theirs = evals(tmp_path / "local"), evals(tmp_path / "ray")
+    assert [r["genome"] for r in ours] == [r["genome"] for r in theirs] and len(ours) == 12
+    assert [r["scores"] for r in ours] == [r["scores"] for r in theirs]
+    assert [(p["index"], p["values"]) for p in fronts["local"]["points"]] == [
+        (p["index"], p["values"]) for p in fronts["ray"]["points"]
+    ]
+    assert fronts["ray"]["hypervolume"] > 0 and fronts["ray"]["reference"] == [-50.0, -50.0]

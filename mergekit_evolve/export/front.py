@@ -15,17 +15,19 @@ from mergekit_evolve.progress import step
 from mergekit_evolve.recipe.ps import recipe_yaml
 from mergekit_evolve.search.objectives import Objectives, nondominated, pareto_front
 from mergekit_evolve.search.problems import PSCandidate
-from mergekit_evolve.search.records import Front, FrontPoint
+from mergekit_evolve.search.records import Front, FrontPoint, ReferencePoint
 from mergekit_evolve.search.rundir import RunDir
 
 
 def write_front(problem, run_dir: RunDir, fitness, objectives: Objectives, progress: bool = True) -> Front:
-    """Score each front point on the held-out split (where every objective has one) and write the front."""
+    """Score each front point on the held-out split (where every objective has one), score the start
+    recipe and the sources as references, and write the front."""
     records = pareto_front(run_dir.read_evaluations(), objectives)
     has_heldout = all(name in fitness.num_rows("heldout") for name in objectives.names if name != "tokens")
     points, recipes = [], {}
-    what = f"scoring the {len(records)} front points on the held-out split"
-    with step(what, progress and has_heldout):
+    what = f"scoring the {len(records)} front points on the held-out split and the sources on both splits"
+    with step(what, progress):
+        references = [_start_reference(problem, fitness, objectives, has_heldout)]
         for n, record in enumerate(records):
             candidate = problem.decode(np.asarray(record.genome))
             values = objectives.values(record.scores, record.generated)
@@ -44,6 +46,7 @@ def write_front(problem, run_dir: RunDir, fitness, objectives: Objectives, progr
                     path=None if isinstance(candidate, PSCandidate) else path_record(problem, candidate),
                 )
             )
+        references += [_source_reference(problem, ref, fitness, objectives, has_heldout) for ref in _sources(problem)]
     points = _mark_heldout_front(points, objectives)
     front = Front(
         objectives=list(objectives.names),
@@ -52,16 +55,59 @@ def write_front(problem, run_dir: RunDir, fitness, objectives: Objectives, progr
         hypervolume=objectives.hypervolume(p.values for p in points),
         heldout_hypervolume=objectives.hypervolume(p.heldout for p in points if p.heldout) if has_heldout else None,
         points=points,
+        references=references,
     )
     run_dir.write_front(front, recipes)
     return front
 
 
 def _heldout_values(problem, candidate, fitness, objectives: Objectives) -> dict[str, float] | None:
-    results = fitness.evaluate(problem.build(candidate), "heldout")
+    return _split_values(problem.build(candidate), fitness, objectives, "heldout")
+
+
+def _split_values(model, fitness, objectives: Objectives, split: str) -> dict[str, float] | None:
+    results = fitness.evaluate(model, split)
     scores = {name: r.score for name, r in results.items()}
     generated = {name: r.generated / r.rows for name, r in results.items() if r.generated is not None}
     return objectives.values(scores, generated)
+
+
+def _start_reference(problem, fitness, objectives: Objectives, has_heldout: bool) -> ReferencePoint:
+    """The configured start (x0: mergekit-evolve's default recipe, or model A's own path for DFS)."""
+    model = problem.build(problem.decode(problem.x0()))
+    values = _split_values(model, fitness, objectives, "fitness")
+    heldout = _split_values(model, fitness, objectives, "heldout") if has_heldout else None
+    return ReferencePoint(label="start", values=values, heldout=heldout)
+
+
+def _sources(problem) -> list[str]:
+    from mergekit_evolve.config import source_models
+
+    if hasattr(problem, "models"):  # DFS: the collection
+        return list(problem.models)
+    base = problem.config.genome.base_model if problem.config.genome is not None else None
+    return list(dict.fromkeys([*([base] if base else []), *source_models(problem.config)]))
+
+
+def _source_reference(problem, ref: str, fitness, objectives: Objectives, has_heldout: bool) -> ReferencePoint:
+    """A source model as it is, scored with transformers in the search's dtype (a failure leaves it off the plot)."""
+    import transformers
+
+    from mergekit_evolve.export.report import display_names
+
+    label = display_names([ref])[0]
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(ref, dtype=problem.dtype).to(problem.device)
+        values = _split_values(model, fitness, objectives, "fitness")
+        heldout = _split_values(model, fitness, objectives, "heldout") if has_heldout else None
+    except Exception as err:  # a reference is decoration; the front stands without it
+        from mergekit_evolve.progress import note
+
+        note(f"front: could not score source {label} ({type(err).__name__}: {str(err)[:120]}); left off the plot")
+        return ReferencePoint(label=label, values=None)
+    finally:
+        model = None
+    return ReferencePoint(label=label, values=values, heldout=heldout)
 
 
 def _mark_heldout_front(points: list[FrontPoint], objectives: Objectives) -> list[FrontPoint]:

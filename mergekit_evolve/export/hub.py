@@ -85,8 +85,10 @@ def staged_upload(
     results: list[dict] | None = None,
     base_models: list[str] | None = None,
     device: str = "cpu",
+    pick: str | None = None,
 ) -> Iterator[UploadPlan]:
     """Build everything to upload in a temporary folder (the run directory is only read)."""
+    from mergekit_evolve.export.final import export_run, picked_point
     from mergekit_evolve.export.model_card import build_card
     from mergekit_evolve.export.report import render_report
 
@@ -102,9 +104,13 @@ def staged_upload(
             results=results,
             base_models=base_models,
             images=[(caption, f"report/{p.name}") for caption, p in images],
+            pick=picked_point(RunDir(root).final_stage(), pick) if pick else None,
         )
         (work / "README.md").write_text(card)
-        model_dir = _model_folder(root, RunDir(root).final_stage().model, fmt, work / "model", device)
+        if pick:
+            model_dir = export_run(root, fmt=fmt, out=work / "model", device=device, pick=pick)
+        else:
+            model_dir = _model_folder(root, RunDir(root).final_stage().model, fmt, work / "model", device)
         files = {**_model_files(model_dir), "README.md": work / "README.md", **image_files}
         yield UploadPlan(repo_id=repo_id, private=private, fmt=fmt, files=files)
 
@@ -259,8 +265,10 @@ def push_run(
     results: Path | None = None,
     base_models: list[str] | None = None,
     device: str = "cpu",
+    pick: str | None = None,
 ) -> dict:
-    """Publish a run (or, with ``dry_run``, write what would be published)."""
+    """Publish a run's best (or with ``pick`` the front point those weights choose; with ``dry_run``,
+    write what would be published)."""
     check_repo_id(repo_id)
     token = None if dry_run is not None else resolve_token()  # fail fast, before any heavy import
     root = Path(run_dir).absolute()
@@ -279,6 +287,7 @@ def push_run(
         results=rows,
         base_models=list(base_models or []) or None,
         device=device,
+        pick=pick,
     ) as plan:
         if dry_run is not None:
             folder, info = write_dry_run(plan, dry_run, endpoint)

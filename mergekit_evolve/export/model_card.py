@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from mergekit_evolve.export.report import (
     selection_text,
     summary_rows,
 )
+from mergekit_evolve.search.records import BestFile, FrontPoint
 
 PAPER = "[arXiv:2403.13187](https://arxiv.org/abs/2403.13187)"
 TAGS = ["merge", "mergekit", "evolutionary-merge"]
@@ -77,19 +79,24 @@ def build_card(
     images: list[tuple[str, str]] = (),
     results: list[dict] | None = None,
     base_models: list[str] | None = None,
+    pick: FrontPoint | None = None,
 ) -> str:
     """README.md text. ``images``: (caption, path in the repo); ``results``: rows of a demo's
-    results.json ({name, heldout: {task: score}, run_dir?}) for the comparison table."""
+    results.json ({name, heldout: {task: score}, run_dir?}) for the comparison table; ``pick``: the front
+    point published instead of the best (``push --pick``)."""
     root = Path(run_dir).absolute()
     stages = load_stages(root)
     if stages[-1].best is None:
         from mergekit_evolve.errors import InputError
 
         raise InputError(f"{root}: the run has no successful candidate yet; nothing to publish")
+    if pick is not None:
+        stages[-1] = _as_picked(stages[-1], pick)
     meta = card_metadata(stages, root, fmt, base_models)
     sections = [
         _title(repo_id, stages, root),
         _method(stages, fmt),
+        _front_section(stages[-1]),
         _heldout_section(stages, root, results),
         _recipe_section(stages, root, fmt),
         _settings_section(stages),
@@ -180,6 +187,48 @@ def _heldout_section(stages: list[Stage], root: Path, results: list[dict] | None
         lines.append(f"| {name} | " + " | ".join(format_score(scores.get(t)) for t in tasks) + " |")
     note = "Scores on the held-out split of each task (higher is better); it was never used to select the recipe."
     return "## Held-out scores\n\n" + note + "\n\n" + "\n".join(lines) + "\n"
+
+
+def _as_picked(stage: Stage, point: FrontPoint) -> Stage:
+    """The stage as if the picked front point were its best: its recipe, path and held-out scores."""
+    best = BestFile(**dict(point.position), fitness=point.fitness, path=point.path)
+    recipe = (stage.path / point.recipe).read_text() if point.recipe else None
+    summary = stage.summary
+    if summary is not None:
+        heldout = {k: v for k, v in (point.heldout or {}).items() if k != "tokens"}
+        summary = summary.model_copy(
+            update={"best": summary.best.model_copy(update={**dict(point.position), "heldout": heldout})}
+        )
+    return replace(stage, best=best, best_yaml=recipe, summary=summary)
+
+
+def _front_section(stage: Stage) -> str:
+    """Where this model sits on the run's Pareto front (runs with optimizer.objectives)."""
+    front = stage.front
+    if front is None or stage.best is None:
+        return ""
+    mine = next((n for n, p in enumerate(front.points) if p.index == stage.best.index), None)
+    names = front.objectives
+    lines = [
+        "| point | " + " | ".join(names) + " | " + " | ".join(f"{n} (held-out)" for n in names) + " |",
+        "|---|" + "---|" * (2 * len(names)),
+    ]
+    for n, p in enumerate(front.points):
+        held = [format_score(p.heldout[k]) if p.heldout else "-" for k in names]
+        label = f"**{n} (this model)**" if n == mine else str(n)
+        lines.append(
+            f"| {label} | " + " | ".join(format_score(p.values[k]) for k in names) + " | " + " | ".join(held) + " |"
+        )
+    better = ", ".join(f"{n} ({'higher' if b else 'lower'} is better)" for n, b in zip(names, front.higher_is_better))
+    where = (
+        f"This model is point {mine} of the {len(front.points)} points"
+        if mine is not None
+        else f"This model is not one of the {len(front.points)} points"
+    )
+    return (
+        f"## Where this model sits on the Pareto front\n\nThe search traded off {better}. {where} of its Pareto "
+        "front (non-dominated on the fitness split; held-out scored after the search):\n\n" + "\n".join(lines) + "\n"
+    )
 
 
 def row_runs(row: dict) -> set[Path]:

@@ -26,7 +26,7 @@ import yaml
 
 from mergekit_evolve.atomic import atomic_file, atomic_write
 from mergekit_evolve.errors import InputError
-from mergekit_evolve.search.records import BestFile, Evaluation, Summary
+from mergekit_evolve.search.records import BestFile, Evaluation, Front, Summary
 from mergekit_evolve.search.rundir import RunDir
 
 MODEL_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
@@ -46,6 +46,7 @@ class Stage:
     summary: Summary | None = None  # summary.json (absent while the run is going on)
     best_yaml: str | None = None
     whole_run_recipe: bool = False  # best_yaml is a ps+dfs run's recipe of both stages
+    front: Front | None = None  # front.json (optimizer.objectives)
 
     @property
     def failures(self) -> int:
@@ -102,6 +103,7 @@ def _load_stage(run: RunDir, name: str) -> Stage:
         best=run.read_best(),
         summary=run.read_summary(),
         best_yaml=run.read_best_yaml(),
+        front=run.read_front(),
     )
 
 
@@ -274,6 +276,56 @@ def _mark_generations(ax, evaluations: list[Evaluation]) -> None:
                 zorder=1,
                 label=f"start of a generation ({len(starts)} in all)" if i == 0 else None,
             )
+
+
+def plot_front(front: Front, evaluations: list[Evaluation], out: Path, prefix: str = "") -> list[Path]:
+    """One plot per pair of objectives: every evaluation, the front on the fitness split and on held-out,
+    and the sources and the start (fitness split: filled, held-out: hollow)."""
+    from itertools import combinations
+
+    from mergekit_evolve.search.objectives import Objectives
+
+    objectives = Objectives.in_units(front.objectives, front.reference)
+    paths = []
+    for a, b in combinations(front.objectives, 2):
+        with _style():
+            fig = _figure(6.4, 5.0)
+            ax = fig.add_subplot()
+            seen = [objectives.values(e.scores, e.generated) for e in evaluations if not e.failed]
+            seen = [v for v in seen if v is not None]
+            ax.scatter([v[a] for v in seen], [v[b] for v in seen], s=10, c="#cccccc", label="every evaluation")
+            points = sorted(front.points, key=lambda p: p.values[a])
+            ax.plot(
+                [p.values[a] for p in points],
+                [p.values[b] for p in points],
+                "o-",
+                c="#1f77b4",
+                label="front (fitness split)",
+            )
+            held = [p for p in points if p.heldout]
+            if held:
+                ax.plot(
+                    [p.heldout[a] for p in held],
+                    [p.heldout[b] for p in held],
+                    "s--",
+                    c="#ff7f0e",
+                    mfc="none",
+                    label="front points on held-out",
+                )
+            for i, ref in enumerate(r for r in front.references if r.values):
+                colour = MODEL_COLOURS[(i + 2) % len(MODEL_COLOURS)]
+                ax.scatter([ref.values[a]], [ref.values[b]], marker="*", s=160, c=colour, label=ref.label)
+                if ref.heldout:
+                    ax.scatter(
+                        [ref.heldout[a]], [ref.heldout[b]], marker="*", s=160, facecolors="none", edgecolors=colour
+                    )
+            ax.set_xlabel(f"{a} ({'higher' if objectives.higher_is_better(a) else 'lower'} is better)")
+            ax.set_ylabel(f"{b} ({'higher' if objectives.higher_is_better(b) else 'lower'} is better)")
+            ax.set_title(f"Pareto front: {len(front.points)} points, hypervolume {front.hypervolume:.4g}")
+            ax.legend(loc="best", fontsize=8)
+            name = f"{prefix}front.png" if len(front.objectives) == 2 else f"{prefix}front_{a}_{b}.png"
+            paths.append(_save(fig, out / name))
+    return paths
 
 
 def ps_parameter_table(genome_config, num_layers: int, genome: list[float]) -> list[dict]:
@@ -528,6 +580,9 @@ def stage_images(stage: Stage, out: Path, root: Path, prefix: str = "") -> list[
     images = [("Fitness of every evaluation", plot_fitness(stage.evaluations, out / f"{prefix}fitness.png", title))]
     if stage.best is not None:
         images.append(_best_image(stage, out, root))
+    if stage.front is not None:
+        caption = "Pareto front (fitness split and held-out) with the sources and the start"
+        images += [(caption, path) for path in plot_front(stage.front, stage.evaluations, out, prefix)]
     return [image for image in images if image is not None]
 
 
@@ -602,8 +657,31 @@ def _stage_section(stage: Stage, out: Path, images: list[tuple[str, Path]], stag
         path = stage.best.path
         line = DFSPath(hops=path["hops"], scales=path["scales"]).summary()
         parts.append(f"Path (model letter + layer, `*scale` where not 1): `{line}`\n")
+    if stage.front is not None:
+        parts.append(front_table(stage.front))
     parts.append(_recipe_section(stage))
     return "\n".join(parts) + "\n"
+
+
+def front_table(front: Front) -> str:
+    """The front's points: each objective on the fitness split and held-out, and the recipe that builds it."""
+    names = front.objectives
+    head = "| point | " + " | ".join(f"{n} (fitness)" for n in names) + " | "
+    head += " | ".join(f"{n} (held-out)" for n in names) + " | held-out front | recipe |"
+    rows = [head, "|" + "---|" * (2 * len(names) + 3)]
+    for n, p in enumerate(front.points):
+        held = [format_score(p.heldout[name]) if p.heldout else "-" for name in names]
+        on_front = "-" if p.heldout_front is None else "yes" if p.heldout_front else "no"
+        cells = [str(n), *(format_score(p.values[name]) for name in names), *held, on_front, p.recipe or "-"]
+        rows.append("| " + " | ".join(cells) + " |")
+    hv = f"Hypervolume (reference {front.reference}): {front.hypervolume:.4g} on the fitness split"
+    if front.heldout_hypervolume is not None:
+        hv += f", {front.heldout_hypervolume:.4g} on held-out"
+    pick = ",".join(f"{n}=0.5" for n in names[:2])
+    return (
+        f"### Pareto front ({len(front.points)} points, `front.json`)\n\n" + "\n".join(rows) + f"\n\n{hv}. "
+        f'Build a point: `mergekit-yaml front/NN.yaml OUT`, or `mergekit-evo export RUN --pick "{pick}" --out OUT`.\n'
+    )
 
 
 def _recipe_section(stage: Stage) -> str:

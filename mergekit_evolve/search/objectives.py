@@ -6,7 +6,8 @@ tasks; lower is better). Strategies minimize, so ``losses`` gives each candidate
 ``-score`` for a task, the token count for ``tokens``.
 
 The reference point (in loss form) bounds the hypervolume that COMO-CMA-ES grows and that the front is
-measured by: a score of 0 for a task, the longest answer the tasks allow (``max_new_tokens``) for tokens.
+measured by: ``optimizer.reference`` where given, else a score of 0 for a task and the longest answer the
+tasks allow (``max_new_tokens``) for tokens.
 """
 
 from __future__ import annotations
@@ -32,7 +33,13 @@ class Objectives:
         names = config.optimizer.objectives
         if not names:
             return None
-        return cls(tuple(names), tuple(_reference(config, name) for name in names))
+        given = config.optimizer.reference or {}
+        return cls.in_units(names, [given[n] if n in given else _default_reference(config, n) for n in names])
+
+    @classmethod
+    def in_units(cls, names, reference) -> Objectives:
+        """From the reference point in the objectives' own units (as front.json keeps it)."""
+        return cls(tuple(names), tuple(-r if cls.higher_is_better(n) else r for n, r in zip(names, reference)))
 
     @staticmethod
     def higher_is_better(name: str) -> bool:
@@ -78,7 +85,8 @@ class Objectives:
         return float(HV(ref_point=np.array(self.reference))(inside)) if len(inside) else 0.0
 
 
-def _reference(config, name: str) -> float:
+def _default_reference(config, name: str) -> float:
+    """In the objective's own units: a score of 0 (accuracy), or the longest answer the tasks allow."""
     if name != TOKENS:
         return 0.0
     return float(max(t.max_new_tokens for t in config.builtin_fitness.tasks if t.kind == "generate"))
@@ -86,7 +94,9 @@ def _reference(config, name: str) -> float:
 
 def nondominated(losses: list[list[float]]) -> list[int]:
     """Indices of the non-dominated loss vectors; of equal vectors only the first counts."""
-    points = np.asarray(losses, dtype=np.float64).reshape(len(losses), -1)
+    if not losses:
+        return []
+    points = np.asarray(losses, dtype=np.float64)
     keep = []
     for i, point in enumerate(points):
         no_worse = np.all(points <= point, axis=1)

@@ -95,6 +95,10 @@ class Position(Record):
     genome: list[float]
     key: str | None = None  # hash of the decoded recipe/path: equal keys score equally
 
+    @property
+    def position(self) -> Position:
+        return Position(**{name: getattr(self, name) for name in Position.model_fields})
+
 
 class Evaluation(Outcome, Position):
     """One evaluated candidate (a line of evaluations.jsonl; rescored.jsonl adds the economy estimate)."""
@@ -105,10 +109,6 @@ class Evaluation(Outcome, Position):
     @classmethod
     def of(cls, position: Position, outcome: Outcome, **extra: Any) -> Evaluation:
         return cls(**dict(position), **dict(outcome), **extra)
-
-    @property
-    def position(self) -> Position:
-        return Position(**{name: getattr(self, name) for name in Position.model_fields})
 
     def beats(self, best: Best | None) -> bool:
         """Better than ``best``; ties go to the earlier candidate, whatever order workers finished in."""
@@ -173,6 +173,14 @@ class FrontPoint(Position):
     path: dict[str, Any] | None = None  # DFS: the path, as best.json keeps it
 
 
+class ReferencePoint(Record):
+    """Something the front is drawn against: a source model, or the search's start recipe."""
+
+    label: str
+    values: dict[str, float] | None
+    heldout: dict[str, float] | None = None
+
+
 class Front(Record):
     """front.json: the Pareto front of a multi-objective run (``optimizer.objectives``), best first objective first."""
 
@@ -182,6 +190,7 @@ class Front(Record):
     hypervolume: float  # of the front on the fitness split
     heldout_hypervolume: float | None = None
     points: list[FrontPoint]
+    references: list[ReferencePoint] = []  # the sources and the start, on the same objectives
 
 
 class BestFile(Best):
