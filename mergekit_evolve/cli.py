@@ -493,6 +493,11 @@ def _print_summary(summary, out) -> None:
         f"best fitness {best.fitness:.4f} (evaluation {best.index}), held-out "
         f"{_fmt(best.heldout_total)} after {summary.evaluations} evaluations; {where}"
     )
+    if summary.front_size is not None:
+        click.echo(
+            f"Pareto front: {summary.front_size} points in {Path(out) / 'front.json'}, recipes in "
+            f"{Path(out) / 'front'}/; build one with mergekit-evo export {out} --pick \"TASK=WEIGHT,...\" --out OUT"
+        )
 
 
 def _fmt(v) -> str:
