@@ -51,6 +51,10 @@ BENCHES = {
         ["--seeds", "3", "--budget", "480", "--plot", "docs/pareto_front.png", "--results", "docs/RESULTS.md"],
         "held-out Pareto fronts: COMO-CMA-ES, NSGA-II, weighted-sum CMA-ES at equal budgets (zoo, 3 seeds)",
     ),
+    "m2n2": (
+        ["--seeds", "3", "--budget", "308", "--results", "docs/RESULTS.md"],
+        "M2N2 vs CMA-ES PS at equal budgets: held-out script_math, what the archive keeps (zoo, 3 seeds)",
+    ),
 }
 SCRIPTS = {"torture_economy": "torture"}  # entries that run another benchmark's script with other arguments
 # issue #31's floor: these stay >= 10x faster than mergekit-yaml + reload at 106M

@@ -496,7 +496,7 @@ def _print_summary(summary, out) -> None:
     if summary.front_size is not None:
         click.echo(
             f"Pareto front: {summary.front_size} points in {Path(out) / 'front.json'}, recipes in "
-            f"{Path(out) / 'front'}/; build one with mergekit-evo export {out} --pick \"TASK=WEIGHT,...\" --out OUT"
+            f'{Path(out) / "front"}/; build one with mergekit-evo export {out} --pick "TASK=WEIGHT,..." --out OUT'
         )
 
 

@@ -161,6 +161,15 @@ class RacingConfig(Strict):
         return self
 
 
+class M2N2Config(Strict):
+    """``optimizer.kind: m2n2`` (search/m2n2.py): the archive and the two mechanisms the paper ablates."""
+
+    archive_size: int = Field(default=15, ge=2)  # the paper's LLM setting
+    alpha: float = Field(default=1.0, ge=0)  # strength of competition (0: no fitness sharing, a plain GA)
+    attraction: bool = True  # false: parent B uniformly at random
+    split_points: bool = True  # false: one mixing ratio for the whole model
+
+
 class OptimizerConfig(Strict):
     sigma0: float = Field(default=1 / 6, gt=0)
     popsize: int | None = Field(default=None, ge=2)
@@ -180,8 +189,9 @@ class OptimizerConfig(Strict):
     # for tasks (accuracies), the longest answer (max_new_tokens) for tokens. Set it for scores below 0.
     reference: dict[str, float] | None = None
     # The search strategy (search/strategies.py): auto = cmaes for one objective, como-cmaes for several.
-    kind: Literal["auto", "cmaes", "como-cmaes", "nsga2"] = "auto"
+    kind: Literal["auto", "cmaes", "como-cmaes", "nsga2", "m2n2"] = "auto"
     kernels: int | None = Field(default=None, ge=2)  # como-cmaes: CMA-ES kernels (front points); default 5
+    m2n2: M2N2Config = Field(default_factory=lambda: M2N2Config())  # kind: m2n2 (search/m2n2.py)
 
     @model_validator(mode="after")
     def _check_objectives(self) -> OptimizerConfig:
@@ -209,6 +219,18 @@ class OptimizerConfig(Strict):
             raise ValueError(f"kind: {kind} is multi-objective; add objectives: [task_a, task_b] (or tokens)")
         if kind == "cmaes" and objectives is not None:
             raise ValueError("kind: cmaes optimizes one weighted fitness; with objectives use como-cmaes or nsga2")
+        if kind == "m2n2":
+            for setting, name in (
+                (objectives, "objectives"),
+                (self.racing, "racing"),
+                (self.economy != "off", f"economy: {self.economy}"),
+                (self.restarts, "restarts"),
+            ):
+                if setting:
+                    raise ValueError(
+                        f"kind: m2n2 keeps an archive scored on every fitness row with one weighted fitness; "
+                        f"remove {name.split(':')[0]}"
+                    )
         if self.kernels is not None and self.strategy != "como-cmaes":
             raise ValueError("kernels: only como-cmaes has kernels; remove it or set kind: como-cmaes")
         return self

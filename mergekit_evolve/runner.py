@@ -28,6 +28,7 @@ from mergekit_evolve.resources import resolve_device
 from mergekit_evolve.search.economy import Economy, tokens_of
 from mergekit_evolve.search.executors import make_executor, make_score
 from mergekit_evolve.search.loop import Racing, SearchState, run_search
+from mergekit_evolve.search.m2n2 import ItemResults
 from mergekit_evolve.search.objectives import Objectives
 from mergekit_evolve.search.problems import make_problem
 from mergekit_evolve.search.records import BestResult, RunInfo, Summary
@@ -80,6 +81,10 @@ def validate(config: EvolveConfig, device: str = "cpu", progress: bool = False):
     fitness = make_fitness(config, problem.tokenizer, problem.tokenizer_ref, progress)
     if config.backend == "vllm":
         check_vllm_backend(config, problem, fitness)
+    if config.optimizer.strategy == "m2n2":
+        from mergekit_evolve.search.m2n2 import check_m2n2
+
+        check_m2n2(config, problem)
     if config.optimizer.racing is not None:
         from mergekit_evolve.search.racing import check_racing
 
@@ -216,6 +221,10 @@ def run_stage(
             heldout = fitness.score(problem.build(best), "heldout")
     objectives = Objectives.of(config)
     front = write_front(problem, run_dir, fitness, objectives, progress) if objectives else None
+    if config.optimizer.strategy == "m2n2":
+        from mergekit_evolve.export.archive import write_archive
+
+        write_archive(problem, run_dir, state.es, ItemResults.of(fitness), state.best.index)
     if config.backend == "vllm":
         problem.close()  # the engine's memory goes back before the model is written
     summary = Summary(
@@ -244,7 +253,8 @@ def run_stage(
 def _search(
     problem, config: EvolveConfig, run_dir: RunDir, fitness, progress: bool, logger, stage: str = ""
 ) -> SearchState:
-    executor = make_executor(config, problem, make_score(fitness))
+    m2n2 = config.optimizer.strategy == "m2n2"
+    executor = make_executor(config, problem, make_score(fitness, items=m2n2))
     try:
         state = run_search(
             problem,
@@ -257,6 +267,7 @@ def _search(
             racing=make_racing(config, fitness),
             economy=make_economy(config, fitness),
             objectives=Objectives.of(config),
+            items=ItemResults.of(fitness) if m2n2 else None,
             stage=stage,
         )
     finally:

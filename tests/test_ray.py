@@ -139,3 +139,23 @@ def test_a_multi_objective_run_on_ray_gives_the_local_front(family, tmp_path, ra
         (p["index"], p["values"]) for p in fronts["ray"]["points"]
     ]
     assert fronts["ray"]["hypervolume"] > 0 and fronts["ray"]["reference"] == [-50.0, -50.0]
+
+
+def test_m2n2_on_ray_keeps_the_local_archive(family, tmp_path, ray_cluster):
+    """optimizer.kind m2n2 with the Ray executor: workers send each row's result; same candidates and archive."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"{i}*2=", "answer": str(2 * i)}) + "\n" for i in range(6)))
+    archives = {}
+    for kind in ("local", "ray"):
+        config = make_config(family, rows, kind)
+        config["genome"].update(layer_granularity=1)
+        config["fitness"]["tasks"] = [{"name": "gen", "data": str(rows), "max_new_tokens": 2}]
+        config["optimizer"].update(kind="m2n2", popsize=2, m2n2={"archive_size": 3}, max_evals=8)
+        runner.start(parse_config(config), tmp_path / kind, device="cpu", progress=False, save_model=False)
+        archives[kind] = json.loads((tmp_path / kind / "archive.json").read_text())
+    ours, theirs = evals(tmp_path / "local"), evals(tmp_path / "ray")
+    assert [r["genome"] for r in ours] == [r["genome"] for r in theirs] and len(ours) == 8
+    assert [r["items"] for r in ours] == [r["items"] for r in theirs] and all(
+        len(r["items"]["gen"]) == 6 for r in theirs
+    )
+    assert archives["local"]["members"] == archives["ray"]["members"]

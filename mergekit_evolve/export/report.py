@@ -26,7 +26,7 @@ import yaml
 
 from mergekit_evolve.atomic import atomic_file, atomic_write
 from mergekit_evolve.errors import InputError
-from mergekit_evolve.search.records import BestFile, Evaluation, Front, Summary
+from mergekit_evolve.search.records import Archive, BestFile, Evaluation, Front, Summary
 from mergekit_evolve.search.rundir import RunDir
 
 MODEL_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
@@ -47,6 +47,7 @@ class Stage:
     best_yaml: str | None = None
     whole_run_recipe: bool = False  # best_yaml is a ps+dfs run's recipe of both stages
     front: Front | None = None  # front.json (optimizer.objectives)
+    archive: Archive | None = None  # archive.json (optimizer.kind: m2n2)
 
     @property
     def failures(self) -> int:
@@ -104,6 +105,7 @@ def _load_stage(run: RunDir, name: str) -> Stage:
         summary=run.read_summary(),
         best_yaml=run.read_best_yaml(),
         front=run.read_front(),
+        archive=run.read_archive(),
     )
 
 
@@ -328,6 +330,39 @@ def plot_front(front: Front, evaluations: list[Evaluation], out: Path, prefix: s
     return paths
 
 
+def plot_archive(archive: Archive, evaluations: list[Evaluation], out: Path) -> Path:
+    """Left: members (rows, by shared fitness) x fitness rows (columns, by how many members answer them),
+    dark = answered. Right: how often a child was split before each position."""
+    import numpy as np
+
+    by_index = {e.index: e for e in evaluations}
+    tasks = list(archive.rows)
+    matrix = np.array(
+        [[c == "1" for t in tasks for c in (by_index[m.index].items or {}).get(t, "")] for m in archive.members],
+        dtype=float,
+    )
+    with _style():
+        fig = _figure(11, 0.9 + 0.32 * max(len(archive.members), 4))
+        left, right = fig.subplots(1, 2, width_ratios=[3, 1])
+        if matrix.size:
+            order = np.argsort(-matrix.sum(axis=0), kind="stable")
+            left.imshow(matrix[:, order], aspect="auto", cmap="Greys", interpolation="nearest", vmin=0, vmax=1)
+        left.set_yticks(range(len(archive.members)))
+        left.set_yticklabels([f"#{m.index} ({m.fitness:.2f})" for m in archive.members], fontsize=8)
+        covered = ", ".join(f"{t} {archive.covered[t]}/{archive.rows[t]}" for t in tasks)
+        left.set_title(f"Rows each member answers (archive covers {covered})")
+        left.set_xlabel("fitness rows, most answered first")
+        counts = [archive.splits.count(p) for p in range(len(archive.positions) + 1)]
+        labels = [*archive.positions, "(whole)"]
+        right.barh(range(len(counts)), counts, color="#1f77b4")
+        right.set_yticks(range(len(counts)))
+        right.set_yticklabels(labels, fontsize=8)
+        right.invert_yaxis()
+        right.set_title("Split point (first place at 1 - w)")
+        right.set_xlabel("children")
+        return _save(fig, out)
+
+
 def ps_parameter_table(genome_config, num_layers: int, genome: list[float]) -> list[dict]:
     """One panel per (parameter, filter set): rows = source models (or 'shared'), columns = layer groups."""
     import numpy as np
@@ -353,7 +388,7 @@ def ps_parameter_table(genome_config, num_layers: int, genome: list[float]) -> l
             }
         panel["values"][0 if gene.model is None else gene.model, gene.group] = value
     for panel in panels.values():
-        panel["groups"] = [_group_label(space, g) for g in range(panel["values"].shape[1])]
+        panel["groups"] = [group_label(space, g) for g in range(panel["values"].shape[1])]
     return list(panels.values())
 
 
@@ -363,7 +398,7 @@ def _filter_label(filters: list[str], index: int, n_sets: int) -> str | None:
     return f"tensors matching '{filters[index]}'" if index < len(filters) else "all other tensors"
 
 
-def _group_label(space, group: int) -> str:
+def group_label(space, group: int) -> str:
     if group == space.io_group:
         return "embeddings, norm, lm_head"
     if space.n_groups == 1:
@@ -580,6 +615,9 @@ def stage_images(stage: Stage, out: Path, root: Path, prefix: str = "") -> list[
     images = [("Fitness of every evaluation", plot_fitness(stage.evaluations, out / f"{prefix}fitness.png", title))]
     if stage.best is not None:
         images.append(_best_image(stage, out, root))
+    if stage.archive is not None:
+        caption = "M2N2 archive: which fitness rows each member answers, and where children were split"
+        images.append((caption, plot_archive(stage.archive, stage.evaluations, out / f"{prefix}archive.png")))
     if stage.front is not None:
         caption = "Pareto front (fitness split and held-out) with the sources and the start"
         images += [(caption, path) for path in plot_front(stage.front, stage.evaluations, out, prefix)]
@@ -659,8 +697,50 @@ def _stage_section(stage: Stage, out: Path, images: list[tuple[str, Path]], stag
         parts.append(f"Path (model letter + layer, `*scale` where not 1): `{line}`\n")
     if stage.front is not None:
         parts.append(front_table(stage.front))
+    if stage.archive is not None:
+        parts.append(archive_text(stage.archive))
     parts.append(_recipe_section(stage))
     return "\n".join(parts) + "\n"
+
+
+def archive_text(archive: Archive) -> str:
+    """The archive's members and the lineage of the best model (M2N2)."""
+    tasks = list(archive.rows)
+    rows = [
+        "| member | evaluation | fitness | shared fitness | "
+        + " | ".join(tasks)
+        + " | rows only it answers | recipe |",
+        "|---|---|---|---|" + "---|" * len(tasks) + "---|---|",
+    ]
+    for n, m in enumerate(archive.members):
+        scores = " | ".join(format_score(m.scores.get(t)) for t in tasks)
+        rows.append(
+            f"| {n} | {m.index} | {format_score(m.fitness)} | {m.shared_fitness:.3g} | {scores} | {m.solved_alone} "
+            f"| {m.recipe} |"
+        )
+    steps = []
+    for d in archive.lineage:
+        if d.source is not None:
+            steps.append(f"- #{d.index}: source `{Path(d.source).name}`")
+        elif d.parents:
+            steps.append(f"- #{d.index} = #{d.parents[0]} x #{d.parents[1]}: {_mixing(archive, d.split, d.w)}")
+    covered = ", ".join(f"{t}: {archive.covered[t]} of {archive.rows[t]}" for t in tasks)
+    best = ", ".join(f"{t}: {archive.best_member_covers[t]}" for t in tasks)
+    return (
+        f"### M2N2 archive ({len(archive.members)} members, `archive.json`)\n\n" + "\n".join(rows) + "\n\n"
+        f"Fitness rows answered by at least one member: {covered} (by the best member: {best}). Each member builds "
+        "with `mergekit-yaml archive/NN.yaml OUT`.\n\n"
+        "Lineage of the run's best (a child of A x B is `w A + (1 - w) B` before its split point and "
+        "`(1 - w) A + w B` from it on):\n\n" + "\n".join(steps) + "\n"
+    )
+
+
+def _mixing(archive: Archive, split: int, w: float) -> str:
+    if split == 0:
+        return f"1 - w = {1 - w:.3f} for the whole model"
+    if split >= len(archive.positions):
+        return f"w = {w:.3f} for the whole model"
+    return f"w = {w:.3f} up to `{archive.positions[split - 1]}`, 1 - w from `{archive.positions[split]}` on"
 
 
 def front_table(front: Front) -> str:

@@ -56,8 +56,9 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
-def make_score(fitness) -> ScoreFn:
-    """The executors' score function: (model, part=None) -> fitness, per-task scores, tokens spent."""
+def make_score(fitness, items: bool = False) -> ScoreFn:
+    """The executors' score function: (model, part=None) -> fitness, per-task scores, tokens spent (``items``:
+    and each row's result, for M2N2)."""
     from mergekit_evolve.fitness.evaluator import Subsample
     from mergekit_evolve.search.economy import item_results
 
@@ -68,6 +69,8 @@ def make_score(fitness) -> ScoreFn:
         generated = {name: r.generated / r.rows for name, r in results.items() if r.generated is not None}
         if generated:
             out["generated"] = generated
+        if items and part is None:
+            out["items"] = {n: "".join("1" if c else "0" for c in r.correct or []) for n, r in results.items()}
         if isinstance(part, Subsample):
             out["subsample"] = item_results(
                 part, fitness.num_rows("fitness"), {n: r.correct for n, r in results.items()}
@@ -163,7 +166,8 @@ class _Worker:
         config = parse_config(yaml.safe_load(config_yaml))
         self.problem = make_problem(config, device)
         fitness = make_fitness(config, self.problem.tokenizer, self.problem.tokenizer_ref)
-        self.score = make_score(fitness_for_search(config, fitness))  # the rows the search sees
+        # the rows the search sees (and M2N2's per-row results)
+        self.score = make_score(fitness_for_search(config, fitness), items=config.optimizer.strategy == "m2n2")
 
     def evaluate(self, genome: list, part: Any = None) -> Outcome:
         return evaluate_candidate(self.problem, self.score, genome, part).model_copy(update={"worker": os.getpid()})

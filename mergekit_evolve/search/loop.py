@@ -25,6 +25,7 @@ from mergekit_evolve.config import OptimizerConfig, RacingConfig
 from mergekit_evolve.errors import InputError, RunFailedError
 from mergekit_evolve.progress import on_terminal
 from mergekit_evolve.search.executors import Executor, Job
+from mergekit_evolve.search.m2n2 import ItemResults
 from mergekit_evolve.search.objectives import Objectives
 from mergekit_evolve.search.problems import Problem
 from mergekit_evolve.search.racing import race
@@ -76,9 +77,14 @@ class Generation:
     part: Any = None  # economy: the rows it is scored on
     records: dict[int, Evaluation] = field(default_factory=dict)
 
-    def losses(self, objectives: Objectives | None = None) -> list:
-        """What the strategy is told per candidate: its loss, or with ``objectives`` its loss vector."""
+    def losses(
+        self, objectives: Objectives | None = None, items: ItemResults | None = None, told: str = "loss"
+    ) -> list:
+        """What the strategy is told per candidate: its loss, with ``objectives`` its loss vector, or for a
+        strategy told ``items`` (M2N2) its per-item results (None when it failed)."""
         records = [self.records[j] for j in range(len(self.genomes))]
+        if told == "items":
+            return [items.scores(r) for r in records]
         if objectives is not None:
             return [objectives.losses(r) for r in records]
         return [FAILED_LOSS if r.fitness is None else -r.fitness for r in records]
@@ -108,11 +114,13 @@ class Search:
         racing: Racing | None = None,
         economy: Economy | None = None,
         objectives: Objectives | None = None,
+        items: ItemResults | None = None,
         stage: str = "",
     ):
         self.problem, self.executor, self.run_dir, self.opt = problem, executor, run_dir, opt
         self.label = f"{stage} " if stage else ""  # a ps+dfs run says which stage a line belongs to
         self.progress, self.racing, self.economy, self.objectives = progress, racing, economy, objectives
+        self.items = items  # M2N2: how a record's per-row results become its score vector
         self.on_generation, self.on_record, self.on_best = on_generation, on_record, on_best
         run_dir.repair()
         self.state: SearchState = run_dir.load_state() or SearchState(es=self._new_optimizer(restart=0))
@@ -252,7 +260,8 @@ class Search:
         """Tell the strategy the generation's losses, then make the generation durable."""
         state = self.state
         if not generation.last_partial:
-            state.es.tell(generation.genomes, generation.losses(self.objectives))
+            told = getattr(state.es, "told", "loss")
+            state.es.tell(generation.genomes, generation.losses(self.objectives, self.items, told))
         state.generation = generation.number
         state.n_evals += len(generation.genomes)
         state.history.append((generation.number, state.n_evals, state.best and state.best.fitness))
@@ -289,7 +298,7 @@ class Search:
         """The configured strategy (search/strategies.py); a restart starts from a random point."""
         opt = self.opt
         x0 = self.problem.x0(random=opt.init == "random" or restart > 0, seed=opt.seed + restart)
-        return make_strategy(self.problem, opt, _pad(x0), restart, self.objectives)
+        return make_strategy(self.problem, opt, _pad(x0), restart, self.objectives, self.items)
 
     # -- failures and the economy's finalists ----------------------------------------------------------
     def _check_first_generation(self, records: list[Evaluation]) -> None:
@@ -358,6 +367,7 @@ def _cached(source: Outcome) -> Outcome:
         fitness=source.fitness,
         scores=source.scores,
         generated=source.generated,
+        items=source.items,
         cached=True,
         racing=source.racing,
         subsample=source.subsample,

@@ -63,6 +63,7 @@ class Outcome(Record):
     merge_seconds: float | None = None
     tokens: int = 0  # forward tokens spent
     generated: dict[str, float] | None = None  # generate tasks: mean answer tokens per row (objective ``tokens``)
+    items: dict[str, str] | None = None  # optimizer.kind m2n2: per task, "1"/"0" per fitness row in row order
     racing: RacingProgress | None = None
     subsample: SubsampleResults | None = None
     rows: dict[str, int] | None = None  # racing stages: rows scored per task in this part
@@ -191,6 +192,38 @@ class Front(Record):
     heldout_hypervolume: float | None = None
     points: list[FrontPoint]
     references: list[ReferencePoint] = []  # the sources and the start, on the same objectives
+
+
+class ArchiveMember(Position):
+    """A member of M2N2's final archive."""
+
+    fitness: float  # the weighted fitness (fitness split)
+    shared_fitness: float  # its share of the rows, as M2N2 ranks it
+    scores: dict[str, float]
+    solved_alone: int  # fitness rows no other member answers
+    recipe: str  # archive/NN.yaml
+
+
+class Descent(Record):
+    """One step of a lineage: a candidate and how it was made (``source``: it is that source model)."""
+
+    index: int
+    source: str | None = None
+    parents: list[int] | None = None  # evaluation indices of parent A and parent B
+    split: int | None = None  # before this position (0 = embeddings, 1.. = layer groups) the ratio is w
+    w: float | None = None
+
+
+class Archive(Record):
+    """archive.json: M2N2's final archive, its coverage of the fitness rows, and how the best was made."""
+
+    members: list[ArchiveMember]  # by shared fitness, highest first
+    rows: dict[str, int]  # fitness rows per task
+    covered: dict[str, int]  # rows at least one member answers
+    best_member_covers: dict[str, int]  # rows the best member (by weighted fitness) answers
+    positions: list[str]  # what each split position is (embeddings, layer groups)
+    splits: list[int]  # the split position of every child, in evaluation order
+    lineage: list[Descent]  # the run's best, then its parents' lineages (each candidate once)
 
 
 class BestFile(Best):

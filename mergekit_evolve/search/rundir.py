@@ -9,6 +9,7 @@
     optimizer.pkl        CMA-ES state + counters after the last completed generation
     best.yaml / best.json   best recipe so far (plain mergekit YAML) and its numbers
     front.json, front/   optimizer.objectives only: the Pareto front and one recipe per point (NN.yaml)
+    archive.json, archive/   optimizer.kind m2n2 only: the final archive and one recipe per member
     summary.json         the finished search
     model/               the merged best model (at the end)
     .lock                held (flock) by the process that runs the search
@@ -38,6 +39,7 @@ from pydantic import BaseModel
 from mergekit_evolve.atomic import atomic_write
 from mergekit_evolve.errors import InputError
 from mergekit_evolve.search.records import (
+    Archive,
     BestFile,
     Evaluation,
     Front,
@@ -71,6 +73,8 @@ class RunDir:
     summary = property(lambda self: self.path / "summary.json")
     front_json = property(lambda self: self.path / "front.json")
     front_dir = property(lambda self: self.path / "front")
+    archive_json = property(lambda self: self.path / "archive.json")
+    archive_dir = property(lambda self: self.path / "archive")
 
     def is_run(self) -> bool:
         return self.config.is_file()
@@ -209,19 +213,30 @@ class RunDir:
         return self.best_yaml.read_text() if self.best_yaml.is_file() else None
 
     def write_front(self, front: Front, recipes: dict[str, str]) -> None:
-        """front/ (one recipe per point, named as ``front.points[i].recipe``), then front.json: a reader
-        that finds front.json finds every recipe it names; recipes of an earlier front are removed."""
-        self.front_dir.mkdir(exist_ok=True)
-        for name, text in recipes.items():
-            atomic_write(self.path / name, text)
-        keep = {self.path / name for name in recipes}
-        for old in self.front_dir.glob("*.yaml"):
-            if old not in keep:
-                old.unlink()
-        self._write_record(self.front_json, front)
+        """front/ (one recipe per point, named as ``front.points[i].recipe``), then front.json."""
+        self._write_with_recipes(self.front_json, self.front_dir, front, recipes)
 
     def read_front(self) -> Front | None:
         return _read_record(self.front_json, Front)
+
+    def write_archive(self, archive: Archive, recipes: dict[str, str]) -> None:
+        """archive/ (one recipe per member), then archive.json."""
+        self._write_with_recipes(self.archive_json, self.archive_dir, archive, recipes)
+
+    def read_archive(self) -> Archive | None:
+        return _read_record(self.archive_json, Archive)
+
+    def _write_with_recipes(self, path: Path, folder: Path, record: Record, recipes: dict[str, str]) -> None:
+        """The recipes first, then the record that names them: a reader that finds the record finds every
+        recipe it names; recipes of an earlier version are removed."""
+        folder.mkdir(exist_ok=True)
+        for name, text in recipes.items():
+            atomic_write(self.path / name, text)
+        keep = {self.path / name for name in recipes}
+        for old in folder.glob("*.yaml"):
+            if old not in keep:
+                old.unlink()
+        self._write_record(path, record)
 
     def write_summary(self, summary: Summary) -> None:
         self._write_record(self.summary, summary)
