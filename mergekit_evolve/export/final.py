@@ -49,7 +49,7 @@ def export_run(
     return save_model(problem, problem.decode(np.asarray(best.genome)), out, fmt)
 
 
-def picked_point(stage: RunDir, weights: str):
+def picked_point(stage: RunDir, weights: str, announce: bool = True):
     """The front point that ``weights`` choose (an input error when the run has no front)."""
     from mergekit_evolve.export.front import parse_weights, pick
 
@@ -61,5 +61,8 @@ def picked_point(stage: RunDir, weights: str):
         )
     point = pick(front, parse_weights(weights, front.objectives))
     values = ", ".join(f"{name} {value:.4g}" for name, value in point.values.items())
-    print(f"[mergekit-evo] --pick chose front point {front.points.index(point)} ({values}; evaluation {point.index})")
+    if announce:
+        print(
+            f"[mergekit-evo] --pick chose front point {front.points.index(point)} ({values}; evaluation {point.index})"
+        )
     return point

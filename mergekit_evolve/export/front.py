@@ -105,8 +105,6 @@ def _source_reference(problem, ref: str, fitness, objectives: Objectives, has_he
 
         note(f"front: could not score source {label} ({type(err).__name__}: {str(err)[:120]}); left off the plot")
         return ReferencePoint(label=label, values=None)
-    finally:
-        model = None
     return ReferencePoint(label=label, values=values, heldout=heldout)
 
 

@@ -104,7 +104,7 @@ def staged_upload(
             results=results,
             base_models=base_models,
             images=[(caption, f"report/{p.name}") for caption, p in images],
-            pick=picked_point(RunDir(root).final_stage(), pick) if pick else None,
+            pick=picked_point(RunDir(root).final_stage(), pick, announce=False) if pick else None,
         )
         (work / "README.md").write_text(card)
         if pick:

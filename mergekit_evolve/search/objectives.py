@@ -20,6 +20,7 @@ import numpy as np
 from mergekit_evolve.search.records import Evaluation, Outcome
 
 TOKENS = "tokens"
+FAILED = 1e9  # a failed candidate's loss in every objective (as search/loop.py's FAILED_LOSS)
 
 
 @dataclass(frozen=True)
@@ -67,11 +68,11 @@ class Objectives:
         return [values[n] if not self.higher_is_better(n) else -values[n] for n in self.names]
 
     def losses(self, record: Outcome) -> list[float]:
-        """What the strategy minimizes for one scored candidate; a failed one is worse than the reference
-        point in every objective (it adds nothing to the front, and ranks behind every real candidate)."""
+        """What the strategy minimizes for one scored candidate; a failed one is far worse than anything real
+        in every objective (it adds nothing to the front, and ranks behind every real candidate)."""
         values = None if record.failed else self.values(record.scores, record.generated)
         if values is None:
-            return [r + abs(r) + 1.0 for r in self.reference]
+            return [FAILED] * len(self.names)
         return self.to_losses(values)
 
     def hypervolume(self, points: Iterable[Mapping[str, float]]) -> float:
