@@ -341,7 +341,8 @@ def _check_fitness_available(config: EvolveConfig) -> None:
     if config.executor.kind == "ray":
         from mergekit_evolve.search.executors import import_ray
 
-        import_ray(joining=bool(config.executor.address or os.environ.get("RAY_ADDRESS")))
+        address = config.executor.address or os.environ.get("RAY_ADDRESS")
+        import_ray(joining=bool(address), address=address)
     if config.builtin_fitness is None:
         from mergekit_evolve.fitness.lm_eval_tasks import require_lm_eval
 

@@ -61,3 +61,11 @@ def ids_loglik(model, tokenizer, rows, split) -> float:
 def deeper(model, tokenizer, rows, split) -> float:
     """Prefers longer layer paths (a DFS search then leaves model A's own path), then the log-likelihood."""
     return float(model.config.num_hidden_layers) + loglik(model, tokenizer, rows, split) / 1000
+
+
+def slow_loglik(model, tokenizer, rows, split) -> float:
+    """loglik after a pause: candidates long enough that a node can be lost while it runs one."""
+    import time
+
+    time.sleep(0.25)
+    return loglik(model, tokenizer, rows, split)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import socket
+import sys
 import time
 import traceback
 from collections import deque
@@ -136,10 +138,13 @@ def make_executor(config, problem, score: ScoreFn) -> Executor:
 
 
 # -- Ray ------------------------------------------------------------------------------------------------
-def import_ray(joining: bool = False):
-    """Ray, or one line saying how to install it; ``joining`` an existing cluster: token auth first."""
+def import_ray(joining: bool = False, address: str | None = None):
+    """Ray, or one line saying how to install it; ``joining`` an existing cluster: token auth first, and for a
+    cluster on this machine's loopback ``address`` a driver that stays on loopback."""
     if joining:
         prefer_token_auth()  # before ray is imported: it reads RAY_AUTH_MODE once
+    if address and _is_loopback(address):
+        stay_on_loopback()
     try:
         import ray
     except ImportError:
@@ -208,7 +213,7 @@ def prepare_cluster(config, device: str) -> None:
     address = executor.address or os.environ.get("RAY_ADDRESS")
     if address:
         check_reachable(address)
-        ray = import_ray(joining=True)
+        ray = import_ray(joining=True, address=address)
         if not ray.is_initialized():
             join_cluster(ray, address)
         check_cluster_resources(ray, executor.workers, device.startswith("cuda"))
@@ -263,6 +268,20 @@ def _node_facts(paths: list[str]) -> tuple[str, list[str]]:
     return version("mergekit-evolve"), [p for p in paths if not os.path.exists(p)]
 
 
+def _is_loopback(address: str) -> bool:
+    host = address.removeprefix("ray://").rpartition(":")[0] or address
+    return host in ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def stay_on_loopback() -> None:
+    """Ray rewrites a loopback cluster address to the machine's outward IP before connecting
+    (``services.resolve_ip_for_localhost``), so a cluster started on 127.0.0.1 (``ray start --head
+    --node-ip-address 127.0.0.1``, a laptop, a sandbox) cannot be joined by its own address. Ray's switch for
+    single-machine clusters keeps the driver on loopback; it is read once, when ray is imported."""
+    if "ray" not in sys.modules:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
 def prefer_token_auth() -> None:
     """Joining a cluster with a token at hand (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or the
     ``~/.ray/auth_token`` that ``ray start`` writes) and no ``RAY_AUTH_MODE``: use token authentication."""
@@ -297,7 +316,7 @@ class RayExecutor:
         threads_per_worker: int | None = None,
     ):
         address = address or os.environ.get("RAY_ADDRESS")
-        ray = import_ray(joining=bool(address))
+        ray = import_ray(joining=bool(address), address=address)
         self.ray = ray
         if not ray.is_initialized():
             if address:
@@ -311,7 +330,10 @@ class RayExecutor:
         self.config_yaml = config.to_yaml()
         self.device = "cuda" if self.gpu else device
         self.threads = threads_per_worker
-        self.actor_cls = ray.remote(num_gpus=1 if self.gpu else 0, num_cpus=1, max_restarts=0)(_Worker)
+        # SPREAD: workers go to different nodes where they can, so losing one node loses few of them.
+        self.actor_cls = ray.remote(num_gpus=1 if self.gpu else 0, num_cpus=1, max_restarts=0)(_Worker).options(
+            scheduling_strategy="SPREAD"
+        )
         self.workers = [self._start_worker() for _ in range(self.n_workers)]
 
     def _check_resources(self) -> None:
@@ -363,8 +385,16 @@ class RayExecutor:
 
 def _worker_lost(err: Exception, attempts: int) -> Outcome:
     return Outcome.failure(
-        f"WorkerLost: the candidate's worker died {attempts} times ({type(err).__name__})", time=time.time()
+        f"WorkerLost: the candidate's worker died {attempts} times ({type(err).__name__}{_cause(err)})",
+        time=time.time(),
     )
+
+
+def _cause(err: Exception) -> str:
+    """The error a worker died of, when Ray's message carries it (e.g. raised while the worker started)."""
+    lines = [line.strip() for line in str(err).splitlines()]
+    raised = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception): ", line)]
+    return f": {raised[-1][:300]}" if raised else ""
 
 
 def _is_oom(err: Exception) -> bool:
