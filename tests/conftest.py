@@ -76,12 +76,14 @@ def demo_out(zoo, tmp_path_factory) -> Path:
 # The longest files first: with two workers taking whole files (--dist loadfile, in collection order), a long
 # file that starts last leaves the other worker idle at the end. Measured with --durations (seconds per file).
 LONGEST_FIRST = [
+    "test_ray_cluster.py",
     "test_crash_safety.py",
     "test_vllm_backend.py",
     "test_vllm_dfs.py",
     "test_merge_engine.py",
     "test_lm_eval.py",
     "test_ray.py",
+    "test_pareto.py",
     "test_search.py",
 ]
 

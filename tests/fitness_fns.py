@@ -40,15 +40,6 @@ def always_fails(model, tokenizer, rows, split) -> float:
     raise RuntimeError("injected failure for every candidate")
 
 
-def dies_once(model, tokenizer, rows, split) -> float:
-    """Kills its own worker process the first time it runs (flag file), then behaves like loglik."""
-    flag = os.environ.get("MKE_DIE_FLAG")
-    if flag and not os.path.exists(flag):
-        open(flag, "w").close()
-        os._exit(1)
-    return loglik(model, tokenizer, rows, split)
-
-
 def ids_loglik(model, tokenizer, rows, split) -> float:
     """Mean log-probability of the token ids in each row's ``ids``: needs no tokenizer (gets None)."""
     assert tokenizer is None
@@ -67,5 +58,5 @@ def slow_loglik(model, tokenizer, rows, split) -> float:
     """loglik after a pause: candidates long enough that a node can be lost while it runs one."""
     import time
 
-    time.sleep(0.25)
+    time.sleep(0.2)
     return loglik(model, tokenizer, rows, split)

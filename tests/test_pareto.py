@@ -61,7 +61,7 @@ def dominated(a: list[float], b: list[float]) -> bool:
 @pytest.fixture(scope="module")
 def como_run(zoo, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pareto") / "como"
-    config = parse_config(zoo_config(zoo, max_evals=45, popsize=4, kernels=3))
+    config = parse_config(zoo_config(zoo, max_evals=30, popsize=4, kernels=3))
     runner.start(config, out, device="cpu", progress=False, save_model=False)
     return out
 
@@ -69,7 +69,7 @@ def como_run(zoo, tmp_path_factory) -> Path:
 def test_the_front_holds_exactly_the_non_dominated_candidates(como_run):
     front = json.loads((como_run / "front.json").read_text())
     records = [r for r in evaluations(como_run) if r["error"] is None]
-    assert len(records) == 45
+    assert len(records) == 30
     vectors = {r["index"]: [r["scores"]["script_math"], r["scores"]["script"]] for r in records}
     points = {p["index"]: [p["values"]["script_math"], p["values"]["script"]] for p in front["points"]}
     assert points and all(points[i] == vectors[i] for i in points)  # the values are the search's own scores
@@ -119,7 +119,7 @@ def test_a_front_recipe_built_by_mergekit_yaml_scores_what_the_search_saw(como_r
     from mergekit_evolve.fitness.factory import make_fitness
     from mergekit_evolve.resources import load_tokenizer
 
-    config = parse_config(zoo_config(zoo, max_evals=45, popsize=4, kernels=3))
+    config = parse_config(zoo_config(zoo, max_evals=30, popsize=4, kernels=3))
     tokenizer = load_tokenizer(str(zoo.models[zoo.base]))
     fitness = make_fitness(config, tokenizer, str(zoo.models[zoo.base]), False)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(built), dtype=torch.float32)

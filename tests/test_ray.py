@@ -19,9 +19,9 @@ TESTS = Path(__file__).parent
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
-    """A real local Ray cluster; workers see the test fitness module and a 'die once' flag path."""
-    flag = tmp_path_factory.mktemp("ray") / "died"
-    env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ["PYTHONPATH"]]), "MKE_DIE_FLAG": str(flag)}
+    """A real local Ray cluster; workers see the test fitness module. (A worker lost mid-run, and its node:
+    tests/test_ray_cluster.py.)"""
+    env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ["PYTHONPATH"]])}
     ray.init(
         num_cpus=2,
         include_dashboard=False,
@@ -29,7 +29,7 @@ def ray_cluster(tmp_path_factory):
         runtime_env={"env_vars": env},
         _node_ip_address="127.0.0.1",
     )  # loopback only: no interface lookup in sandboxes
-    yield flag
+    yield
     ray.shutdown()
 
 
@@ -50,35 +50,6 @@ def make_config(family, rows: Path, kind: str, function: str = "fitness_fns:logl
 def evals(out: Path) -> list[dict]:
     records = [json.loads(line) for line in (out / "evaluations.jsonl").read_text().splitlines()]
     return sorted(records, key=lambda r: r["index"])
-
-
-def test_ray_workers_give_the_local_results(family, tmp_path, ray_cluster, monkeypatch):
-    monkeypatch.syspath_prepend(str(TESTS))
-    rows = tmp_path / "rows.jsonl"
-    rows.write_text("".join(json.dumps({"prompt": f"{i}*2=", "answer": str(2 * i)}) + "\n" for i in range(8)))
-    local = runner.start(
-        parse_config(make_config(family, rows, "local")),
-        tmp_path / "local",
-        device="cpu",
-        progress=False,
-        save_model=False,
-    )
-    flag = ray_cluster
-    distributed = runner.start(
-        parse_config(make_config(family, rows, "ray", function="fitness_fns:dies_once")),
-        tmp_path / "ray",
-        device="cpu",
-        progress=False,
-        save_model=False,
-    )
-    assert flag.exists()  # a worker really died mid-run; its candidate was retried elsewhere
-    ours, theirs = evals(tmp_path / "local"), evals(tmp_path / "ray")
-    assert [r["genome"] for r in ours] == [r["genome"] for r in theirs]
-    assert [r["fitness"] for r in ours] == [r["fitness"] for r in theirs]
-    assert all(r["error"] is None for r in theirs)
-    assert len({r["worker"] for r in theirs if "worker" in r}) >= 2  # both workers did work
-    assert distributed.best.fitness == local.best.fitness
-    assert (tmp_path / "ray" / "best.yaml").read_text() == (tmp_path / "local" / "best.yaml").read_text()
 
 
 def test_a_cluster_that_cannot_be_joined_or_is_too_small_is_one_line_before_anything_is_written(

@@ -1,6 +1,6 @@
-"""A two-node Ray cluster on this machine (loopback only: every Ray process on 127.0.0.1), started and stopped
-by the test: the run joins it by address, its workers spread over both nodes, and losing a node mid-run
-(its raylet and workers killed) loses nothing and changes nothing."""
+"""A multi-node Ray cluster on this machine (loopback only: every Ray process on 127.0.0.1), started and stopped
+by the test: the run joins it by address, its workers spread over the nodes, and losing a node mid-run (its
+raylet and worker killed) loses nothing and changes nothing."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def config(family, rows: Path, executor: dict, function: str = "slow_loglik") ->
         "fitness": {
             "tasks": [{"name": "ll", "kind": "callable", "function": f"fitness_fns:{function}", "data": str(rows)}]
         },
-        "optimizer": {"max_evals": 30, "seed": 3, "popsize": 6},
+        "optimizer": {"max_evals": 18, "seed": 3, "popsize": 6},
         "executor": {"threads_per_worker": 1, **executor},
         "dtype": "float32",
     }
@@ -42,10 +42,13 @@ def evals(out: Path) -> list[dict]:
     )
 
 
-def test_a_run_joins_a_two_node_cluster_and_survives_losing_a_node(family, tmp_path, monkeypatch):
+def test_a_run_joins_a_multi_node_cluster_and_survives_losing_a_node(family, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS))
     # the nodes' workers import the test's fitness module (as a user's would, from PYTHONPATH on every node)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ["PYTHONPATH"]]))
+    # this cluster runs without token authentication: a token file that another cluster left in ~/.ray must
+    # not switch the run to it
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({"prompt": f"{i}*2=", "answer": str(2 * i)}) + "\n" for i in range(6)))
     local = runner.start(
@@ -55,7 +58,7 @@ def test_a_run_joins_a_two_node_cluster_and_survives_losing_a_node(family, tmp_p
         progress=False,
     )
     # head and two more nodes, one CPU each: the two workers sit on two different nodes, at least one of them
-    # off the head; that node is lost mid-run, and the third node's CPU takes the replacement worker
+    # off the head; that node is lost mid-run, and the free CPU takes the replacement worker
     cluster = cluster_utils.Cluster(
         initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": LOOPBACK, "include_dashboard": False}
     )
@@ -84,11 +87,11 @@ def test_a_run_joins_a_two_node_cluster_and_survives_losing_a_node(family, tmp_p
     finally:
         cluster.shutdown()
     ours, theirs = evals(tmp_path / "local"), evals(out)
-    assert [r["index"] for r in theirs] == list(range(30))  # each candidate once: none lost, none twice
+    assert [r["index"] for r in theirs] == list(range(18))  # each candidate once: none lost, none twice
     assert [r["genome"] for r in theirs] == [r["genome"] for r in ours]
     assert [r["fitness"] for r in theirs] == [r["fitness"] for r in ours] and all(r["error"] is None for r in theirs)
     # the two first workers, then the lost one's replacement, which took over its candidate
-    assert len({r["worker"] for r in theirs}) == 3, [(r["index"], r["worker"]) for r in theirs]
+    assert len({r.get("worker") for r in theirs} - {None}) == 3, [(r["index"], r.get("worker")) for r in theirs]
     assert json.loads((out / "summary.json").read_text())["best"]["fitness"] == local.best.fitness
     assert (out / "best.yaml").read_text() == (tmp_path / "local" / "best.yaml").read_text()
 
@@ -97,7 +100,8 @@ def _workers(out: Path) -> set[int]:
     """The process ids of the workers that recorded a candidate so far."""
     path = out / "evaluations.jsonl"
     lines = path.read_text().splitlines() if path.exists() else []
-    return {json.loads(line)["worker"] for line in lines if line.endswith("}")}
+    workers = {json.loads(line).get("worker") for line in lines if line.endswith("}")}
+    return workers - {None}  # a recipe scored before (cached) names no worker
 
 
 def _hosts(node, pids: set[int]) -> bool:
