@@ -493,6 +493,11 @@ def _print_summary(summary, out) -> None:
         f"best fitness {best.fitness:.4f} (evaluation {best.index}), held-out "
         f"{_fmt(best.heldout_total)} after {summary.evaluations} evaluations; {where}"
     )
+    if (Path(out) / "archive.json").is_file():
+        click.echo(
+            f"M2N2 archive: {Path(out) / 'archive.json'} (members, coverage, lineage), recipes in "
+            f"{Path(out) / 'archive'}/; mergekit-evo report {out} draws it"
+        )
     if summary.front_size is not None:
         click.echo(
             f"Pareto front: {summary.front_size} points in {Path(out) / 'front.json'}, recipes in "

@@ -172,7 +172,7 @@ class M2N2Config(Strict):
 
 class OptimizerConfig(Strict):
     sigma0: float = Field(default=1 / 6, gt=0)
-    popsize: int | None = Field(default=None, ge=2)
+    popsize: int | None = Field(default=None, ge=1)  # >= 2 but for m2n2 (children per step; 1 = the paper)
     max_evals: int = Field(default=100, ge=1)
     seed: int = Field(default=0, ge=0)
     init: Literal["default", "random"] = "default"
@@ -231,6 +231,10 @@ class OptimizerConfig(Strict):
                         f"kind: m2n2 keeps an archive scored on every fitness row with one weighted fitness; "
                         f"remove {name.split(':')[0]}"
                     )
+        if self.popsize == 1 and self.strategy != "m2n2":
+            raise ValueError(
+                f"popsize: {self.strategy} needs at least 2 candidates per generation; use popsize: 2 or more"
+            )
         if self.kernels is not None and self.strategy != "como-cmaes":
             raise ValueError("kernels: only como-cmaes has kernels; remove it or set kind: como-cmaes")
         return self

@@ -19,6 +19,7 @@ from mergekit_evolve import runner
 from mergekit_evolve.cli import main
 from mergekit_evolve.config import parse_config
 from mergekit_evolve.demo import demo_config
+from mergekit_evolve.errors import InputError
 from mergekit_evolve.search.executors import LocalExecutor
 from mergekit_evolve.search.loop import run_search
 from mergekit_evolve.search.m2n2 import M2N2, ItemResults, Member
@@ -217,3 +218,12 @@ def test_what_m2n2_cannot_serve_is_one_line_and_exit_2(zoo, tmp_path, edit, mess
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_one_child_per_step_is_m2n2s_alone(zoo):
+    """popsize 1 is the paper's M2N2 (one child, then the archive is updated); any other strategy needs two."""
+    assert parse_config(m2n2_config(zoo, popsize=1)).optimizer.popsize == 1
+    config = demo_config(zoo, "ps", 10, seed=0)
+    config["optimizer"]["popsize"] = 1
+    with pytest.raises(InputError, match="popsize: cmaes needs at least 2 candidates per generation"):
+        parse_config(config)
