@@ -343,6 +343,10 @@ def _check_fitness_available(config: EvolveConfig) -> None:
 
         address = config.executor.address or os.environ.get("RAY_ADDRESS")
         import_ray(joining=bool(address), address=address)
+    if config.optimizer.objectives:
+        from mergekit_evolve.search.strategies import require_multi_objective
+
+        require_multi_objective()  # comocma and pymoo (extra pareto), before anything is written
     if config.builtin_fitness is None:
         from mergekit_evolve.fitness.lm_eval_tasks import require_lm_eval
 
