@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from runs import finished_run, write_section
 
-from mergekit_evolve import runner
-from mergekit_evolve.config import load_config, parse_config
+from mergekit_evolve.config import load_config
 from mergekit_evolve.demo import _fitness_of_every_task, demo_config
 from mergekit_evolve.search.problems import make_problem
 from mergekit_evolve.search.rundir import RunDir
@@ -44,14 +44,6 @@ def configs(zoo, seed: int, budget: int) -> dict[str, dict]:
     }
     m2n2["optimizer"]["kind"] = "m2n2"
     return {"CMA-ES PS": cmaes, "M2N2": m2n2}
-
-
-def run(config_dict: dict, out: Path) -> Path:
-    config = parse_config(config_dict)
-    done = (out / "summary.json").exists() and load_config(out / "config.yaml").model_dump() == config.model_dump()
-    if not done:
-        runner.start(config, out, device="cpu", force=True, progress=False, save_model=False)
-    return out
 
 
 def heldout(problem, fitness_all, genome) -> dict[str, np.ndarray]:
@@ -85,7 +77,7 @@ def main() -> None:
     archive_rows = []
     for seed in range(args.seeds):
         for method, config_dict in configs(zoo, seed, args.budget).items():
-            out = run(config_dict, work / f"{method.split()[0].lower()}-seed{seed}")
+            out = finished_run(config_dict, work / f"{method.split()[0].lower()}-seed{seed}")
             summary = json.loads((out / "summary.json").read_text())
             problem = make_problem(load_config(out / "config.yaml"), "cpu")
             items = heldout(problem, fitness_all, summary["best"]["genome"])
@@ -198,12 +190,6 @@ def markdown(result: dict) -> str:
             f"{a['max_script']:.3f} | {a['max_math']:.3f} | {a['max_script_math']:.3f} | {covered} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def write_section(path: Path, name: str, text: str) -> None:
-    from pareto import write_section as write
-
-    write(path, name, text)
 
 
 if __name__ == "__main__":

@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from runs import finished_run, write_section
 
-from mergekit_evolve import runner
-from mergekit_evolve.config import load_config, parse_config
+from mergekit_evolve.config import parse_config
 from mergekit_evolve.demo import demo_config
 from mergekit_evolve.search.objectives import Objectives, nondominated, pareto_front
 from mergekit_evolve.search.rundir import RunDir
@@ -51,22 +51,14 @@ def config_for(zoo, seed: int, budget: int, kind: str, weight: float | None = No
     return config
 
 
-def run(config_dict: dict, out: Path) -> Path:
-    config = parse_config(config_dict)
-    done = (out / "summary.json").exists() and load_config(out / "config.yaml").model_dump() == config.model_dump()
-    if not done:
-        runner.start(config, out, device="cpu", force=True, progress=False, save_model=False)
-    return out
-
-
 def method_runs(zoo, work: Path, seed: int, budget: int) -> dict[str, list[Path]]:
     runs = {
-        "COMO-CMA-ES": [run(config_for(zoo, seed, budget, "como-cmaes"), work / f"como-seed{seed}")],
-        "NSGA-II": [run(config_for(zoo, seed, budget, "nsga2"), work / f"nsga2-seed{seed}")],
+        "COMO-CMA-ES": [finished_run(config_for(zoo, seed, budget, "como-cmaes"), work / f"como-seed{seed}")],
+        "NSGA-II": [finished_run(config_for(zoo, seed, budget, "nsga2"), work / f"nsga2-seed{seed}")],
     }
     share = budget // len(WEIGHTS)
     runs["weighted sum (5 CMA-ES)"] = [
-        run(config_for(zoo, seed, share, "cmaes", w), work / f"ws{w}-seed{seed}") for w in WEIGHTS
+        finished_run(config_for(zoo, seed, share, "cmaes", w), work / f"ws{w}-seed{seed}") for w in WEIGHTS
     ]
     return runs
 
@@ -82,10 +74,6 @@ def front_genomes(run_dirs: list[Path], objectives: Objectives) -> list[tuple[li
 def heldout_items(problem, fitness, genome) -> dict[str, np.ndarray]:
     results = fitness.evaluate(problem.build(problem.decode(np.asarray(genome))), "heldout")
     return {name: np.array(results[name].correct, dtype=np.float64) for name in OBJECTIVES}
-
-
-def hypervolume(objectives: Objectives, points: list[dict[str, float]]) -> float:
-    return objectives.hypervolume(points)
 
 
 def main() -> None:
@@ -137,7 +125,7 @@ def main() -> None:
         values = []
         for seed_points in items[method]:
             pts = [{n: float(p[n][draw[n]].mean() if draw else p[n].mean()) for n in OBJECTIVES} for p in seed_points]
-            values.append(hypervolume(objectives, pts))
+            values.append(objectives.hypervolume(pts))
         return float(np.mean(values))
 
     rows = {}
@@ -146,8 +134,8 @@ def main() -> None:
         per_seed = []
         for seed_points in items[method]:
             pts = [{n: float(p[n].mean()) for n in OBJECTIVES} for p in seed_points]
-            per_seed.append(hypervolume(objectives, pts))
-        fitness_hv = [hypervolume(objectives, f) for f in fronts[method]]
+            per_seed.append(objectives.hypervolume(pts))
+        fitness_hv = [objectives.hypervolume(f) for f in fronts[method]]
         rows[method] = {
             "heldout_hv": float(np.mean(per_seed)),
             "heldout_hv_per_seed": per_seed,
@@ -225,18 +213,6 @@ def markdown(result: dict) -> str:
         lines.append(f"- {method}: {text}")
     lines += ["", "![Held-out fronts, seed 0](pareto_front.png)", ""]
     return "\n".join(lines)
-
-
-def write_section(path: Path, name: str, text: str) -> None:
-    """Replace (or append) the section between ``<!-- begin: name -->`` and ``<!-- end: name -->``."""
-    begin, end = f"<!-- begin: {name} -->", f"<!-- end: {name} -->"
-    old = path.read_text() if path.exists() else ""
-    block = f"{begin}\n{text}\n{end}\n"
-    if begin in old and end in old:
-        new = old[: old.index(begin)] + block + old[old.index(end) + len(end) :].lstrip("\n")
-    else:
-        new = old.rstrip("\n") + "\n\n" + block
-    path.write_text(new)
 
 
 def _dominance(items, objectives: Objectives) -> dict:

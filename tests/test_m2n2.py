@@ -14,6 +14,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 from interrupting import StopAfter
+from searching import refused_line, search_in
 
 from mergekit_evolve import runner
 from mergekit_evolve.cli import main
@@ -21,7 +22,6 @@ from mergekit_evolve.config import parse_config
 from mergekit_evolve.demo import demo_config
 from mergekit_evolve.errors import InputError
 from mergekit_evolve.search.executors import LocalExecutor
-from mergekit_evolve.search.loop import run_search
 from mergekit_evolve.search.m2n2 import M2N2, ItemResults, Member
 from mergekit_evolve.search.problems import make_problem
 from mergekit_evolve.search.rundir import RunDir
@@ -176,12 +176,7 @@ def test_an_interrupted_m2n2_run_resumes_to_the_same_archive(zoo, tmp_path):
     items = ItemResults.of(fitness)
 
     def search(out: Path, executor):
-        run_dir = RunDir(out)
-        run_dir.prepare(fresh=not out.exists())
-        try:
-            return run_search(problem, executor, run_dir, config.optimizer, progress=False, items=items)
-        finally:
-            run_dir.unlock()
+        return search_in(out, problem, executor, config.optimizer, items=items)
 
     reference = search(tmp_path / "ref", LocalExecutor(problem, score))
     with pytest.raises(KeyboardInterrupt):
@@ -211,13 +206,7 @@ def test_an_interrupted_m2n2_run_resumes_to_the_same_archive(zoo, tmp_path):
 def test_what_m2n2_cannot_serve_is_one_line_and_exit_2(zoo, tmp_path, edit, message):
     config = m2n2_config(zoo)
     edit(config)
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    result = CliRunner().invoke(main, ["run", str(path), "--out", str(tmp_path / "out"), "--device", "cpu"])
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and message in lines[0], result.output
-    assert not (tmp_path / "out").exists()
+    assert message in refused_line(config, tmp_path)
 
 
 def test_one_child_per_step_is_m2n2s_alone(zoo):

@@ -13,6 +13,7 @@ import torch
 from click.testing import CliRunner
 from interrupting import StopAfter
 from safetensors.torch import load_file
+from searching import refused_line, search_in
 
 from mergekit_evolve import runner
 from mergekit_evolve.cli import main
@@ -20,10 +21,8 @@ from mergekit_evolve.config import parse_config
 from mergekit_evolve.demo import demo_config
 from mergekit_evolve.errors import InputError
 from mergekit_evolve.search.executors import LocalExecutor
-from mergekit_evolve.search.loop import run_search
 from mergekit_evolve.search.objectives import Objectives
 from mergekit_evolve.search.problems import make_problem
-from mergekit_evolve.search.rundir import RunDir
 
 pytest.importorskip("comocma")
 pytest.importorskip("pymoo")
@@ -192,12 +191,7 @@ def test_an_interrupted_multi_objective_run_resumes_to_the_same_result(zoo, tmp_
     objectives = Objectives.of(config)
 
     def search(out: Path, executor) -> list[dict]:
-        run_dir = RunDir(out)
-        run_dir.prepare(fresh=not out.exists())
-        try:
-            run_search(problem, executor, run_dir, config.optimizer, progress=False, objectives=objectives)
-        finally:
-            run_dir.unlock()
+        search_in(out, problem, executor, config.optimizer, objectives=objectives)
         return evaluations(out)
 
     reference = search(tmp_path / "ref", LocalExecutor(problem, score))
@@ -274,15 +268,7 @@ def test_bad_objectives_are_one_line_and_exit_2_before_anything_runs(zoo, tmp_pa
     config["optimizer"].update(optimizer)
     if config["optimizer"]["objectives"] is None:
         del config["optimizer"]["objectives"]
-    path = tmp_path / "config.yaml"
-    import yaml
-
-    path.write_text(yaml.safe_dump(config))
-    result = CliRunner().invoke(main, ["run", str(path), "--out", str(tmp_path / "out"), "--device", "cpu"])
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and message in lines[0], result.output
-    assert not (tmp_path / "out").exists()
+    assert message in refused_line(config, tmp_path)
 
 
 def test_objectives_that_cannot_be_served_are_refused(zoo):

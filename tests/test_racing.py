@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 from interrupting import StopAfter
+from searching import search_in
 
 from mergekit_evolve import runner
 from mergekit_evolve.config import parse_config
 from mergekit_evolve.demo import demo_config
 from mergekit_evolve.search.executors import LocalExecutor
-from mergekit_evolve.search.loop import run_search
 from mergekit_evolve.search.problems import make_problem
 from mergekit_evolve.search.rundir import RunDir
 
@@ -69,12 +69,7 @@ def test_interrupted_racing_run_resumes_to_the_same_result(zoo, tmp_path):
     racing = runner.make_racing(config, fitness)
 
     def search(out: Path, executor) -> list[dict]:
-        run_dir = RunDir(out)
-        run_dir.prepare(fresh=not out.exists())
-        try:
-            run_search(problem, executor, run_dir, config.optimizer, progress=False, racing=racing)
-        finally:
-            run_dir.unlock()
+        search_in(out, problem, executor, config.optimizer, racing=racing)
         return records(out)
 
     score = runner.make_score(fitness)

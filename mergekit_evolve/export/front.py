@@ -31,7 +31,7 @@ def write_front(problem, run_dir: RunDir, fitness, objectives: Objectives, progr
         for n, record in enumerate(records):
             candidate = problem.decode(np.asarray(record.genome))
             values = objectives.values(record.scores, record.generated)
-            heldout = _heldout_values(problem, candidate, fitness, objectives) if has_heldout else None
+            heldout = _split_values(problem.build(candidate), fitness, objectives, "heldout") if has_heldout else None
             name = f"front/{n:02d}.yaml"
             text = _recipe_text(problem, candidate, record.index, n, values)
             if text is not None:
@@ -59,10 +59,6 @@ def write_front(problem, run_dir: RunDir, fitness, objectives: Objectives, progr
     )
     run_dir.write_front(front, recipes)
     return front
-
-
-def _heldout_values(problem, candidate, fitness, objectives: Objectives) -> dict[str, float] | None:
-    return _split_values(problem.build(candidate), fitness, objectives, "heldout")
 
 
 def _split_values(model, fitness, objectives: Objectives, split: str) -> dict[str, float] | None:
@@ -156,11 +152,15 @@ def pick(front: Front, weights: dict[str, float]) -> FrontPoint:
     """The front point with the highest weighted sum of its objectives on the fitness split, each objective
     scaled to [0, 1] over the front (best = 1, so tokens and scores weigh alike); ties: the lower index."""
 
+    ranges = {
+        name: (min(p.values[name] for p in front.points), max(p.values[name] for p in front.points))
+        for name in front.objectives
+    }
+
     def utility(point: FrontPoint) -> float:
         total = 0.0
         for name, better in zip(front.objectives, front.higher_is_better):
-            column = [p.values[name] for p in front.points]
-            lo, hi = min(column), max(column)
+            lo, hi = ranges[name]
             scaled = 1.0 if hi == lo else (point.values[name] - lo) / (hi - lo)
             total += weights.get(name, 0.0) * (scaled if better else 1.0 - scaled)
         return total
